@@ -1,0 +1,171 @@
+"""The interface every mixing method implements, and the weight checks they all share.
+
+A method is pure math: statistics in, weights out, plus its own state. No IO, no torch.distributed, no logging:
+problems are reported by raising (bad input) or by returning the previous weights and recording why in
+``last_skip_reason`` (degenerate statistics), which the controller turns into a warning and a metric.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from gradmix.stats import DomainStats
+
+__all__ = [
+    "MixingMethod",
+    "WeightError",
+    "validate_weights",
+    "normalize_log_weights",
+    "uniform_weights",
+]
+
+WEIGHT_TOLERANCE = 1e-9
+
+
+class WeightError(ValueError):
+    """Weights that are not a valid probability vector (or cannot be turned into one)."""
+
+
+def validate_weights(weights: Any, num_domains: int | None = None, *, names: list[str] | None = None,
+                     what: str = "weights") -> np.ndarray:
+    """Check and normalise a user-given weight vector; raise ``WeightError`` naming the fault.
+
+    Accepts any non-negative finite vector with a positive sum (it is rescaled to sum to 1). Individual zeros are
+    allowed (a method may switch a domain off); all zeros, negatives, NaN/Inf and a wrong length are errors.
+    """
+    arr = np.asarray(weights, dtype=np.float64)
+    if arr.ndim != 1:
+        raise WeightError(f"{what} must be a 1-D vector, got shape {arr.shape}")
+    if num_domains is not None and arr.shape[0] != num_domains:
+        raise WeightError(f"{what} has {arr.shape[0]} entries but there are {num_domains} domains")
+    if arr.shape[0] == 0:
+        raise WeightError(f"{what} is empty")
+
+    def label(i: int) -> str:
+        return f"domain {names[i]!r}" if names is not None and i < len(names) else f"domain {i}"
+
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise WeightError(f"{what} has a non-finite value {arr[bad[0]]} for {label(int(bad[0]))}")
+    neg = np.flatnonzero(arr < 0)
+    if neg.size:
+        raise WeightError(f"{what} has a negative value {arr[neg[0]]} for {label(int(neg[0]))}")
+    total = arr.sum()
+    if not total > 0:
+        raise WeightError(f"{what} are all zero: at least one domain needs a positive weight")
+    return arr / total
+
+
+def normalize_log_weights(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (renormalised log-weights, weights) from unnormalised log-weights.
+
+    Exponentiated-gradient methods keep their state in log space and renormalise every step (log-sum-exp), so the
+    weights never overflow however many updates run (a raw multiplicative EXP3 mixer overflows after ~800 updates).
+    ``-inf`` entries (domains switched off) stay at weight 0.
+    """
+    log_weights = np.asarray(log_weights, dtype=np.float64)
+    finite = np.isfinite(log_weights)
+    if not finite.any():
+        raise WeightError("every log-weight is -inf or NaN: no domain left to sample")
+    if np.isnan(log_weights).any():
+        raise WeightError("a log-weight is NaN")
+    shift = log_weights[finite].max()
+    exp = np.where(finite, np.exp(np.where(finite, log_weights - shift, 0.0)), 0.0)
+    total = exp.sum()
+    weights = exp / total
+    normalised = np.where(finite, log_weights - shift - np.log(total), -np.inf)
+    return normalised, weights
+
+
+def uniform_weights(num_domains: int) -> np.ndarray:
+    return np.full(num_domains, 1.0 / num_domains)
+
+
+class MixingMethod(ABC):
+    """Base class: holds the current weights and the bookkeeping every method shares.
+
+    Subclasses set ``name`` and implement ``_update``. ``required_stats`` lists the ``DomainStats`` fields the
+    method reads; the controller uses it to decide what the probe must measure. ``every_step`` methods (round
+    robin, random task) are updated at every optimizer step instead of on the update schedule.
+    """
+
+    name: ClassVar[str] = "base"
+    required_stats: ClassVar[frozenset[str]] = frozenset()
+    every_step: ClassVar[bool] = False
+    needs_sizes: ClassVar[bool] = False
+    needs_target: ClassVar[bool] = False
+
+    def __init__(self, num_domains: int, *, initial_weights: Any = None) -> None:
+        if not isinstance(num_domains, (int, np.integer)) or num_domains < 1:
+            raise ValueError(f"num_domains must be a positive integer, got {num_domains!r}")
+        self.num_domains = int(num_domains)
+        self._weights = (
+            uniform_weights(self.num_domains)
+            if initial_weights is None
+            else validate_weights(initial_weights, self.num_domains, what="initial_weights")
+        )
+        self.num_updates = 0
+        self.last_skip_reason: str | None = None
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Current sampling weights (a copy): finite, >= 0, sum to 1."""
+        return self._weights.copy()
+
+    def update(self, stats: DomainStats) -> np.ndarray:
+        """Consume one statistics record and return the new weights."""
+        if stats.num_domains != self.num_domains:
+            raise ValueError(
+                f"{self.name}: statistics for {stats.num_domains} domains, method built for {self.num_domains}"
+            )
+        stats.require(self.required_stats, self.name)
+        self.last_skip_reason = None
+        new = self._update(stats)
+        if new is None:  # skipped update: keep the weights, reason in last_skip_reason
+            return self.weights
+        new = np.asarray(new, dtype=np.float64)
+        if new.shape != (self.num_domains,) or not np.all(np.isfinite(new)) or np.any(new < 0) or new.sum() <= 0:
+            # A method bug must never reach the sampler: keep the old weights and say why.
+            self.last_skip_reason = f"{self.name} produced invalid weights {new!r}; update skipped"
+            return self.weights
+        self._weights = new / new.sum()
+        self.num_updates += 1
+        return self.weights
+
+    @abstractmethod
+    def _update(self, stats: DomainStats) -> np.ndarray | None:
+        """Return new (unnormalised, non-negative) weights, or None to skip with ``last_skip_reason`` set."""
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "name": self.name,
+            "num_domains": self.num_domains,
+            "weights": self._weights.tolist(),
+            "num_updates": self.num_updates,
+        }
+        state.update(self._extra_state())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"state is for method {state.get('name')!r}, not {self.name!r}")
+        if int(state.get("num_domains", -1)) != self.num_domains:
+            raise ValueError(
+                f"state is for {state.get('num_domains')} domains, this {self.name} has {self.num_domains}"
+            )
+        self._weights = validate_weights(state["weights"], self.num_domains, what="checkpointed weights")
+        self.num_updates = int(state.get("num_updates", 0))
+        self._load_extra_state(state)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_domains={self.num_domains}, weights={np.round(self._weights, 4).tolist()})"
