@@ -115,11 +115,25 @@ class MixingMethod(ABC):
         """Current sampling weights (a copy): finite, >= 0, sum to 1."""
         return self._weights.copy()
 
+    def probe_groups(self) -> np.ndarray | None:
+        """Which probe group each sampled domain belongs to (length K, values 0..G-1), or None for one per domain.
+
+        Methods that optimise over G coarser units than the K sampled domains (DGA's distribution reweighting: K
+        fine clusters, G base distributions) return the grouping; the controller then measures gradient statistics
+        per group and passes a ``DomainStats`` with ``num_domains == G``.
+        """
+        return None
+
+    @property
+    def num_stat_groups(self) -> int:
+        groups = self.probe_groups()
+        return self.num_domains if groups is None else int(np.max(groups)) + 1
+
     def update(self, stats: DomainStats) -> np.ndarray:
         """Consume one statistics record and return the new weights."""
-        if stats.num_domains != self.num_domains:
+        if stats.num_domains != self.num_stat_groups:
             raise ValueError(
-                f"{self.name}: statistics for {stats.num_domains} domains, method built for {self.num_domains}"
+                f"{self.name}: statistics for {stats.num_domains} domains, method expects {self.num_stat_groups}"
             )
         stats.require(self.required_stats, self.name)
         self.last_skip_reason = None
