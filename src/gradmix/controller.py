@@ -190,6 +190,8 @@ class Mixer:
         self._interval = self._new_interval()
         self._update_interval: list[Any] = []
         self._last_result: Any = None
+        self._last_counts: np.ndarray | None = None
+        self._pending_metrics: dict[str, Any] = {}
         self._last_metrics: dict[str, Any] | None = None
         self._tokens = np.zeros(k, dtype=np.int64)
         self._events: list[str] = []
@@ -262,7 +264,18 @@ class Mixer:
         result = self.probe.backward(batch, groups, self.method.num_stat_groups, loss_fn, measure=measure,
                                      target_batch=target_batch, global_batch_size=self.config.batch_size)
         self._last_result = result
+        self._last_counts = self._global_counts(domains)
         return result
+
+    def _global_counts(self, domains: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Examples per domain in this step's global batch (all-reduced across ranks when distributed)."""
+        local = np.bincount(np.asarray(domains.cpu() if isinstance(domains, torch.Tensor) else domains,
+                                       dtype=np.int64), minlength=len(self.names)).astype(np.float64)
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.from_numpy(local)
+            torch.distributed.all_reduce(t)
+            local = t.numpy()
+        return local
 
     def observe(self, domains: torch.Tensor | np.ndarray, losses: torch.Tensor | np.ndarray) -> None:
         """Record per-example losses when you run the backward yourself (static methods need nothing else)."""
@@ -270,23 +283,23 @@ class Mixer:
         l = np.asarray(losses.detach().float().cpu() if isinstance(losses, torch.Tensor) else losses, dtype=np.float64)
         k = len(self.names)
         self._last_result = _ObservedLosses(np.bincount(d, weights=l, minlength=k), np.bincount(d, minlength=k))
+        self._last_counts = self._global_counts(d)
 
     def step(self) -> np.ndarray:
         """Call once per optimizer step, after ``backward``/``observe``: logs, and updates weights when due."""
         self.step_count += 1
         step = self.step_count
         result, self._last_result = self._last_result, None
-        k = len(self.names)
+        counts_now, self._last_counts = self._last_counts, None
+        if counts_now is not None:
+            self._tokens += (counts_now * self.domains.window_tokens).astype(np.int64)
         if result is not None:
-            loss_sum, counts = _loss_sums(result, self.method.num_stat_groups, k, self._groups)
-            self._interval.loss_sum += np.where(counts > 0, loss_sum, 0.0)
-            self._interval.loss_count += counts
-            self._tokens += (counts * self.domains.window_tokens).astype(np.int64) if self._groups is None else 0
+            if isinstance(result, _ObservedLosses) or self._groups is None:
+                loss_sum, counts = _loss_sums(result)
+                self._interval.loss_sum += np.where(counts > 0, loss_sum, 0.0)
+                self._interval.loss_count += counts
             if getattr(result, "grad_sq_norm", None) is not None or getattr(result, "target_alignment", None) is not None:
                 self._update_interval.append(result)
-        if self._groups is not None or result is None:
-            # without per-domain counts, count tokens from the sampler's known global composition
-            pass
 
         if self.method.every_step:
             self._apply(self.method.update(DomainStats(step=step, num_domains=self.method.num_stat_groups,
@@ -304,7 +317,7 @@ class Mixer:
             self._warn(event.message)
         self._num_sampler_events = len(self.sampler.events)
 
-        if step % self.config.log_every == 0:
+        if step % self.config.log_every == 0 or self._pending_metrics:
             self._log_train(step)
         return self.method.weights
 
@@ -348,8 +361,14 @@ class Mixer:
         if self._events:
             record["events"] = list(self._events)
             self._events = []
+        record.update(self._pending_metrics)
+        self._pending_metrics = {}
         self._interval = self._new_interval()
         self.log(record)
+
+    def add_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Attach fields (e.g. ``val_loss``) to the record logged at the end of the current step."""
+        self._pending_metrics.update(metrics)
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Append one metrics record (rank 0 writes ``metrics.jsonl``)."""
@@ -459,15 +478,11 @@ def _result_to_dict(result: Any) -> dict[str, Any]:
     return {"step": 0, "stats": out}
 
 
-def _loss_sums(result: Any, num_groups: int, k: int, groups: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+def _loss_sums(result: Any) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(result, _ObservedLosses):
         return result.loss_sum, result.counts.astype(np.float64)
     loss = np.asarray(result.loss, dtype=np.float64)
     counts = np.asarray(result.examples, dtype=np.float64)
-    if groups is not None:  # per-group stats: spread nothing per domain (domains of a group share its loss)
-        per_domain_counts = np.zeros(k)
-        per_domain_loss = np.zeros(k)
-        return per_domain_loss, per_domain_counts
     return np.where(counts > 0, loss * counts, 0.0), counts
 
 

@@ -56,6 +56,9 @@ def validate_weights(weights: Any, num_domains: int | None = None, *, names: lis
     total = arr.sum()
     if not total > 0:
         raise WeightError(f"{what} are all zero: at least one domain needs a positive weight")
+    if abs(total - 1.0) <= 1e-12:
+        # already normalised: return as is, so a checkpoint round trip is bit-exact
+        return arr.copy()
     return arr / total
 
 

@@ -1,0 +1,524 @@
+"""Statistics for comparing mixing methods from run folders: confidence intervals over seeds, steps-to-reach, and a
+per-method comparison against a baseline (uniform by default).
+
+Reads the run folder format written by ``gradmix run`` (``config.json``, ``metrics.jsonl``, ``summary.json``).
+numpy only; scipy is used for the Student t quantile when installed, otherwise an exact numerical inversion of the
+t distribution function (regularised incomplete beta, see ``t_quantile``) gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "Run",
+    "RunFolderError",
+    "SUMMARY_METRICS",
+    "load_run",
+    "load_runs",
+    "expand_run_dirs",
+    "mean_ci",
+    "t_quantile",
+    "eval_series",
+    "steps_to_reach",
+    "compare_runs",
+    "comparison_markdown",
+]
+
+# Summary metrics compared across methods: key -> (label for tables, lower is better).
+SUMMARY_METRICS: dict[str, tuple[str, bool]] = {
+    "avg_val_loss": ("avg val loss", True),
+    "worst_val_loss": ("worst val loss", True),
+    "avg_val_accuracy": ("avg val accuracy", False),
+    "target_val_loss": ("target val loss", True),
+}
+
+
+class RunFolderError(ValueError):
+    """A run folder is missing a required file or holds malformed content."""
+
+
+# -- Student t quantile ----------------------------------------------------------------------------------------
+
+def _log_beta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function, evaluated with the modified Lentz method."""
+    tiny = 1e-300
+    c = 1.0
+    d = 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 500):
+        # Even step of the fraction.
+        numerator = m * (b - m) * x / ((a + 2 * m - 1.0) * (a + 2 * m))
+        d = 1.0 + numerator * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + numerator / c
+        c = c if abs(c) > tiny else tiny
+        result *= d * c
+        # Odd step.
+        numerator = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1.0))
+        d = 1.0 + numerator * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + numerator / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        result *= delta
+        if abs(delta - 1.0) < 1e-16:
+            break
+    return result
+
+
+def _regularized_incomplete_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b); the fraction converges fast for x < (a+1)/(a+b+2), so use I_x(a,b) = 1 - I_{1-x}(b,a) above it."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = a * math.log(x) + b * math.log1p(-x) - _log_beta(a, b)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+
+
+def _t_upper_tail(t: float, df: float) -> float:
+    """P(T > t) for t >= 0: 0.5 * I_{df/(df+t^2)}(df/2, 1/2) (Abramowitz & Stegun 26.7.1 via 26.5.27)."""
+    return 0.5 * _regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+
+
+def _t_quantile_numeric(p: float, df: float) -> float:
+    """Invert the t distribution function by bisection on the exact upper tail; agrees with scipy to ~1e-12."""
+    if p == 0.5:
+        return 0.0
+    upper = 1.0 - p if p > 0.5 else p  # target tail probability, < 0.5
+    high = 1.0
+    while _t_upper_tail(high, df) > upper:
+        high *= 2.0
+        if high > 1e300:
+            raise OverflowError(f"t quantile for p={p}, df={df} is too large to represent")
+    low = 0.0 if high == 1.0 else high / 2.0
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        if _t_upper_tail(mid, df) > upper:
+            low = mid
+        else:
+            high = mid
+        if high - low <= 1e-15 * max(1.0, high):
+            break
+    value = 0.5 * (low + high)
+    return value if p > 0.5 else -value
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Quantile of Student's t distribution with ``df`` degrees of freedom (e.g. t_{0.975, 2} = 4.303).
+
+    Uses ``scipy.stats.t.ppf`` when scipy is installed; otherwise inverts the distribution function, written with
+    the regularised incomplete beta function, by bisection (exact to float precision, not a table or series).
+    """
+    p = float(p)
+    df = float(df)
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"t_quantile: probability p must lie strictly between 0 and 1, got {p}")
+    if not (df > 0 and math.isfinite(df)):
+        raise ValueError(f"t_quantile: degrees of freedom must be a finite number > 0, got {df}")
+    try:
+        from scipy.stats import t as student_t
+    except ImportError:
+        return _t_quantile_numeric(p, df)
+    return float(student_t.ppf(p, df))
+
+
+def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the Student t confidence interval of the mean over independent values (e.g. seeds).
+
+    One value gives (value, nan, nan): an interval needs at least two seeds. Non-finite values are an error - a
+    diverged seed must be reported as such, not averaged.
+    """
+    arr = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64).reshape(-1)
+    if arr.size == 0:
+        raise ValueError("mean_ci: no values given")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise ValueError(f"mean_ci: value {arr[bad[0]]} at position {int(bad[0])} is not finite")
+    confidence = float(confidence)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"mean_ci: confidence must lie strictly between 0 and 1, got {confidence}")
+    mean = float(arr.mean())
+    if arr.size == 1:
+        return mean, math.nan, math.nan
+    half_width = t_quantile(0.5 + confidence / 2.0, arr.size - 1) * float(arr.std(ddof=1)) / math.sqrt(arr.size)
+    return mean, mean - half_width, mean + half_width
+
+
+# -- run folders -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One run folder, loaded. ``summary_derived`` is True when summary.json was absent (e.g. a run still going)
+    and the summary was rebuilt from the last evaluation in metrics.jsonl."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+    summary_derived: bool = False
+    domains: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method") or self.summary.get("method") or _parse_folder_name(self.path)[0])
+
+    @property
+    def seed(self) -> int | None:
+        for source in (self.config.get("seed"), self.summary.get("seed"), _parse_folder_name(self.path)[1]):
+            if source is not None:
+                return int(source)
+        return None
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or self.path.name)
+
+
+def _parse_folder_name(path: Path) -> tuple[str, int | None]:
+    """``{method}-seed{seed}`` (comparison folders) -> (method, seed); anything else -> (folder name, None)."""
+    stem, sep, seed = path.name.rpartition("-seed")
+    if sep and stem and seed.isdigit():
+        return stem, int(seed)
+    return path.name, None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RunFolderError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RunFolderError(f"{path} line {line_number} is not valid JSON: {exc}") from exc
+            if not isinstance(record, dict) or "step" not in record:
+                raise RunFolderError(f"{path} line {line_number} is not a metrics record with a 'step' field")
+            records.append(record)
+    return records
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _domain_order(config: dict[str, Any], metrics: list[dict[str, Any]]) -> list[str]:
+    """Domains in config order, then any extra names the metrics mention, in first-seen order."""
+    names = [str(d) for d in config.get("domains") or []]
+    seen = set(names)
+    for record in metrics:
+        for key in ("weights", "val_loss", "train_loss"):
+            for name in record.get(key) or {}:
+                if name not in seen:
+                    seen.add(name)
+                    names.append(name)
+    return names
+
+
+def _summary_from_metrics(metrics: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"method": config.get("method"), "seed": config.get("seed")}
+    if metrics:
+        summary["steps"] = int(metrics[-1]["step"])
+    evals = [r for r in metrics if isinstance(r.get("val_loss"), dict) and r["val_loss"]]
+    if evals:
+        last = evals[-1]
+        summary["final_val_loss"] = dict(last["val_loss"])
+        losses = [_finite(v) for v in last["val_loss"].values()]
+        if all(v is not None for v in losses):
+            summary["avg_val_loss"] = float(np.mean(losses))
+            summary["worst_val_loss"] = float(np.max(losses))
+        accuracy = last.get("val_accuracy")
+        if isinstance(accuracy, dict) and accuracy:
+            summary["final_val_accuracy"] = dict(accuracy)
+            values = [_finite(v) for v in accuracy.values()]
+            if all(v is not None for v in values):
+                summary["avg_val_accuracy"] = float(np.mean(values))
+    targets = [r for r in metrics if r.get("target_val_loss") is not None]
+    if targets:
+        summary["target_val_loss"] = targets[-1]["target_val_loss"]
+    return summary
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Load one run folder. metrics.jsonl is required; config.json and summary.json are used when present."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RunFolderError(f"run folder {path} does not exist or is not a directory")
+    metrics_path = path / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise RunFolderError(f"run folder {path} has no metrics.jsonl (is it a run folder written by `gradmix run`?)")
+    config = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    metrics = _read_metrics(metrics_path)
+    summary_path = path / "summary.json"
+    if summary_path.is_file():
+        summary, derived = _read_json(summary_path), False
+    else:
+        summary, derived = _summary_from_metrics(metrics, config), True
+    return Run(path=path, config=config, metrics=metrics, summary=summary, summary_derived=derived,
+               domains=_domain_order(config, metrics))
+
+
+def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run folders from a mix of run folders and comparison folders (those holding comparison.json)."""
+    expanded: list[Path] = []
+    for entry in paths:
+        path = Path(entry)
+        listing = path / "comparison.json"
+        if listing.is_file() and not (path / "metrics.jsonl").is_file():
+            runs = _read_json(listing).get("runs")
+            if not isinstance(runs, list) or not runs:
+                raise RunFolderError(f"{listing} has no 'runs' list")
+            expanded.extend(path / str(r) for r in runs)
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def load_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Load run folders (comparison folders are expanded into their runs)."""
+    return [load_run(p) for p in expand_run_dirs(paths)]
+
+
+# -- time series -----------------------------------------------------------------------------------------------
+
+def _eval_value(record: dict[str, Any], key: str) -> float | None:
+    if key == "target_val_loss":
+        return _finite(record.get("target_val_loss"))
+    if key.startswith("val_loss/"):
+        return _finite((record.get("val_loss") or {}).get(key[len("val_loss/"):]))
+    if key.startswith("val_accuracy/"):
+        return _finite((record.get("val_accuracy") or {}).get(key[len("val_accuracy/"):]))
+    source = {"avg_val_loss": "val_loss", "worst_val_loss": "val_loss", "avg_val_accuracy": "val_accuracy"}.get(key)
+    if source is None:
+        raise ValueError(
+            f"unknown metric key {key!r}; use avg_val_loss, worst_val_loss, avg_val_accuracy, target_val_loss, "
+            "val_loss/<domain> or val_accuracy/<domain>"
+        )
+    per_domain = record.get(source)
+    if not isinstance(per_domain, dict) or not per_domain:
+        return None
+    values = [_finite(v) for v in per_domain.values()]
+    if any(v is None for v in values):  # a missing domain would bias the average: skip this evaluation
+        return None
+    return float(np.max(values)) if key == "worst_val_loss" else float(np.mean(values))
+
+
+def eval_series(run: Run, key: str = "avg_val_loss") -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of an evaluation metric, sorted by step. A step logged twice (a resumed run) keeps its
+    latest record; evaluations where the metric is missing or not finite are left out."""
+    by_step: dict[int, float] = {}
+    for record in run.metrics:
+        value = _eval_value(record, key)
+        if value is None:
+            continue
+        by_step[int(record["step"])] = value
+    steps = np.array(sorted(by_step), dtype=np.int64)
+    return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+
+
+def steps_to_reach(run: Run, threshold: float, key: str = "avg_val_loss") -> float | None:
+    """First step at which the metric (a loss) reaches ``threshold``, or None if it never does.
+
+    Between the last evaluation above the threshold and the first at or below it the loss is interpolated
+    linearly, so the answer is not quantised to the evaluation interval. If the very first evaluation is already
+    at or below the threshold, its step is returned (nothing is known before it).
+    """
+    threshold = float(threshold)
+    if not math.isfinite(threshold):
+        raise ValueError(f"steps_to_reach: threshold must be finite, got {threshold}")
+    steps, values = eval_series(run, key)
+    hits = np.flatnonzero(values <= threshold)
+    if hits.size == 0:
+        return None
+    first = int(hits[0])
+    if first == 0:
+        return float(steps[0])
+    step_before, value_before = float(steps[first - 1]), float(values[first - 1])
+    step_after, value_after = float(steps[first]), float(values[first])
+    fraction = (value_before - threshold) / (value_before - value_after)
+    return step_before + fraction * (step_after - step_before)
+
+
+def _last_eval(run: Run, key: str) -> tuple[float, float] | None:
+    steps, values = eval_series(run, key)
+    if steps.size == 0:
+        return None
+    return float(steps[-1]), float(values[-1])
+
+
+# -- comparison ------------------------------------------------------------------------------------------------
+
+def _interval(values: Sequence[float], confidence: float) -> dict[str, Any]:
+    """JSON-friendly interval record; non-finite values (diverged seeds) are counted, and make the mean None."""
+    arr = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(arr)
+    record: dict[str, Any] = {"n": int(arr.size), "n_nonfinite": int((~finite).sum()),
+                              "values": [float(v) if math.isfinite(v) else None for v in arr],
+                              "mean": None, "low": None, "high": None}
+    if arr.size and finite.all():
+        mean, low, high = mean_ci(arr, confidence)
+        record.update(mean=mean, low=None if math.isnan(low) else low, high=None if math.isnan(high) else high)
+    return record
+
+
+def compare_runs(runs: Sequence[Run | str | Path], baseline: str | None = "uniform", *,
+                 confidence: float = 0.95, label: Callable[[Run], str] | None = None) -> dict[str, Any]:
+    """Per-method statistics over seeds, and paired differences against a baseline method.
+
+    For each method (``label(run)``, default ``run.method``) and each summary metric present (avg/worst val loss,
+    avg val accuracy, target val loss): mean and ``confidence`` Student t interval over seeds. Against the baseline,
+    paired by seed: the relative difference (m - b) / |b| with its interval, and the steps ratio
+    steps_to_reach(method, L_b) / S_b, where L_b is the baseline's last evaluated average validation loss and S_b
+    that evaluation's step (< 1: the method matched the baseline's final quality sooner). Seeds that never reach
+    L_b are counted in ``reached`` vs ``n`` and left out of the ratio's mean. An absent baseline is not an error
+    (a single-method report): the paired entries are then omitted and ``baseline`` is None.
+    """
+    loaded = [r if isinstance(r, Run) else load_run(r) for r in runs]
+    if not loaded:
+        raise ValueError("compare_runs: no runs given")
+    label = label or (lambda run: run.method)
+    groups: dict[str, dict[Any, Run]] = {}
+    for run in loaded:
+        group = groups.setdefault(label(run), {})
+        seed = run.seed if run.seed is not None else f"run{len(group)}"
+        if seed in group:
+            raise ValueError(
+                f"compare_runs: method {label(run)!r} has two runs with seed {seed}: {group[seed].path} and "
+                f"{run.path}; compare them separately or pass label= to tell them apart"
+            )
+        group[seed] = run
+
+    metric_keys = [k for k in SUMMARY_METRICS if any(r.summary.get(k) is not None for r in loaded)]
+    baseline_runs = groups.get(baseline) if baseline is not None else None
+    result: dict[str, Any] = {
+        "baseline": baseline if baseline_runs else None,
+        "requested_baseline": baseline,
+        "confidence": confidence,
+        "metrics": metric_keys,
+        "methods": {},
+    }
+    for method, by_seed in groups.items():
+        seeds = sorted(by_seed, key=lambda s: (isinstance(s, str), s))
+        entry: dict[str, Any] = {
+            "seeds": seeds,
+            "runs": [str(by_seed[s].path) for s in seeds],
+        }
+        for key in metric_keys:
+            values = [by_seed[s].summary.get(key) for s in seeds]
+            present = [math.nan if _finite(v) is None else float(v) for v in values if v is not None]
+            if present:
+                entry[key] = _interval(present, confidence)
+        if baseline_runs:
+            entry["relative"] = {}
+            for key in metric_keys:
+                pairs = [(by_seed[s].summary.get(key), baseline_runs[s].summary.get(key))
+                         for s in seeds if s in baseline_runs]
+                diffs = []
+                for value, reference in pairs:
+                    value, reference = _finite(value), _finite(reference)
+                    if value is None or reference is None or reference == 0:
+                        diffs.append(math.nan)
+                    else:
+                        diffs.append((value - reference) / abs(reference))
+                if diffs:
+                    entry["relative"][key] = _interval(diffs, confidence)
+            ratios, paired = [], 0
+            for s in seeds:
+                if s not in baseline_runs:
+                    continue
+                reference = _last_eval(baseline_runs[s], "avg_val_loss")
+                if reference is None or reference[0] <= 0:
+                    continue
+                paired += 1
+                reached = steps_to_reach(by_seed[s], reference[1])
+                if reached is not None:
+                    ratios.append(reached / reference[0])
+            if paired:
+                ratio = _interval(ratios, confidence) if ratios else {"mean": None, "low": None, "high": None}
+                ratio.update(n=paired, reached=len(ratios))
+                entry["steps_ratio"] = ratio
+        result["methods"][method] = entry
+    return result
+
+
+def _format_interval(record: dict[str, Any] | None, *, percent: bool = False, digits: int = 4) -> str:
+    if not record:
+        return ""
+    if record.get("mean") is None:
+        bad = record.get("n_nonfinite", 0)
+        return f"diverged ({bad}/{record.get('n', 0)})" if bad else "n/a"
+    scale, unit = (100.0, "%") if percent else (1.0, "")
+    precision = 2 if percent else digits
+    text = f"{record['mean'] * scale:+.{precision}f}{unit}" if percent else f"{record['mean']:.{precision}f}"
+    if record.get("high") is not None:
+        half = (record["high"] - record["mean"]) * scale
+        text += f" ± {half:.{precision}f}{unit}"
+    return text
+
+
+def comparison_markdown(result: dict[str, Any]) -> str:
+    """A markdown table of ``compare_runs``' result: mean ± CI half-width per metric, paired Δ vs the baseline."""
+    metric_keys = result["metrics"]
+    baseline = result.get("baseline")
+    methods = result["methods"]
+    header = ["method", "seeds"] + [SUMMARY_METRICS[k][0] for k in metric_keys]
+    if baseline:
+        header += [f"Δ {SUMMARY_METRICS[k][0]} vs {baseline}" for k in metric_keys]
+        header.append(f"steps to {baseline}'s final loss (ratio)")
+    rows = []
+    for method, entry in methods.items():
+        row = [method, str(len(entry["seeds"]))] + [_format_interval(entry.get(k)) for k in metric_keys]
+        if baseline:
+            relative = entry.get("relative", {})
+            row += [_format_interval(relative.get(k), percent=True) for k in metric_keys]
+            ratio = entry.get("steps_ratio")
+            if ratio is None:
+                row.append("")
+            else:
+                text = _format_interval(ratio, digits=2) if ratio.get("mean") is not None else "never"
+                row.append(f"{text} ({ratio['reached']}/{ratio['n']} reached)")
+        rows.append(row)
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    confidence = int(round(float(result.get("confidence", 0.95)) * 100))
+    lines = [line(header), "|" + "|".join("---" for _ in header) + "|"] + [line(r) for r in rows]
+    lines.append("")
+    note = f"Mean ± {confidence}% confidence half-width (Student t over seeds; none with one seed)."
+    if baseline:
+        note += (f" Δ: relative difference to {baseline}, paired by seed. Steps ratio: step at which the method's"
+                 f" average validation loss first reaches {baseline}'s final one, divided by {baseline}'s steps.")
+    elif result.get("requested_baseline"):
+        note += f" Baseline {result['requested_baseline']!r} is not among the runs: no paired differences."
+    lines.append(note)
+    return "\n".join(lines) + "\n"

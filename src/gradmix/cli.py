@@ -1,0 +1,161 @@
+"""The ``gradmix`` command: run, compare, report, cluster, methods."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--set train.lr=0.001 mixing.method=pike`` -> nested dict."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def _default_out(cfg: dict[str, Any], kind: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg['name']}-{kind}-{stamp}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gradmix.experiment.config import load_config
+    from gradmix.experiment.runner import run_experiment
+
+    cfg = load_config(args.config, _overrides(args.set))
+    if args.method:
+        cfg["mixing"]["method"] = args.method
+    out = Path(args.out) if args.out else _default_out(cfg, cfg["mixing"]["method"])
+    summary = run_experiment(cfg, out, progress=not args.no_progress, resume=args.resume)
+    print(f"run folder: {out}")
+    line = f"avg val loss {summary['avg_val_loss']:.4f}, worst {summary['worst_val_loss']:.4f} ({summary['worst_domain']})"
+    if "avg_val_accuracy" in summary:
+        line += f", continuation accuracy {summary['avg_val_accuracy']:.3f}"
+    if "target_val_loss" in summary:
+        line += f", target loss {summary['target_val_loss']:.4f}"
+    print(line)
+    report = out / "report.html"
+    if report.exists():
+        print(f"report: {report}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from gradmix.experiment.config import load_config
+    from gradmix.experiment.runner import run_comparison
+
+    cfg = load_config(args.config, _overrides(args.set))
+    methods = args.methods.split(",") if args.methods else cfg["compare"]["methods"]
+    if not methods:
+        raise SystemExit("no methods: pass --methods a,b,c or set compare.methods in the config")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(cfg["compare"]["seeds"])
+    out = Path(args.out) if args.out else _default_out(cfg, "compare")
+    t0 = time.perf_counter()
+    report = run_comparison(cfg, methods, seeds, out, method_overrides=cfg["compare"]["overrides"],
+                            progress=not args.no_progress)
+    print(f"comparison of {', '.join(methods)} over seeds {seeds} took {time.perf_counter() - t0:.0f}s")
+    md = out / "comparison.md"
+    if md.exists():
+        print(md.read_text())
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gradmix.analysis import expand_run_dirs
+    from gradmix.report import write_report
+
+    runs = expand_run_dirs([Path(r) for r in args.runs])
+    out = Path(args.out) if args.out else (Path(args.runs[0]) if len(args.runs) == 1 else Path("report"))
+    path = write_report(runs, out, title=args.title, baseline=args.baseline)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from gradmix.methods import available_methods, method_class
+
+    for name in available_methods():
+        try:
+            cls = method_class(name)
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        except ValueError as exc:
+            doc = f"(unavailable: {exc})"
+        print(f"{name:14s} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradmix", description="Adaptive online data mixing for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train one model with one mixing method; writes a run folder")
+    p.add_argument("config", help="a .toml or .json experiment config (see configs/)")
+    p.add_argument("--out", help="run folder (default runs/<name>-<method>-<time>)")
+    p.add_argument("--method", help="override mixing.method")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="run several methods x seeds on the same data; writes a report")
+    p.add_argument("config")
+    p.add_argument("--methods", help="comma-separated (default: compare.methods of the config)")
+    p.add_argument("--seeds", help="comma-separated (default: compare.seeds of the config)")
+    p.add_argument("--out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="HTML + PNG report of run folders or comparison folders")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out")
+    p.add_argument("--title")
+    p.add_argument("--baseline", default="uniform")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("methods", help="list the mixing methods")
+    p.set_defaults(func=cmd_methods)
+
+    try:
+        from gradmix.cluster import add_cluster_parser
+
+        add_cluster_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"gradmix {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

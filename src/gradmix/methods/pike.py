@@ -1,0 +1,389 @@
+"""PiKE: adaptive data mixing under low gradient conflicts (Li et al., arXiv 2502.06244).
+
+Two forms of the same idea, both built on the paper's one-step bound (Thm 3.4): with per-task batch shares
+w_k = b_k / b, the expected decrease of the average loss after one SGD step is bounded by
+``sum_k (w_k lam_k + 0.5 w_k^2 kappa_k)`` with
+
+    lam_k   = -eta beta ||grad L_k||^2 + (L eta^2 / 2b) sigma_k^2
+    kappa_k =  L eta^2 gamma ||grad L_k||^2
+    beta    = min_k (1 + c (2 - K - b / b_k)),   gamma = 1 + c_bar (K - 1)
+
+- ``mode="conceptual"`` minimises that bound exactly on the simplex (``water_filling``).
+- ``mode="practical"`` (default) is the paper's Algorithm 1: an exponentiated step
+  ``w_k <- w_k exp(zeta1 ||grad L_k||^2 - (zeta2 / 2b) sigma_k^2)``, renormalised, kept in log space.
+
+Raw squared gradient norms change by orders of magnitude across models and training time, so the statistics are
+divided by the mean squared norm over domains before use (``normalize``); both terms share that divisor, which keeps
+the paper's ratio between them. The controller calls ``update`` every T0 optimizer steps
+(``recommended_update_interval``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+
+from gradmix.methods.base import MixingMethod, normalize_log_weights
+from gradmix.stats import DomainStats, StatsError
+
+__all__ = ["PiKE", "water_filling"]
+
+# kappa below this fraction of the problem's scale is treated as exactly 0 (its reciprocal would overflow).
+_KAPPA_ZERO = 1e-280
+# Numerical guard: no single update moves a log-weight by more than this (exp() underflows long before).
+_HARD_LOG_STEP = 1e3
+
+_NORMALIZERS = ("mean_sq_norm", "none")
+_MODES = ("practical", "conceptual")
+
+
+def _as_vector(values: Any, what: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1 or arr.shape[0] == 0:
+        raise ValueError(f"water_filling: {what} must be a non-empty 1-D vector, got shape {arr.shape}")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise ValueError(f"water_filling: {what}[{int(bad[0])}] is {arr[bad[0]]}; all entries must be finite")
+    return arr
+
+
+def _water_level(lam: np.ndarray, kappa: np.ndarray) -> float:
+    """Water level t = -mu for strictly positive kappa: sum_k max(0, (t - lam_k) / kappa_k) = 1.
+
+    Exact: sort the breakpoints lam_k; with the m smallest active, t_m = (1 + sum lam_i/kappa_i) / sum 1/kappa_i,
+    and m is the largest m with sum_{i<=m} (lam_m - lam_i) / kappa_i < 1 (that sum grows with m, so the valid m
+    form a prefix; m = 1 always qualifies).
+    """
+    order = np.argsort(lam, kind="stable")
+    lam_sorted = lam[order]
+    inv_kappa = 1.0 / kappa[order]
+    cum_inv = np.cumsum(inv_kappa)
+    cum_lam = np.cumsum(lam_sorted * inv_kappa)
+    excess = lam_sorted * cum_inv - cum_lam  # sum_{i<=m} (lam_m - lam_i) / kappa_i, non-decreasing in m
+    beyond = np.flatnonzero(excess >= 1.0)
+    active = int(beyond[0]) if beyond.size else lam.shape[0]
+    return float((1.0 + cum_lam[active - 1]) / cum_inv[active - 1])
+
+
+def water_filling(lam: Any, kappa: Any) -> np.ndarray:
+    """Exact minimiser over the probability simplex of ``sum_k (w_k lam_k + 0.5 w_k^2 kappa_k)``, kappa_k >= 0.
+
+    This is conceptual PiKE's per-step problem (Thm 3.4). KKT gives ``w_k = max(0, -(mu + lam_k) / kappa_k)`` with
+    mu chosen so the weights sum to 1; mu is found exactly by sorting the breakpoints (no bisection).
+
+    ``kappa_k == 0`` (a domain whose cost is linear) is solved as the limit kappa_k -> 0+: such a domain only gets
+    weight if its lam_k is below the water level the other domains would reach; then the level stops at the
+    smallest such lam, the positive-kappa domains fill up to it and the rest of the mass is split evenly between
+    the zero-kappa domains tied at that smallest lam (exact equality). All kappa zero: a vertex (or an even split of
+    the tied minima). kappa below 1e-280 times the problem's scale counts as 0. Non-finite input or a negative
+    kappa raises ``ValueError`` naming the entry.
+    """
+    lam = _as_vector(lam, "lam")
+    kappa = _as_vector(kappa, "kappa")
+    if lam.shape != kappa.shape:
+        raise ValueError(f"water_filling: lam has {lam.shape[0]} entries but kappa has {kappa.shape[0]}")
+    negative = np.flatnonzero(kappa < 0)
+    if negative.size:
+        raise ValueError(
+            f"water_filling: kappa[{int(negative[0])}] = {kappa[negative[0]]} is negative; the problem must be convex"
+        )
+    # Shifting lam by a constant adds a constant to the objective on the simplex; scaling both by a positive
+    # constant scales it. Neither moves the minimiser, and together they keep every number in [0, 1].
+    lam = lam - lam.min()
+    scale = max(float(lam.max()), float(kappa.max()))
+    if scale > 0:
+        lam = lam / scale
+        kappa = kappa / scale
+    positive = kappa > _KAPPA_ZERO
+    weights = np.zeros_like(lam)
+    level = _water_level(lam[positive], kappa[positive]) if positive.any() else math.inf
+    zero = ~positive
+    if zero.any():
+        lowest = float(lam[zero].min())
+        if level > lowest:
+            level = lowest
+            if positive.any():
+                weights[positive] = np.maximum(0.0, (level - lam[positive]) / kappa[positive])
+            remainder = max(0.0, 1.0 - float(weights.sum()))
+            tied = zero & (lam == lowest)
+            weights[tied] = remainder / int(tied.sum())
+            total = weights.sum()
+            return weights / total if total > 0 else np.where(tied, 1.0 / int(tied.sum()), 0.0)
+    weights[positive] = np.maximum(0.0, (level - lam[positive]) / kappa[positive])
+    return weights / weights.sum()
+
+
+def _positive_float(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"pike: {name} must be a finite number {bound}, got {value!r}")
+    return number
+
+
+def _log_mean_exp(log_weights: np.ndarray, steps: np.ndarray) -> float:
+    """log(sum w_k e^{s_k} / sum w_k) over the given entries, computed stably (entries may be -inf)."""
+    shifted = log_weights + steps
+    top = float(np.max(shifted))
+    top_w = float(np.max(log_weights))
+    return (top + math.log(float(np.sum(np.exp(shifted - top))))) - (
+        top_w + math.log(float(np.sum(np.exp(log_weights - top_w))))
+    )
+
+
+def _json_floats(values: np.ndarray) -> list[float | None]:
+    return [float(v) if np.isfinite(v) else None for v in values]
+
+
+def _from_json_floats(values: Any, num_domains: int, what: str, missing: float) -> np.ndarray:
+    if values is None:
+        return np.full(num_domains, missing)
+    arr = np.array([missing if v is None else float(v) for v in values], dtype=np.float64)
+    if arr.shape != (num_domains,):
+        raise ValueError(f"pike: checkpointed {what} has {arr.shape[0]} entries, expected {num_domains}")
+    return arr
+
+
+class PiKE(MixingMethod):
+    """PiKE: per-domain sampling weights from squared gradient norms and gradient variances.
+
+    Practical mode (Algorithm 1), per update::
+
+        G_k = ||grad L_k||^2 / D,  S_k = sigma_k^2 / D,  D = mean_j ||grad L_j||^2   (normalize="mean_sq_norm")
+        s_k = zeta1 G_k - (zeta2 / 2b) S_k,   log w_k <- log w_k + s_k,   renormalise
+
+    Robustness (the paper's estimates are noisy; a field trial collapsed onto one language):
+      * ``stats_ema``: EMA of the raw statistics across updates, ``m <- stats_ema m + (1 - stats_ema) x``
+        (first observation initialises; domains without a valid observation keep their average).
+      * ``max_log_step``: the steps, centred on their mean, are clipped to +-max_log_step, so one update changes
+        any ratio w_i / w_j by at most exp(2 max_log_step). Practical mode only.
+      * ``min_weight``: after each update ``w <- (1 - K min_weight) w + min_weight`` (mix with uniform), applied to
+        the state as well (fixed share), so a starved domain's log-weight stays bounded and it can recover in a
+        bounded number of updates. Use >= 2/b to keep every domain measurable by the probe.
+
+    Degenerate statistics: entries with NaN/Inf (a domain absent from the batch) make that domain *invalid* for
+    this update: in practical mode its weight is kept exactly (the valid domains' steps are shifted so their total
+    mass is unchanged); in conceptual mode the valid domains re-split their own mass. No valid domain, or all valid
+    squared norms zero (nothing to compare) -> the update is skipped (``last_skip_reason``). Negative estimates
+    (unbiased estimators can go below 0) are clipped at 0. One domain: the weight stays 1.
+
+    Defaults (provisional; sweep them on real data):
+      * zeta1 = 0.1: with G normalised to mean 1, one update moves a log-ratio by ~0.1 x the spread of G, so a
+        weight needs ~10 consistent updates to move by a factor e - slow compared with estimator noise.
+      * zeta2 = zeta1: the bound's ratio of the variance to the norm term is L eta / beta <= 1 for a stable step
+        (eta <= 1/L), so zeta2 = zeta1 is the largest variance weight it justifies (the term that protects noisy
+        tasks).
+      * stats_ema = 0.5: averages over ~3 updates, cutting estimator variance ~3x at a lag of one update.
+      * max_log_step = 0.5: no single (possibly outlying) estimate moves a weight ratio by more than e^1.
+      * min_weight = 0.0: the paper's algorithm; set it when domains may starve.
+      * T0 (controller's update interval) = 20 steps: often enough to follow training, rare enough that the
+        probe's extra cost is small.
+
+    Conceptual mode minimises the one-step bound exactly (``water_filling``) with b_k = b w_k from the current
+    weights (b_k < 1 counts as 1 so beta stays finite). Only L eta matters (the minimiser is invariant to scaling the
+    statistics), so ``lr`` and ``smoothness`` default to 1 (eta = 1/L, the classic step for an L-smooth loss).
+    ``c`` (bound on negative cosine between task gradients) defaults to 0, the low-conflict regime the paper
+    targets; ``c_bar`` (bound on positive cosine) to 0.1, small positive interaction. beta <= 0 means the bound
+    promises no decrease: the update is skipped.
+    """
+
+    name: ClassVar[str] = "pike"
+    required_stats: ClassVar[frozenset[str]] = frozenset({"grad_sq_norm", "grad_var"})
+    recommended_update_interval: ClassVar[int] = 20
+
+    def __init__(
+        self,
+        num_domains: int,
+        *,
+        mode: str = "practical",
+        zeta1: float = 0.1,
+        zeta2: float = 0.1,
+        normalize: str = "mean_sq_norm",
+        stats_ema: float = 0.5,
+        min_weight: float = 0.0,
+        max_log_step: float | None = 0.5,
+        lr: float = 1.0,
+        smoothness: float = 1.0,
+        c: float = 0.0,
+        c_bar: float = 0.1,
+        initial_weights: Any = None,
+    ) -> None:
+        super().__init__(num_domains, initial_weights=initial_weights)
+        if mode not in _MODES:
+            raise ValueError(f"pike: mode must be one of {_MODES}, got {mode!r}")
+        if normalize not in _NORMALIZERS:
+            raise ValueError(f"pike: normalize must be one of {_NORMALIZERS}, got {normalize!r}")
+        self.mode = mode
+        self.normalize = normalize
+        self.zeta1 = _positive_float(zeta1, "zeta1", allow_zero=True)
+        self.zeta2 = _positive_float(zeta2, "zeta2", allow_zero=True)
+        ema = float(stats_ema)
+        if not (0.0 <= ema < 1.0):
+            raise ValueError(f"pike: stats_ema must be in [0, 1), got {stats_ema!r}")
+        self.stats_ema = ema
+        floor = _positive_float(min_weight, "min_weight", allow_zero=True)
+        if floor * self.num_domains > 1.0 + 1e-12:
+            raise ValueError(
+                f"pike: min_weight={min_weight!r} times {self.num_domains} domains exceeds 1; use <= 1/K"
+            )
+        self.min_weight = min(floor, 1.0 / self.num_domains)
+        self.max_log_step = None if max_log_step is None else _positive_float(max_log_step, "max_log_step")
+        self.lr = _positive_float(lr, "lr")
+        self.smoothness = _positive_float(smoothness, "smoothness")
+        self.c = _positive_float(c, "c", allow_zero=True)
+        self.c_bar = _positive_float(c_bar, "c_bar", allow_zero=True)
+        with np.errstate(divide="ignore"):
+            self._log_weights = np.log(self._weights)
+        self._ema_sq_norm = np.full(self.num_domains, np.nan)
+        self._ema_var = np.full(self.num_domains, np.nan)
+        # Diagnostics of the last applied update (not state): the two terms of the step, normalised.
+        self.last_terms: dict[str, np.ndarray] | None = None
+
+    # -- hooks for Fair-PiKE -------------------------------------------------------------------------------------
+    def _valid_domains(self, stats: DomainStats) -> np.ndarray:
+        """Domains whose statistics can be used this update."""
+        return np.isfinite(stats.grad_sq_norm) & np.isfinite(stats.grad_var)
+
+    def _domain_tilt(self, stats: DomainStats, valid: np.ndarray) -> np.ndarray:
+        """Per-domain multiplier of both gradient terms (1 for PiKE; loss weights for Fair-PiKE)."""
+        return np.ones(self.num_domains)
+
+    # -- update --------------------------------------------------------------------------------------------------
+    def _batch_size(self, stats: DomainStats) -> float:
+        if stats.batch_size is None:
+            raise StatsError(f"method {self.name!r} needs DomainStats.batch_size (the global batch size b)")
+        b = float(stats.batch_size)
+        if not (math.isfinite(b) and b > 0):
+            raise StatsError(f"method {self.name!r}: DomainStats.batch_size must be positive, got {stats.batch_size}")
+        return b
+
+    def _smoothed(self, sq_norm: np.ndarray, var: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fold this record into the EMA state and return the statistics to use (EMA or raw)."""
+        if self.stats_ema == 0.0:
+            self._ema_sq_norm = np.where(valid, sq_norm, self._ema_sq_norm)
+            self._ema_var = np.where(valid, var, self._ema_var)
+            return sq_norm, var
+        beta = self.stats_ema
+        for ema, new in ((self._ema_sq_norm, sq_norm), (self._ema_var, var)):
+            seen = np.isfinite(ema)
+            blended = np.where(seen, beta * ema + (1.0 - beta) * new, new)
+            ema[valid] = blended[valid]
+        return self._ema_sq_norm.copy(), self._ema_var.copy()
+
+    def _update(self, stats: DomainStats) -> np.ndarray | None:
+        self.last_terms = None
+        if self.num_domains == 1:
+            return np.ones(1)
+        b = self._batch_size(stats)
+        valid = self._valid_domains(stats)
+        if not valid.any():
+            self.last_skip_reason = f"{self.name}: no domain has finite gradient statistics; update skipped"
+            return None
+        # Unbiased estimators can dip below 0; a squared norm or a variance cannot.
+        sq_norm = np.where(valid, np.maximum(np.nan_to_num(stats.grad_sq_norm), 0.0), np.nan)
+        var = np.where(valid, np.maximum(np.nan_to_num(stats.grad_var), 0.0), np.nan)
+        if not np.any(sq_norm[valid] > 0):
+            self.last_skip_reason = (
+                f"{self.name}: every measured squared gradient norm is zero; nothing to compare, update skipped"
+            )
+            return None
+        sq_norm, var = self._smoothed(sq_norm, var, valid)
+        tilt = self._domain_tilt(stats, valid)
+        divisor = float(np.mean(sq_norm[valid])) if self.normalize == "mean_sq_norm" else 1.0
+        if not divisor > 0:  # the EMA of a domain may still be 0 while its current value is not
+            self.last_skip_reason = f"{self.name}: mean squared gradient norm is zero; update skipped"
+            return None
+        with np.errstate(over="ignore", invalid="ignore"):
+            gain_stat = np.where(valid, tilt * sq_norm / divisor, 0.0)
+            var_stat = np.where(valid, tilt * var / divisor, 0.0)
+        if self.mode == "practical":
+            new_log = self._practical_step(gain_stat, var_stat, valid, b)
+        else:
+            new_log = self._conceptual_step(gain_stat, var_stat, valid, b)
+            if new_log is None:
+                return None
+        return self._commit(new_log)
+
+    def _practical_step(self, gain_stat: np.ndarray, var_stat: np.ndarray, valid: np.ndarray,
+                        b: float) -> np.ndarray:
+        """Algorithm 1's exponentiated step in log space; invalid domains keep their weight exactly."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            gain = self.zeta1 * gain_stat
+            penalty = (self.zeta2 / (2.0 * b)) * var_stat
+            step = gain - penalty
+        step = np.clip(np.nan_to_num(step, nan=0.0, posinf=_HARD_LOG_STEP, neginf=-_HARD_LOG_STEP),
+                       -_HARD_LOG_STEP, _HARD_LOG_STEP)
+        step = np.where(valid, step, 0.0)
+        if self.max_log_step is not None:
+            centre = float(np.mean(step[valid]))
+            step = np.where(valid, np.clip(step - centre, -self.max_log_step, self.max_log_step), 0.0)
+        self.last_terms = {"gain": np.where(valid, gain, np.nan), "variance_penalty": np.where(valid, penalty, np.nan),
+                           "log_step": step.copy()}
+        log_weights = self._log_weights
+        live = valid & np.isfinite(log_weights)
+        if not live.any():  # the measured domains hold no mass: nothing for the step to redistribute
+            return log_weights.copy()
+        # Shift the valid steps so sum_valid w_k e^{s_k} = sum_valid w_k: unmeasured domains keep their weight.
+        step = np.where(valid, step - _log_mean_exp(log_weights[live], step[live]), 0.0)
+        return log_weights + step
+
+    def _conceptual_step(self, gain_stat: np.ndarray, var_stat: np.ndarray, valid: np.ndarray,
+                         b: float) -> np.ndarray | None:
+        """Exact minimiser of the one-step bound (Thm 3.4) over the valid domains' share of the mass."""
+        num = self.num_domains
+        shares = np.maximum(b * self._weights, 1.0)  # b_k; an absent domain counts as one example
+        beta = float(np.min(1.0 + self.c * (2.0 - num - b / shares)))
+        if not beta > 0:
+            self.last_skip_reason = (
+                f"{self.name}: beta = {beta:.3g} <= 0 (conflict bound c={self.c} too large for these batch shares); "
+                "the one-step bound promises no decrease, update skipped"
+            )
+            return None
+        gamma = 1.0 + self.c_bar * (num - 1)
+        eta, smooth = self.lr, self.smoothness
+        with np.errstate(over="ignore", invalid="ignore"):
+            lam = -eta * beta * gain_stat + (smooth * eta**2 / (2.0 * b)) * var_stat
+            kappa = smooth * eta**2 * gamma * gain_stat
+        if not (np.all(np.isfinite(lam[valid])) and np.all(np.isfinite(kappa[valid]))):
+            self.last_skip_reason = f"{self.name}: statistics overflow the one-step bound; update skipped"
+            return None
+        mass = float(np.sum(self._weights[valid]))
+        weights = self._weights.copy()
+        if mass > 0:
+            # min over w_valid summing to m  ==  m * water_filling(m lam, m^2 kappa)
+            weights[valid] = mass * water_filling(mass * lam[valid], mass**2 * kappa[valid])
+        self.last_terms = {"lam": np.where(valid, lam, np.nan), "kappa": np.where(valid, kappa, np.nan)}
+        with np.errstate(divide="ignore"):
+            return np.log(weights)
+
+    def _commit(self, new_log: np.ndarray) -> np.ndarray:
+        """Renormalise, apply the uniform floor (to the state too) and return the new weights."""
+        new_log, weights = normalize_log_weights(new_log)
+        if self.min_weight > 0:
+            weights = (1.0 - self.num_domains * self.min_weight) * weights + self.min_weight
+            weights = weights / weights.sum()
+            new_log = np.log(weights)
+        self._log_weights = new_log
+        return weights
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def _extra_state(self) -> dict[str, Any]:
+        # JSON-safe: -inf log-weights (switched-off domains) and NaN EMA entries (never observed) become None.
+        return {
+            "log_weights": _json_floats(self._log_weights),
+            "ema_grad_sq_norm": _json_floats(self._ema_sq_norm),
+            "ema_grad_var": _json_floats(self._ema_var),
+        }
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("log_weights") is None:
+            with np.errstate(divide="ignore"):
+                self._log_weights = np.log(self._weights)
+        else:
+            log_weights = _from_json_floats(state["log_weights"], self.num_domains, "log_weights", -np.inf)
+            self._log_weights, _ = normalize_log_weights(log_weights)  # keep the checkpointed weights bit-exact
+        self._ema_sq_norm = _from_json_floats(state.get("ema_grad_sq_norm"), self.num_domains,
+                                              "ema_grad_sq_norm", np.nan)
+        self._ema_var = _from_json_floats(state.get("ema_grad_var"), self.num_domains, "ema_grad_var", np.nan)

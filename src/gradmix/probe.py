@@ -1,0 +1,576 @@
+"""Per-domain gradient statistics taken from the training step itself.
+
+On a measuring step the probe runs the batch as per-group micro-batches (each group's examples split into a few
+disjoint parts), so the accumulated ``.grad`` is still exactly the gradient of the mixed batch's mean loss, and reads
+every part's gradient as the change of the probed parameters' ``.grad``. From the part means it derives unbiased
+estimates of ||grad L_k||^2 and sigma_k^2 (what PiKE needs, arXiv 2502.06244 Alg. 1), the Gramian
+<grad L_i, grad L_j> (diagnostics) and the alignment <grad L_k, grad L_target> with a target gradient (DGA,
+arXiv 2410.02498). Memory: a few flat buffers the size of the probed parameters (running sums over parts, never one
+copy per part or per group), plus G copies of the probed subset only when ``gram=True``.
+
+Unbiasedness assumes the examples of a group are independent draws from that group (what the sampler does) and that
+per-example losses do not interact (no batch norm across examples): micro-batching must not change the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradmix.stats import DomainStats
+
+__all__ = [
+    "GradientProbe",
+    "LossFn",
+    "ParameterSpec",
+    "ProbeResult",
+    "select_parameters",
+    "split_indices",
+]
+
+LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
+"""(model, batch) -> per-example losses, shape (n,). On measuring steps and for the target batch the probe passes
+the module inside a DistributedDataParallel wrapper (its micro-passes must not trigger DDP's sync), so a loss
+function should only call the model it is given."""
+
+ParameterSpec = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
+
+_BUCKET_BYTES = 32 * 1024 * 1024  # gradient all-reduce bucket size: one collective per ~32 MB, like DDP's 25 MB
+
+
+@dataclass
+class ProbeResult:
+    """What one ``GradientProbe.backward`` measured. Identical on every rank under torch.distributed.
+
+    Attributes:
+        loss: (G,) mean per-example loss per group over the global batch (NaN where a group is absent).
+        examples: (G,) global example counts per group.
+        mean_loss: mean loss of the whole global batch.
+        grad_sq_norm: (G,) unbiased ||grad L_k||^2 (measuring steps only; NaN where not estimable: fewer than 2
+            examples of the group on every rank, or a non-finite loss/gradient in the group).
+        grad_var: (G,) unbiased sigma_k^2, trace of the per-sample gradient covariance (same NaN rules).
+        gram: (G, G) <grad L_i, grad L_j>; diagonal = grad_sq_norm (``gram=True`` only).
+        target_alignment: (G,) <grad L_k, g_target> (NaN for an absent group), if a target batch was given.
+        target_loss: mean loss of the target batch, if one was given.
+    """
+
+    loss: np.ndarray
+    examples: np.ndarray
+    mean_loss: float
+    grad_sq_norm: np.ndarray | None = None
+    grad_var: np.ndarray | None = None
+    gram: np.ndarray | None = None
+    target_alignment: np.ndarray | None = None
+    target_loss: float | None = None
+
+    def to_stats(self, step: int, batch_size: int) -> DomainStats:
+        """The record a mixing method consumes (one entry per probe group)."""
+        return DomainStats(
+            step=int(step),
+            num_domains=int(self.loss.shape[0]),
+            loss=self.loss,
+            examples=self.examples.astype(np.float64),
+            batch_size=int(batch_size),
+            grad_sq_norm=self.grad_sq_norm,
+            grad_var=self.grad_var,
+            target_alignment=self.target_alignment,
+            target_loss=self.target_loss,
+            gram=self.gram,
+            extra={"mean_loss": self.mean_loss},
+        )
+
+
+# -- parameter selection and batch slicing ------------------------------------------------------------------------
+
+def select_parameters(module: nn.Module, spec: ParameterSpec = None) -> list[tuple[str, nn.Parameter]]:
+    """Resolve a parameter spec to ``(name, parameter)`` pairs of trainable parameters, in ``named_parameters`` order.
+
+    ``spec``: None (all trainable parameters); a list of name prefixes (``"head"`` matches ``head.weight`` but not
+    ``header.weight``); a predicate ``(name, param) -> bool``; or ``"last:N"`` (the last N trainable parameter
+    tensors: the layers nearest the loss, a cheap proxy for big models). Raises ``ValueError`` if a prefix matches
+    no parameter or the selection is empty.
+    """
+    named = list(module.named_parameters())
+    trainable = [(name, p) for name, p in named if p.requires_grad]
+    if spec is None:
+        chosen = trainable
+    elif isinstance(spec, str):
+        if not spec.startswith("last:"):
+            raise ValueError(
+                f"parameters={spec!r}: a string must be 'last:N'; pass a list of name prefixes to select by name"
+            )
+        try:
+            count = int(spec[len("last:"):])
+        except ValueError:
+            raise ValueError(f"parameters={spec!r}: N in 'last:N' must be a positive integer") from None
+        if count < 1:
+            raise ValueError(f"parameters={spec!r}: N in 'last:N' must be a positive integer")
+        chosen = trainable[-count:]
+    elif callable(spec):
+        chosen = [(name, p) for name, p in trainable if spec(name, p)]
+    else:
+        prefixes = list(spec)
+        if not prefixes or not all(isinstance(prefix, str) for prefix in prefixes):
+            raise ValueError(f"parameters={spec!r}: expected a non-empty list of parameter-name prefixes")
+
+        def matches(name: str, prefix: str) -> bool:
+            stripped = prefix.rstrip(".")
+            return name == stripped or name.startswith(stripped + ".")
+
+        for prefix in prefixes:
+            if not any(matches(name, prefix) for name, _ in named):
+                known = ", ".join(name for name, _ in named[:8])
+                raise ValueError(f"parameters: no parameter is named {prefix!r} or starts with it (model has: {known}"
+                                 f"{', ...' if len(named) > 8 else ''})")
+            if not any(matches(name, prefix) for name, _ in trainable):
+                raise ValueError(f"parameters: {prefix!r} selects only frozen parameters (requires_grad=False)")
+        chosen = [(name, p) for name, p in trainable if any(matches(name, prefix) for prefix in prefixes)]
+    if not chosen:
+        raise ValueError(f"parameters={spec!r} selects no trainable parameter of the model")
+    return chosen
+
+
+def split_indices(groups: torch.Tensor, num_groups: int, num_splits: int) -> list[list[torch.Tensor]]:
+    """Per group, the batch positions of its parts: the group's positions in batch order cut into
+    ``min(num_splits, n_k)`` contiguous chunks whose sizes differ by at most one (larger chunks first).
+
+    The split ignores the data, so parts of i.i.d. examples are independent - all the estimators need.
+    """
+    groups_cpu = groups.detach().to("cpu", torch.long).reshape(-1)
+    order = torch.argsort(groups_cpu, stable=True)
+    counts = torch.bincount(groups_cpu, minlength=num_groups).tolist()
+    parts: list[list[torch.Tensor]] = []
+    start = 0
+    for count in counts[:num_groups]:
+        members = order[start:start + count]
+        start += count
+        parts.append(list(torch.tensor_split(members, min(num_splits, count))) if count else [])
+    return parts
+
+
+def _slice_batch(batch: Mapping[str, torch.Tensor], index: torch.Tensor, n: int) -> dict:
+    """Rows ``index`` of every tensor with leading dimension n; everything else passes through unchanged."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            out[key] = value.index_select(0, index.to(value.device))
+        else:
+            out[key] = value
+    return out
+
+
+def _distributed_active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+# -- the probe ----------------------------------------------------------------------------------------------------
+
+class GradientProbe:
+    """Run a training step's backward so that it also yields per-group gradient statistics.
+
+    Args:
+        model: the model (a plain module or a ``DistributedDataParallel``).
+        parameters: which parameters the statistics are computed over (see ``select_parameters``); the optimizer
+            still gets gradients for all of them.
+        num_splits: parts per group on measuring steps (>= 2, capped at the group's local example count;
+            a large value gives per-sample statistics). More parts: lower-variance sigma^2, more micro-passes.
+        gram: also return the Gramian (stores one mean gradient per group over the probed parameters).
+        preconditioner: an Adam-type optimizer; the target gradient is divided by sqrt(v) + eps (DGA's
+            Adam-preconditioned alignment). Parameters without optimizer state yet stay unpreconditioned.
+        eps: the epsilon of that preconditioner.
+        sync_gradients: plain module under torch.distributed: average ``.grad`` across ranks after each backward
+            (what DDP would do). Ignored for DDP models, which are synced anyway.
+        process_group: group for the collectives (default: the DDP model's group, else the world).
+        bias_correction: divide v by 1 - beta2^t as Adam's own step does, so the alignment's scale does not drift
+            during the first ~1/(1 - beta2) steps (choice left open by DGA; ``False`` uses raw ``exp_avg_sq``).
+    """
+
+    def __init__(self, model: nn.Module, *, parameters: ParameterSpec = None, num_splits: int = 2,
+                 gram: bool = False, preconditioner: torch.optim.Optimizer | None = None, eps: float = 1e-8,
+                 sync_gradients: bool = False, process_group=None, bias_correction: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or num_splits < 2:
+            raise ValueError(f"num_splits must be an integer >= 2 (two parts per group at least), got {num_splits!r}")
+        eps = float(eps)
+        if not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+        if preconditioner is not None and not isinstance(preconditioner, torch.optim.Optimizer):
+            raise TypeError(f"preconditioner must be a torch.optim.Optimizer (Adam/AdamW), got "
+                            f"{type(preconditioner).__name__}")
+        self.model = model
+        self.module = model.module if _is_ddp(model) else model
+        self.named_parameters = select_parameters(self.module, parameters)
+        devices = {p.device for _, p in self.named_parameters}
+        if len(devices) > 1:
+            raise ValueError(f"probed parameters live on several devices {sorted(map(str, devices))}; "
+                             "select a subset on one device (parameters=...)")
+        self.device = devices.pop()
+        self.num_splits = int(num_splits)
+        self.gram = bool(gram)
+        self.preconditioner = preconditioner
+        self.eps = eps
+        self.bias_correction = bool(bias_correction)
+        self.sync_gradients = bool(sync_gradients)
+        if process_group is None and _is_ddp(model):
+            process_group = model.process_group
+        self.process_group = process_group
+        self._numel = sum(p.numel() for _, p in self.named_parameters)
+        dtypes = {p.dtype for _, p in self.named_parameters}
+        self._dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+
+    @property
+    def num_probed(self) -> int:
+        """Number of scalars in the probed parameters (the size of each flat buffer)."""
+        return self._numel
+
+    # -- public entry point ---------------------------------------------------------------------------------------
+    def backward(self, batch: Mapping[str, torch.Tensor], groups: torch.Tensor, num_groups: int, loss_fn: LossFn,
+                 *, measure: bool, target_batch: Mapping[str, torch.Tensor] | None = None,
+                 global_batch_size: int | None = None) -> ProbeResult:
+        """Accumulate into ``.grad`` the gradient of the batch's mean loss and return per-group statistics.
+
+        The loss is sum(per-example losses) / (global_batch_size / world_size); by default global_batch_size is this
+        rank's n times the world size, i.e. the local mean, which DDP's averaging turns into the global mean. Pass
+        it when ranks hold unequal shares or when accumulating several micro-steps into one optimizer step.
+        ``measure=False``: one forward/backward, losses per group only. ``measure=True``: per-group micro-batches and
+        gradient statistics; ``target_batch`` (measuring steps only) adds DGA's target alignment. Every rank must
+        call this with the same ``measure``, ``num_groups`` and presence of ``target_batch``.
+        """
+        n = self._check_inputs(batch, groups, num_groups)
+        distributed = _distributed_active()
+        world = dist.get_world_size(self.process_group) if distributed else 1
+        if global_batch_size is None:
+            divisor = float(n)
+        else:
+            if isinstance(global_batch_size, bool) or not global_batch_size > 0:
+                raise ValueError(f"global_batch_size must be a positive number, got {global_batch_size!r}")
+            divisor = float(global_batch_size) / world
+        if measure:
+            return self._measured_backward(batch, groups, num_groups, loss_fn, n, divisor, target_batch, distributed,
+                                           world)
+        return self._plain_backward(batch, groups, num_groups, loss_fn, n, divisor, distributed, world)
+
+    # -- the two kinds of step ------------------------------------------------------------------------------------
+    def _plain_backward(self, batch, groups, num_groups, loss_fn, n, divisor, distributed, world) -> ProbeResult:
+        """One forward/backward on the whole batch (through the DDP wrapper, so DDP syncs as usual)."""
+        losses = _per_example_losses(loss_fn, self.model, batch, n, "the batch")
+        (losses.sum() / divisor).backward()
+        if distributed and self.sync_gradients and not _is_ddp(self.model):
+            self._average_gradients(world)
+        group_ids = groups.detach().to(losses.device, torch.long)
+        loss_sums = torch.bincount(group_ids, weights=losses.detach().to(torch.float64), minlength=num_groups)
+        counts = torch.bincount(group_ids, minlength=num_groups).to(torch.float64)
+        scalars = torch.cat([loss_sums[:num_groups], counts[:num_groups]]).to(self.device)
+        if distributed:
+            dist.all_reduce(scalars, group=self.process_group)
+        loss_sums, counts = scalars.cpu().numpy().reshape(2, num_groups)
+        return _loss_result(loss_sums, counts)
+
+    def _measured_backward(self, batch, groups, num_groups, loss_fn, n, divisor, target_batch, distributed,
+                           world) -> ProbeResult:
+        target = self._target_gradient(target_batch, loss_fn, distributed) if target_batch is not None else None
+        g_target, target_loss = (None, None) if target is None else target
+
+        parts_per_group = split_indices(groups, num_groups, self.num_splits)
+        counts = np.array([sum(len(part) for part in parts) for parts in parts_per_group], dtype=np.float64)
+        loss_sums = np.zeros(num_groups)
+        sq_norm = np.full(num_groups, np.nan)
+        variance = np.full(num_groups, np.nan)
+        alignment = np.full(num_groups, np.nan)
+        means = torch.zeros(num_groups, self._numel, dtype=self._dtype, device=self.device) if self.gram else None
+        work = torch.empty(self._numel, dtype=self._dtype, device=self.device)  # one part's mean gradient
+        mean = torch.empty(self._numel, dtype=self._dtype, device=self.device)  # running (weighted) mean of parts
+        deferred: list[torch.Tensor] = []  # parts with a non-finite loss: backwarded last so others stay measurable
+
+        sync_context = self.model.no_sync() if _is_ddp(self.model) else contextlib.nullcontext()
+        with sync_context:
+            for k, parts in enumerate(parts_per_group):
+                if not parts:
+                    continue
+                total_weight = 0.0  # examples folded into `mean` so far
+                cross = 0.0  # sum_{i != j} m_i m_j <g_i, g_j>
+                spread = 0.0  # sum_i m_i ||g_i - gbar||^2
+                sizes_sq = 0.0
+                finite = True
+                for index in parts:
+                    size = float(len(index))
+                    part = _slice_batch(batch, index, n)
+                    losses = _per_example_losses(loss_fn, self.module, part, len(index), f"a micro-batch of group {k}")
+                    part_loss_sum = float(losses.detach().to(torch.float64).sum())
+                    loss_sums[k] += part_loss_sum
+                    scaled = losses.sum() / divisor
+                    if not math.isfinite(part_loss_sum):
+                        deferred.append(scaled)
+                        finite = False
+                        continue
+                    if not finite:  # the group is already unmeasurable: just train on it
+                        scaled.backward()
+                        continue
+                    self._snapshot_grad(work)
+                    scaled.backward()
+                    with torch.no_grad():
+                        self._grad_minus(work)  # = grad of (part loss sum / divisor)
+                        work.mul_(divisor / size)  # -> mean per-example gradient of the part
+                        if total_weight == 0.0:
+                            mean.copy_(work)
+                        else:
+                            # Weighted Welford update: no cancellation of large squared norms.
+                            cross += 2.0 * total_weight * size * float(torch.dot(mean, work))
+                            work.sub_(mean)
+                            spread += size * total_weight / (total_weight + size) * float(torch.dot(work, work))
+                            mean.add_(work, alpha=size / (total_weight + size))
+                        total_weight += size
+                        sizes_sq += size * size
+                        if not (math.isfinite(cross) and math.isfinite(spread)):
+                            finite = False
+                num_parts = len(parts)
+                with torch.no_grad():
+                    if not finite or not bool(torch.isfinite(mean).all()):
+                        if means is not None:
+                            means[k].fill_(float("nan"))  # poison this group's Gram row on every rank
+                        continue  # statistics stay NaN; the training gradient is complete
+                    if num_parts >= 2:
+                        # E<g_i,g_j> = ||mu||^2 for disjoint parts, so weights m_i m_j / (n^2 - sum m_i^2) (summing
+                        # to 1) are unbiased; with single-example parts this is the classic U-statistic.
+                        sq_norm[k] = cross / (total_weight * total_weight - sizes_sq)
+                        # E sum_i m_i ||g_i - gbar||^2 = sum_i m_i sigma^2/m_i - n sigma^2/n = (s - 1) sigma^2,
+                        # exact for unequal part sizes (between-part ANOVA sum of squares).
+                        variance[k] = spread / (num_parts - 1)
+                    if g_target is not None:
+                        alignment[k] = float(torch.dot(mean, g_target))
+                    if means is not None:
+                        means[k].copy_(mean)
+            if deferred:
+                torch.stack(deferred).sum().backward()
+        del work, mean
+        if distributed and (_is_ddp(self.model) or self.sync_gradients):
+            self._average_gradients(world)
+
+        return self._combine(num_groups, loss_sums, counts, sq_norm, variance, alignment, means,
+                             target_loss if g_target is not None else None, distributed)
+
+    # -- statistics across ranks ----------------------------------------------------------------------------------
+    def _combine(self, num_groups, loss_sums, counts, sq_norm, variance, alignment, means, target_loss,
+                 distributed) -> ProbeResult:
+        """Global statistics, identical on every rank: sums and counts add up; per-rank unbiased estimates are
+        averaged with weights = local example counts (a convex mix of unbiased estimates stays unbiased); the
+        alignment is exact because g_target is already global (count-weighted mean of per-rank group means)."""
+        # A rank contributes an estimate where it had >= 2 examples; a non-finite result there poisons the group.
+        estimable = counts >= 2
+        poisoned_stats = estimable & np.isnan(sq_norm)
+        stat_weight = np.where(estimable, counts, 0.0)
+        align_weight = np.where(counts >= 1, counts, 0.0)
+
+        def weighted(values: np.ndarray, weights: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
+            return np.where(poisoned, np.nan, np.where(weights > 0, np.nan_to_num(values) * weights, 0.0))
+
+        local_counts = counts
+        rows = [loss_sums, counts, stat_weight,
+                weighted(sq_norm, stat_weight, poisoned_stats),
+                weighted(variance, stat_weight, poisoned_stats),
+                align_weight, weighted(alignment, align_weight, (counts >= 1) & np.isnan(alignment))]
+        scalars = torch.tensor(np.concatenate(rows), dtype=torch.float64, device=self.device)
+        if distributed:
+            dist.all_reduce(scalars, group=self.process_group)
+        (loss_sums, counts, stat_weight, sq_sum, var_sum, align_weight, align_sum) = (
+            scalars.cpu().numpy().reshape(len(rows), num_groups))
+        result = _loss_result(loss_sums, counts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            result.grad_sq_norm = np.where(stat_weight > 0, sq_sum / np.where(stat_weight > 0, stat_weight, 1), np.nan)
+            result.grad_var = np.where(stat_weight > 0, var_sum / np.where(stat_weight > 0, stat_weight, 1), np.nan)
+            if target_loss is not None:
+                result.target_alignment = np.where(
+                    align_weight > 0, align_sum / np.where(align_weight > 0, align_weight, 1), np.nan)
+                result.target_loss = float(target_loss)
+        if means is not None:
+            result.gram = self._gram(means, counts_local=local_counts, counts_global=counts,
+                                     sq_norm=result.grad_sq_norm, distributed=distributed)
+        return result
+
+    def _gram(self, means: torch.Tensor, counts_local: np.ndarray, counts_global: np.ndarray, sq_norm: np.ndarray,
+              distributed: bool) -> np.ndarray:
+        """<gbar_i, gbar_j> of the global group means off the diagonal (unbiased: groups are independent), the
+        unbiased ||grad L_k||^2 on it. Under torch.distributed the G mean buffers are all-reduced (gram=True only)."""
+        with torch.no_grad():
+            if distributed:
+                weights = torch.tensor(counts_local, dtype=means.dtype, device=means.device)
+                means.mul_(weights[:, None])
+                dist.all_reduce(means, group=self.process_group)
+                safe = torch.tensor(np.maximum(counts_global, 1.0), dtype=means.dtype, device=means.device)
+                means.div_(safe[:, None])
+            gram = (means @ means.T).to(torch.float64).cpu().numpy()
+        absent = counts_global < 1
+        gram[absent, :] = np.nan
+        gram[:, absent] = np.nan
+        np.fill_diagonal(gram, sq_norm)
+        return gram
+
+    # -- target gradient (DGA) ------------------------------------------------------------------------------------
+    def _target_gradient(self, target_batch, loss_fn, distributed) -> tuple[torch.Tensor, float]:
+        """Mean-loss gradient of the target batch over the probed parameters (global under torch.distributed),
+        Adam-preconditioned if asked. Uses autograd.grad, so ``.grad`` is untouched."""
+        if not isinstance(target_batch, Mapping):
+            raise TypeError(f"target_batch must be a mapping of tensors, got {type(target_batch).__name__}")
+        losses = loss_fn(self.module, target_batch)
+        if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.shape[0] == 0:
+            raise ValueError(f"loss_fn must return per-example losses of shape (n,) for the target batch, got "
+                             f"{getattr(losses, 'shape', type(losses).__name__)}")
+        if not losses.requires_grad:
+            raise ValueError("the target batch's loss does not depend on any trainable parameter")
+        params = [p for _, p in self.named_parameters]
+        grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        # [sum of per-example gradients, example count, loss sum]: one all-reduce makes the global mean.
+        buffer = torch.empty(self._numel + 2, dtype=self._dtype, device=self.device)
+        with torch.no_grad():
+            offset = 0
+            for p, grad in zip(params, grads):
+                view = buffer[offset:offset + p.numel()]
+                if grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(grad.reshape(-1))
+                offset += p.numel()
+            buffer[-2] = float(losses.shape[0])
+            buffer[-1] = float(losses.detach().to(torch.float64).sum())
+            del grads
+            if distributed:
+                dist.all_reduce(buffer, group=self.process_group)
+            count = float(buffer[-2])
+            target_loss = float(buffer[-1]) / count
+            g_target = buffer[:-2]
+            g_target.div_(count)
+            if self.preconditioner is not None:
+                self._precondition(g_target)
+        return g_target, target_loss
+
+    def _precondition(self, flat: torch.Tensor) -> None:
+        """Divide by sqrt(v_hat) + eps per parameter where the optimizer has a second moment (Adam/AdamW)."""
+        group_of = {}
+        for group in self.preconditioner.param_groups:
+            for p in group["params"]:
+                group_of[p] = group
+        offset = 0
+        for name, p in self.named_parameters:
+            view = flat[offset:offset + p.numel()]
+            offset += p.numel()
+            state = self.preconditioner.state.get(p)
+            if not state or "exp_avg_sq" not in state:
+                continue
+            second = state["exp_avg_sq"]
+            if second.numel() != p.numel():
+                raise ValueError(f"preconditioner state exp_avg_sq of {name!r} has shape {tuple(second.shape)}, "
+                                 f"parameter has {tuple(p.shape)}; only Adam-style per-element state is supported")
+            second = second.detach().reshape(-1).to(flat.dtype)
+            betas = group_of.get(p, {}).get("betas")
+            step = state.get("step")
+            if self.bias_correction and betas is not None and step is not None:
+                correction = 1.0 - float(betas[1]) ** float(step)
+                if correction > 0:
+                    second = second / correction
+            view.div_(second.sqrt().add_(self.eps))
+
+    # -- gradient plumbing ----------------------------------------------------------------------------------------
+    def _snapshot_grad(self, buffer: torch.Tensor) -> None:
+        with torch.no_grad():
+            offset = 0
+            for _, p in self.named_parameters:
+                view = buffer[offset:offset + p.numel()]
+                if p.grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(p.grad.reshape(-1))
+                offset += p.numel()
+
+    def _grad_minus(self, buffer: torch.Tensor) -> None:
+        """buffer <- current .grad - buffer (the snapshot), in place."""
+        offset = 0
+        for _, p in self.named_parameters:
+            view = buffer[offset:offset + p.numel()]
+            view.neg_()
+            if p.grad is not None:
+                view.add_(p.grad.reshape(-1))
+            offset += p.numel()
+
+    def _average_gradients(self, world: int) -> None:
+        """All-reduce-average every trainable parameter's ``.grad`` (bucketed), as DDP would."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if any(p.grad is not None and p.grad.is_sparse for p in params):
+            raise NotImplementedError("GradientProbe cannot average sparse gradients")
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
+        dist.all_reduce(has_grad, group=self.process_group)
+        with torch.no_grad():
+            for p, flag in zip(params, has_grad.tolist()):
+                if flag > 0 and p.grad is None:
+                    p.grad = torch.zeros_like(p)  # another rank has a gradient here: contribute zero
+            grads = [p.grad for p in params if p.grad is not None]
+            buckets: list[list[torch.Tensor]] = []
+            size = 0
+            for grad in grads:
+                if (not buckets or size + grad.numel() * grad.element_size() > _BUCKET_BYTES
+                        or buckets[-1][0].dtype != grad.dtype or buckets[-1][0].device != grad.device):
+                    buckets.append([])
+                    size = 0
+                buckets[-1].append(grad)
+                size += grad.numel() * grad.element_size()
+            for bucket in buckets:
+                flat = torch.cat([grad.reshape(-1) for grad in bucket])
+                dist.all_reduce(flat, group=self.process_group)
+                flat.div_(world)
+                offset = 0
+                for grad in bucket:
+                    grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+                    offset += grad.numel()
+
+    # -- checks ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_inputs(batch, groups, num_groups) -> int:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batch must be a mapping of tensors, got {type(batch).__name__}")
+        if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
+            raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
+        if not isinstance(groups, torch.Tensor) or groups.dim() != 1:
+            raise ValueError(f"groups must be a 1-D tensor of group ids, got "
+                             f"{getattr(groups, 'shape', type(groups).__name__)}")
+        if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+            raise ValueError(f"groups must hold integer group ids, got dtype {groups.dtype}")
+        n = int(groups.shape[0])
+        if n == 0:
+            raise ValueError("empty batch: groups has no entries")
+        low, high = int(groups.min()), int(groups.max())
+        if low < 0 or high >= num_groups:
+            bad = low if low < 0 else high
+            raise ValueError(f"groups contains id {bad}, outside 0..{num_groups - 1} (num_groups={num_groups})")
+        if not any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for v in batch.values()):
+            raise ValueError(f"no tensor in the batch has leading dimension {n} (= len(groups)); keys: "
+                             f"{sorted(map(str, batch.keys()))}")
+        return n
+
+
+def _per_example_losses(loss_fn: LossFn, model: nn.Module, batch: Mapping, n: int, what: str) -> torch.Tensor:
+    losses = loss_fn(model, batch)
+    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (n,):
+        raise ValueError(f"loss_fn must return one loss per example, shape ({n},) for {what}, got "
+                         f"{getattr(losses, 'shape', type(losses).__name__)}")
+    if not losses.dtype.is_floating_point:
+        raise ValueError(f"loss_fn returned dtype {losses.dtype} for {what}; losses must be floating point")
+    return losses
+
+
+def _loss_result(loss_sums: np.ndarray, counts: np.ndarray) -> ProbeResult:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loss = np.where(counts > 0, loss_sums / np.where(counts > 0, counts, 1.0), np.nan)
+    total = counts.sum()
+    mean_loss = float(loss_sums.sum() / total) if total > 0 else float("nan")
+    return ProbeResult(loss=loss, examples=np.rint(counts).astype(np.int64), mean_loss=mean_loss)

@@ -1,0 +1,414 @@
+"""HTML + PNG reports from run folders: mixing weights over time, per-domain validation loss, train/validation gap,
+and a method comparison with confidence intervals over seeds.
+
+The page is static (no JavaScript); images sit next to it and are referenced by relative paths, so the output folder
+can be copied or archived as is. matplotlib is optional (``pip install 'gradmix[report]'``) and is imported only when
+a report is written; figures are drawn with its object API on an Agg canvas, so the user's pyplot backend and global
+state are never touched.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from gradmix.analysis import (
+    SUMMARY_METRICS,
+    Run,
+    compare_runs,
+    comparison_markdown,
+    eval_series,
+    load_runs,
+)
+
+__all__ = ["write_report", "markdown_table_to_html", "MAX_DOMAIN_PANELS"]
+
+# Beyond this many domains (e.g. DGA's fine clusters) the per-domain grids show only the average / worst panels.
+MAX_DOMAIN_PANELS = 12
+
+
+def _require_matplotlib() -> tuple[Any, Any]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError(
+            "gradmix reports need matplotlib; install it with: pip install 'gradmix[report]'"
+        ) from exc
+    return Figure, FigureCanvasAgg
+
+
+def _new_figure(width: float, height: float) -> Any:
+    figure_class, canvas_class = _require_matplotlib()
+    figure = figure_class(figsize=(width, height), layout="constrained")
+    canvas_class(figure)
+    return figure
+
+
+def _save(figure: Any, path: Path) -> Path:
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "run"
+
+
+def _group_by_method(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.method, []).append(run)
+    for members in groups.values():
+        members.sort(key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0))
+    return groups
+
+
+def _union_domains(runs: Iterable[Run]) -> list[str]:
+    names: list[str] = []
+    for run in runs:
+        names.extend(d for d in run.domains if d not in names)
+    return names
+
+
+def _method_colors(methods: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: palette(i % palette.N) for i, m in enumerate(methods)}
+
+
+def _grid(count: int, columns: int = 3) -> tuple[int, int]:
+    columns = min(columns, count)
+    return math.ceil(count / columns), columns
+
+
+# -- series across seeds ---------------------------------------------------------------------------------------
+
+def _mean_over_seeds(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                            np.ndarray] | None:
+    """(steps, mean, min, max) over the steps every seed evaluated; None if no step is shared."""
+    series = [(s, v) for s, v in series if s.size]
+    if not series:
+        return None
+    common = series[0][0]
+    for steps, _ in series[1:]:
+        common = np.intersect1d(common, steps)
+    if common.size == 0:
+        return None
+    stacked = np.stack([v[np.searchsorted(s, common)] for s, v in series])
+    return common, stacked.mean(axis=0), stacked.min(axis=0), stacked.max(axis=0)
+
+
+def _train_val_gap(run: Run, domain: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validation minus training loss at each evaluation. The training loss is the mean of the per-step losses
+    logged since the previous evaluation: one step's loss on a few examples is too noisy to compare."""
+    val_steps, val_values = eval_series(run, f"val_loss/{domain}")
+    train_points = []
+    for record in run.metrics:
+        value = (record.get("train_loss") or {}).get(domain)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(number):
+            train_points.append((int(record["step"]), number))
+    if not train_points or not val_steps.size:
+        return np.array([], dtype=np.int64), np.array([])
+    train_steps = np.array([p[0] for p in train_points])
+    train_values = np.array([p[1] for p in train_points])
+    steps, gaps = [], []
+    previous = -math.inf
+    for step, val in zip(val_steps, val_values):
+        window = (train_steps > previous) & (train_steps <= step)
+        previous = step
+        if window.any():
+            steps.append(int(step))
+            gaps.append(val - float(train_values[window].mean()))
+    return np.array(steps, dtype=np.int64), np.array(gaps)
+
+
+def _average_gap(run: Run, domains: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    per_domain = [_train_val_gap(run, d) for d in domains if d in run.domains]
+    merged = _mean_over_seeds(per_domain)  # same alignment logic: steps where every domain has a gap
+    if merged is None:
+        return np.array([], dtype=np.int64), np.array([])
+    return merged[0], merged[1]
+
+
+# -- figures ---------------------------------------------------------------------------------------------------
+
+def _plot_weights(run: Run, path: Path) -> Path | None:
+    records = [r for r in run.metrics if isinstance(r.get("weights"), dict) and r["weights"]]
+    if not records:
+        return None
+    domains = [d for d in run.domains if any(d in r["weights"] for r in records)]
+    steps = np.array([int(r["step"]) for r in records])
+    matrix = np.array([[float(r["weights"].get(d) or 0.0) for r in records] for d in domains])
+    figure = _new_figure(8, 4.5)
+    axes = figure.add_subplot()
+    axes.stackplot(steps, matrix, labels=domains, step="post" if run.method in ("round_robin", "random") else None)
+    axes.set_xlim(steps.min(), max(steps.max(), steps.min() + 1))
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("step")
+    axes.set_ylabel("sampling weight")
+    seed = "" if run.seed is None else f", seed {run.seed}"
+    axes.set_title(f"Mixing weights: {run.method}{seed}")
+    if len(domains) <= 20:
+        axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    return _save(figure, path)
+
+
+def _plot_metric_grid(groups: dict[str, list[Run]], panels: list[tuple[str, Any]], colors: dict[str, Any],
+                      ylabel: str, suptitle: str, path: Path, *, zero_line: bool = False) -> Path | None:
+    """One panel per (title, series_fn(run) -> (steps, values)); one line per method, mean over seeds with the
+    min-max band across seeds."""
+    drawn = []
+    for title, series_fn in panels:
+        lines = {}
+        for method, runs in groups.items():
+            merged = _mean_over_seeds([series_fn(r) for r in runs])
+            if merged is not None:
+                lines[method] = merged
+        if lines:
+            drawn.append((title, lines))
+    if not drawn:
+        return None
+    rows, columns = _grid(len(drawn))
+    figure = _new_figure(4.2 * columns + 1.5, 3.2 * rows)
+    for index, (title, lines) in enumerate(drawn):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        for method, (steps, mean, low, high) in lines.items():
+            axes.plot(steps, mean, color=colors[method], label=method, marker="." if steps.size < 30 else None)
+            if not np.allclose(low, high):
+                axes.fill_between(steps, low, high, color=colors[method], alpha=0.15, linewidth=0)
+        if zero_line:
+            axes.axhline(0.0, color="gray", linewidth=0.8)
+        axes.set_title(title, fontsize="medium")
+        axes.set_xlabel("step")
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+    handles, labels = figure.axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right center", fontsize="small")
+    figure.suptitle(suptitle)
+    return _save(figure, path)
+
+
+def _plot_comparison(result: dict[str, Any], colors: dict[str, Any], path: Path) -> Path | None:
+    keys = [k for k in result["metrics"]
+            if any((e.get(k) or {}).get("mean") is not None for e in result["methods"].values())]
+    if not keys:
+        return None
+    methods = list(result["methods"])
+    figure = _new_figure(max(4.0, 1.0 + 0.9 * len(methods)) * len(keys), 4.2)
+    for index, key in enumerate(keys):
+        axes = figure.add_subplot(1, len(keys), index + 1)
+        extremes = []
+        for position, method in enumerate(methods):
+            record = result["methods"][method].get(key) or {}
+            if record.get("mean") is None:
+                continue
+            mean = record["mean"]
+            error = None
+            if record.get("low") is not None:
+                error = [[mean - record["low"]], [record["high"] - mean]]
+                extremes += [record["low"], record["high"]]
+            axes.bar(position, mean, color=colors[method], yerr=error, capsize=5, alpha=0.85)
+            seeds = [v for v in record["values"] if v is not None]
+            axes.scatter([position] * len(seeds), seeds, color="black", s=10, zorder=3)
+            extremes += seeds + [mean]
+        baseline = result.get("baseline")
+        base_record = (result["methods"].get(baseline, {}) if baseline else {}).get(key) or {}
+        if base_record.get("mean") is not None:
+            axes.axhline(base_record["mean"], color="gray", linestyle="--", linewidth=1)
+        # Zoom on the values: differences between methods are often ~1% of the loss and invisible from zero.
+        low, high = min(extremes), max(extremes)
+        margin = 0.15 * (high - low) if high > low else 0.05 * max(abs(high), 1e-3)
+        axes.set_ylim(low - margin, high + margin)
+        axes.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+        label, lower_better = SUMMARY_METRICS[key]
+        axes.set_title(f"{label} ({'lower' if lower_better else 'higher'} is better)", fontsize="medium")
+        axes.grid(axis="y", alpha=0.3)
+    confidence = int(round(float(result.get("confidence", 0.95)) * 100))
+    figure.suptitle(f"Method comparison: mean and {confidence}% CI over seeds (dots: seeds)")
+    return _save(figure, path)
+
+
+# -- HTML ------------------------------------------------------------------------------------------------------
+
+def markdown_table_to_html(markdown: str) -> str:
+    """Render a pipe table (and the plain paragraphs around it) as HTML; enough for ``comparison_markdown``."""
+    parts: list[str] = []
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if not table:
+            return
+        header, body = table[0], [r for r in table[1:] if not all(re.fullmatch(r":?-{3,}:?", c) for c in r)]
+        parts.append("<table>\n<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header)
+                     + "</tr></thead>\n<tbody>\n"
+                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n"
+                               for row in body)
+                     + "</tbody>\n</table>")
+        table.clear()
+
+    for line in markdown.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|"):
+            cells = re.split(r"(?<!\\)\|", stripped.strip("|"))
+            table.append([c.strip().replace("\\|", "|") for c in cells])
+            continue
+        flush()
+        if stripped:
+            parts.append(f"<p>{html.escape(stripped)}</p>")
+    flush()
+    return "\n".join(parts)
+
+
+def _format_number(value: Any, digits: int = 4) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return ""
+    return f"{number:.{digits}f}" if math.isfinite(number) else str(number)
+
+
+def _runs_table(runs: Sequence[Run], out_dir: Path) -> str:
+    columns: list[tuple[str, Any]] = [
+        ("run", lambda r: _relative(r.path, out_dir) + (" (no summary.json: from metrics)" if r.summary_derived
+                                                        else "")),
+        ("method", lambda r: r.method),
+        ("seed", lambda r: "" if r.seed is None else str(r.seed)),
+        ("steps", lambda r: str(r.summary.get("steps", r.metrics[-1]["step"] if r.metrics else ""))),
+    ]
+    for key, (label, _) in SUMMARY_METRICS.items():
+        if any(r.summary.get(key) is not None for r in runs):
+            columns.append((label, lambda r, key=key: _format_number(r.summary.get(key))))
+    if any(r.summary.get("wall_time_s") is not None for r in runs):
+        columns.append(("wall time (s)", lambda r: _format_number(r.summary.get("wall_time_s"), 1)))
+    if any(r.summary.get("step_time_s") is not None for r in runs):
+        columns.append(("step time (s)", lambda r: _format_number(r.summary.get("step_time_s"), 3)))
+    if any(_max_repeats(r) is not None for r in runs):
+        columns.append(("max passes over a domain", lambda r: "" if _max_repeats(r) is None else str(_max_repeats(r))))
+    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(fn(r)))}</td>" for _, fn in columns) + "</tr>\n"
+                   for r in runs)
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+
+
+def _max_repeats(run: Run) -> int | None:
+    for record in reversed(run.metrics):
+        repeats = record.get("repeats")
+        if isinstance(repeats, dict) and repeats:
+            values = [v for v in repeats.values() if isinstance(v, (int, float))]
+            return int(max(values)) if values else None
+    return None
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+_STYLE = """
+body { font-family: sans-serif; margin: 2em; max-width: 1400px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.note { color: #666; font-size: 0.9em; }
+"""
+
+
+def _figure_html(path: Path | None, out_dir: Path, caption: str) -> str:
+    if path is None:
+        return ""
+    source = html.escape(path.relative_to(out_dir).as_posix(), quote=True)
+    return (f'<figure><img src="{source}" alt="{html.escape(caption, quote=True)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str | None = None, *,
+                 baseline: str | None = "uniform", confidence: float = 0.95) -> Path:
+    """Write ``report.html`` with its PNG plots, ``comparison.md`` and ``comparison.json`` into ``out_dir``.
+
+    ``run_dirs`` are run folders or comparison folders (holding comparison.json; expanded into their runs). Plots:
+    a comparison bar chart with CIs over seeds, validation loss over steps (average, worst and per domain) and the
+    train/validation gap per domain (mean over seeds per method), and the mixing weights as stacked areas for each
+    method's lowest seed. Parts whose data the runs do not log are left out. Returns the HTML path.
+    """
+    _require_matplotlib()
+    runs = load_runs(run_dirs)
+    if not runs:
+        raise ValueError("write_report: no run folders given")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = _group_by_method(runs)
+    colors = _method_colors(list(groups))
+    domains = _union_domains(runs)
+    show_domains = len(domains) <= MAX_DOMAIN_PANELS
+
+    result = compare_runs(runs, baseline=baseline, confidence=confidence)
+    markdown = comparison_markdown(result)
+    (out / "comparison.md").write_text(markdown, encoding="utf-8")
+    (out / "comparison.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+    figures: list[tuple[Path | None, str]] = []
+    figures.append((_plot_comparison(result, colors, out / "comparison.png"),
+                    "Final metrics per method (bars: mean, whiskers: confidence interval, dots: seeds; dashed: "
+                    "baseline mean)"))
+    loss_panels: list[tuple[str, Any]] = [
+        ("average over domains", lambda r: eval_series(r, "avg_val_loss")),
+        ("worst domain", lambda r: eval_series(r, "worst_val_loss")),
+    ]
+    if any(eval_series(r, "target_val_loss")[0].size for r in runs):
+        loss_panels.append(("target", lambda r: eval_series(r, "target_val_loss")))
+    if show_domains:
+        loss_panels += [(d, lambda r, d=d: eval_series(r, f"val_loss/{d}")) for d in domains]
+    figures.append((_plot_metric_grid(groups, loss_panels, colors, "validation loss",
+                                      "Validation loss (mean over seeds, band: min-max)", out / "val_loss.png"),
+                    "Validation loss over training steps"))
+    gap_panels: list[tuple[str, Any]] = [("average over domains", lambda r: _average_gap(r, domains))]
+    if show_domains:
+        gap_panels += [(d, lambda r, d=d: _train_val_gap(r, d)) for d in domains]
+    figures.append((_plot_metric_grid(groups, gap_panels, colors, "val − train loss",
+                                      "Generalisation gap: validation minus recent training loss",
+                                      out / "train_val_gap.png", zero_line=True),
+                    "Train/validation gap per domain (training loss averaged since the previous evaluation)"))
+    for index, (method, members) in enumerate(groups.items()):
+        representative = members[0]
+        seed = "" if representative.seed is None else f" (seed {representative.seed})"
+        figures.append((_plot_weights(representative, out / f"weights_{index:02d}_{_slug(method)}.png"),
+                        f"Mixing weights over steps: {method}{seed}"))
+
+    page_title = title or f"gradmix report: {', '.join(groups)}"
+    notes = []
+    if not show_domains:
+        notes.append(f"{len(domains)} domains: per-domain panels are left out (more than {MAX_DOMAIN_PANELS}).")
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = [
+        f"<h1>{html.escape(page_title)}</h1>",
+        f'<p class="note">{len(runs)} run(s), {len(groups)} method(s): {html.escape(", ".join(groups))}. '
+        f"Generated {generated}.</p>",
+        "<h2>Comparison</h2>",
+        markdown_table_to_html(markdown),
+        "<h2>Runs</h2>",
+        _runs_table(runs, out),
+        "<h2>Plots</h2>",
+        *[f'<p class="note">{html.escape(n)}</p>' for n in notes],
+        *[_figure_html(path, out, caption) for path, caption in figures if path is not None],
+    ]
+    document = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+                f"<title>{html.escape(page_title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
+                + "\n".join(body) + "\n</body>\n</html>\n")
+    report_path = out / "report.html"
+    report_path.write_text(document, encoding="utf-8")
+    return report_path
