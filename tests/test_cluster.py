@@ -514,6 +514,15 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     assert run_cluster(args) == 2
     assert "--k=5 is larger than the number of items to cluster (2)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    (tmp_path / "o" / "fine").mkdir(parents=True)
+    (tmp_path / "o" / "fine" / "c0000.jsonl").write_text('{"text": "old"}\n')
+    args = parse(["cluster", str(tmp_path / "c.jsonl"), "--k", "2", "--coarse-k", "1", "--model", "/no/such/model",
+                  "--out", str(tmp_path / "o")])
+    assert run_cluster(args) == 2  # the stale output is caught before the (missing) model is even looked up
+    assert "already holds 1 .jsonl" in capsys.readouterr().err
+    args.out = str(tmp_path / "fresh")
+    assert run_cluster(args) == 2
+    assert "'/no/such/model' not found" in capsys.readouterr().err
 
 
 # -- integration: the real MiniLM --------------------------------------------------------------------------------

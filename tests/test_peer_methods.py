@@ -295,6 +295,12 @@ def test_famo_upweights_the_domain_whose_loss_falls_slowest():
     assert w[0] < w[1] < w[2]
 
 
+def test_famo_record_without_any_valid_loss_skips_even_first():
+    method = FAMO(2)
+    method.update(record([NAN, 0.0]))
+    assert method.last_skip_reason and method.num_updates == 0
+
+
 def test_famo_all_missing_after_baseline_skips():
     method = FAMO(2)
     method.update(record([1.0, 2.0]))

@@ -186,7 +186,10 @@ class TransformerEmbedder:
                 return int(value)
         return 512
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """Load tokenizer and model now (idempotent); otherwise the first call does it."""
+        if self._model is not None:
+            return
         try:
             import torch  # noqa: F401
             from transformers import AutoModel, AutoTokenizer
@@ -202,8 +205,7 @@ class TransformerEmbedder:
         self._model = model.to(device).eval()
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        if self._model is None:
-            self._load()
+        self.load()
         import torch
 
         encoded = self._tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
@@ -283,6 +285,8 @@ def embed_texts(texts: Sequence[str], model: str | os.PathLike[str] | EmbedFn | 
         if cached.ndim == 2 and cached.shape[0] == len(texts) and np.all(np.isfinite(cached)):
             return cached.astype(np.float32, copy=False)
 
+    if callable(getattr(embed, "load", None)):
+        embed.load()  # before the progress bar, so loading messages do not interleave with it
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     result: np.ndarray | None = None
     progress = _progress_bar(len(texts), show_progress)
@@ -486,8 +490,8 @@ def _drop_empty(clustering: Clustering, level: str, warn: list[str]) -> tuple[np
     if keep.size == clustering.k:
         return clustering.labels, clustering.centroids
     warn.append(
-        f"{level}: {clustering.k - keep.size} of {clustering.k} clusters came out empty (k-means found fewer "
-        f"distinct clusters, e.g. duplicate texts) and were dropped; {keep.size} {level} clusters remain "
+        f"{level}: {clustering.k - keep.size} of {clustering.k} clusters came out empty (fewer distinct points "
+        f"than k, e.g. duplicate texts, or centres mini-batch k-means left unused) and were dropped; {keep.size} {level} clusters remain "
         f"(dropped original ids {clustering.empty_clusters[:20]})"
     )
     new_id = np.full(clustering.k, -1, dtype=np.int64)
@@ -544,7 +548,7 @@ def cluster_corpus(texts: Sequence[str] | None, k_fine: int, k_coarse: int, *, e
 
     if coarse_method == "centroids":
         coarse = cluster_embeddings(fine_centroids, k_coarse, seed=seed, method="kmeans", n_init=n_init,
-                                    sample_weight=None)
+                                    sample_weight=fine_sizes)
         fine_to_coarse, _ = _drop_empty(coarse, "coarse", warn)
     else:
         coarse_all = cluster_embeddings(points, k_coarse, seed=seed, method=method, n_init=n_init)
@@ -577,10 +581,11 @@ def assign_to_clusters(emb: Any, centroids: Any) -> np.ndarray:
                            "(embed the target with the same model as the corpus)")
     labels = np.empty(points.shape[0], dtype=np.int64)
     centre_sq = np.einsum("ij,ij->i", centres, centres)
-    for start in range(0, points.shape[0], 4096):  # chunks keep memory at 4096 x k for large k
-        block = points[start:start + 4096]
+    chunk = max(1, min(4096, 2**24 // centres.shape[0]))  # at most ~16M distances (128 MB) at a time, any k
+    for start in range(0, points.shape[0], chunk):
+        block = points[start:start + chunk]
         dist = centre_sq[None, :] - 2.0 * block @ centres.T  # + |x|^2, constant per row
-        labels[start:start + 4096] = np.argmin(dist, axis=1)
+        labels[start:start + chunk] = np.argmin(dist, axis=1)
     return labels
 
 
@@ -711,15 +716,13 @@ def write_clusters(out_dir: str | os.PathLike[str], texts: Sequence[str], result
     for sub, _, _ in folders:
         _prepare_folder(out / sub, overwrite)
     for sub, names, level_labels in folders:
-        handles = {}
-        try:
-            for name in names:
-                handles[name] = open(out / sub / f"{name}.jsonl", "w", encoding="utf-8")
-            for text, label in zip(texts, level_labels):
-                handles[names[label]].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-        finally:
-            for handle in handles.values():
-                handle.close()
+        # One file open at a time (k can exceed the open-file limit); a stable sort keeps input order inside a file.
+        order = np.argsort(level_labels, kind="stable")
+        bounds = np.searchsorted(level_labels[order], np.arange(len(names) + 1))
+        for c, name in enumerate(names):
+            with open(out / sub / f"{name}.jsonl", "w", encoding="utf-8") as handle:
+                for i in order[bounds[c]:bounds[c + 1]]:
+                    handle.write(json.dumps({"text": texts[i]}, ensure_ascii=False) + "\n")
     np.save(out / "assignments.npy", labels.astype(np.int64))
     manifest = {
         "k_fine": k_fine,
@@ -741,11 +744,13 @@ def write_clusters(out_dir: str | os.PathLike[str], texts: Sequence[str], result
         "report": result.report,
         "warnings": list(result.warnings),
     }
-    (out / "clusters.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    # One top-level key per line, values compact: readable, and k = 65,536 lists stay one line each.
+    body = ",\n".join(f" {json.dumps(key)}: {json.dumps(value)}" for key, value in manifest.items())
+    (out / "clusters.json").write_text("{\n" + body + "\n}\n", encoding="utf-8")
     return out
 
 
-def _prepare_folder(folder: Path, overwrite: bool) -> None:
+def _prepare_folder(folder: Path, overwrite: bool, *, check_only: bool = False) -> None:
     if folder.exists():
         if not folder.is_dir():
             raise ClusterError(f"{folder} exists and is not a folder")
@@ -753,9 +758,11 @@ def _prepare_folder(folder: Path, overwrite: bool) -> None:
         if existing and not overwrite:
             raise ClusterError(f"{folder} already holds {len(existing)} .jsonl files (e.g. {existing[0].name}); "
                                "choose another --out or pass --overwrite")
-        for path in existing:
-            path.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
+        if not check_only:
+            for path in existing:
+                path.unlink()
+    if not check_only:
+        folder.mkdir(parents=True, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -893,6 +900,9 @@ def _run_cluster(args: argparse.Namespace) -> int:
     _check_k(args.coarse_k, args.k, "--coarse-k (at most --k)")
     for k in args.report_k or []:
         _check_k(k, len(texts), "--report-k")
+    out = Path(args.out) if args.out else Path(f"clusters-k{args.k}")
+    for sub in ("fine", "coarse") if args.write_coarse else ("fine",):
+        _prepare_folder(out / sub, args.overwrite, check_only=True)  # fail before the slow part
     cache_dir = None if args.no_cache else (args.cache_dir or _default_cache_dir())
     show = not args.quiet
     embedder = load_embedder(args.model)
@@ -915,7 +925,6 @@ def _run_cluster(args: argparse.Namespace) -> int:
         target_emb = embed_texts(target_texts, model=embedder, batch_size=args.batch_size, cache_dir=cache_dir,
                                  show_progress=show)
         hist = target_histogram(target_emb, result.fine_centroids)
-    out = Path(args.out) if args.out else Path(f"clusters-k{args.k}")
     write_clusters(out, texts, result, hist, overwrite=args.overwrite, write_coarse=args.write_coarse)
 
     print(format_report(result.report))

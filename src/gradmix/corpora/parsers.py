@@ -11,6 +11,8 @@ import html as html_lib
 import re
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
 from gradmix.corpora.text import group_units, normalize_text
 
 __all__ = [
@@ -158,31 +160,38 @@ class GcideEntry:
 
 # an entry starts at column 0 with "Headword \Pro*nun"ci*a`tion\" after a blank line
 _GCIDE_ENTRY_START = re.compile(r"^(?=[^\s\\][^\n\\]*\\[^\\\n]+\\)", re.M)
-_GCIDE_LABEL_GROUP = re.compile(r"\(((?:[A-Z][A-Za-z]*\.)(?:\s*(?:,|&|and|or)\s*[A-Z][A-Za-z]*\.)*)\)")
+_GCIDE_LABEL_GROUP = re.compile(r"\(((?:[A-Z][A-Za-z]*\.)(?:\s*(?:,|&|and|or)?\s*[A-Z][A-Za-z]*\.)*)\)")
 _GCIDE_LABEL = re.compile(r"[A-Z][A-Za-z]*\.")
 # "[1913 Webster]", "[WordNet 1.5]", "[PJC]": where a sense came from. They end a line; the few words that
 # sometimes follow one on the same line are stray headwords of the next entry, so they go too.
 _GCIDE_SOURCE_TAG = re.compile(r"\[[^\[\]\n]*(?:Webster|WordNet|PJC|Century|Suppl\.|Source)[^\[\]\n]*\][^\n]*")
-_GCIDE_PRONUNCIATION = re.compile(r"\s*\\[^\\\n]*\\(?:\s*\([^()\n]*\))?")
-_GCIDE_ACCENT = re.compile(r"\[([=^'`\"~.]?)([a-zA-Z]{1,4})\]")
+_GCIDE_PRONUNCIATION = re.compile(r"\s*\\[^\\\n]*\\(?:\s*\([^()]{0,120}\))?")
+# accented letters: a mark before or after one or two letters ("[=e]", "[a^]", "[oo^]", "[,c]") ...
+_GCIDE_ACCENT = re.compile(r"\[(?:[=^'`\"~.,*-]{1,2}([a-zA-Z]{1,2})|([a-z]{1,2})[\^~-])\]")
+# ... and named characters; "[Obs.]", "[R.]" and other labels are left alone
+_GCIDE_NAMED_CHARS: Mapping[str, str] = MappingProxyType(
+    {
+        "ae": "ae", "AE": "AE", "oe": "oe", "OE": "OE", "imac": "i", "aum": "a", "eum": "e", "ium": "i",
+        "oum": "o", "uum": "u", "asl": "a", "add": "d", "udd": "u", "eth": "th", "thorn": "th", "ng": "ng",
+        "th": "th", "yogh": "gh", "dsdot": "d", "deg": "\u00b0", "sect": "\u00a7", "root": "", "bar": "",
+        "alpha": "\u03b1", "beta": "\u03b2",
+    }
+)  # fmt: skip
+_GCIDE_NAMED = re.compile(r"\[(" + "|".join(sorted(_GCIDE_NAMED_CHARS, key=len, reverse=True)) + r")\]")
 _GCIDE_BRACES = re.compile(r"\{([^{}]*)\}")
 
 
 def _gcide_accent(match: re.Match[str]) -> str:
-    """GCIDE writes accented letters as codes ("[aum]" = a umlaut, "[=e]" = e macron, "[oe]" = the ligature);
-    plain text keeps the base letter(s)."""
-    code = match.group(2)
-    if code.lower() in ("ae", "oe"):
-        return code
-    return code[0]
+    """GCIDE writes accented letters as codes ("[=e]" = e macron, "[a^]" = a breve); plain text keeps the
+    letters."""
+    return match.group(1) or match.group(2)
 
 
 def _gcide_clean(raw: str) -> str:
     text = _GCIDE_SOURCE_TAG.sub("", raw)
-    first_line, _, rest = text.partition("\n")
-    first_line = _GCIDE_PRONUNCIATION.sub("", first_line, count=1)
-    text = first_line + "\n" + rest
+    text = _GCIDE_PRONUNCIATION.sub("", text, count=1)  # the headword's, right after it
     text = _GCIDE_ACCENT.sub(_gcide_accent, text)
+    text = _GCIDE_NAMED.sub(lambda m: _GCIDE_NAMED_CHARS[m.group(1)], text)
     text = _replace_until_stable(_GCIDE_BRACES, r"\1", text)
     paragraphs = []
     for block in re.split(r"\n\s*\n", text):

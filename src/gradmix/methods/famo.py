@@ -126,7 +126,7 @@ class FAMO(MixingMethod):
         self._previous_log_loss = log_loss
         observed = np.isfinite(delta)
         if not observed.any():
-            if not had_baseline:
+            if not had_baseline and np.isfinite(log_loss).any():
                 return self._weights  # first usable record: stored as the baseline for the next delta
             self.last_skip_reason = ("famo: no domain has a valid loss (finite, above min_loss) in both this and "
                                      "the previous record; logits kept")

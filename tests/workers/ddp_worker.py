@@ -1,0 +1,47 @@
+"""Launched by torchrun (2 processes, gloo): a Mixer with PiKE under DistributedDataParallel.
+
+Each rank writes OUT.rank{r}.jsonl: per step its (domain, index) pairs, the weights and the global domain counts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from resume_worker import TinyLM, domains, per_example_loss  # noqa: E402
+
+from gradmix import Mixer  # noqa: E402
+
+
+def main() -> None:
+    out = sys.argv[1]
+    method = sys.argv[2] if len(sys.argv) > 2 else "pike"
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(TinyLM())
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    mixer = Mixer(domains(), method, 8, method_params={"min_weight": 0.05}, model=model, update_every=2, seed=3,
+                  log_every=1000)
+    assert mixer.world_size == 2 and mixer.rank == rank
+    with open(f"{out}.rank{rank}.jsonl", "w") as fh:
+        for batch in mixer.batches(12):
+            mixer.backward(model, batch, per_example_loss)
+            opt.step()
+            opt.zero_grad()
+            counts = mixer._last_counts.tolist()
+            mixer.step()
+            pairs = list(zip(batch["domain"].tolist(), batch["index"].tolist()))
+            params = [p.detach().clone() for p in model.parameters()]
+            checksum = float(sum(p.double().sum() for p in params))
+            fh.write(json.dumps({"step": mixer.step_count, "pairs": pairs, "counts": counts,
+                                 "weights": mixer.weights.tolist(), "param_checksum": checksum}) + "\n")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
