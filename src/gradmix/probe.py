@@ -174,6 +174,45 @@ def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
+class _PartAccumulator:
+    """Running, cancellation-free sums over one group's part mean gradients (weighted Welford update).
+
+    After all parts: ||mu||^2 = cross / (n^2 - sum m_i^2) and sigma^2 = spread / (s - 1), both unbiased.
+    """
+
+    def __init__(self, mean: torch.Tensor) -> None:
+        self.mean = mean  # caller-owned buffer, overwritten by the first part
+        self.total_weight = 0.0  # examples folded in so far
+        self.cross = 0.0  # sum_{i != j} m_i m_j <g_i, g_j>
+        self.spread = 0.0  # sum_i m_i ||g_i - gbar||^2
+        self.sizes_sq = 0.0
+        self.num_parts = 0
+
+    def add(self, part_mean: torch.Tensor, size: float) -> bool:
+        """Fold in one part's mean gradient (``part_mean`` is used as scratch). False once sums stop being finite."""
+        if self.total_weight == 0.0:
+            self.mean.copy_(part_mean)
+        else:
+            self.cross += 2.0 * self.total_weight * size * float(torch.dot(self.mean, part_mean))
+            part_mean.sub_(self.mean)
+            self.spread += size * self.total_weight / (self.total_weight + size) * float(torch.dot(part_mean, part_mean))
+            self.mean.add_(part_mean, alpha=size / (self.total_weight + size))
+        self.total_weight += size
+        self.sizes_sq += size * size
+        self.num_parts += 1
+        return math.isfinite(self.cross) and math.isfinite(self.spread)
+
+    def estimates(self) -> tuple[float, float]:
+        """(||mu||^2, sigma^2); NaN with fewer than two parts."""
+        if self.num_parts < 2:
+            return float("nan"), float("nan")
+        # E<g_i,g_j> = ||mu||^2 for disjoint parts, so weights m_i m_j / (n^2 - sum m_i^2) (summing to 1) are
+        # unbiased; with single-example parts this is the classic U-statistic. E sum_i m_i ||g_i - gbar||^2 =
+        # (s - 1) sigma^2, exact for unequal part sizes (between-part ANOVA sum of squares).
+        return (self.cross / (self.total_weight * self.total_weight - self.sizes_sq),
+                self.spread / (self.num_parts - 1))
+
+
 # -- the probe ----------------------------------------------------------------------------------------------------
 
 class GradientProbe:
@@ -194,11 +233,17 @@ class GradientProbe:
         process_group: group for the collectives (default: the DDP model's group, else the world).
         bias_correction: divide v by 1 - beta2^t as Adam's own step does, so the alignment's scale does not drift
             during the first ~1/(1 - beta2) steps (choice left open by DGA; ``False`` uses raw ``exp_avg_sq``).
+        strategy: ``"micro_batches"`` (default: per-part forward+backward, statistics of the full gradient of the
+            probed parameters wherever they sit) or ``"retain"`` (one forward; per-part ``autograd.grad`` on the
+            retained graph, then one backward). ``"retain"`` is nearly free when ``parameters`` selects layers near
+            the loss (e.g. ``"last:4"``; not a weight tied to the input embedding, whose gradient path spans the
+            whole network).
     """
 
     def __init__(self, model: nn.Module, *, parameters: ParameterSpec = None, num_splits: int = 2,
                  gram: bool = False, preconditioner: torch.optim.Optimizer | None = None, eps: float = 1e-8,
-                 sync_gradients: bool = False, process_group=None, bias_correction: bool = True) -> None:
+                 sync_gradients: bool = False, process_group=None, bias_correction: bool = True,
+                 strategy: str = "micro_batches") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or num_splits < 2:
@@ -209,6 +254,9 @@ class GradientProbe:
         if preconditioner is not None and not isinstance(preconditioner, torch.optim.Optimizer):
             raise TypeError(f"preconditioner must be a torch.optim.Optimizer (Adam/AdamW), got "
                             f"{type(preconditioner).__name__}")
+        if strategy not in ("micro_batches", "retain"):
+            raise ValueError(f"strategy must be 'micro_batches' or 'retain', got {strategy!r}")
+        self.strategy = strategy
         self.model = model
         self.module = model.module if _is_ddp(model) else model
         self.named_parameters = select_parameters(self.module, parameters)
@@ -257,6 +305,9 @@ class GradientProbe:
             if isinstance(global_batch_size, bool) or not global_batch_size > 0:
                 raise ValueError(f"global_batch_size must be a positive number, got {global_batch_size!r}")
             divisor = float(global_batch_size) / world
+        if measure and self.strategy == "retain":
+            return self._retained_backward(batch, groups, num_groups, loss_fn, n, divisor, target_batch, distributed,
+                                           world)
         if measure:
             return self._measured_backward(batch, groups, num_groups, loss_fn, n, divisor, target_batch, distributed,
                                            world)
@@ -299,10 +350,7 @@ class GradientProbe:
             for k, parts in enumerate(parts_per_group):
                 if not parts:
                     continue
-                total_weight = 0.0  # examples folded into `mean` so far
-                cross = 0.0  # sum_{i != j} m_i m_j <g_i, g_j>
-                spread = 0.0  # sum_i m_i ||g_i - gbar||^2
-                sizes_sq = 0.0
+                acc = _PartAccumulator(mean)
                 finite = True
                 for index in parts:
                     size = float(len(index))
@@ -323,35 +371,8 @@ class GradientProbe:
                     with torch.no_grad():
                         self._grad_minus(work)  # = grad of (part loss sum / divisor)
                         work.mul_(divisor / size)  # -> mean per-example gradient of the part
-                        if total_weight == 0.0:
-                            mean.copy_(work)
-                        else:
-                            # Weighted Welford update: no cancellation of large squared norms.
-                            cross += 2.0 * total_weight * size * float(torch.dot(mean, work))
-                            work.sub_(mean)
-                            spread += size * total_weight / (total_weight + size) * float(torch.dot(work, work))
-                            mean.add_(work, alpha=size / (total_weight + size))
-                        total_weight += size
-                        sizes_sq += size * size
-                        if not (math.isfinite(cross) and math.isfinite(spread)):
-                            finite = False
-                num_parts = len(parts)
-                with torch.no_grad():
-                    if not finite or not bool(torch.isfinite(mean).all()):
-                        if means is not None:
-                            means[k].fill_(float("nan"))  # poison this group's Gram row on every rank
-                        continue  # statistics stay NaN; the training gradient is complete
-                    if num_parts >= 2:
-                        # E<g_i,g_j> = ||mu||^2 for disjoint parts, so weights m_i m_j / (n^2 - sum m_i^2) (summing
-                        # to 1) are unbiased; with single-example parts this is the classic U-statistic.
-                        sq_norm[k] = cross / (total_weight * total_weight - sizes_sq)
-                        # E sum_i m_i ||g_i - gbar||^2 = sum_i m_i sigma^2/m_i - n sigma^2/n = (s - 1) sigma^2,
-                        # exact for unequal part sizes (between-part ANOVA sum of squares).
-                        variance[k] = spread / (num_parts - 1)
-                    if g_target is not None:
-                        alignment[k] = float(torch.dot(mean, g_target))
-                    if means is not None:
-                        means[k].copy_(mean)
+                        finite = acc.add(work, size)
+                self._finish_group(k, acc, finite, sq_norm, variance, alignment, means, g_target)
             if deferred:
                 torch.stack(deferred).sum().backward()
         del work, mean
@@ -360,6 +381,72 @@ class GradientProbe:
 
         return self._combine(num_groups, loss_sums, counts, sq_norm, variance, alignment, means,
                              target_loss if g_target is not None else None, distributed)
+
+    @staticmethod
+    def _finish_group(k, acc, finite, sq_norm, variance, alignment, means, g_target) -> None:
+        with torch.no_grad():
+            if not finite or not bool(torch.isfinite(acc.mean).all()):
+                if means is not None:
+                    means[k].fill_(float("nan"))  # poison this group's Gram row on every rank
+                return  # statistics stay NaN; the training gradient is complete
+            sq_norm[k], variance[k] = acc.estimates()
+            if g_target is not None:
+                alignment[k] = float(torch.dot(acc.mean, g_target))
+            if means is not None:
+                means[k].copy_(acc.mean)
+
+    def _retained_backward(self, batch, groups, num_groups, loss_fn, n, divisor, target_batch, distributed,
+                           world) -> ProbeResult:
+        """strategy="retain": ONE forward of the whole batch; each part's mean gradient over the probed parameters
+        comes from ``torch.autograd.grad`` on the retained graph (only the graph between the loss and the probed
+        parameters is traversed, so probing the last layers is cheap), then one ordinary backward for training."""
+        target = self._target_gradient(target_batch, loss_fn, distributed) if target_batch is not None else None
+        g_target, target_loss = (None, None) if target is None else target
+        losses = _per_example_losses(loss_fn, self.model, batch, n, "the batch")
+        detached = losses.detach().to(torch.float64).cpu()
+        parts_per_group = split_indices(groups, num_groups, self.num_splits)
+        counts = np.array([sum(len(part) for part in parts) for parts in parts_per_group], dtype=np.float64)
+        loss_sums = np.zeros(num_groups)
+        sq_norm = np.full(num_groups, np.nan)
+        variance = np.full(num_groups, np.nan)
+        alignment = np.full(num_groups, np.nan)
+        means = torch.zeros(num_groups, self._numel, dtype=self._dtype, device=self.device) if self.gram else None
+        work = torch.empty(self._numel, dtype=self._dtype, device=self.device)
+        mean = torch.empty(self._numel, dtype=self._dtype, device=self.device)
+        params = [p for _, p in self.named_parameters]
+        for k, parts in enumerate(parts_per_group):
+            if not parts:
+                continue
+            acc = _PartAccumulator(mean)
+            finite = True
+            for index in parts:
+                part_sum = float(detached[index].sum())
+                loss_sums[k] += part_sum
+                if not finite or not math.isfinite(part_sum):
+                    finite = False
+                    continue
+                grads = torch.autograd.grad(losses[index.to(losses.device)].sum() / len(index), params,
+                                            retain_graph=True, allow_unused=True)
+                with torch.no_grad():
+                    self._flatten_into(work, grads)
+                    finite = acc.add(work, float(len(index)))
+            self._finish_group(k, acc, finite, sq_norm, variance, alignment, means, g_target)
+        (losses.sum() / divisor).backward()
+        del work, mean
+        if distributed and self.sync_gradients and not _is_ddp(self.model):
+            self._average_gradients(world)
+        return self._combine(num_groups, loss_sums, counts, sq_norm, variance, alignment, means,
+                             target_loss if g_target is not None else None, distributed)
+
+    def _flatten_into(self, buffer: torch.Tensor, grads: Sequence[torch.Tensor | None]) -> None:
+        offset = 0
+        for (_, p), grad in zip(self.named_parameters, grads):
+            view = buffer[offset:offset + p.numel()]
+            if grad is None:
+                view.zero_()
+            else:
+                view.copy_(grad.reshape(-1))
+            offset += p.numel()
 
     # -- statistics across ranks ----------------------------------------------------------------------------------
     def _combine(self, num_groups, loss_sums, counts, sq_norm, variance, alignment, means, target_loss,

@@ -124,6 +124,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; these are shared data files, not secrets
         os.replace(tmp_name, path)
     except BaseException:
         try:

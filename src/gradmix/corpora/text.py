@@ -38,6 +38,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TRAILING_SPACE = re.compile(r"[ \t\u3000]+\n")
 _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
+_LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\n)+")
 # a sentence ends at . ! ? (optionally followed by closing quotes/brackets) and whitespace, or right after a CJK
 # full stop, which needs no space after it
 _SENTENCE_END = re.compile(
@@ -53,12 +54,17 @@ def normalize_text(text: str) -> str:
     text = _CONTROL.sub("", text)
     text = _TRAILING_SPACE.sub("\n", text + "\n")
     text = _MANY_BLANK_LINES.sub("\n\n", text)
-    return text.strip()
+    return _strip_blank(text)
+
+
+def _strip_blank(text: str) -> str:
+    """Drop leading blank lines and trailing blank space, but keep the first line's indentation (code, verse)."""
+    return _LEADING_BLANK_LINES.sub("", text).rstrip()
 
 
 def split_paragraphs(text: str) -> list[str]:
-    """Blank-line separated blocks, stripped, empty ones dropped."""
-    return [p.strip() for p in _BLANK_LINE.split(text) if p.strip()]
+    """Blank-line separated blocks (indentation kept), empty ones dropped."""
+    return [_strip_blank(p) for p in _BLANK_LINE.split(text) if p.strip()]
 
 
 def split_sentences(text: str) -> list[str]:
@@ -83,14 +89,18 @@ def _hard_cut(text: str, max_chars: int) -> list[str]:
 
 
 def split_long(unit: str, max_chars: int) -> list[str]:
-    """Split one unit into pieces of at most ``max_chars``: first at line breaks, then at sentence ends, then at
-    whitespace. Pieces are regrouped greedily so that the split keeps as much context together as fits."""
+    """Split one unit into pieces of at most ``max_chars``: first at blank lines, then at line breaks, then at
+    sentence ends, then at whitespace. Pieces are regrouped greedily so that the split keeps as much context
+    together as fits; indentation is kept (code stays readable)."""
     if max_chars < 1:
         raise ValueError(f"max_chars must be >= 1, got {max_chars}")
-    unit = unit.strip()
+    unit = _strip_blank(unit)
     if len(unit) <= max_chars:
-        return [unit] if unit else []
-    lines = [line for line in unit.split("\n") if line.strip()]
+        return [unit] if unit.strip() else []
+    paragraphs = split_paragraphs(unit)
+    if len(paragraphs) > 1:
+        return group_units(paragraphs, max_chars, separator="\n\n")
+    lines = [line.rstrip() for line in unit.split("\n") if line.strip()]
     if len(lines) > 1:
         return group_units(lines, max_chars, separator="\n")
     sentences = split_sentences(unit)
@@ -122,13 +132,8 @@ def group_units(units: Iterable[str], max_chars: int, separator: str = "\n\n") -
 
 
 def chunk_text(text: str, max_chars: int = DEFAULT_MAX_DOC_CHARS) -> list[str]:
-    """A natural unit as documents: itself if short enough, else groups of its paragraphs."""
-    text = normalize_text(text)
-    if not text:
-        return []
-    if len(text) <= max_chars:
-        return [text]
-    return group_units(split_paragraphs(text), max_chars)
+    """A natural unit as documents: itself if short enough, else groups of its paragraphs (``split_long``)."""
+    return split_long(normalize_text(text), max_chars)
 
 
 def _dedupe_key(doc: str) -> str:

@@ -1,6 +1,114 @@
-"""Placeholder (rewritten below)."""
+"""The tiny corpus shipped inside the package: four domains of real, permissively licensed English text (~30 KB
+each), for smoke runs, examples and tests that must work without network.
+
+Files: ``gradmix/data/tiny/<domain>.txt``, documents separated by a line holding only ``<|doc|>``; the folder's
+README.txt names sources and licenses. ``write_tiny_corpus`` regenerates the files from the registry packages
+(deterministic for the same package versions and Python version).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from gradmix.corpora.errors import CorpusError
+
+__all__ = ["TINY_DOC_SEPARATOR", "TINY_DOMAINS", "load_tiny_corpus", "parse_tiny_file", "write_tiny_corpus"]
+
 TINY_DOC_SEPARATOR = "<|doc|>"
+TINY_DOMAINS = ("changelog", "code", "docs", "legal")
+TINY_CHARS_PER_DOMAIN = 30_000
+
+# permissive licenses (ScanCode keys), well known and short enough to keep the domain near 30 KB
+TINY_LICENSE_KEYS = (
+    "mit", "mit-0", "bsd-simplified", "bsd-new", "bsd-zero", "isc", "zlib", "apache-2.0", "boost-1.0", "x11",
+    "uoi-ncsa", "postgresql", "curl", "psf-2.0", "unlicense", "cc0-1.0",
+)  # fmt: skip
 
 
-def load_tiny_corpus():
-    raise NotImplementedError
+def parse_tiny_file(text: str) -> list[str]:
+    """Documents of one tiny-corpus file: split at lines holding only the separator, stripped, empty ones dropped."""
+    docs: list[str] = []
+    current: list[str] = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if line.strip() == TINY_DOC_SEPARATOR:
+            docs.append("\n".join(current).strip())
+            current = []
+        else:
+            current.append(line)
+    docs.append("\n".join(current).strip())
+    return [doc for doc in docs if doc]
+
+
+def load_tiny_corpus() -> dict[str, list[str]]:
+    """domain -> documents of the built-in tiny corpus (read with importlib.resources; no network, no cache)."""
+    folder = resources.files("gradmix").joinpath("data", "tiny")
+    corpus: dict[str, list[str]] = {}
+    for domain in TINY_DOMAINS:
+        entry = folder.joinpath(f"{domain}.txt")
+        if not entry.is_file():
+            raise CorpusError(f"tiny corpus file data/tiny/{domain}.txt is missing from the installed gradmix package")
+        docs = parse_tiny_file(entry.read_text(encoding="utf-8"))
+        if not docs:
+            raise CorpusError(f"tiny corpus file data/tiny/{domain}.txt holds no documents")
+        corpus[domain] = docs
+    return corpus
+
+
+def _format_tiny_file(docs: list[str]) -> str:
+    for doc in docs:
+        if any(line.strip() == TINY_DOC_SEPARATOR for line in doc.split("\n")):
+            raise CorpusError(f"a document contains the separator line {TINY_DOC_SEPARATOR!r}")
+    return f"\n{TINY_DOC_SEPARATOR}\n".join(docs) + "\n"
+
+
+def write_tiny_corpus(out_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None) -> dict[str, int]:
+    """Regenerate the tiny corpus files into ``out_dir`` from the registry packages (downloads cached under
+    ``data_dir``); returns characters per domain. Sources: the Python 3.11 manual's changelog and its tutorial and
+    HOWTO prose (``python3.11-doc``), the running interpreter's standard library, and permissive license texts
+    (``licensedcode-data``)."""
+    # imported here: loading the tiny corpus must not pull in the fetching machinery
+    from gradmix.corpora.builder import SourceFetcher, _resolve_data_dir
+    from gradmix.corpora.parsers import parse_license_file, python_source_units
+    from gradmix.corpora.sources import (
+        LICENSEDCODE_DATA,
+        PYTHON_DOC,
+        PYTHON_STDLIB,
+        python_doc_pages,
+        python_doc_sections,
+        stdlib_files,
+    )
+    from gradmix.corpora.store import atomic_write_bytes
+    from gradmix.corpora.text import DEFAULT_MAX_DOC_CHARS, clean_documents, select_documents
+
+    out = Path(out_dir)
+    root = _resolve_data_dir(data_dir)
+    raw: dict[str, list[str]] = {}
+    with SourceFetcher(root / "_downloads") as fetcher:
+        manual = fetcher.get(PYTHON_DOC)
+        raw["changelog"] = python_doc_sections(manual, "usr/share/doc/python3.11/html/whatsnew/changelog.html.gz")
+        raw["docs"] = [
+            section
+            for page in python_doc_pages(manual, subdirs=("tutorial", "howto"))
+            for section in python_doc_sections(manual, page)
+        ]
+        stdlib = fetcher.get(PYTHON_STDLIB)
+        raw["code"] = [
+            unit
+            for path in stdlib_files(stdlib)
+            for unit in python_source_units(stdlib.read_bytes(path).decode("utf-8", "replace"), DEFAULT_MAX_DOC_CHARS)
+        ]
+        licenses = fetcher.get(LICENSEDCODE_DATA)
+        raw["legal"] = [
+            parse_license_file(licenses.read_bytes(f"licensedcode/data/licenses/{key}.LICENSE").decode("utf-8"))[1]
+            for key in TINY_LICENSE_KEYS
+        ]
+    sizes: dict[str, int] = {}
+    for domain in TINY_DOMAINS:
+        docs = clean_documents(raw[domain])
+        if domain != "legal":  # the license list is already the selection
+            docs = select_documents(docs, max_chars=TINY_CHARS_PER_DOMAIN)
+        atomic_write_bytes(out / f"{domain}.txt", _format_tiny_file(docs).encode("utf-8"))
+        sizes[domain] = sum(len(doc) for doc in docs)
+    return sizes
