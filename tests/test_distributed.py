@@ -20,10 +20,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.integration
-def test_two_gloo_ranks_get_disjoint_batches_and_identical_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["micro_batches", "retain"])
+def test_two_gloo_ranks_get_disjoint_batches_and_identical_weights(tmp_path: Path, strategy: str) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(out), "pike"]
+           "--master_port", str(_free_port()), str(WORKER), str(out), "pike", strategy]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     r0 = [json.loads(x) for x in Path(f"{out}.rank0.jsonl").read_text().splitlines()]

@@ -27,18 +27,23 @@ TINY_LICENSE_KEYS = (
 )  # fmt: skip
 
 
+# small, self-contained standard-library modules (whole files read better than fragments of big classes)
+TINY_STDLIB_MODULES = ("bisect.py", "colorsys.py", "fnmatch.py", "glob.py", "copyreg.py", "genericpath.py")
+
+
 def parse_tiny_file(text: str) -> list[str]:
-    """Documents of one tiny-corpus file: split at lines holding only the separator, stripped, empty ones dropped."""
+    """Documents of one tiny-corpus file: split at lines holding only the separator, blank lines around them
+    dropped (a document's indentation is kept), empty documents dropped."""
     docs: list[str] = []
     current: list[str] = []
     for line in text.replace("\r\n", "\n").split("\n"):
         if line.strip() == TINY_DOC_SEPARATOR:
-            docs.append("\n".join(current).strip())
+            docs.append("\n".join(current).strip("\n").rstrip())
             current = []
         else:
             current.append(line)
-    docs.append("\n".join(current).strip())
-    return [doc for doc in docs if doc]
+    docs.append("\n".join(current).strip("\n").rstrip())
+    return [doc for doc in docs if doc.strip()]
 
 
 def load_tiny_corpus() -> dict[str, list[str]]:
@@ -77,7 +82,6 @@ def write_tiny_corpus(out_dir: str | os.PathLike[str], data_dir: str | os.PathLi
         PYTHON_STDLIB,
         python_doc_pages,
         python_doc_sections,
-        stdlib_files,
     )
     from gradmix.corpora.store import atomic_write_bytes
     from gradmix.corpora.text import DEFAULT_MAX_DOC_CHARS, clean_documents, select_documents
@@ -96,8 +100,8 @@ def write_tiny_corpus(out_dir: str | os.PathLike[str], data_dir: str | os.PathLi
         stdlib = fetcher.get(PYTHON_STDLIB)
         raw["code"] = [
             unit
-            for path in stdlib_files(stdlib)
-            for unit in python_source_units(stdlib.read_bytes(path).decode("utf-8", "replace"), DEFAULT_MAX_DOC_CHARS)
+            for path in TINY_STDLIB_MODULES
+            for unit in python_source_units(stdlib.read_bytes(path).decode("utf-8"), DEFAULT_MAX_DOC_CHARS)
         ]
         licenses = fetcher.get(LICENSEDCODE_DATA)
         raw["legal"] = [
@@ -107,7 +111,7 @@ def write_tiny_corpus(out_dir: str | os.PathLike[str], data_dir: str | os.PathLi
     sizes: dict[str, int] = {}
     for domain in TINY_DOMAINS:
         docs = clean_documents(raw[domain])
-        if domain != "legal":  # the license list is already the selection
+        if domain in ("changelog", "docs"):  # the module and license lists are already selections
             docs = select_documents(docs, max_chars=TINY_CHARS_PER_DOMAIN)
         atomic_write_bytes(out / f"{domain}.txt", _format_tiny_file(docs).encode("utf-8"))
         sizes[domain] = sum(len(doc) for doc in docs)
