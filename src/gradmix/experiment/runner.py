@@ -274,6 +274,8 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         out: dict[str, Any] = {"val_loss": evaluate_loss(model, data.val_windows)}
         if data.target_val is not None:
             out["target_val_loss"] = evaluate_loss(model, {"target": data.target_val})["target"]
+        if step == steps and cfg["eval"]["continuation_items"]:
+            out["val_accuracy"] = evaluate_continuation(model, _continuation_task(data, cfg["eval"]))
         return out
 
     step_times: list[float] = []
@@ -284,7 +286,8 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         warnings.simplefilter("ignore", MixingWarning)  # recorded as events in metrics.jsonl instead
         if start == 0:
             last_eval = evaluate(0)
-            mixer.log({"step": 0, "weights": dict(zip(data.train.names, map(float, mixer.weights))), **last_eval})
+            mixer.log({"step": 0, "weights": dict(zip(data.train.names, map(float, mixer.weights))),
+                       "train_loss": {name: None for name in data.train.names}, **last_eval})
         for step in iterator:
             t0 = time.perf_counter()
             lr = _lr_at(step, steps, train_cfg["lr"], train_cfg["warmup_steps"], train_cfg["min_lr_ratio"])
@@ -316,7 +319,9 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         bar.close()
     mixer.save_checkpoint(ckpt_path, model=model, optimizer=optimizer)
 
-    accuracy = evaluate_continuation(model, _continuation_task(data, cfg["eval"])) if cfg["eval"]["continuation_items"] else {}
+    if "val_accuracy" not in last_eval and cfg["eval"]["continuation_items"]:  # resumed after the last step
+        last_eval["val_accuracy"] = evaluate_continuation(model, _continuation_task(data, cfg["eval"]))
+    accuracy = last_eval.get("val_accuracy", {})
     val = last_eval["val_loss"]
     summary: dict[str, Any] = {
         "method": mix_cfg["method"],
@@ -336,8 +341,6 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         summary["avg_val_accuracy"] = float(np.mean(list(accuracy.values())))
     if "target_val_loss" in last_eval:
         summary["target_val_loss"] = float(last_eval["target_val_loss"])
-    if accuracy:
-        mixer.log({"step": steps, "val_accuracy": accuracy})
     write_json_atomic(run_dir / "summary.json", summary)
     if write_plots:
         try:
