@@ -1,0 +1,162 @@
+"""Mixer: schedule, metrics, stats plumbing, bad input, checkpoint atomicity."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from gradmix import Mixer, make_method
+from gradmix.controller import MixingWarning
+from gradmix.sources import Domain, DomainSet, DocumentSplitError, pack_tokens
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, vocab: int = 40) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 8)
+        self.out = torch.nn.Linear(8, vocab)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids)))
+
+
+def loss_fn(model, batch):
+    ids = batch["input_ids"]
+    logits = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                             reduction="none")
+    return loss.view(ids.shape[0], -1).mean(1)
+
+
+def make_domains(sizes=(30, 20, 50)) -> DomainSet:
+    rng = np.random.default_rng(0)
+    return DomainSet.from_arrays({f"d{i}": rng.integers(i * 10, i * 10 + 12, size=(n, 7)) for i, n in enumerate(sizes)})
+
+
+def train(mixer: Mixer, model, steps: int):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for batch in mixer.batches(steps):
+        mixer.backward(model, batch, loss_fn)
+        opt.step()
+        opt.zero_grad()
+        mixer.step()
+
+
+def test_metrics_jsonl_records_weights_losses_tokens(tmp_path):
+    model = TinyLM()
+    mixer = Mixer(make_domains(), "pike", 12, model=model, update_every=4, log_every=2, run_dir=tmp_path,
+                  method_params={"min_weight": 0.05})
+    train(mixer, model, 12)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
+    for r in records:
+        assert set(r["weights"]) == {"d0", "d1", "d2"} and abs(sum(r["weights"].values()) - 1) < 1e-9
+        assert all(v is None or np.isfinite(v) for v in r["train_loss"].values())
+    assert sum(records[-1]["tokens"].values()) == 12 * 12 * 6  # steps x batch x window tokens
+    # weights change only at update steps (4, 8, 12)
+    w = [tuple(r["weights"].values()) for r in records]
+    assert w[0] != w[1] and w[1] == w[2] and w[2] != w[3]
+
+
+def test_weights_reach_the_sampler():
+    model = TinyLM()
+    mixer = Mixer(make_domains(), "pike", 12, model=model, update_every=2, method_params={"min_weight": 0.01})
+    train(mixer, model, 6)
+    np.testing.assert_array_equal(mixer.sampler.weights, mixer.method.weights)
+
+
+def test_static_method_without_probe_uses_observe():
+    mixer = Mixer(make_domains(), "temperature", 10, method_params={"alpha": 0.0})
+    for batch in mixer.batches(3):
+        mixer.observe(batch["domain"], torch.ones(len(batch["domain"])))
+        mixer.step()
+    np.testing.assert_allclose(mixer.weights, [1 / 3] * 3)
+
+
+def test_gradient_method_without_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="method 'pike' needs gradient statistics: pass model="):
+        Mixer(make_domains(), "pike", 12)
+
+
+def test_dga_needs_a_target_and_rejects_a_tiny_one():
+    with pytest.raises(ValueError, match="steers toward a target set"):
+        Mixer(make_domains(), "dga", 12, model=TinyLM())
+    tiny = Domain("medical", torch.zeros((1, 7), dtype=torch.long))
+    with pytest.raises(ValueError, match="target set 'medical' has 1 example"):
+        Mixer(make_domains(), "dga", 12, model=TinyLM(), target=tiny)
+
+
+def test_dga_runs_with_a_target_and_moves_weight_toward_it():
+    torch.manual_seed(0)
+    model = TinyLM()
+    rng = np.random.default_rng(1)
+    target = Domain("target", torch.as_tensor(rng.integers(20, 32, size=(40, 7))))  # same tokens as d2
+    mixer = Mixer(make_domains(), "dga", 12, model=model, target=target, update_every=2,
+                  method_params={"step_size": 0.5, "ema": 0.0})
+    train(mixer, model, 40)
+    assert int(np.argmax(mixer.weights)) == 2
+
+
+def test_empty_domain_and_bad_names_are_refused():
+    with pytest.raises(DocumentSplitError, match="domain 'empty' is empty"):
+        DomainSet.from_token_sequences({"ok": [[1, 2, 3, 4, 5, 6]], "empty": [[]]}, window=2)
+    with pytest.raises(DocumentSplitError, match="domain 'short' has 3 tokens; one window needs 9"):
+        pack_tokens([[1, 2, 3]], 8, name="short")
+    with pytest.raises(ValueError, match="duplicate domain names"):
+        DomainSet([Domain("a", torch.zeros((2, 3), dtype=torch.long))] * 2)
+
+
+def test_unknown_method_and_mismatched_method_instance():
+    with pytest.raises(ValueError, match="unknown mixing method 'pik'"):
+        Mixer(make_domains(), "pik", 12)
+    with pytest.raises(ValueError, match="built for 2 domains, the Mixer has 3"):
+        Mixer(make_domains(), make_method("uniform", 2), 12)
+
+
+def test_checkpoint_from_other_domains_is_refused(tmp_path):
+    a = Mixer(make_domains(), "uniform", 12)
+    a.save_checkpoint(tmp_path / "a.pt")
+    other = DomainSet.from_arrays({"x": np.zeros((5, 7), int), "d1": np.zeros((5, 7), int), "d2": np.zeros((5, 7), int)})
+    b = Mixer(other, "uniform", 12)
+    with pytest.raises(ValueError, match=r"other domains: checkpoint has \['d0', 'd1', 'd2'\], this Mixer has \['x', 'd1', 'd2'\]"):
+        b.load_checkpoint(tmp_path / "a.pt")
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    mixer = Mixer(make_domains(), "uniform", 12)
+    path = tmp_path / "ckpt.pt"
+    mixer.save_checkpoint(path)
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        mixer.save_checkpoint(path)
+    assert path.read_bytes() == before  # old checkpoint intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left behind
+
+
+def test_skipped_update_warns_and_is_recorded(tmp_path):
+    class NanLossLM(TinyLM):
+        def forward(self, ids):
+            return super().forward(ids) * float("nan")
+
+    model = NanLossLM()
+    mixer = Mixer(make_domains(), "pike", 12, model=model, update_every=2, log_every=2, run_dir=tmp_path)
+    opt_free_batches = mixer.batches(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch in opt_free_batches:
+            mixer.backward(model, batch, loss_fn)
+            model.zero_grad()
+            mixer.step()
+    assert any(issubclass(w.category, MixingWarning) and "skipped" in str(w.message) for w in caught)
+    np.testing.assert_allclose(mixer.weights, [1 / 3] * 3)  # never NaN
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert any("skipped" in e for e in record["events"])
