@@ -20,12 +20,12 @@ import time
 CONFIGS = {
     # name: (method, K, update_every, probe_params, method_params)
     "uniform": ("uniform", 6, 20, {}, {}),
-    "pike T0=20 micro_batches/all": ("pike", 6, 20, {"strategy": "micro_batches"}, {}),
-    "pike T0=20 retain/all": ("pike", 6, 20, {"strategy": "retain"}, {}),
-    "pike T0=20 retain/last:6 (default)": ("pike", 6, 20, {"strategy": "retain", "parameters": "last:6"}, {}),
+    "pike T0=20 (default probe: micro_batches, all params)": ("pike", 6, 20, {}, {}),
+    "fair_pike T0=20 (default probe)": ("fair_pike", 6, 20, {}, {}),
+    "pike T0=20 probe retain/last:6": ("pike", 6, 20, {"strategy": "retain", "parameters": "last:6"}, {}),
     "uniform K=16": ("uniform", 16, 20, {}, {}),
-    "dga K=16 T_r=20 retain/last:6 (default)": ("dga", 16, 20, {"strategy": "retain", "parameters": "last:6"}, {}),
-    "dga K=16 T_r=20 micro_batches/all": ("dga", 16, 20, {"strategy": "micro_batches"}, {}),
+    "dga K=16 T_r=20 (default probe)": ("dga", 16, 20, {}, {}),
+    "dga K=16 T_r=20 probe retain/last:6": ("dga", 16, 20, {"strategy": "retain", "parameters": "last:6"}, {}),
 }
 
 

@@ -327,7 +327,7 @@ def test_report_for_a_comparison_folder(tmp_path):
         assert_valid_png(out / source)
     assert "avg val accuracy" in text and "target val loss" in text
     assert (out / "comparison.md").read_text().count("| ") > 0
-    assert json.loads((out / "comparison.json").read_text())["baseline"] == "uniform"
+    assert json.loads((out / "comparison_stats.json").read_text())["baseline"] == "uniform"
 
 
 def test_report_single_minimal_run_and_many_domains(tmp_path):

@@ -338,7 +338,7 @@ def _figure_html(path: Path | None, out_dir: Path, caption: str) -> str:
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str | None = None, *,
                  baseline: str | None = "uniform", confidence: float = 0.95) -> Path:
-    """Write ``report.html`` with its PNG plots, ``comparison.md`` and ``comparison.json`` into ``out_dir``.
+    """Write ``report.html`` with its PNG plots, ``comparison.md`` and ``comparison_stats.json`` into ``out_dir``.
 
     ``run_dirs`` are run folders or comparison folders (holding comparison.json; expanded into their runs). Plots:
     a comparison bar chart with CIs over seeds, validation loss over steps (average, worst and per domain) and the
@@ -359,7 +359,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str
     result = compare_runs(runs, baseline=baseline, confidence=confidence)
     markdown = comparison_markdown(result)
     (out / "comparison.md").write_text(markdown, encoding="utf-8")
-    (out / "comparison.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out / "comparison_stats.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
 
     figures: list[tuple[Path | None, str]] = []
     figures.append((_plot_comparison(result, colors, out / "comparison.png"),

@@ -200,6 +200,30 @@ def _continuation_task(data: PreparedData, eval_cfg: dict[str, Any]) -> Any:
     return data._task_cache[key]
 
 
+def _method_params(mix_cfg: dict[str, Any], data_cfg: dict[str, Any], data: PreparedData) -> dict[str, Any]:
+    """The method's parameters; ``importance`` without ``target_counts`` takes them from the ``clusters.json`` that
+    ``gradmix cluster --target`` wrote next to the corpus folder (the target's cluster histogram)."""
+    params = dict(mix_cfg.get("params") or {})
+    if mix_cfg["method"] == "importance" and "target_counts" not in params:
+        corpus = Path(str(data_cfg["corpus"])).expanduser()
+        candidates = [corpus / "clusters.json", corpus.parent / "clusters.json"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ValueError("method 'importance' needs target_counts: set mixing.params.target_counts, or use a "
+                             "corpus written by `gradmix cluster --target ...` (its clusters.json holds them)")
+        info = json.loads(found.read_text())
+        counts = info.get("target_counts")
+        if counts is None:
+            raise ValueError(f"{found} has no target_counts: rerun `gradmix cluster` with --target")
+        names = info.get("domains") or [f"c{i:04d}" for i in range(len(counts))]
+        by_name = dict(zip(names, counts))
+        missing = [d for d in data.train.names if d not in by_name]
+        if missing:
+            raise ValueError(f"{found} has no target count for domains {missing}")
+        params["target_counts"] = [by_name[d] for d in data.train.names]
+    return params
+
+
 def _lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
     """Linear warm-up then cosine decay to ``min_ratio * base``."""
     if step < warmup:
@@ -227,6 +251,7 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
     model = GPT(GPTConfig(vocab_size=data.vocab_size, context_length=window, **cfg["model"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"],
                                   betas=(0.9, 0.95))
+    method_params = _method_params(mix_cfg, cfg["data"], data)
     probe_params = dict(mix_cfg.get("probe") or {})
     if probe_params.pop("precondition_with_adam", False):
         probe_params["preconditioner"] = optimizer
@@ -234,7 +259,7 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
     if metrics_path.exists() and not resume:
         metrics_path.unlink()
     mixer = Mixer(
-        data.train, mix_cfg["method"], train_cfg["batch_size"], method_params=mix_cfg.get("params") or {},
+        data.train, mix_cfg["method"], train_cfg["batch_size"], method_params=method_params,
         model=model, probe_params=probe_params, target=data.target_train, run_dir=run_dir,
         update_every=mix_cfg["update_every"], warmup_steps=mix_cfg["warmup_steps"], probe_every=mix_cfg["probe_every"],
         seed=seed, mode=mix_cfg["mode"], max_repeats=mix_cfg["max_repeats"],
