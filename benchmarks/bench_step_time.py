@@ -1,9 +1,13 @@
 """Step-time and memory cost of adaptive mixing vs static uniform mixing, same small GPT and batch.
 
     python benchmarks/bench_step_time.py [--steps 200] [--reps 3] [--json out.json]
+    python benchmarks/bench_step_time.py --paired [--steps 400]
 
-Each configuration runs in its own subprocess (so peak RSS is its own); configurations are interleaved over
-``--reps`` rounds and the median step time per configuration is reported, with the ratio to uniform.
+Default mode: each configuration runs in its own subprocess (so peak RSS is its own); configurations are
+interleaved over ``--reps`` rounds and the median step time per configuration is reported, with the ratio to uniform.
+``--paired``: one process trains a uniform model and an adaptive one side by side, alternating blocks of T steps,
+so machine-load drift hits both arms alike (the robust way to measure a few percent on a shared machine); it also
+reports how much a measuring step costs relative to a plain one.
 Data: random token windows (timing does not depend on the text). Model: gradmix.experiment GPT,
 vocab 4096, d_model 128, 2 layers, context 128, batch 16 (~0.9M parameters).
 """
@@ -67,6 +71,66 @@ def worker(name: str, steps: int) -> dict:
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
+PAIRS = {
+    "pike K=6 T0=20": ("uniform", "pike T0=20 (default probe: micro_batches, all params)"),
+    "fair_pike K=6 T0=20": ("uniform", "fair_pike T0=20 (default probe)"),
+    "dga K=16 T_r=20": ("uniform K=16", "dga K=16 T_r=20 (default probe)"),
+}
+
+
+def _setup(name: str):
+    import numpy as np
+    import torch
+
+    from gradmix import Mixer
+    from gradmix.experiment.model import GPT, GPTConfig
+    from gradmix.sources import Domain, DomainSet
+
+    torch.manual_seed(0)
+    method, k, every, probe_params, method_params = CONFIGS[name]
+    rng = np.random.default_rng(0)
+    domains = DomainSet.from_arrays({f"d{i}": rng.integers(0, 4096, size=(400, 129)) for i in range(k)})
+    target = Domain("target", torch.as_tensor(rng.integers(0, 4096, size=(200, 129))))
+    model = GPT(GPTConfig(vocab_size=4096, context_length=128, d_model=128, n_layers=2, n_heads=4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mixer = Mixer(domains, method, 16, model=model, update_every=every, method_params=method_params,
+                  probe_params=probe_params, target=target if method == "dga" else None, target_batch_size=16)
+    return mixer, model, opt, mixer.batches()
+
+
+def paired(pair: str, steps: int) -> dict:
+    import numpy as np
+    import torch
+
+    from gradmix.experiment.model import per_example_loss
+
+    torch.set_num_threads(2)
+    arms = {name: _setup(name) for name in PAIRS[pair]}
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    measured: list[float] = []
+    plain: list[float] = []
+    block = CONFIGS[PAIRS[pair][1]][2]
+    for start in range(0, steps + block, block):
+        for name, (mixer, model, opt, batches) in arms.items():
+            for _ in range(block):
+                t0 = time.perf_counter()
+                measuring = mixer.should_measure()
+                batch = next(batches)
+                mixer.backward(model, batch, per_example_loss)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                mixer.step()
+                dt = time.perf_counter() - t0
+                if start >= block:  # first block of each arm is warm-up
+                    times[name].append(dt)
+                    if name == PAIRS[pair][1]:
+                        (measured if measuring else plain).append(dt)
+    base, method = (float(np.sum(times[n])) for n in PAIRS[pair])
+    return {"pair": pair, "baseline_ms": 1000 * base / len(times[PAIRS[pair][0]]),
+            "method_ms": 1000 * method / len(times[PAIRS[pair][1]]), "ratio": method / base,
+            "measuring_step_cost": float(np.mean(measured) / np.median(plain)), "steps_per_arm": len(plain) + len(measured)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
@@ -74,7 +138,20 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="subset of configuration names")
     parser.add_argument("--json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--paired", action="store_true", help="interleaved uniform-vs-method timing in one process")
     args = parser.parse_args()
+    if args.paired:
+        results = []
+        print(f"{'pair':24s} {'uniform ms':>10s} {'method ms':>10s} {'ratio':>7s} {'measuring step / plain step':>28s}")
+        for pair in (args.only or PAIRS):
+            r = paired(pair, args.steps)
+            results.append(r)
+            print(f"{pair:24s} {r['baseline_ms']:10.1f} {r['method_ms']:10.1f} {r['ratio']:7.3f} "
+                  f"{r['measuring_step_cost']:28.2f}", flush=True)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"args": vars(args), "paired": results}, fh, indent=2)
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps)))
         return

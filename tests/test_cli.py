@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gradmix.cli import main
@@ -64,3 +65,25 @@ def test_target_methods_without_a_target_fail_clearly(tmp_path, capsys, method):
     assert main(["run", str(SMOKE), "--out", str(tmp_path / "r"), "--method", method, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "target" in err
+
+
+TINY_LEGAL = ROOT / "src" / "gradmix" / "data" / "tiny" / "legal.txt"
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("dga", []),
+    ("doge", []),
+    ("importance", ["--set", "mixing.params={\"target_counts\": [0, 1, 0, 9]}"]),
+])
+def test_target_methods_run_from_a_config(tmp_path, method, extra):
+    out = tmp_path / method
+    args = ["run", str(SMOKE), "--out", str(out), "--method", method, "--no-progress",
+            "--set", f"data.target=\"{TINY_LEGAL}\"", "--set", "steps=30", *extra]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert np.isfinite(summary["target_val_loss"])
+    weights = summary["final_weights"]
+    if method == "importance":  # the smoothed target histogram, nothing adaptive
+        assert max(weights, key=weights.get) == "legal"
+    else:
+        assert len({round(w, 12) for w in weights.values()}) > 1  # the method moved the weights

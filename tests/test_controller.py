@@ -160,3 +160,38 @@ def test_skipped_update_warns_and_is_recorded(tmp_path):
     np.testing.assert_allclose(mixer.weights, [1 / 3] * 3)  # never NaN
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert any("skipped" in e for e in record["events"])
+
+
+def test_dga_distribution_reweighting_runs_in_the_mixer():
+    from gradmix.methods.dga import DGA, base_distributions_from_clusters
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    k = 12
+    domains = DomainSet.from_arrays({f"c{i}": rng.integers((i % 3) * 12, (i % 3) * 12 + 12, size=(20 + i, 7))
+                                     for i in range(k)})
+    fine_to_coarse = np.arange(k) % 3
+    base = base_distributions_from_clusters(fine_to_coarse, domains.sizes)
+    method = DGA(k, base_distributions=base, step_size=0.5, ema=0.0)
+    target = Domain("target", torch.as_tensor(rng.integers(24, 36, size=(40, 7))))  # like coarse cluster 2
+    model = TinyLM()
+    mixer = Mixer(domains, method, 12, model=model, target=target, update_every=2)
+    train(mixer, model, 30)
+    w = mixer.weights
+    assert w.shape == (k,) and abs(w.sum() - 1) < 1e-9
+    np.testing.assert_allclose(w, base @ method.base_weights, atol=1e-12)
+    assert method.base_weights.argmax() == 2
+
+
+def test_alerts_for_starved_and_over_repeated_domains(tmp_path):
+    mixer = Mixer(make_domains((5, 40, 40)), "fixed", 12, method_params={"weights": [0.9, 0.09, 0.01]},
+                  run_dir=tmp_path, log_every=1, alert_repeats=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mixer._apply(mixer.weights)  # the initial weights already starve domain d2
+        for batch in mixer.batches(3):
+            mixer.observe(batch["domain"], torch.ones(len(batch["domain"])))
+            mixer.step()
+    messages = [str(w.message) for w in caught if issubclass(w.category, MixingWarning)]
+    assert any("domain 'd2' fell to 0.0100" in m for m in messages)
+    assert sum("domain 'd0' started pass 3" in m for m in messages) == 1  # once, not at every later pass

@@ -61,6 +61,8 @@ class MixerConfig:
     max_repeats: int | None = None
     target_batch_size: int = 32
     log_every: int = 10
+    alert_min_weight: float | None = None
+    alert_repeats: int | None = 4
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "update_every", "log_every", "target_batch_size"):
@@ -195,6 +197,8 @@ class Mixer:
         self._last_metrics: dict[str, Any] | None = None
         self._tokens = np.zeros(k, dtype=np.int64)
         self._events: list[str] = []
+        self._starved: set[int] = set()
+        self._repeat_alerted: set[int] = set()
         self._num_sampler_events = 0
         self.history: list[dict[str, Any]] = []
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -313,6 +317,7 @@ class Mixer:
                 self._apply(new)
             self._update_interval = []
 
+        self._check_repeats()
         for event in self.sampler.events[self._num_sampler_events:]:
             self._warn(event.message)
         self._num_sampler_events = len(self.sampler.events)
@@ -338,6 +343,24 @@ class Mixer:
 
     def _apply(self, weights: np.ndarray) -> None:
         self.sampler.set_weights(weights)
+        floor = self.config.alert_min_weight
+        floor = 0.1 / len(weights) if floor is None else floor
+        for i in np.flatnonzero(weights < floor):
+            if i not in self._starved:
+                self._starved.add(int(i))
+                self._warn(f"step {self.step_count}: weight of domain {self.names[i]!r} fell to {weights[i]:.4f} "
+                           f"(< {floor:.4f}); it is barely sampled now")
+        self._starved -= set(np.flatnonzero(weights >= floor).tolist())  # recovered: may alert again later
+
+    def _check_repeats(self) -> None:
+        limit = self.config.alert_repeats
+        if limit is None:
+            return
+        for i in np.flatnonzero(self.sampler.passes >= limit):
+            if int(i) not in self._repeat_alerted:
+                self._repeat_alerted.add(int(i))
+                self._warn(f"step {self.step_count}: domain {self.names[i]!r} started pass {self.sampler.passes[i]} "
+                           "over its examples; consider max_repeats to cap repetition")
 
     def _warn(self, message: str) -> None:
         self._events.append(message)
