@@ -26,49 +26,9 @@ CONFIGS = {
     "uniform": ("uniform", 6, 20, {}, {}),
     "pike T0=20 (default probe: micro_batches, all params)": ("pike", 6, 20, {}, {}),
     "fair_pike T0=20 (default probe)": ("fair_pike", 6, 20, {}, {}),
-    "pike T0=20 probe retain/last:6": ("pike", 6, 20, {"strategy": "retain", "parameters": "last:6"}, {}),
     "uniform K=16": ("uniform", 16, 20, {}, {}),
     "dga K=16 T_r=20 (default probe)": ("dga", 16, 20, {}, {}),
-    "dga K=16 T_r=20 probe retain/last:6": ("dga", 16, 20, {"strategy": "retain", "parameters": "last:6"}, {}),
 }
-
-
-def worker(name: str, steps: int) -> dict:
-    import numpy as np
-    import torch
-
-    from gradmix import Mixer
-    from gradmix.experiment.model import GPT, GPTConfig, per_example_loss
-    from gradmix.sources import Domain, DomainSet
-
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    method, k, every, probe_params, method_params = CONFIGS[name]
-    rng = np.random.default_rng(0)
-    domains = DomainSet.from_arrays({f"d{i}": rng.integers(0, 4096, size=(400, 129)) for i in range(k)})
-    target = Domain("target", torch.as_tensor(rng.integers(0, 4096, size=(200, 129))))
-    model = GPT(GPTConfig(vocab_size=4096, context_length=128, d_model=128, n_layers=2, n_heads=4))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    mixer = Mixer(domains, method, 16, model=model, update_every=every, method_params=method_params,
-                  probe_params=probe_params, target=target if method == "dga" else None, target_batch_size=16)
-    times = []
-    batches = mixer.batches()
-    for step in range(steps + 10):
-        t0 = time.perf_counter()
-        batch = next(batches)
-        mixer.backward(model, batch, per_example_loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        mixer.step()
-        if step >= 10:  # skip warm-up steps
-            times.append(time.perf_counter() - t0)
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    probe = mixer.probe
-    return {"name": name, "mean_step_s": float(np.mean(times)), "total_s": float(np.sum(times)),
-            "peak_rss_mb": rss_after / 1024, "rss_growth_mb": (rss_after - rss_before) / 1024,
-            "probed_scalars": getattr(probe, "num_probed", 0),
-            "parameters": sum(p.numel() for p in model.parameters())}
 
 
 PAIRS = {
@@ -96,6 +56,32 @@ def _setup(name: str):
     mixer = Mixer(domains, method, 16, model=model, update_every=every, method_params=method_params,
                   probe_params=probe_params, target=target if method == "dga" else None, target_batch_size=16)
     return mixer, model, opt, mixer.batches()
+
+
+def worker(name: str, steps: int) -> dict:
+    import numpy as np
+    import torch
+
+    from gradmix.experiment.model import per_example_loss
+
+    torch.set_num_threads(2)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mixer, model, opt, batches = _setup(name)
+    times = []
+    for step in range(steps + 10):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        mixer.backward(model, batch, per_example_loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mixer.step()
+        if step >= 10:  # skip warm-up steps
+            times.append(time.perf_counter() - t0)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"name": name, "mean_step_s": float(np.mean(times)), "total_s": float(np.sum(times)),
+            "peak_rss_mb": rss_after / 1024, "rss_growth_mb": (rss_after - rss_before) / 1024,
+            "probed_scalars": getattr(mixer.probe, "num_probed", 0),
+            "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def paired(pair: str, steps: int) -> dict:

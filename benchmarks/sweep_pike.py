@@ -26,7 +26,7 @@ GRID = {
     "zeta1": [0.1, 0.3, 1.0],
     "zeta2": [0.1, 1.0],
     "update_every": [20],
-    "min_weight": [0.0, 0.02],
+    "min_weight": [0.02],
     "probe_every": [None, 5],
 }
 

@@ -20,7 +20,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("strategy", ["micro_batches", "retain"])
+@pytest.mark.parametrize("strategy", ["ddp", "sync_gradients"])
 def test_two_gloo_ranks_get_disjoint_batches_and_identical_weights(tmp_path: Path, strategy: str) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -136,8 +136,7 @@ GROUPS = torch.tensor([0, 1, 0, 2, 1, 0, 0, 1, 2, 0, 1, 2, 0])  # sizes 6, 4, 3 
 @pytest.mark.parametrize("name", ["mlp", "lm"])
 @pytest.mark.parametrize("measure", [False, True])
 @pytest.mark.parametrize("preexisting", [False, True])
-@pytest.mark.parametrize("strategy", ["micro_batches", "retain"])
-def test_gradient_equals_plain_backward(name, measure, preexisting, strategy):
+def test_gradient_equals_plain_backward(name, measure, preexisting):
     build, loss_fn, make_batch = MODELS[name]
     model = build()
     batch = make_batch(len(GROUPS), seed=1)
@@ -147,7 +146,7 @@ def test_gradient_equals_plain_backward(name, measure, preexisting, strategy):
         for p, offset in zip(model.parameters(), offsets):
             p.grad = offset.clone()
         expected = [e + o for e, o in zip(expected, offsets)]
-    probe = GradientProbe(model, num_splits=3, gram=True, strategy=strategy)
+    probe = GradientProbe(model, num_splits=3, gram=True)
     result = probe.backward(batch, GROUPS, 3, loss_fn, measure=measure,
                             target_batch=make_batch(5, seed=2) if measure else None)
     assert_grads_close(model, expected)
@@ -178,8 +177,7 @@ def test_statistics_do_not_depend_on_preexisting_gradient():
 
 @pytest.mark.parametrize("name", ["mlp", "lm"])
 @pytest.mark.parametrize("num_splits", [2, 4, 100])
-@pytest.mark.parametrize("strategy", ["micro_batches", "retain"])
-def test_statistics_match_brute_force(name, num_splits, strategy):
+def test_statistics_match_brute_force(name, num_splits):
     build, loss_fn, make_batch = MODELS[name]
     model = build()
     n = len(GROUPS)
@@ -191,7 +189,7 @@ def test_statistics_match_brute_force(name, num_splits, strategy):
     groups = GROUPS.numpy()
     sq, var, means = brute_statistics(per_sample, groups, 3, num_splits)
 
-    result = GradientProbe(model, num_splits=num_splits, gram=True, strategy=strategy).backward(
+    result = GradientProbe(model, num_splits=num_splits, gram=True).backward(
         batch, GROUPS, 3, loss_fn, measure=True, target_batch=target)
 
     np.testing.assert_array_equal(result.examples, [6, 4, 3])

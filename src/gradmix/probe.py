@@ -233,17 +233,11 @@ class GradientProbe:
         process_group: group for the collectives (default: the DDP model's group, else the world).
         bias_correction: divide v by 1 - beta2^t as Adam's own step does, so the alignment's scale does not drift
             during the first ~1/(1 - beta2) steps (choice left open by DGA; ``False`` uses raw ``exp_avg_sq``).
-        strategy: ``"micro_batches"`` (default: per-part forward+backward, statistics of the full gradient of the
-            probed parameters wherever they sit) or ``"retain"`` (one forward; per-part ``autograd.grad`` on the
-            retained graph, then one backward). ``"retain"`` is nearly free when ``parameters`` selects layers near
-            the loss (e.g. ``"last:4"``; not a weight tied to the input embedding, whose gradient path spans the
-            whole network).
     """
 
     def __init__(self, model: nn.Module, *, parameters: ParameterSpec = None, num_splits: int = 2,
                  gram: bool = False, preconditioner: torch.optim.Optimizer | None = None, eps: float = 1e-8,
-                 sync_gradients: bool = False, process_group=None, bias_correction: bool = True,
-                 strategy: str = "micro_batches") -> None:
+                 sync_gradients: bool = False, process_group=None, bias_correction: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or num_splits < 2:
@@ -254,9 +248,6 @@ class GradientProbe:
         if preconditioner is not None and not isinstance(preconditioner, torch.optim.Optimizer):
             raise TypeError(f"preconditioner must be a torch.optim.Optimizer (Adam/AdamW), got "
                             f"{type(preconditioner).__name__}")
-        if strategy not in ("micro_batches", "retain"):
-            raise ValueError(f"strategy must be 'micro_batches' or 'retain', got {strategy!r}")
-        self.strategy = strategy
         self.model = model
         self.module = model.module if _is_ddp(model) else model
         self.named_parameters = select_parameters(self.module, parameters)
@@ -305,9 +296,6 @@ class GradientProbe:
             if isinstance(global_batch_size, bool) or not global_batch_size > 0:
                 raise ValueError(f"global_batch_size must be a positive number, got {global_batch_size!r}")
             divisor = float(global_batch_size) / world
-        if measure and self.strategy == "retain":
-            return self._retained_backward(batch, groups, num_groups, loss_fn, n, divisor, target_batch, distributed,
-                                           world)
         if measure:
             return self._measured_backward(batch, groups, num_groups, loss_fn, n, divisor, target_batch, distributed,
                                            world)
@@ -394,59 +382,6 @@ class GradientProbe:
                 alignment[k] = float(torch.dot(acc.mean, g_target))
             if means is not None:
                 means[k].copy_(acc.mean)
-
-    def _retained_backward(self, batch, groups, num_groups, loss_fn, n, divisor, target_batch, distributed,
-                           world) -> ProbeResult:
-        """strategy="retain": ONE forward of the whole batch; each part's mean gradient over the probed parameters
-        comes from ``torch.autograd.grad`` on the retained graph (only the graph between the loss and the probed
-        parameters is traversed, so probing the last layers is cheap), then one ordinary backward for training."""
-        target = self._target_gradient(target_batch, loss_fn, distributed) if target_batch is not None else None
-        g_target, target_loss = (None, None) if target is None else target
-        losses = _per_example_losses(loss_fn, self.model, batch, n, "the batch")
-        detached = losses.detach().to(torch.float64).cpu()
-        parts_per_group = split_indices(groups, num_groups, self.num_splits)
-        counts = np.array([sum(len(part) for part in parts) for parts in parts_per_group], dtype=np.float64)
-        loss_sums = np.zeros(num_groups)
-        sq_norm = np.full(num_groups, np.nan)
-        variance = np.full(num_groups, np.nan)
-        alignment = np.full(num_groups, np.nan)
-        means = torch.zeros(num_groups, self._numel, dtype=self._dtype, device=self.device) if self.gram else None
-        work = torch.empty(self._numel, dtype=self._dtype, device=self.device)
-        mean = torch.empty(self._numel, dtype=self._dtype, device=self.device)
-        params = [p for _, p in self.named_parameters]
-        for k, parts in enumerate(parts_per_group):
-            if not parts:
-                continue
-            acc = _PartAccumulator(mean)
-            finite = True
-            for index in parts:
-                part_sum = float(detached[index].sum())
-                loss_sums[k] += part_sum
-                if not finite or not math.isfinite(part_sum):
-                    finite = False
-                    continue
-                grads = torch.autograd.grad(losses[index.to(losses.device)].sum() / len(index), params,
-                                            retain_graph=True, allow_unused=True)
-                with torch.no_grad():
-                    self._flatten_into(work, grads)
-                    finite = acc.add(work, float(len(index)))
-            self._finish_group(k, acc, finite, sq_norm, variance, alignment, means, g_target)
-        (losses.sum() / divisor).backward()
-        del work, mean
-        if distributed and self.sync_gradients and not _is_ddp(self.model):
-            self._average_gradients(world)
-        return self._combine(num_groups, loss_sums, counts, sq_norm, variance, alignment, means,
-                             target_loss if g_target is not None else None, distributed)
-
-    def _flatten_into(self, buffer: torch.Tensor, grads: Sequence[torch.Tensor | None]) -> None:
-        offset = 0
-        for (_, p), grad in zip(self.named_parameters, grads):
-            view = buffer[offset:offset + p.numel()]
-            if grad is None:
-                view.zero_()
-            else:
-                view.copy_(grad.reshape(-1))
-            offset += p.numel()
 
     # -- statistics across ranks ----------------------------------------------------------------------------------
     def _combine(self, num_groups, loss_sums, counts, sq_norm, variance, alignment, means, target_loss,

@@ -20,14 +20,15 @@ from gradmix import Mixer  # noqa: E402
 def main() -> None:
     out = sys.argv[1]
     method = sys.argv[2] if len(sys.argv) > 2 else "pike"
-    strategy = sys.argv[3] if len(sys.argv) > 3 else "micro_batches"
+    sync = len(sys.argv) > 3 and sys.argv[3] == "sync_gradients"
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(TinyLM())
+    # a DDP-wrapped model, or a plain module whose gradients the probe averages itself
+    model = TinyLM() if sync else torch.nn.parallel.DistributedDataParallel(TinyLM())
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     mixer = Mixer(domains(), method, 8, method_params={"min_weight": 0.05}, model=model, update_every=2, seed=3,
-                  log_every=1000, probe_params={"strategy": strategy})
+                  log_every=1000, probe_params={"sync_gradients": sync})
     assert mixer.world_size == 2 and mixer.rank == rank
     with open(f"{out}.rank{rank}.jsonl", "w") as fh:
         for batch in mixer.batches(12):
