@@ -87,3 +87,23 @@ def test_target_methods_run_from_a_config(tmp_path, method, extra):
         assert max(weights, key=weights.get) == "legal"
     else:
         assert len({round(w, 12) for w in weights.values()}) > 1  # the method moved the weights
+
+
+def test_importance_reads_target_counts_from_a_cluster_folder(tmp_path):
+    from gradmix.corpora import load_tiny_corpus
+
+    texts = load_tiny_corpus()
+    fine = tmp_path / "clusters" / "fine"
+    fine.mkdir(parents=True)
+    names = ["c0000", "c0001", "c0002"]
+    for name, domain in zip(names, ["code", "docs", "legal"]):
+        with (fine / f"{name}.jsonl").open("w") as fh:
+            for doc in texts[domain]:
+                fh.write(json.dumps({"text": doc}) + "\n")
+    (tmp_path / "clusters" / "clusters.json").write_text(json.dumps({"domains": names, "target_counts": [1, 0, 7]}))
+    out = tmp_path / "run"
+    args = ["run", str(SMOKE), "--out", str(out), "--method", "importance", "--no-progress", "--set", "steps=10",
+            "--set", f"data.corpus=\"{fine}\"", "--set", f"data.target=\"{TINY_LEGAL}\""]
+    assert main(args) == 0
+    weights = json.loads((out / "summary.json").read_text())["final_weights"]
+    assert weights == pytest.approx({"c0000": 1 / 8, "c0001": 0.0, "c0002": 7 / 8})
