@@ -21,6 +21,7 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method, workers", [("random", 0), ("pike", 2)])
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path, method: str, workers: int) -> None:
     steps, kill_at = 24, 10
