@@ -43,9 +43,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gradmix.experiment.config import load_config
     from gradmix.experiment.runner import run_experiment
 
-    cfg = load_config(args.config, _overrides(args.set))
+    overrides = _overrides(args.set)
     if args.method:
-        cfg["mixing"]["method"] = args.method
+        mixing = overrides.setdefault("mixing", {})
+        if args.method != load_config(args.config)["mixing"]["method"]:
+            mixing.setdefault("params", {})  # the file's method parameters do not carry over to another method
+        mixing["method"] = args.method
+    cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else _default_out(cfg, cfg["mixing"]["method"])
     summary = run_experiment(cfg, out, progress=not args.no_progress, resume=args.resume)
     print(f"run folder: {out}")
