@@ -367,11 +367,13 @@ def test_fair_pike_matches_hand_computation():
     tau = 1.0
     g, v, loss = np.array([1.0, 2.0, 3.0]), np.array([10.0, 20.0, 60.0]), np.array([3.0, 2.0, 1.0])
     for power in (1, 2):
-        fair = FairPiKE(3, tau=tau, tilt_power=power, zeta1=0.5, zeta2=1.0, stats_ema=0.0, max_log_step=None)
-        y = (3 * softmax(tau * loss)) ** power
-        step = 0.5 * y * g / 2.0 - (1.0 / 20) * y * v / 2.0
-        expected = np.exp(step) / np.exp(step).sum()
-        np.testing.assert_allclose(fair.update(stats(g, v, loss=loss)), expected, rtol=1e-12)
+        for tilt_variance in (False, True):
+            fair = FairPiKE(3, tau=tau, tilt_power=power, tilt_variance=tilt_variance, zeta1=0.5, zeta2=1.0,
+                            stats_ema=0.0, max_log_step=None)
+            y = (3 * softmax(tau * loss)) ** power
+            step = 0.5 * y * g / 2.0 - (1.0 / 20) * (y if tilt_variance else 1.0) * v / 2.0
+            expected = np.exp(step) / np.exp(step).sum()
+            np.testing.assert_allclose(fair.update(stats(g, v, loss=loss)), expected, rtol=1e-12)
 
 
 def test_fair_pike_large_tau_protects_highest_loss_domain():

@@ -24,8 +24,12 @@ class FairPiKE(PiKE):
 
     Under low gradient conflict the first-order decrease of sum_j y_j L_j after a step on the mixed gradient
     sum_k w_k grad L_k is eta sum_k w_k y_k ||grad L_k||^2 (cross terms dropped), so y_k multiplies task k's
-    squared-norm term; its variance term is scaled alike. ``tilt_power=2`` instead treats y_k grad L_k as task k's
-    gradient (both terms quadratic in it), a stronger tilt toward high-loss tasks.
+    squared-norm term. The variance term is NOT tilted by default (``tilt_variance=False``): the mixture only
+    changes what is sampled, the model still trains on the unweighted batch mean, so the noise of the step is
+    that of the untilted batch. Tilting it too (``tilt_variance=True``, the literal "scale every term of task k by
+    y_k") was measured to backfire: the worst language of the multilingual benchmark has a large sigma^2, its net
+    PiKE step is negative, and multiplying that step by its large y_k pushed its weight DOWN (BENCHMARKS.md).
+    ``tilt_power=2`` treats y_k grad L_k as task k's gradient, a stronger tilt toward high-loss tasks.
 
     Because PiKE normalises its statistics, the overall scale of y cancels: we use
     y_k / mean(y) = K softmax(tau L)_k over the domains with valid statistics, so tau -> 0 is exactly PiKE and a
@@ -37,7 +41,8 @@ class FairPiKE(PiKE):
     name: ClassVar[str] = "fair_pike"
     required_stats: ClassVar[frozenset[str]] = frozenset({"grad_sq_norm", "grad_var", "loss"})
 
-    def __init__(self, num_domains: int, *, tau: float = 3.0, tilt_power: int = 1, **pike_params: Any) -> None:
+    def __init__(self, num_domains: int, *, tau: float = 3.0, tilt_power: int = 1, tilt_variance: bool = False,
+                 **pike_params: Any) -> None:
         tau_value = float(tau)
         if not math.isfinite(tau_value) or tau_value < 0:
             raise ValueError(f"fair_pike: tau must be a finite number >= 0, got {tau!r}")
@@ -46,6 +51,7 @@ class FairPiKE(PiKE):
         super().__init__(num_domains, **pike_params)
         self.tau = tau_value
         self.tilt_power = int(tilt_power)
+        self.tilt_variance = bool(tilt_variance)
 
     def _valid_domains(self, stats: DomainStats) -> np.ndarray:
         return super()._valid_domains(stats) & np.isfinite(stats.loss)

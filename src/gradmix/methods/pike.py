@@ -246,8 +246,10 @@ class PiKE(MixingMethod):
         """Domains whose statistics can be used this update."""
         return np.isfinite(stats.grad_sq_norm) & np.isfinite(stats.grad_var)
 
+    tilt_variance: bool = True  # whether _domain_tilt also scales the variance term (moot for PiKE: tilt is 1)
+
     def _domain_tilt(self, stats: DomainStats, valid: np.ndarray) -> np.ndarray:
-        """Per-domain multiplier of both gradient terms (1 for PiKE; loss weights for Fair-PiKE)."""
+        """Per-domain multiplier of the gradient terms (1 for PiKE; loss weights for Fair-PiKE)."""
         return np.ones(self.num_domains)
 
     # -- update --------------------------------------------------------------------------------------------------
@@ -297,7 +299,7 @@ class PiKE(MixingMethod):
             return None
         with np.errstate(over="ignore", invalid="ignore"):
             gain_stat = np.where(valid, tilt * sq_norm / divisor, 0.0)
-            var_stat = np.where(valid, tilt * var / divisor, 0.0)
+            var_stat = np.where(valid, (tilt if self.tilt_variance else 1.0) * var / divisor, 0.0)
         if self.mode == "practical":
             new_log = self._practical_step(gain_stat, var_stat, valid, b)
         else:
