@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import socket
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,19 +13,14 @@ import pytest
 WORKER = Path(__file__).parent / "workers" / "ddp_worker.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("strategy", ["ddp", "sync_gradients"])
 def test_two_gloo_ranks_get_disjoint_batches_and_identical_weights(tmp_path: Path, strategy: str) -> None:
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(out), "pike", strategy]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(out), "pike", strategy]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # keep gloo on loopback: no other address is reachable here
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     r0 = [json.loads(x) for x in Path(f"{out}.rank0.jsonl").read_text().splitlines()]
     r1 = [json.loads(x) for x in Path(f"{out}.rank1.jsonl").read_text().splitlines()]
