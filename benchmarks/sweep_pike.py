@@ -38,7 +38,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--method", default="pike")
     parser.add_argument("--json", default="benchmarks/results/pike_sweep.json")
+    for key in GRID:
+        parser.add_argument(f"--{key.replace('_', '-')}", help=f"comma-separated values replacing the grid's {key}")
     args = parser.parse_args()
+    grid = dict(GRID)
+    for key in GRID:
+        given = getattr(args, key)
+        if given:
+            grid[key] = [None if v == "none" else (int(v) if key in ("update_every", "probe_every") else float(v))
+                         for v in given.split(",")]
     cfg = load_config(args.config)
     if args.steps:
         cfg["steps"] = args.steps
@@ -58,8 +66,8 @@ def main() -> None:
 
     base = {s: run("uniform", {}, {}, s) for s in seeds}
     rows = []
-    keys = list(GRID)
-    for values in itertools.product(*(GRID[k] for k in keys)):
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
         setting = dict(zip(keys, values))
         params = {"zeta1": setting["zeta1"], "zeta2": setting["zeta2"], "min_weight": setting["min_weight"]}
         mixing = {"update_every": setting["update_every"], "probe_every": setting["probe_every"]}
