@@ -184,14 +184,42 @@ def test_dga_distribution_reweighting_runs_in_the_mixer():
 
 
 def test_alerts_for_starved_and_over_repeated_domains(tmp_path):
-    mixer = Mixer(make_domains((5, 40, 40)), "fixed", 12, method_params={"weights": [0.9, 0.09, 0.01]},
-                  run_dir=tmp_path, log_every=1, alert_repeats=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mixer._apply(mixer.weights)  # the initial weights already starve domain d2
+        # the starting weights already starve domain d2
+        mixer = Mixer(make_domains((5, 40, 40)), "fixed", 12, method_params={"weights": [0.9, 0.09, 0.01]},
+                      run_dir=tmp_path, log_every=1, alert_repeats=3)
         for batch in mixer.batches(3):
             mixer.observe(batch["domain"], torch.ones(len(batch["domain"])))
             mixer.step()
     messages = [str(w.message) for w in caught if issubclass(w.category, MixingWarning)]
-    assert any("domain 'd2' fell to 0.0100" in m for m in messages)
+    assert sum("domain 'd2' (0.0100) is below" in m for m in messages) == 1
     assert sum("domain 'd0' started pass 3" in m for m in messages) == 1  # once, not at every later pass
+
+
+def test_loss_based_methods_see_the_whole_update_interval():
+    """The losses handed to a method cover every step since its last update, whatever log_every is."""
+    from gradmix.methods.base import MixingMethod
+
+    class Recorder(MixingMethod):
+        name = "recorder"
+        required_stats = frozenset({"loss"})
+        seen: list = []
+
+        def _update(self, stats):
+            Recorder.seen.append((stats.loss.copy(), stats.examples.copy()))
+            return None
+
+    mixer = Mixer(make_domains(), Recorder(3), 6, update_every=4, log_every=1)
+    losses = []
+    for t, batch in enumerate(mixer.batches(8)):
+        per_example = torch.full((len(batch["domain"]),), float(t)) + batch["domain"].float()
+        losses.append((batch["domain"].numpy(), per_example.numpy()))
+        mixer.observe(batch["domain"], per_example)
+        mixer.step()
+    assert len(Recorder.seen) == 2
+    for update, (loss, examples) in enumerate(Recorder.seen):
+        d = np.concatenate([x[0] for x in losses[4 * update:4 * update + 4]])
+        v = np.concatenate([x[1] for x in losses[4 * update:4 * update + 4]])
+        np.testing.assert_allclose(loss, [v[d == k].mean() for k in range(3)])
+        np.testing.assert_array_equal(examples, np.bincount(d, minlength=3))

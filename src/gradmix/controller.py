@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -84,11 +84,19 @@ def _dist_info() -> tuple[int, int]:
 
 @dataclass
 class _Interval:
-    """Running sums over one logging interval and one update interval."""
+    """Per-domain loss sums and example counts over a span of steps."""
 
     loss_sum: np.ndarray
     loss_count: np.ndarray
-    measurements: list[Any] = field(default_factory=list)
+
+    def add(self, loss_sum: np.ndarray, counts: np.ndarray) -> None:
+        self.loss_sum += np.where(counts > 0, loss_sum, 0.0)
+        self.loss_count += counts
+
+    def mean(self) -> np.ndarray:
+        """Mean loss per domain (NaN where no example was seen)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.loss_count > 0, self.loss_sum / np.maximum(self.loss_count, 1), np.nan)
 
 
 class Mixer:
@@ -181,20 +189,17 @@ class Mixer:
                 raise ValueError(f"method {self.method.name!r} needs gradient statistics: pass model=... (or probe=...)")
             from gradmix.probe import GradientProbe
 
-            params = dict(probe_params or {})
-            if "target_alignment" in self.method.required_stats:
-                params.setdefault("num_splits", 2)
-            self.probe = GradientProbe(model, **params)
+            self.probe = GradientProbe(model, **dict(probe_params or {}))
 
         groups = self.method.probe_groups()
         self._groups = None if groups is None else torch.as_tensor(np.asarray(groups), dtype=torch.long)
         self.step_count = 0
-        self._interval = self._new_interval()
+        self._interval = self._new_interval()  # logging interval (train_loss in metrics.jsonl)
+        self._update_losses = self._new_interval()  # update interval (the losses a loss-based method sees)
         self._update_interval: list[Any] = []
         self._last_result: Any = None
         self._last_counts: np.ndarray | None = None
         self._pending_metrics: dict[str, Any] = {}
-        self._last_metrics: dict[str, Any] | None = None
         self._tokens = np.zeros(k, dtype=np.int64)
         self._events: list[str] = []
         self._starved: set[int] = set()
@@ -203,6 +208,7 @@ class Mixer:
         self.history: list[dict[str, Any]] = []
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._metrics_path = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
+        self._alert_low_weights(self.method.weights)  # a starting mix can already starve a domain
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _new_interval(self) -> _Interval:
@@ -268,7 +274,9 @@ class Mixer:
         result = self.probe.backward(batch, groups, self.method.num_stat_groups, loss_fn, measure=measure,
                                      target_batch=target_batch, global_batch_size=self.config.batch_size)
         self._last_result = result
-        self._last_counts = self._global_counts(domains)
+        # The probe already all-reduced per-group counts; with one group per domain they are the domain counts.
+        self._last_counts = (np.asarray(result.examples, dtype=np.float64) if self._groups is None
+                             else self._global_counts(domains))
         return result
 
     def _global_counts(self, domains: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -300,8 +308,8 @@ class Mixer:
         if result is not None:
             if isinstance(result, _ObservedLosses) or self._groups is None:
                 loss_sum, counts = _loss_sums(result)
-                self._interval.loss_sum += np.where(counts > 0, loss_sum, 0.0)
-                self._interval.loss_count += counts
+                self._interval.add(loss_sum, counts)
+                self._update_losses.add(loss_sum, counts)
             if getattr(result, "grad_sq_norm", None) is not None or getattr(result, "target_alignment", None) is not None:
                 self._update_interval.append(result)
 
@@ -316,6 +324,7 @@ class Mixer:
                     self._warn(f"step {step}: {self.method.last_skip_reason}")
                 self._apply(new)
             self._update_interval = []
+            self._update_losses = self._new_interval()
 
         self._check_repeats()
         for event in self.sampler.events[self._num_sampler_events:]:
@@ -329,12 +338,10 @@ class Mixer:
     def _build_stats(self, step: int) -> DomainStats | None:
         g = self.method.num_stat_groups
         if not self.needs_gradients:
-            loss = np.where(self._interval.loss_count > 0,
-                            self._interval.loss_sum / np.maximum(self._interval.loss_count, 1), np.nan)
             if self._groups is not None:
                 return DomainStats(step=step, num_domains=g, batch_size=self.config.batch_size)
-            return DomainStats(step=step, num_domains=g, loss=loss, examples=self._interval.loss_count.copy(),
-                               batch_size=self.config.batch_size)
+            return DomainStats(step=step, num_domains=g, loss=self._update_losses.mean(),
+                               examples=self._update_losses.loss_count.copy(), batch_size=self.config.batch_size)
         if not self._update_interval:
             self._warn(f"step {step}: no gradient measurement in this interval (call mixer.backward); update skipped")
             return None
@@ -343,14 +350,20 @@ class Mixer:
 
     def _apply(self, weights: np.ndarray) -> None:
         self.sampler.set_weights(weights)
+        self._alert_low_weights(weights)
+
+    def _alert_low_weights(self, weights: np.ndarray) -> None:
+        """One warning per change of the set of barely sampled domains (a domain that recovers may alert again)."""
         floor = self.config.alert_min_weight
         floor = 0.1 / len(weights) if floor is None else floor
-        for i in np.flatnonzero(weights < floor):
-            if i not in self._starved:
-                self._starved.add(int(i))
-                self._warn(f"step {self.step_count}: weight of domain {self.names[i]!r} fell to {weights[i]:.4f} "
-                           f"(< {floor:.4f}); it is barely sampled now")
-        self._starved -= set(np.flatnonzero(weights >= floor).tolist())  # recovered: may alert again later
+        low = set(np.flatnonzero(weights < floor).tolist())
+        new = sorted(low - self._starved)
+        self._starved = low
+        if new:
+            shown = ", ".join(f"{self.names[i]!r} ({weights[i]:.4f})" for i in new[:5])
+            more = f" and {len(new) - 5} more" if len(new) > 5 else ""
+            self._warn(f"step {self.step_count}: weight of domain {shown}{more} is below {floor:.4f}; "
+                       "barely sampled now")
 
     def _check_repeats(self) -> None:
         limit = self.config.alert_repeats
@@ -413,6 +426,8 @@ class Mixer:
             "sampler": self.sampler.state_dict(batch_index=self.step_count),
             "tokens": self._tokens.tolist(),
             "interval": {"loss_sum": self._interval.loss_sum.tolist(), "loss_count": self._interval.loss_count.tolist()},
+            "update_losses": {"loss_sum": self._update_losses.loss_sum.tolist(),
+                              "loss_count": self._update_losses.loss_count.tolist()},
             "update_interval": [_result_to_dict(r) for r in self._update_interval],
         }
         if self._target_sampler is not None:
@@ -429,8 +444,10 @@ class Mixer:
         self.sampler.load_state_dict(state["sampler"])
         self.step_count = int(state["step"])
         self._tokens = np.asarray(state["tokens"], dtype=np.int64)
-        self._interval = _Interval(np.asarray(state["interval"]["loss_sum"], dtype=np.float64),
-                                   np.asarray(state["interval"]["loss_count"], dtype=np.float64))
+        self._interval, self._update_losses = (
+            _Interval(np.asarray(state[key]["loss_sum"], dtype=np.float64),
+                      np.asarray(state[key]["loss_count"], dtype=np.float64))
+            for key in ("interval", "update_losses"))
         self._update_interval = [_ResultRecord(**r) for r in state.get("update_interval", [])]
         self._num_sampler_events = len(self.sampler.events)
         if self._target_sampler is not None and "target_sampler" in state:
