@@ -58,25 +58,27 @@ def _setup(name: str):
     return mixer, model, opt, mixer.batches()
 
 
+def _timed_step(mixer, model, opt, batches) -> float:
+    """One full training step with the Mixer; returns its wall time in seconds."""
+    from gradmix.experiment.model import per_example_loss
+
+    t0 = time.perf_counter()
+    batch = next(batches)
+    mixer.backward(model, batch, per_example_loss)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    mixer.step()
+    return time.perf_counter() - t0
+
+
 def worker(name: str, steps: int) -> dict:
     import numpy as np
     import torch
 
-    from gradmix.experiment.model import per_example_loss
-
     torch.set_num_threads(2)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     mixer, model, opt, batches = _setup(name)
-    times = []
-    for step in range(steps + 10):
-        t0 = time.perf_counter()
-        batch = next(batches)
-        mixer.backward(model, batch, per_example_loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        mixer.step()
-        if step >= 10:  # skip warm-up steps
-            times.append(time.perf_counter() - t0)
+    times = [_timed_step(mixer, model, opt, batches) for _ in range(steps + 10)][10:]  # skip warm-up steps
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"name": name, "mean_step_s": float(np.mean(times)), "total_s": float(np.sum(times)),
             "peak_rss_mb": rss_after / 1024, "rss_growth_mb": (rss_after - rss_before) / 1024,
@@ -88,8 +90,6 @@ def paired(pair: str, steps: int) -> dict:
     import numpy as np
     import torch
 
-    from gradmix.experiment.model import per_example_loss
-
     torch.set_num_threads(2)
     arms = {name: _setup(name) for name in PAIRS[pair]}
     times: dict[str, list[float]] = {name: [] for name in arms}
@@ -99,14 +99,8 @@ def paired(pair: str, steps: int) -> dict:
     for start in range(0, steps + block, block):
         for name, (mixer, model, opt, batches) in arms.items():
             for _ in range(block):
-                t0 = time.perf_counter()
                 measuring = mixer.should_measure()
-                batch = next(batches)
-                mixer.backward(model, batch, per_example_loss)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                mixer.step()
-                dt = time.perf_counter() - t0
+                dt = _timed_step(mixer, model, opt, batches)
                 if start >= block:  # first block of each arm is warm-up
                     times[name].append(dt)
                     if name == PAIRS[pair][1]:

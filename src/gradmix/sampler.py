@@ -222,28 +222,21 @@ class MixtureSampler:
             cursor = int(self._cursor[domain])
             if cursor >= size:
                 if self.max_repeats is not None and self._passes[domain] >= self.max_repeats:
-                    self._exhausted[domain] = True
-                    name = self.domain_names[domain]
-                    self._events.append(SamplerEvent(
-                        batch_index, domain, "exhausted",
-                        f"domain {name!r} used its max_repeats={self.max_repeats} passes at batch {batch_index}; "
-                        "its weight is moved to the other domains",
-                    ))
-                    break
+                    break  # last allowed pass used up
                 self._passes[domain] += 1
                 self._cursor[domain] = 0
                 cursor = 0
-                self._deferred[domain] = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-                if not self._deferred[domain].size:
-                    del self._deferred[domain]
+                if parts:  # the new pass starts inside this batch: keep what was just used for its end
+                    self._deferred[domain] = np.concatenate(parts)
+                else:
+                    self._deferred.pop(domain, None)
             perm = self._permutation(domain, int(self._passes[domain]))
             take = min(need, size - cursor)
             parts.append(perm[cursor:cursor + take])
             self._cursor[domain] = cursor + take
             need -= take
-        if self.max_repeats is not None and self._cursor[domain] >= size and self._passes[domain] >= self.max_repeats \
-                and not self._exhausted[domain]:
-            # exhausted exactly at the end of its last pass: mark now so the next batch already avoids it
+        if self.max_repeats is not None and self._cursor[domain] >= size and self._passes[domain] >= self.max_repeats:
+            # mark at once (also when the last pass ends exactly here) so the next draw already avoids the domain
             self._exhausted[domain] = True
             self._events.append(SamplerEvent(
                 batch_index, domain, "exhausted",
@@ -311,10 +304,9 @@ class MixtureSampler:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         while True:
             try:
-                domains, examples = self.next_arrays()
+                yield next(self)
             except DataExhaustedError:
                 return
-            yield list(zip(domains.tolist(), examples.tolist()))
 
     def __next__(self) -> list[tuple[int, int]]:
         domains, examples = self.next_arrays()

@@ -150,7 +150,6 @@ def prepare_data(cfg: dict[str, Any]) -> PreparedData:
     cache_root = default_data_dir(data_cfg.get("data_dir"))
     tokenizer = _tokenizer_for(train_texts, data_cfg, cache_root)
     window = int(data_cfg["window"])
-    eot = tokenizer.token_to_id("<|endoftext|>")
 
     domains = []
     val_windows: dict[str, torch.Tensor] = {}
@@ -173,7 +172,6 @@ def prepare_data(cfg: dict[str, Any]) -> PreparedData:
         target_train = Domain("target", pack_tokens(encode_documents(tokenizer, t_train), window, name="target (train)"))
         target_val = pack_tokens(encode_documents(tokenizer, t_val), window,
                                  name="target (validation)")[: cfg["train"]["eval_windows_per_domain"]]
-    del eot
     info.update({
         "domains": train.names,
         "train_windows": dict(zip(train.names, train.sizes)),
