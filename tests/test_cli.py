@@ -107,3 +107,14 @@ def test_importance_reads_target_counts_from_a_cluster_folder(tmp_path):
     assert main(args) == 0
     weights = json.loads((out / "summary.json").read_text())["final_weights"]
     assert weights == pytest.approx({"c0000": 1 / 8, "c0001": 0.0, "c0002": 7 / 8})
+
+
+def test_run_stops_cleanly_when_data_runs_out(tmp_path):
+    out = tmp_path / "run"
+    args = ["run", str(SMOKE), "--out", str(out), "--no-progress", "--method", "uniform",
+            "--set", "mixing.max_repeats=1", "--set", "steps=100000"]
+    with pytest.warns(RuntimeWarning, match="data exhausted"):
+        assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "data exhausted" in summary["stopped_early"] and 0 < summary["steps_done"] < 100000
+    assert np.isfinite(summary["avg_val_loss"])

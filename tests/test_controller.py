@@ -59,7 +59,11 @@ def test_metrics_jsonl_records_weights_losses_tokens(tmp_path):
     assert sum(records[-1]["tokens"].values()) == 12 * 12 * 6  # steps x batch x window tokens
     # weights change only at update steps (4, 8, 12)
     w = [tuple(r["weights"].values()) for r in records]
-    assert w[0] != w[1] and w[1] == w[2] and w[2] != w[3]
+    # the method's request changes at update steps (4, 8, 12); the sampled mix from the next batch on
+    req = [tuple(r["requested_weights"].values()) for r in records]
+    assert req[0] != req[1] and req[1] == req[2] and req[2] != req[3]
+    assert w[0] == w[1] and w[1] != w[2] and w[2] == w[3] and w[3] != w[4]
+    assert w[2] == req[1] and w[4] == req[3]
 
 
 def test_weights_reach_the_sampler():
@@ -223,3 +227,26 @@ def test_loss_based_methods_see_the_whole_update_interval():
         v = np.concatenate([x[1] for x in losses[4 * update:4 * update + 4]])
         np.testing.assert_allclose(loss, [v[d == k].mean() for k in range(3)])
         np.testing.assert_array_equal(examples, np.bincount(d, minlength=3))
+
+
+def test_exhausted_data_ends_batches_cleanly_and_logs_what_was_sampled(tmp_path):
+    model = TinyLM()
+    mixer = Mixer(make_domains((6, 4, 40)), "uniform", 6, max_repeats=1, log_every=1, run_dir=tmp_path)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = 0
+    with pytest.warns(MixingWarning, match=r"data exhausted.*exhausted: \['d0', 'd1', 'd2'\]"):
+        for batch in mixer.batches(100):
+            mixer.backward(model, batch, loss_fn)
+            opt.step()
+            opt.zero_grad()
+            mixer.step()
+            steps += 1
+    assert steps == (6 + 4 + 40) // 6  # every example once; the partial last batch is dropped
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # once d1 (4 examples) is used up, the logged mix shows it at 0 while the method still asks for 1/3
+    late = records[-1]
+    assert late["weights"]["d1"] == 0 and late["weights"]["d0"] == 0
+    assert late["weights"]["d2"] == pytest.approx(1.0)
+    assert late["requested_weights"]["d1"] == pytest.approx(1 / 3)
+    tokens = records[-1]["tokens"]
+    assert tokens["d0"] == 6 * 6 and tokens["d1"] == 4 * 6  # never more than one pass

@@ -1,4 +1,4 @@
-"""MixtureSampler: counts, no repeats inside a pass, determinism, resume, max_repeats, ranks."""
+"""MixtureSampler: cumulative quota guarantee, exact passes, determinism, resume, exhaustion, ranks, bad input."""
 
 from __future__ import annotations
 
@@ -8,106 +8,209 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradmix import MixtureSampler, WeightError
-from gradmix.sampler import largest_remainder_counts
+from gradmix.permutation import feistel_permute, half_bits, mix64
+from gradmix.sampler import DataExhaustedError, deficit_round
 
-sizes_st = st.lists(st.integers(1, 60), min_size=1, max_size=7)
+POSITIVE = st.floats(1e-3, 1.0, allow_nan=False)
 
 
-def weights_for(k: int):
-    return st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=k, max_size=k).filter(lambda w: sum(w) > 1e-6)
+def harmonic_lag_bound(k: int) -> float:
+    """H_K - 1: the worst lag of error-diffusion rounding (reached by the cup-game adversary)."""
+    return sum(1.0 / i for i in range(2, k + 1))
 
 
 @st.composite
-def sampler_case(draw):
-    sizes = draw(sizes_st)
+def quota_case(draw, min_weight=POSITIVE):
+    k = draw(st.integers(1, 8))
+    world = draw(st.sampled_from([1, 2, 4]))
+    batch = world * draw(st.integers(1, 16))
+    sizes = draw(st.lists(st.one_of(st.integers(1, 40), st.integers(10**9, 10**12)), min_size=k, max_size=k))
+    history = draw(st.lists(st.lists(min_weight, min_size=k, max_size=k), min_size=1, max_size=40))
+    seed = draw(st.integers(0, 2**40))
+    return sizes, batch, world, history, seed
+
+
+def run_reference(sizes, batch, history, seed, **kw):
+    """Global batches and the independently accumulated targets sum_s b * w(s)."""
+    s = MixtureSampler(sizes, batch, history[0], seed=seed, **kw)
     k = len(sizes)
-    batch = draw(st.integers(1, 40))
-    history = draw(st.lists(weights_for(k), min_size=1, max_size=12))
-    mode = draw(st.sampled_from(["quota", "multinomial"]))
-    seed = draw(st.integers(0, 2**31))
-    return sizes, batch, history, mode, seed
-
-
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(sampler_case())
-def test_counts_sum_quota_rounding_and_no_repeat_within_a_pass(case):
-    sizes, batch, history, mode, seed = case
-    s = MixtureSampler(sizes, batch, history[0], seed=seed, mode=mode)
-    streams: list[list[int]] = [[] for _ in sizes]
+    target, drawn = np.zeros(k), np.zeros(k)
+    out = []
     for w in history:
         s.set_weights(w)
-        domains, examples = s.next_global_arrays()
-        assert len(domains) == batch
-        counts = np.bincount(domains, minlength=len(sizes))
-        w_norm = np.asarray(w) / np.sum(w)
-        if mode == "quota":
-            assert np.all(np.abs(counts - batch * w_norm) < 1 + 1e-9)
-        assert np.all(counts[w_norm == 0] == 0)
-        for d in range(len(sizes)):
-            streams[d].extend(examples[domains == d].tolist())
-    for d, n in enumerate(sizes):
-        stream = streams[d]
-        # consecutive chunks of n examples are whole passes: each a permutation of the domain
+        d, e = s.next_global_arrays()
+        target += batch * np.asarray(w) / np.sum(w)
+        drawn += np.bincount(d, minlength=k)
+        out.append((d, e, target.copy(), drawn.copy()))
+    return s, out
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(quota_case())
+def test_cumulative_counts_track_the_weight_history(case):
+    sizes, batch, _, history, seed = case
+    _, out = run_reference(sizes, batch, history, seed)
+    k = len(sizes)
+    for d, _, target, drawn in out:
+        assert len(d) == batch
+        lag = target - drawn
+        assert lag.min() > -1 - 1e-9, "a domain got more than one example ahead of its cumulative target"
+        assert lag.max() < 2, f"lag {lag} too large"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 64), st.lists(POSITIVE, min_size=1, max_size=12), st.integers(0, 999))
+def test_constant_weights_stay_within_one_example_every_batch(k, batch, raw, seed):
+    w = np.resize(np.asarray(raw), k)
+    _, out = run_reference([1000] * k, batch, [w] * 60, seed)
+    for _, _, target, drawn in out:
+        assert np.all(np.abs(target - drawn) < 1 + 1e-9)
+
+
+def test_issue_cases_now_get_their_share():
+    def shares(k, batch, w, steps=3000):
+        s = MixtureSampler([100] * k, batch, w)
+        c = np.zeros(k)
+        for _ in range(steps):
+            d, _ = s.next_global_arrays()
+            c += np.bincount(d, minlength=k)
+        return c / c.sum()
+
+    np.testing.assert_allclose(shares(3, 8, [1, 1, 1]), [1 / 3] * 3, atol=1e-4)  # was 0.375 / 0.375 / 0.25
+    assert shares(5, 2, [1] * 5, 1000).min() == pytest.approx(0.2)  # three domains were never sampled
+    np.testing.assert_allclose(shares(4, 16, [0.49, 0.17, 0.17, 0.17]), [0.49, 0.17, 0.17, 0.17], atol=1e-4)
+    w = np.array([0.13] * 4 + [0.12] * 4)
+    np.testing.assert_allclose(shares(8, 16, w / w.sum()), w / w.sum(), atol=1e-4)  # was 0.125 each
+
+
+def test_ties_have_no_index_bias():
+    """Uniform over 3 at batch 8: which domain gets the extra example is spread over seeds, not always domain 0."""
+    first_extra = np.zeros(3)
+    for seed in range(300):
+        d, _ = MixtureSampler([50] * 3, 8, seed=seed).next_global_arrays()
+        first_extra += np.bincount(d, minlength=3) == 3
+    assert first_extra.min() > 40, first_extra
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4).filter(lambda w: sum(w) > 1e-3),
+                min_size=1, max_size=40), st.integers(1, 24), st.integers(0, 99))
+def test_zero_weight_gets_nothing_and_batches_stay_full(history, batch, seed):
+    _, out = run_reference([30] * 4, batch, history, seed)
+    for (d, _, _, drawn), w in zip(out, history):
+        assert len(d) == batch
+        counts = np.bincount(d, minlength=4)
+        assert np.all(counts[np.asarray(w) == 0] == 0)
+    lag = out[-1][2] - out[-1][3]
+    assert np.all(np.abs(lag) < 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(quota_case(), st.data())
+def test_ranks_resume_and_passes(case, data):
+    sizes, batch, world, history, seed = case
+    ref, out = run_reference(sizes, batch, history, seed)
+    # every pass over a domain is an exact permutation (small domains only: large ones never finish a pass)
+    for dom, n in enumerate(sizes):
+        stream = np.concatenate([e[d == dom] for d, e, _, _ in out]) if out else np.empty(0)
         for start in range(0, len(stream), n):
             chunk = stream[start:start + n]
-            assert len(set(chunk)) == len(chunk), "example repeated inside one pass"
-            assert all(0 <= i < n for i in chunk)
+            assert len(set(chunk.tolist())) == len(chunk) and np.all((chunk >= 0) & (chunk < n))
             if len(chunk) == n:
-                assert sorted(chunk) == list(range(n))
-        assert s.passes[d] == max(1, -(-len(stream) // n))
+                assert sorted(chunk.tolist()) == list(range(n))
+    # ranks: disjoint shares whose union is the global batch
+    ranks = [MixtureSampler(sizes, batch, history[0], seed=seed, rank=r, world_size=world) for r in range(world)]
+    for (d, e, _, _), w in zip(out, history):
+        shares = []
+        for s in ranks:
+            s.set_weights(w)
+            rd, re = s.next_arrays()
+            assert len(rd) == batch // world
+            shares += list(zip(rd.tolist(), re.tolist()))
+        assert sorted(shares) == sorted(zip(d.tolist(), e.tolist()))
+    # resume at a random point (residuals are part of the state) reproduces the continuation exactly
+    cut = data.draw(st.integers(0, len(history) - 1))
+    s = MixtureSampler(sizes, batch, history[0], seed=seed)
+    for w in history[:cut]:
+        s.set_weights(w)
+        s.next_global_arrays()
+    state = s.state_dict()
+    r = MixtureSampler(sizes, batch, [1.0] * len(sizes), seed=seed, world_size=world)  # another world size
+    r.load_state_dict(state)
+    for t in range(cut, len(history)):
+        r.set_weights(history[t])
+        d, e = r.next_global_arrays()
+        np.testing.assert_array_equal(d, out[t][0])
+        np.testing.assert_array_equal(e, out[t][1])
 
 
-@settings(max_examples=2000, deadline=None)
-@given(st.lists(st.floats(0.0, 1e6, allow_nan=False), min_size=1, max_size=30).filter(lambda w: sum(w) > 0),
-       st.integers(0, 5000))
-def test_largest_remainder_is_within_one(weights, total):
-    w = np.asarray(weights) / np.sum(weights)
-    counts = largest_remainder_counts(w, total)
-    assert counts.sum() == total
-    assert np.all(np.abs(counts - total * w) < 1 + 1e-9)
-    assert np.all(counts >= 0)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 16, 17, 255, 256, 257, 7919, 65536, 65537, 1_000_003])
+def test_every_pass_is_an_exact_permutation_for_awkward_sizes(n):
+    for key in (0, 1, 2**63 + 12345):
+        keys = mix64(np.full(n, key, dtype=np.uint64))
+        perm = feistel_permute(np.arange(n), np.full(n, n), np.full(n, half_bits(n)), keys)
+        assert np.array_equal(np.sort(perm), np.arange(n))
 
 
-def test_full_pass_visits_every_example_once():
-    s = MixtureSampler([7, 13], 4, [0.5, 0.5], seed=3)
-    got = {0: [], 1: []}
-    for _ in range(3):  # 12 draws: 6 per domain < 7
-        d, i = s.next_global_arrays()
-        for dd, ii in zip(d, i):
-            got[int(dd)].append(int(ii))
-    assert len(got[0]) == len(set(got[0])) == 6
-    assert len(got[1]) == len(set(got[1])) == 6
+def test_permutation_of_10_to_the_12_is_injective_and_in_range_on_samples():
+    n = 10**12
+    rng = np.random.default_rng(0)
+    positions = np.unique(np.concatenate([np.arange(200_000), n - 1 - np.arange(100_000),
+                                          rng.integers(0, n, 300_000)]))
+    keys = mix64(np.full(positions.size, 99, dtype=np.uint64))
+    out = feistel_permute(positions, np.full(positions.size, n), np.full(positions.size, half_bits(n)), keys)
+    assert out.min() >= 0 and out.max() < n
+    assert np.unique(out).size == positions.size  # a bijection never maps two positions to one example
+
+
+def test_passes_differ_and_look_shuffled():
+    s = MixtureSampler([1000], 1000, seed=7)
+    p1 = s.next_global_arrays()[1]
+    p2 = s.next_global_arrays()[1]
+    assert sorted(p1.tolist()) == sorted(p2.tolist()) == list(range(1000))
+    assert not np.array_equal(p1, p2)
+    assert abs(np.corrcoef(np.arange(1000), p1)[0, 1]) < 0.15
+    assert (p1 == np.arange(1000)).sum() < 10  # a random permutation has ~1 fixed point
+
+
+def test_huge_domains_cost_nothing():
+    s = MixtureSampler([10**12] * 8, 512, seed=0)
+    for _ in range(3):
+        d, e = s.next_global_arrays()
+        assert len(d) == 512 and e.max() < 10**12
+        assert len(set(zip(d.tolist(), e.tolist()))) == 512
+
+
+def test_unshuffled_domains_yield_positions_in_order_across_passes():
+    s = MixtureSampler([5, 100], 4, [0.5, 0.5], shuffle=[False, True])
+    stream = []
+    for _ in range(5):
+        d, e = s.next_global_arrays()
+        stream += e[d == 0].tolist()
+    assert stream == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
 
 
 def test_same_seed_and_weight_history_gives_same_batches_and_different_seed_differs():
-    def run(seed):
-        s = MixtureSampler([50, 80, 20], 16, seed=seed, mode="multinomial")
+    def run(seed, mode):
+        s = MixtureSampler([50, 80, 20], 16, seed=seed, mode=mode)
         out = []
         for t in range(30):
             s.set_weights([1 + t % 3, 2, 0.5 + t / 10])
             out.append(next(s))
         return out
 
-    assert run(1) == run(1)
-    assert run(1) != run(2)
+    for mode in ("quota", "multinomial"):
+        assert run(1, mode) == run(1, mode)
+        assert run(1, mode) != run(2, mode)
 
 
-def test_state_dict_resume_is_exact_at_any_boundary():
-    rng = np.random.default_rng(0)
-    weights = rng.random((40, 4)) + 0.01
-    ref = MixtureSampler([9, 30, 5, 64], 12, seed=5, max_repeats=None)
-    ref_batches = []
-    states = []
-    for w in weights:
-        states.append(ref.state_dict())
-        ref.set_weights(w)
-        ref_batches.append(next(ref))
-    for m in (0, 7, 23, 39):
-        s = MixtureSampler([9, 30, 5, 64], 12, seed=5)
-        s.load_state_dict(states[m])
-        for t in range(m, 40):
-            s.set_weights(weights[t])
-            assert next(s) == ref_batches[t]
+def test_multinomial_is_unbiased():
+    w = np.array([0.5, 0.3, 0.15, 0.05])
+    s = MixtureSampler([100] * 4, 4, w, mode="multinomial", seed=3)
+    c = np.zeros(4)
+    for _ in range(5000):
+        c += np.bincount(s.next_global_arrays()[0], minlength=4)
+    np.testing.assert_allclose(c / c.sum(), w, atol=0.01)
 
 
 def test_rollback_to_consumed_batch_replays_prefetched_weights():
@@ -123,6 +226,11 @@ def test_rollback_to_consumed_batch_replays_prefetched_weights():
     r = MixtureSampler([40, 40, 40], 9, seed=1)
     r.load_state_dict(state)
     assert [next(r) for _ in range(5)] == prefetched[1:] + later
+    # a rollback of a state that was itself replaying keeps the queue exact
+    state2 = r.state_dict(batch_index=12)
+    r2 = MixtureSampler([40, 40, 40], 9, seed=1)
+    r2.load_state_dict(state2)
+    assert [next(r2) for _ in range(4)] == (prefetched[1:] + later)[1:5]
 
 
 def test_max_repeats_moves_weight_and_records_event():
@@ -134,34 +242,52 @@ def test_max_repeats_moves_weight_and_records_event():
         assert len(d) == 4
     assert sorted(seen_small) == [0, 1, 2]  # never repeated
     assert s.exhausted.tolist() == [True, False]
+    assert s.sampled_weights.tolist() == [0.0, 1.0]  # what was actually sampled, not the request
+    assert s.weights.tolist() == [0.5, 0.5]
     assert any(e.kind == "exhausted" and "small" in e.message for e in s.events)
 
 
-def test_all_domains_exhausted_stops_cleanly():
-    s = MixtureSampler([2, 2], 2, max_repeats=1)
-    batches = list(s)
-    assert sum(len(b) for b in batches) == 4
+def test_all_domains_exhausted_ends_iteration_or_raises_a_clear_error():
+    s = MixtureSampler([2, 3], 2, max_repeats=1, domain_names=["a", "b"])
+    batches = list(s)  # ends cleanly; the last, partial batch (one example of 'b' left) is dropped
+    pairs = [p for b in batches for p in b]
+    assert len(batches) == 2 and len(set(pairs)) == 4 and all(len(b) == 2 for b in batches)
+    with pytest.raises(DataExhaustedError, match=r"batch 2.*exhausted: \['a', 'b'\]"):
+        s.next_global_arrays()
+    assert not issubclass(DataExhaustedError, StopIteration)
+    state = s.state_dict()  # the failed draw left a clean state
+    assert state["batch_index"] == 2 and state["drawn"] == [2, 2]
 
 
-def test_ranks_get_disjoint_share_of_same_global_batch():
-    sizes, bs = [30, 50, 11], 12
-    ranks = [MixtureSampler(sizes, bs, seed=4, rank=r, world_size=3) for r in range(3)]
-    full = MixtureSampler(sizes, bs, seed=4)
-    for t in range(20):
-        w = [1 + t % 2, 1, 3]
-        for s in ranks + [full]:
-            s.set_weights(w)
-        shares = [next(s) for s in ranks]
-        glob = next(full)
-        merged = sorted(p for share in shares for p in share)
-        assert merged == sorted(glob)
-        assert sum(len(x) for x in shares) == bs and len(set(merged)) == len(merged)
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=5), st.integers(1, 10), st.integers(1, 3),
+       st.sampled_from(["quota", "multinomial"]), st.integers(0, 99))
+def test_max_repeats_is_never_exceeded_and_every_example_is_used(sizes, batch, repeats, mode, seed):
+    s = MixtureSampler(sizes, batch, seed=seed, max_repeats=repeats, mode=mode)
+    drawn = [[] for _ in sizes]
+    for b in s:
+        for dom, ex in b:
+            drawn[dom].append(ex)
+    for dom, n in enumerate(sizes):
+        counts = np.bincount(drawn[dom], minlength=n)
+        assert counts.max() <= repeats
+    total = sum(len(x) for x in drawn)
+    assert sum(sizes) * repeats - total < batch  # only the last partial batch can be left over
+
+
+def test_deficit_round_handles_clipping_and_large_lags():
+    ties = np.arange(4, dtype=np.uint64)
+    c = deficit_round(np.array([-0.6, -0.6, 1.1, 1.1]), 1, np.array([False, False, True, True]), ties)
+    assert c.sum() == 1 and c[:2].sum() == 0
+    c = deficit_round(np.array([3.2, -0.5, -0.9, -0.8]), 1, np.ones(4, bool), ties)
+    assert c.tolist() == [1, 0, 0, 0]
 
 
 @pytest.mark.parametrize("bad, match", [
     ([0, 0, 0], "all zero"),
     ([1, -1, 1], "negative value -1.0 for domain 'b'"),
     ([1, float("nan"), 1], "non-finite value nan for domain 'b'"),
+    ([1, float("inf"), 1], "non-finite value inf for domain 'b'"),
     ([1, 1], "has 2 entries but there are 3 domains"),
 ])
 def test_bad_weights_name_the_fault(bad, match):
@@ -170,17 +296,50 @@ def test_bad_weights_name_the_fault(bad, match):
         s.set_weights(bad)
 
 
-def test_bad_construction():
-    with pytest.raises(ValueError, match="domain 'b' has size 0"):
-        MixtureSampler([5, 0], 4, domain_names=["a", "b"])
-    with pytest.raises(ValueError, match="not divisible by world_size"):
-        MixtureSampler([5, 5], 5, world_size=2, rank=1)
-    with pytest.raises(ValueError, match="mode"):
-        MixtureSampler([5], 2, mode="poisson")
+def test_huge_but_finite_weights_are_rescaled_not_zeroed():
+    s = MixtureSampler([5, 5, 5], 3)
+    s.set_weights([1e308] * 3)
+    np.testing.assert_allclose(s.weights, [1 / 3] * 3)
 
 
-def test_checkpoint_from_other_domains_is_refused():
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sizes=[5, 0]), "domain 'b' has size 0"),
+    (dict(sizes=[5, -2]), "domain 'b' has size -2"),
+    (dict(sizes=[5, 2.5]), "domain 'b' has size 2.5"),
+    (dict(sizes=[5, True]), "domain 'b' has size True"),
+    (dict(sizes=[5, 2**63]), "domain 'b' has size"),
+    (dict(sizes=[]), "non-empty"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(batch_size=True), "batch_size must be a positive integer"),
+    (dict(batch_size=2.5), "batch_size must be a positive integer"),
+    (dict(batch_size=5, world_size=2, rank=1), "not divisible by world_size"),
+    (dict(rank=2, world_size=2), "rank must be in"),
+    (dict(mode="poisson"), "mode"),
+    (dict(max_repeats=0), "max_repeats"),
+    (dict(shuffle=[True]), "shuffle has 1 entries"),
+])
+def test_bad_construction_names_the_fault(kwargs, match):
+    args = dict(sizes=[5, 5], batch_size=4, domain_names=["a", "b"])
+    args.update(kwargs)
+    if not args["sizes"]:
+        args.pop("domain_names")
+    with pytest.raises(ValueError, match=match):
+        MixtureSampler(**args)
+
+
+def test_checkpoint_from_other_run_is_refused_and_leaves_the_sampler_unchanged():
     a = MixtureSampler([5, 5], 2, domain_names=["en", "de"])
     b = MixtureSampler([5, 5], 2, domain_names=["en", "fr"])
     with pytest.raises(ValueError, match=r"other domains.*missing here: \['de'\].*new here: \['fr'\]"):
         b.load_state_dict(a.state_dict())
+    c = MixtureSampler([5, 6], 2, domain_names=["en", "de"])
+    with pytest.raises(ValueError, match=r"sizes=\[5, 5\]"):
+        c.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="format='gradmix.MixtureSampler/1'.*cannot be resumed exactly"):
+        a.load_state_dict({"format": "gradmix.MixtureSampler/1"})
+    next(a)
+    before = a.state_dict()
+    broken = dict(before, drawn=[1, 2, 3])
+    with pytest.raises(ValueError, match="'drawn' has shape"):
+        a.load_state_dict(broken)
+    assert a.state_dict() == before

@@ -28,7 +28,7 @@ import torch
 from gradmix.checkpoint import load_checkpoint_file, save_checkpoint_file
 from gradmix.methods import make_method
 from gradmix.methods.base import MixingMethod
-from gradmix.sampler import MixtureSampler
+from gradmix.sampler import DataExhaustedError, MixtureSampler
 from gradmix.sources import Domain, DomainSet, collate_examples
 from gradmix.stats import DomainStats
 
@@ -206,6 +206,7 @@ class Mixer:
         self._repeat_alerted: set[int] = set()
         self._num_sampler_events = 0
         self.history: list[dict[str, Any]] = []
+        self.exhausted_message: str | None = None  # set when ``batches()`` ended because the data ran out
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._metrics_path = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
         self._alert_low_weights(self.method.weights)  # a starting mix can already starve a domain
@@ -219,7 +220,12 @@ class Mixer:
         """Collated batches (this rank's share), without a DataLoader: the fastest path for in-memory windows."""
         produced = 0
         while num_steps is None or produced < num_steps:
-            domains, examples = self.sampler.next_arrays()
+            try:
+                domains, examples = self.sampler.next_arrays()
+            except DataExhaustedError as exc:  # every domain used its max_repeats passes: end, do not crash
+                self.exhausted_message = f"step {self.step_count}: data exhausted, iteration ends: {exc}"
+                self._warn(self.exhausted_message)
+                return
             produced += 1
             yield self.domains.gather(domains, examples)
 
@@ -389,7 +395,10 @@ class Mixer:
             train_loss[name] = float(value) if math.isfinite(value) else None
         record = {
             "step": step,
-            "weights": dict(zip(self.names, map(float, self.method.weights))),
+            # what this step's batch was actually drawn from (exhausted domains removed) ...
+            "weights": dict(zip(self.names, map(float, self.sampler.sampled_weights_at(step - 1)))),
+            # ... and what the method asks for now (from the next batch on)
+            "requested_weights": dict(zip(self.names, map(float, self.method.weights))),
             "train_loss": train_loss,
             "tokens": dict(zip(self.names, map(int, self._tokens))),
             "repeats": dict(zip(self.names, map(int, self.sampler.passes - 1))),

@@ -302,6 +302,7 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         return out
 
     step_times: list[float] = []
+    stopped_early: str | None = None
     started = time.perf_counter()
     batches = mixer.batches()
     last_eval: dict[str, Any] = {}
@@ -316,7 +317,12 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
             lr = _lr_at(step, steps, train_cfg["lr"], train_cfg["warmup_steps"], train_cfg["min_lr_ratio"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = next(batches)
+            batch = next(batches, None)
+            if batch is None:  # every domain used its max_repeats passes: stop here, keep what was trained
+                stopped_early = mixer.exhausted_message
+                log_stop = f"{cfg['name']}:{mix_cfg['method']}:s{seed}: {stopped_early}"
+                warnings.warn(log_stop, RuntimeWarning, stacklevel=1)
+                break
             mixer.backward(model, batch, per_example_loss)
             if train_cfg.get("grad_clip"):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])
@@ -342,6 +348,9 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         bar.close()
     mixer.save_checkpoint(ckpt_path, model=model, optimizer=optimizer)
 
+    if stopped_early is not None and mixer.step_count not in (0, start) and \
+            mixer.step_count % eval_every != 0:  # evaluate the model as the data left it
+        last_eval = evaluate(mixer.step_count)
     if "val_accuracy" not in last_eval and cfg["eval"]["continuation_items"]:  # resumed after the last step
         last_eval["val_accuracy"] = evaluate_continuation(model, _continuation_task(data, cfg["eval"]))
     accuracy = last_eval.get("val_accuracy", {})
@@ -358,7 +367,10 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         "wall_time_s": time.perf_counter() - started,
         "step_time_s": float(np.median(step_times)) if step_times else None,
         "events": len([r for r in mixer.history if r.get("events")]),
+        "steps_done": mixer.step_count,
     }
+    if stopped_early is not None:
+        summary["stopped_early"] = stopped_early
     if accuracy:
         summary["final_val_accuracy"] = accuracy
         summary["avg_val_accuracy"] = float(np.mean(list(accuracy.values())))

@@ -53,7 +53,11 @@ def validate_weights(weights: Any, num_domains: int | None = None, *, names: lis
     neg = np.flatnonzero(arr < 0)
     if neg.size:
         raise WeightError(f"{what} has a negative value {arr[neg[0]]} for {label(int(neg[0]))}")
-    total = arr.sum()
+    with np.errstate(over="ignore"):
+        total = arr.sum()
+    if np.isinf(total):  # huge but finite entries: rescale first so the sum does not overflow to inf (-> all 0)
+        arr = arr / arr.max()
+        total = arr.sum()
     if not total > 0:
         raise WeightError(f"{what} are all zero: at least one domain needs a positive weight")
     if abs(total - 1.0) <= 1e-12:
