@@ -29,7 +29,7 @@ from gradmix.checkpoint import load_checkpoint_file, save_checkpoint_file
 from gradmix.methods import make_method
 from gradmix.methods.base import MixingMethod
 from gradmix.sampler import DataExhaustedError, MixtureSampler
-from gradmix.sources import Domain, DomainSet, collate_examples
+from gradmix.sources import Domain, DomainSet, DomainSource, collate_examples
 from gradmix.stats import DomainStats
 
 __all__ = ["Mixer", "MixerConfig", "MixingWarning"]
@@ -125,7 +125,7 @@ class Mixer:
         model: torch.nn.Module | None = None,
         probe: Any = None,
         probe_params: Mapping[str, Any] | None = None,
-        target: Domain | torch.Tensor | None = None,
+        target: DomainSource | torch.Tensor | None = None,
         run_dir: str | Path | None = None,
         rank: int | None = None,
         world_size: int | None = None,
@@ -156,16 +156,16 @@ class Mixer:
         self.sampler = MixtureSampler(
             self.domains.sizes, self.config.batch_size, self.method.weights, seed=self.config.seed,
             mode=self.config.mode, rank=self.rank, world_size=self.world_size,
-            max_repeats=self.config.max_repeats, domain_names=self.names,
+            max_repeats=self.config.max_repeats, domain_names=self.names, shuffle=self.domains.shuffle,
         )
 
         # target set (DGA, DoGE)
-        self.target: Domain | None = None
+        self.target: DomainSource | None = None
         self._target_sampler: MixtureSampler | None = None
         if target is not None:
-            self.target = target if isinstance(target, Domain) else Domain("target", torch.as_tensor(target))
-            if self.target.windows.shape[1] != self.domains.window_tokens + 1:
-                raise ValueError(f"target windows have {self.target.windows.shape[1] - 1} tokens, domains have "
+            self.target = target if isinstance(target, DomainSource) else Domain("target", torch.as_tensor(target))
+            if self.target.window_tokens != self.domains.window_tokens:
+                raise ValueError(f"target windows have {self.target.window_tokens} tokens, domains have "
                                  f"{self.domains.window_tokens}")
             tbs = self.config.target_batch_size
             if self.target.size < 2:
@@ -178,7 +178,7 @@ class Mixer:
                                  f"{self.world_size} ranks")
             self._target_sampler = MixtureSampler([self.target.size], tbs, [1.0], seed=self.config.seed + 1,
                                                   rank=self.rank, world_size=self.world_size,
-                                                  domain_names=[self.target.name])
+                                                  domain_names=[self.target.name], shuffle=self.target.shuffle)
         if self.method.needs_target and self.target is None:
             raise ValueError(f"method {self.method.name!r} steers toward a target set: pass target=... to the Mixer")
 
@@ -240,7 +240,7 @@ class Mixer:
         if self._target_sampler is None or self.target is None:
             raise ValueError("this Mixer has no target set")
         _, idx = self._target_sampler.next_arrays()
-        return {"input_ids": self.target.windows[torch.from_numpy(idx)]}
+        return {"input_ids": self.target.take(idx)}
 
     # -- schedule -----------------------------------------------------------------------------------------------
     @property

@@ -1,7 +1,26 @@
-"""Named data domains: texts, text files/folders, token sequences or arrays, packed into fixed-length windows.
+"""Named data domains: in memory, in memory-mapped token files, in HF datasets, or streamed.
 
-A domain is a tensor of token windows of shape (n, T + 1): inputs are ``[:, :-1]`` and next-token targets
-``[:, 1:]``. Consecutive windows overlap by one token so every token of the packed stream is predicted exactly once.
+Every domain is a ``DomainSource``: ``name``, ``size`` (examples), ``window_tokens`` (T, tokens predicted per example),
+``num_tokens``, ``shuffle`` and ``take(indices)`` -> LongTensor (len(indices), T + 1). Inputs are ``[:, :-1]`` and
+next-token targets ``[:, 1:]``. Where a domain is cut from a token stream, consecutive windows overlap by one token so
+every token of the stream is predicted exactly once (``pack_tokens``).
+
+Kinds and what each guarantees:
+
+- ``Domain``: windows in RAM (tests, small corpora). Random access.
+- ``TokenFileDomain``: a memory-mapped ``.bin`` (flat uint16/uint32 stream, as nanoGPT-style pipelines write) or
+  ``.npy`` (1-D stream or 2-D windows). Only the rows a batch asks for are read; pickles as path + layout, so
+  DataLoader workers re-open the file instead of copying it. Random access.
+- ``HFDatasetDomain``: a map-style ``datasets.Dataset`` (Arrow, read by index); one row = one window. Random access.
+- ``StreamDomain``: an HF ``datasets.IterableDataset`` or any re-iterable of token lists, packed in stream order.
+
+Random-access kinds (``shuffle = True``) get the sampler's exact seeded permutation per pass: every example once per
+pass, in an order fixed by the seed. Streams (``shuffle = False``) are read in stream order, with no shuffling beyond
+what the stream itself does: a pass is one read of the stream, and the example index the sampler hands out is the
+position in that read. That position is the sampler's cursor, so it is saved in the sampler's checkpoint; after a
+resume the stream is re-read (and discarded) up to that position. Read a stream from one process
+(``num_workers=0`` or ``mixer.batches()``): a stream keeps its read position in the object.
+
 ``DomainSet`` is a map-style torch Dataset addressed by the ``(domain_index, example_index)`` pairs the
 ``MixtureSampler`` yields, so it drops straight into a ``DataLoader(batch_sampler=...)``.
 """
@@ -9,16 +28,21 @@ A domain is a tensor of token windows of shape (n, T + 1): inputs are ``[:, :-1]
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 __all__ = [
+    "DomainSource",
     "Domain",
+    "TokenFileDomain",
+    "HFDatasetDomain",
+    "StreamDomain",
     "DomainSet",
     "DocumentSplitError",
     "pack_tokens",
@@ -33,6 +57,10 @@ Tokenize = Union[Callable[[list[str]], list[list[int]]], Any]
 
 class DocumentSplitError(ValueError):
     """A domain cannot be built (empty, too short, unreadable)."""
+
+
+class _MissingFileError(FileNotFoundError, ValueError):
+    """A token file that does not exist: catchable as either, since callers of both conventions exist."""
 
 
 def _encode(tokenizer: Tokenize, texts: list[str]) -> list[list[int]]:
@@ -109,17 +137,66 @@ def read_documents(path: str | Path) -> list[str]:
     return [p for p in parts if p.strip()]
 
 
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"domain name must be a non-empty string, got {name!r}")
+    return name
+
+
+def _as_indices(indices: Any, size: int, name: str) -> np.ndarray:
+    """Example indices as a 1-D int64 array, each in [0, size): a wrong index fails here, naming the domain,
+    rather than wrapping around (negative) or failing deep inside numpy/Arrow."""
+    if isinstance(indices, torch.Tensor):
+        indices = indices.cpu().numpy()
+    arr = np.asarray(indices)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise TypeError(f"domain {name!r}: example indices must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False).reshape(-1)
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= size):
+        bad = int(arr[(arr < 0) | (arr >= size)][0])
+        raise IndexError(f"domain {name!r}: example index {bad} is out of range for {size} examples")
+    return arr
+
+
+class DomainSource(ABC):
+    """What every domain offers the sampler and ``DomainSet``: a name, a size, a window length and batched reads.
+
+    ``shuffle`` is True where examples can be read in any order (the sampler permutes them per pass) and False for
+    streams, which must be read in order (the sampler hands out positions 0, 1, 2, ... per pass).
+    """
+
+    name: str
+    shuffle: ClassVar[bool] = True
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Number of examples (windows) per pass."""
+
+    @property
+    @abstractmethod
+    def window_tokens(self) -> int:
+        """Tokens predicted per example (window length T); each example holds T + 1 tokens."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.size * self.window_tokens
+
+    @abstractmethod
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        """Examples ``indices`` as a LongTensor of shape (len(indices), T + 1), in the order asked."""
+
+
 @dataclass
-class Domain:
-    """One named source of examples: ``windows`` has shape (num_examples, window + 1)."""
+class Domain(DomainSource):
+    """One named in-memory source of examples: ``windows`` has shape (num_examples, window + 1)."""
 
     name: str
     windows: torch.Tensor
     num_documents: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"domain name must be a non-empty string, got {self.name!r}")
+        _check_name(self.name)
         if not isinstance(self.windows, torch.Tensor):
             self.windows = torch.as_tensor(np.asarray(self.windows))
         if self.windows.dim() != 2:
@@ -143,21 +220,382 @@ class Domain:
     def num_tokens(self) -> int:
         return self.size * self.window_tokens
 
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        return self.windows[torch.from_numpy(_as_indices(indices, self.size, self.name))]
+
+
+_BIN_DTYPES = ("uint16", "uint32", "int32", "int64")
+
+
+class TokenFileDomain(DomainSource):
+    """Token ids in a file that stays on disk: memory-mapped, so a corpus larger than RAM costs only page cache.
+
+    - ``.bin``: a flat token stream of ``dtype`` (uint16, uint32, int32 or int64; required, since the file has no
+      header), e.g. what nanoGPT-style ``prepare.py`` scripts write with ``ndarray.tofile``.
+    - ``.npy``: opened with ``np.load(mmap_mode="r")``; 1-D = a flat token stream, 2-D = pre-cut windows of shape
+      (n, T + 1) (``window`` must then be T or None).
+
+    A flat stream of n tokens gives ``(n - 1) // window`` windows; window i is ``tokens[i*T : i*T + T + 1]`` (the same
+    overlap-by-one cut as ``pack_tokens``). Pickling stores the path and layout, never the data; the file is
+    re-opened on first use in each process (DataLoader workers).
+    """
+
+    def __init__(self, name: str, path: str | Path, window: int | None, dtype: Any = None) -> None:
+        self.name = _check_name(name)
+        self.path = Path(path)
+        where = f"token file {str(self.path)!r} (domain {name!r})"
+        if not self.path.exists():
+            raise _MissingFileError(f"{where} does not exist")
+        if not self.path.is_file():
+            raise ValueError(f"{where} is not a regular file")
+        if window is not None and (not isinstance(window, (int, np.integer)) or window < 1):
+            raise ValueError(f"{where}: window must be an integer >= 1, got {window!r}")
+        suffix = self.path.suffix.lower()
+        if suffix == ".bin":
+            if dtype is None:
+                raise ValueError(f"{where}: a .bin file has no header; pass dtype= one of {list(_BIN_DTYPES)}")
+            dt = _parse_dtype(dtype, where)
+            if dt.name not in _BIN_DTYPES:
+                raise ValueError(f"{where}: dtype {dt.name} is not a token dtype; use one of {list(_BIN_DTYPES)}")
+            nbytes = self.path.stat().st_size
+            if nbytes % dt.itemsize:
+                raise ValueError(f"{where}: {nbytes} bytes is not a multiple of the {dt.name} item size "
+                                 f"({dt.itemsize}); wrong dtype or a truncated file")
+            self._dtype, self._shape, self._npy = dt, (nbytes // dt.itemsize,), False
+        elif suffix == ".npy":
+            try:
+                arr = np.load(self.path, mmap_mode="r")
+            except (ValueError, OSError) as exc:  # object arrays (need pickle), a broken header
+                raise ValueError(f"{where}: cannot memory-map this .npy: {exc}") from exc
+            if dtype is not None and _parse_dtype(dtype, where) != arr.dtype:
+                raise ValueError(f"{where}: the file holds {arr.dtype}, but dtype={np.dtype(dtype).name} was passed")
+            self._dtype, self._shape, self._npy = arr.dtype, tuple(arr.shape), True
+            del arr
+        else:
+            raise ValueError(f"{where}: unsupported file type {suffix or '(none)'!r}; use .bin or .npy")
+        if self._dtype.kind not in "iu":
+            raise ValueError(f"{where}: tokens must be integers, the file holds {self._dtype}")
+        if len(self._shape) == 1:
+            if window is None:
+                raise ValueError(f"{where}: a flat token stream needs window= (tokens predicted per example)")
+            self._window = int(window)
+            n = self._shape[0]
+            self._size = (n - 1) // self._window if n else 0
+            if self._size < 1:
+                raise DocumentSplitError(f"{where} has {n} tokens; one window needs {self._window + 1}")
+        elif len(self._shape) == 2:
+            width = self._shape[1] - 1
+            if width < 1:
+                raise ValueError(f"{where}: windows of shape {self._shape} hold fewer than 2 tokens")
+            if window is not None and int(window) != width:
+                raise ValueError(f"{where}: the file holds windows of {width} + 1 tokens, but window={window}")
+            self._window, self._size = width, self._shape[0]
+            if self._size < 1:
+                raise DocumentSplitError(f"{where} holds 0 windows")
+        else:
+            raise ValueError(f"{where}: expected a 1-D token stream or 2-D windows, got shape {self._shape}")
+        self._mm: np.memmap | None = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def window_tokens(self) -> int:
+        return self._window
+
+    @property
+    def data(self) -> np.memmap:
+        """The memory-mapped array (opened on first use in this process; its pages are read only when touched)."""
+        if self._mm is None:
+            if self._npy:
+                mm = np.load(self.path, mmap_mode="r")
+            else:
+                mm = np.memmap(self.path, dtype=self._dtype, mode="r", shape=self._shape)
+            if mm.dtype != self._dtype or tuple(mm.shape) != self._shape:
+                raise ValueError(f"token file {str(self.path)!r} (domain {self.name!r}) changed since it was opened: "
+                                 f"now {mm.dtype} {tuple(mm.shape)}, was {self._dtype} {self._shape}")
+            self._mm = mm
+        return self._mm
+
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        rows = _as_indices(indices, self._size, self.name)
+        uniq, inverse = np.unique(rows, return_inverse=True)  # sorted reads: friendlier to the page cache
+        mm = self.data
+        if mm.ndim == 1:
+            block = mm[uniq[:, None] * self._window + np.arange(self._window + 1)[None, :]]
+        else:
+            block = mm[uniq]
+        return torch.from_numpy(np.asarray(block, dtype=np.int64)[inverse.reshape(-1)])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_mm"] = None  # never pickle the mapped data; each process maps the file itself
+        return state
+
+    def __repr__(self) -> str:
+        return (f"TokenFileDomain({self.name!r}, {str(self.path)!r}, window={self._window}, dtype={self._dtype.name}, "
+                f"size={self._size})")
+
+
+def _parse_dtype(dtype: Any, where: str) -> np.dtype:
+    try:
+        return np.dtype(dtype)
+    except TypeError as exc:
+        raise ValueError(f"{where}: {dtype!r} is not a numpy dtype") from exc
+
+
+class HFDatasetDomain(DomainSource):
+    """A map-style HF ``datasets.Dataset`` whose ``column`` holds one window of T + 1 token ids per row.
+
+    Rows are read by index from the Arrow table (memory-mapped when the dataset lives on disk), a batch at a time;
+    nothing is copied into RAM up front. T comes from the first row; every row read is checked to have T + 1 tokens.
+    Needs the optional ``datasets`` package (``pip install gradmix[hf]``).
+    """
+
+    def __init__(self, name: str, dataset: Any, column: str = "input_ids") -> None:
+        self.name = _check_name(name)
+        import datasets as hf_datasets
+
+        if isinstance(dataset, hf_datasets.IterableDataset):
+            raise TypeError(f"domain {name!r}: an IterableDataset cannot be read by index; use StreamDomain")
+        if not isinstance(dataset, hf_datasets.Dataset):
+            raise TypeError(f"domain {name!r}: expected a datasets.Dataset (pick a split of a DatasetDict), "
+                            f"got {type(dataset).__name__}")
+        if column not in dataset.column_names:
+            raise ValueError(f"domain {name!r}: dataset has no column {column!r}; it has {dataset.column_names}")
+        self.column = column
+        self.dataset = dataset.with_format("numpy", columns=[column])  # a view on the same Arrow table, no copy
+        self._size = len(self.dataset)
+        if self._size == 0:
+            raise DocumentSplitError(f"domain {name!r}: dataset is empty (0 rows)")
+        first = np.asarray(self.dataset[0][column])
+        if first.ndim != 1 or first.dtype.kind not in "iu":
+            raise ValueError(f"domain {name!r}: column {column!r} row 0 must be a list of integer token ids, "
+                             f"got shape {first.shape} dtype {first.dtype}")
+        if first.size < 2:
+            raise ValueError(f"domain {name!r}: column {column!r} row 0 has {first.size} tokens; a window needs >= 2")
+        self._window = int(first.size) - 1
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def window_tokens(self) -> int:
+        return self._window
+
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        rows = _as_indices(indices, self._size, self.name)
+        if rows.size == 0:
+            return torch.empty((0, self._window + 1), dtype=torch.long)
+        values = self.dataset[rows.tolist()][self.column]
+        width = self._window + 1
+        if not (isinstance(values, np.ndarray) and values.ndim == 2 and values.shape[1] == width):
+            # ragged rows come back as an object array of 1-D arrays; name the first row of the wrong length
+            lengths = [len(v) for v in values]
+            bad = next((k for k, n in enumerate(lengths) if n != width), 0)
+            raise ValueError(f"domain {self.name!r}: column {self.column!r} row {int(rows[bad])} has "
+                             f"{lengths[bad]} tokens; every row must hold window + 1 = {width} (from row 0)")
+        if values.dtype.kind not in "iu":
+            raise ValueError(f"domain {self.name!r}: column {self.column!r} holds {values.dtype}, not token ids")
+        return torch.from_numpy(values.astype(np.int64, copy=False))
+
+    def __repr__(self) -> str:
+        return f"HFDatasetDomain({self.name!r}, column={self.column!r}, window={self._window}, size={self._size})"
+
+
+class StreamDomain(DomainSource):
+    """Documents from a stream, packed in stream order into windows of ``window + 1`` tokens (stride ``window``).
+
+    ``iterable`` is an HF ``datasets.IterableDataset`` or any re-iterable (``iter()`` starts over each time) that
+    yields dicts with a ``column`` of token ids, or plain token-id sequences; or a zero-argument callable returning a
+    fresh iterator. Packing matches ``pack_tokens`` (``separator`` between documents, empty documents skipped).
+
+    ``take(positions)`` serves positions in stream order: it keeps the read position and a ring buffer of the last
+    ``buffer_windows`` windows, so continuing, or stepping back a little (a DataLoader prefetch rollback), is cheap; a
+    jump further back (a new pass, a resume) re-opens the stream and reads forward, and a jump ahead reads and
+    discards. Positions are fastest in consecutive runs, as the sampler hands them; any order is correct.
+
+    ``size`` (windows per pass) should be given: with ``size=None`` the whole stream is read once, on first use of
+    ``size``, just to count. Windows past ``size`` are never read; a stream that ends before ``size`` windows is an
+    error naming the domain. The read position lives in this object: read a stream from one process
+    (``num_workers=0`` / ``mixer.batches()``). A pickled copy (a DataLoader worker) starts over at position 0 and
+    stays correct, but every worker re-reads the stream. The ring costs ``buffer_windows * (window + 1) * 8`` bytes.
+    """
+
+    shuffle: ClassVar[bool] = False
+
+    def __init__(self, name: str, iterable: Any, window: int, size: int | None = None, column: str = "input_ids",
+                 *, separator: int | None = None, buffer_windows: int = 1024) -> None:
+        self.name = _check_name(name)
+        if not isinstance(window, (int, np.integer)) or window < 1:
+            raise ValueError(f"domain {name!r}: window must be an integer >= 1, got {window!r}")
+        if size is not None and (not isinstance(size, (int, np.integer)) or size < 1):
+            raise ValueError(f"domain {name!r}: size must be a positive integer (windows per pass) or None, "
+                             f"got {size!r}")
+        if not isinstance(buffer_windows, (int, np.integer)) or buffer_windows < 1:
+            raise ValueError(f"domain {name!r}: buffer_windows must be an integer >= 1, got {buffer_windows!r}")
+        if callable(iterable) and not hasattr(iterable, "__iter__"):
+            self._open: Callable[[], Iterator[Any]] = iterable
+        elif hasattr(iterable, "__iter__"):
+            if iter(iterable) is iterable:
+                raise TypeError(f"domain {name!r}: a one-shot iterator/generator cannot be re-read for a second pass "
+                                f"or a resume; pass a re-iterable (list, IterableDataset) or a callable returning a "
+                                f"fresh iterator")
+            self._open = iterable.__iter__
+        else:
+            raise TypeError(f"domain {name!r}: expected an iterable of documents, got {type(iterable).__name__}")
+        self.iterable = iterable
+        self.column = column
+        self.separator = separator
+        self._window = int(window)
+        self._size = None if size is None else int(size)
+        self._cap = int(buffer_windows)
+        self.reopens = 0  # how many times the stream was (re-)opened: a diagnostic for costly jumps
+        self._ring: np.ndarray | None = None  # window j sits in slot j % buffer_windows; allocated on first read
+        self._reset()
+
+    # -- properties ---------------------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        if self._size is None:
+            self._size = self._count_windows()
+        return self._size
+
+    @property
+    def window_tokens(self) -> int:
+        return self._window
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        pos = _as_indices(indices, self.size, self.name)
+        out = torch.empty((pos.size, self._window + 1), dtype=torch.long)
+        if pos.size == 0:
+            return out
+        breaks = np.flatnonzero(np.diff(pos) != 1) + 1
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, pos.size], strict=True):
+            self._read_run(int(pos[lo]), int(hi - lo), out[lo:hi])
+        return out
+
+    def _read_run(self, start: int, count: int, out: torch.Tensor) -> None:
+        """Windows start .. start + count - 1 into ``out``: from the ring where possible, then read forward."""
+        oldest = self._pos - min(self._pos, self._cap)
+        if start < oldest:
+            self._reset()
+            oldest = 0
+        stop = start + count
+        have = min(stop, self._pos)
+        if have > start:
+            assert self._ring is not None
+            slots = np.arange(start, have) % self._cap
+            out[: have - start] = torch.from_numpy(self._ring[slots])
+        if stop > self._pos:
+            if start > self._pos:
+                self._produce(start - self._pos, None)
+            done = max(0, self._pos - start)
+            self._produce(stop - self._pos, out[done:])
+
+    def _reset(self) -> None:
+        """Back to position 0; the stream is opened lazily on the next read (the ring's memory is kept)."""
+        self._it: Iterator[Any] | None = None
+        self._carry = np.empty(0, dtype=np.int64)
+        self._pos = 0
+
+    def _produce(self, count: int, out: torch.Tensor | None) -> None:
+        """Cut the next ``count`` windows from the stream into the ring (and ``out`` if given)."""
+        if self._it is None:
+            self._it = iter(self._open())
+            self.reopens += 1
+        if self._ring is None:
+            self._ring = np.empty((self._cap, self._window + 1), dtype=np.int64)
+        T, written = self._window, 0
+        ar = np.arange(T + 1)
+        while written < count:
+            available = (self._carry.size - 1) // T if self._carry.size else 0
+            if out is None and available and count - written > self._cap:
+                # skipping ahead: windows that will not be among the ring's last ``buffer_windows`` are never cut
+                skip = min(available, count - written - self._cap)
+                self._carry = self._carry[skip * T:]
+                self._pos += skip
+                written += skip
+                continue
+            if available == 0:
+                doc = next(self._it, None)
+                if doc is None:
+                    raise DocumentSplitError(
+                        f"stream domain {self.name!r} ended after {self._pos} windows; its size is {self._size} "
+                        f"(pass the true size, or size=None to count)")
+                self._carry = np.concatenate([self._carry, *self._doc_tokens(doc)])
+                continue
+            m = min(available, count - written, self._cap)
+            windows = self._carry[np.arange(m)[:, None] * T + ar]
+            self._carry = self._carry[m * T:]
+            self._ring[np.arange(self._pos, self._pos + m) % self._cap] = windows
+            if out is not None:
+                out[written: written + m] = torch.from_numpy(windows)
+            self._pos += m
+            written += m
+
+    def _doc_tokens(self, doc: Any) -> list[np.ndarray]:
+        """One document as token arrays to append (plus the separator), as ``pack_tokens`` would."""
+        if isinstance(doc, Mapping):
+            if self.column not in doc:
+                raise ValueError(f"stream domain {self.name!r}: item has no column {self.column!r}; "
+                                 f"it has {sorted(doc)}")
+            doc = doc[self.column]
+        if isinstance(doc, (str, bytes)):
+            raise TypeError(f"stream domain {self.name!r}: items must be token ids, got text; "
+                            f"tokenize the stream first")
+        if isinstance(doc, torch.Tensor):
+            doc = doc.cpu().numpy()
+        arr = np.asarray(doc)
+        if arr.size and arr.dtype.kind not in "iu":
+            raise ValueError(f"stream domain {self.name!r}: tokens must be integers, got {arr.dtype}")
+        arr = arr.astype(np.int64, copy=False).reshape(-1)
+        if arr.size == 0:
+            return []
+        if self.separator is None:
+            return [arr]
+        return [arr, np.asarray([self.separator], dtype=np.int64)]
+
+    def _count_windows(self) -> int:
+        """Read the whole stream once to count its windows (only when no ``size`` was given)."""
+        tokens = sum(part.size for doc in self._open() for part in self._doc_tokens(doc))
+        n = (tokens - 1) // self._window if tokens else 0
+        if n < 1:
+            raise DocumentSplitError(f"stream domain {self.name!r} has {tokens} tokens; one window needs "
+                                     f"{self._window + 1}")
+        return n
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy starts over at position 0 (live iterators do not pickle); it stays correct, but re-reads."""
+        state = self.__dict__.copy()
+        state.update(_it=None, _carry=np.empty(0, dtype=np.int64), _pos=0, _ring=None)
+        return state
+
+    def __repr__(self) -> str:
+        return f"StreamDomain({self.name!r}, window={self._window}, size={self._size}, position={self._pos})"
+
 
 class DomainSet(Dataset):
-    """The named domains of one run; ``dataset[(d, i)]`` is example i of domain d."""
+    """The named domains of one run (any mix of kinds); ``dataset[(d, i)]`` is example i of domain d."""
 
-    def __init__(self, domains: Sequence[Domain]) -> None:
+    def __init__(self, domains: Sequence[DomainSource]) -> None:
         domains = list(domains)
         if not domains:
             raise ValueError("a DomainSet needs at least one domain")
+        for d in domains:
+            if not isinstance(d, DomainSource):
+                raise TypeError(f"expected domains (Domain, TokenFileDomain, HFDatasetDomain, StreamDomain), "
+                                f"got {type(d).__name__}")
         names = [d.name for d in domains]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate domain names: {dupes}")
-        widths = {d.windows.shape[1] for d in domains}
-        if len(widths) > 1:
-            raise ValueError(f"domains have different window lengths: { {d.name: d.windows.shape[1] for d in domains} }")
+        widths = {d.name: d.window_tokens for d in domains}
+        if len(set(widths.values())) > 1:
+            raise ValueError(f"domains predict different numbers of tokens per example (window): {widths}")
         self.domains = domains
 
     # -- constructors -------------------------------------------------------------------------------------------
@@ -193,6 +631,17 @@ class DomainSet(Dataset):
         return cls.from_texts({name: read_documents(p) for name, p in paths.items()}, tokenizer, window,
                               separator=separator)
 
+    @classmethod
+    def from_token_files(cls, paths: Mapping[str, str | Path], window: int | None,
+                         dtype: Any = None) -> "DomainSet":
+        """Memory-mapped ``.bin`` / ``.npy`` token files, one per domain (see ``TokenFileDomain``)."""
+        return cls([TokenFileDomain(name, p, window, dtype) for name, p in paths.items()])
+
+    @classmethod
+    def from_hf_datasets(cls, datasets: Mapping[str, Any], column: str = "input_ids") -> "DomainSet":
+        """Map-style HF datasets of pre-cut windows, one per domain (see ``HFDatasetDomain``)."""
+        return cls([HFDatasetDomain(name, ds, column) for name, ds in datasets.items()])
+
     # -- views --------------------------------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
@@ -207,6 +656,11 @@ class DomainSet(Dataset):
         return [d.num_tokens for d in self.domains]
 
     @property
+    def shuffle(self) -> list[bool]:
+        """Per domain: True if its examples may be read in any order (sampler permutes), False for streams."""
+        return [bool(d.shuffle) for d in self.domains]
+
+    @property
     def window_tokens(self) -> int:
         return self.domains[0].window_tokens
 
@@ -215,7 +669,8 @@ class DomainSet(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         domain, index = key
-        return {"input_ids": self.domains[domain].windows[index], "domain": int(domain), "index": int(index)}
+        row = self.domains[domain].take(np.asarray([index], dtype=np.int64))[0]
+        return {"input_ids": row, "domain": int(domain), "index": int(index)}
 
     def get_batch(self, pairs: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
         """Gather a whole batch without per-example Python objects (fast path for the plain loop)."""
@@ -223,12 +678,19 @@ class DomainSet(Dataset):
         return self.gather(pairs_arr[:, 0], pairs_arr[:, 1])
 
     def gather(self, domains: np.ndarray, examples: np.ndarray) -> dict[str, torch.Tensor]:
+        """One batch: each domain present is read with a single ``take`` (its examples in batch order)."""
+        domains = np.asarray(domains, dtype=np.int64).reshape(-1)
+        examples = np.asarray(examples, dtype=np.int64).reshape(-1)
+        if domains.shape != examples.shape:
+            raise ValueError(f"gather needs one example index per domain index, got {domains.size} and {examples.size}")
         rows = torch.empty((len(domains), self.window_tokens + 1), dtype=torch.long)
         for d in np.unique(domains):
-            mask = domains == d
-            rows[torch.from_numpy(np.flatnonzero(mask))] = self.domains[int(d)].windows[torch.from_numpy(examples[mask])]
-        return {"input_ids": rows, "domain": torch.from_numpy(np.asarray(domains, dtype=np.int64)),
-                "index": torch.from_numpy(np.asarray(examples, dtype=np.int64))}
+            if not 0 <= d < len(self.domains):
+                raise IndexError(f"domain index {int(d)} is out of range for {len(self.domains)} domains")
+            where = np.flatnonzero(domains == d)
+            rows[torch.from_numpy(where)] = self.domains[int(d)].take(examples[where])
+        return {"input_ids": rows, "domain": torch.from_numpy(domains),
+                "index": torch.from_numpy(examples)}
 
 
 def collate_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
