@@ -10,9 +10,9 @@ permutation for every N (1, 2, primes, 10^12). Since 2^(2h) < 4N, a walk takes f
 Why this one: it needs only the key (no table), is exact for any N up to 2^62, and vectorises over a whole batch in
 numpy (positions, sizes and keys are per-element arrays, so all domains and passes of a batch go through one call).
 The round function is multiply-shift hashing (Dietzfelbinger et al. 1997) of the right half with a per-round key;
-six rounds are the default (four already give a pseudorandom permutation for a random round function; the two
-extra rounds make up for a cheap round function and cost a few microseconds per batch). This is a shuffling
-device, not cryptography.
+four rounds are the default (Luby-Rackoff: four rounds give a strong pseudorandom permutation for a random round
+function; measured, the position-value and serial correlations and fixed points of 4096-element passes match a
+random permutation's). This is a shuffling device, not cryptography.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import numpy as np
 __all__ = ["mix64", "feistel_permute", "half_bits", "MAX_SIZE", "DEFAULT_ROUNDS"]
 
 MAX_SIZE = 2**62
-DEFAULT_ROUNDS = 6
+DEFAULT_ROUNDS = 4
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MUL = np.uint64(0xD6E8FEB86659FD93)
 _C1 = np.uint64(0xBF58476D1CE4E5B9)
 _C2 = np.uint64(0x94D049BB133111EB)
@@ -48,17 +47,14 @@ def half_bits(size: int) -> int:
     return ((int(size) - 1).bit_length() + 1) // 2
 
 
-def _encrypt(x: np.ndarray, half: np.ndarray, keys: np.ndarray, rounds: int) -> np.ndarray:
-    """One pass of the Feistel network on [0, 2^(2h)) (per-element h and key)."""
-    mask = (np.uint64(1) << half) - np.uint64(1)
-    shift = np.uint64(64) - half
+def _encrypt(x: np.ndarray, half: np.ndarray, shift: np.ndarray, mask: np.ndarray,
+             round_keys: list[np.ndarray]) -> np.ndarray:
+    """One pass of the Feistel network on [0, 2^(2h)) (per-element h, shift = 64 - h, mask = 2^h - 1, keys)."""
     left = x >> half
     right = x & mask
-    key = keys
-    for _ in range(rounds):
-        key = key + _GOLDEN
-        f = ((right ^ key) * _MUL) >> shift  # top h bits of the product: already < 2^h
-        left, right = right, left ^ f
+    for key in round_keys:
+        # top h bits of the product: multiply-shift hashing, already < 2^h
+        left, right = right, left ^ (((right ^ key) * _MUL) >> shift)
     return (left << half) | right
 
 
@@ -72,6 +68,20 @@ def feistel_permute(positions: np.ndarray, sizes: np.ndarray, half: np.ndarray, 
     x = np.asarray(positions, dtype=np.uint64).copy()
     if x.size == 0:
         return x.astype(np.int64)
+    sizes = np.asarray(sizes, dtype=np.uint64)
+    half = np.asarray(half, dtype=np.uint64)
+    keys = np.asarray(keys, dtype=np.uint64)
+    shift = np.uint64(64) - half
+    mask = (np.uint64(1) << half) - np.uint64(1)
+    round_keys = [keys + np.uint64((0x9E3779B97F4A7C15 * (r + 1)) & 0xFFFFFFFFFFFFFFFF) for r in range(rounds)]
+    x = _encrypt(x, half, shift, mask, round_keys)
+    outside = x >= sizes
+    while outside.any():  # cycle-walking: re-encrypt until inside [0, size)
+        idx = np.flatnonzero(outside)
+        y = _encrypt(x[idx], half[idx], shift[idx], mask[idx], [key[idx] for key in round_keys])
+        x[idx] = y
+        outside[idx] = y >= sizes[idx]
+    return x.astype(np.int64)
     sizes = np.asarray(sizes, dtype=np.uint64)
     half = np.asarray(half, dtype=np.uint64)
     keys = np.asarray(keys, dtype=np.uint64)
