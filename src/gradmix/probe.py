@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from gradmix.stats import DomainStats
 
 __all__ = [
+    "BackwardFn",
     "GradientProbe",
     "LossFn",
     "ParameterSpec",
@@ -41,6 +42,40 @@ the module inside a DistributedDataParallel wrapper (its micro-passes must not t
 function should only call the model it is given."""
 
 ParameterSpec = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
+
+BackwardFn = Callable[[torch.Tensor], Any]
+"""loss -> None: runs the backward of ``loss`` the way the training loop does (GradScaler, accelerate, Lightning)."""
+
+
+def _default_backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+class _Session:
+    """What one optimizer step's probe calls have gathered so far (one or several micro-batches)."""
+
+    def __init__(self, num_groups: int, measure: bool) -> None:
+        self.num_groups = num_groups
+        self.measure = measure
+        self.loss_sums = np.zeros(num_groups)
+        self.counts = np.zeros(num_groups)
+        self.accumulators: list[_PartAccumulator | None] | None = None
+        self.finite: list[bool] = [True] * num_groups
+        self.g_target: torch.Tensor | None = None
+        self.target_loss: float | None = None
+        self.calls = 0
+        self.sq_norm = np.full(num_groups, np.nan)  # finished groups' estimates
+        self.variance = np.full(num_groups, np.nan)
+        self.alignment = np.full(num_groups, np.nan)
+        self.means: torch.Tensor | None = None  # (G, probed) group means, gram=True only
+
+    def add_losses(self, groups: torch.Tensor, losses: torch.Tensor | None) -> None:
+        """Count the micro-batch's examples per group (and add its losses, when given as one tensor)."""
+        ids = groups.detach().to("cpu", torch.long)
+        self.counts += np.bincount(ids.numpy(), minlength=self.num_groups)[: self.num_groups]
+        if losses is not None:
+            values = losses.detach().to("cpu", torch.float64).numpy()
+            self.loss_sums += np.bincount(ids.numpy(), weights=values, minlength=self.num_groups)[: self.num_groups]
 
 _BUCKET_BYTES = 32 * 1024 * 1024  # gradient all-reduce bucket size: one collective per ~32 MB, like DDP's 25 MB
 
@@ -268,6 +303,7 @@ class GradientProbe:
         self._numel = sum(p.numel() for _, p in self.named_parameters)
         dtypes = {p.dtype for _, p in self.named_parameters}
         self._dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+        self._session: _Session | None = None
 
     @property
     def num_probed(self) -> int:
@@ -277,15 +313,27 @@ class GradientProbe:
     # -- public entry point ---------------------------------------------------------------------------------------
     def backward(self, batch: Mapping[str, torch.Tensor], groups: torch.Tensor, num_groups: int, loss_fn: LossFn,
                  *, measure: bool, target_batch: Mapping[str, torch.Tensor] | None = None,
-                 global_batch_size: int | None = None) -> ProbeResult:
+                 global_batch_size: int | None = None, backward_fn: BackwardFn | None = None,
+                 final: bool = True) -> ProbeResult | None:
         """Accumulate into ``.grad`` the gradient of the batch's mean loss and return per-group statistics.
 
         The loss is sum(per-example losses) / (global_batch_size / world_size); by default global_batch_size is this
         rank's n times the world size, i.e. the local mean, which DDP's averaging turns into the global mean. Pass
-        it when ranks hold unequal shares or when accumulating several micro-steps into one optimizer step.
-        ``measure=False``: one forward/backward, losses per group only. ``measure=True``: per-group micro-batches and
-        gradient statistics; ``target_batch`` (measuring steps only) adds DGA's target alignment. Every rank must
-        call this with the same ``measure``, ``num_groups`` and presence of ``target_batch``.
+        it when ranks hold unequal shares or when accumulating several micro-batches into one optimizer step.
+        ``measure=False``: one forward/backward, losses per group only. ``measure=True``: per-group micro-passes and
+        gradient statistics; ``target_batch`` (first call of a measurement) adds DGA's target alignment. Every rank
+        must call this with the same ``measure``, ``num_groups``, ``final`` and presence of ``target_batch``.
+
+        ``backward_fn(loss)`` runs every backward (default ``loss.backward()``): pass ``accelerator.backward``,
+        ``lambda l: scaler.scale(l).backward()`` or Lightning's ``manual_backward``. Whatever constant factor it
+        applies to the loss (a GradScaler's scale, accelerate's 1/accumulation) is measured on a zero-valued anchor
+        added to the loss, and the statistics are divided by it: they always describe the unscaled loss.
+
+        Gradient accumulation: call once per micro-batch with ``final=False`` and ``final=True`` on the last one of
+        the optimizer step. Losses and (when measuring) the per-group parts of all micro-batches are pooled, so one
+        example of a group per micro-batch still gives an estimate; collectives and DDP's gradient sync happen on
+        the final call only; non-final calls return None. A measurement spanning micro-batches keeps one running
+        mean per group over the probed parameters (G x probed size; bound it with ``parameters=``).
         """
         n = self._check_inputs(batch, groups, num_groups)
         distributed = _distributed_active()
@@ -296,99 +344,149 @@ class GradientProbe:
             if isinstance(global_batch_size, bool) or not global_batch_size > 0:
                 raise ValueError(f"global_batch_size must be a positive number, got {global_batch_size!r}")
             divisor = float(global_batch_size) / world
-        if measure:
-            return self._measured_backward(batch, groups, num_groups, loss_fn, n, divisor, target_batch, distributed,
-                                           world)
-        return self._plain_backward(batch, groups, num_groups, loss_fn, n, divisor, distributed, world)
+        run = backward_fn if backward_fn is not None else _default_backward
+        session = self._session
+        if session is not None and (session.num_groups != num_groups or session.measure != measure):
+            raise ValueError(f"an accumulation started with measure={session.measure}, num_groups="
+                             f"{session.num_groups} cannot continue with measure={measure}, num_groups={num_groups}")
+        if session is None:
+            session = self._session = _Session(num_groups, measure)
+            if measure and target_batch is not None:
+                session.g_target, session.target_loss = self._target_gradient(target_batch, loss_fn, distributed,
+                                                                              run)
+        elif target_batch is not None:
+            raise ValueError("target_batch goes with the first micro-batch of a measurement, not a later one")
+        try:
+            sync = final or not _is_ddp(self.model)
+            if measure:
+                self._measured_backward(session, batch, groups, loss_fn, n, divisor, run, final)
+            else:
+                self._plain_backward(session, batch, groups, loss_fn, n, divisor, run, sync)
+        except BaseException:
+            self._session = None  # a failed micro-batch ends the accumulation; the caller zeroes .grad
+            raise
+        if not final:
+            return None
+        self._session = None
+        if distributed and (measure and _is_ddp(self.model) or self.sync_gradients and not _is_ddp(self.model)):
+            self._average_gradients(world)
+        return self._combine(session, distributed)
+
+    def reset(self) -> None:
+        """Drop a half-done accumulation (e.g. after skipping a step)."""
+        self._session = None
+
+    @property
+    def accumulating(self) -> bool:
+        """True between a non-final call and the final one."""
+        return self._session is not None
 
     # -- the two kinds of step ------------------------------------------------------------------------------------
-    def _plain_backward(self, batch, groups, num_groups, loss_fn, n, divisor, distributed, world) -> ProbeResult:
-        """One forward/backward on the whole batch (through the DDP wrapper, so DDP syncs as usual)."""
-        losses = _per_example_losses(loss_fn, self.model, batch, n, "the batch")
-        (losses.sum() / divisor).backward()
-        if distributed and self.sync_gradients and not _is_ddp(self.model):
-            self._average_gradients(world)
-        group_ids = groups.detach().to(losses.device, torch.long)
-        loss_sums = torch.bincount(group_ids, weights=losses.detach().to(torch.float64), minlength=num_groups)
-        counts = torch.bincount(group_ids, minlength=num_groups).to(torch.float64)
-        scalars = torch.cat([loss_sums[:num_groups], counts[:num_groups]]).to(self.device)
-        if distributed:
-            dist.all_reduce(scalars, group=self.process_group)
-        loss_sums, counts = scalars.cpu().numpy().reshape(2, num_groups)
-        return _loss_result(loss_sums, counts)
+    def _plain_backward(self, session, batch, groups, loss_fn, n, divisor, run, sync) -> None:
+        """One forward/backward on the whole micro-batch (through the DDP wrapper; DDP syncs on the last one)."""
+        context = contextlib.nullcontext() if sync else self.model.no_sync()
+        with context:
+            losses = _per_example_losses(loss_fn, self.model, batch, n, "the batch")
+            self._run(losses.sum() / divisor, run)
+        session.add_losses(groups, losses)
 
-    def _measured_backward(self, batch, groups, num_groups, loss_fn, n, divisor, target_batch, distributed,
-                           world) -> ProbeResult:
-        target = self._target_gradient(target_batch, loss_fn, distributed) if target_batch is not None else None
-        g_target, target_loss = (None, None) if target is None else target
-
+    def _measured_backward(self, session, batch, groups, loss_fn, n, divisor, run, final) -> None:
+        num_groups = session.num_groups
         parts_per_group = split_indices(groups, num_groups, self.num_splits)
-        counts = np.array([sum(len(part) for part in parts) for parts in parts_per_group], dtype=np.float64)
-        loss_sums = np.zeros(num_groups)
-        sq_norm = np.full(num_groups, np.nan)
-        variance = np.full(num_groups, np.nan)
-        alignment = np.full(num_groups, np.nan)
-        means = torch.zeros(num_groups, self._numel, dtype=self._dtype, device=self.device) if self.gram else None
+        session.add_losses(groups, None)
+        if session.accumulators is None:
+            session.accumulators = [None] * num_groups
+            if self.gram:
+                session.means = torch.zeros(num_groups, self._numel, dtype=self._dtype, device=self.device)
+        # One call per step: groups finish one after another and share one running-mean buffer. Across micro-batches
+        # every group keeps its own until the final call.
+        single = final and session.calls == 0
+        session.calls += 1
+        shared = torch.empty(self._numel, dtype=self._dtype, device=self.device) if single else None
         work = torch.empty(self._numel, dtype=self._dtype, device=self.device)  # one part's mean gradient
-        mean = torch.empty(self._numel, dtype=self._dtype, device=self.device)  # running (weighted) mean of parts
         deferred: list[torch.Tensor] = []  # parts with a non-finite loss: backwarded last so others stay measurable
 
         sync_context = self.model.no_sync() if _is_ddp(self.model) else contextlib.nullcontext()
         with sync_context:
             for k, parts in enumerate(parts_per_group):
-                if not parts:
-                    continue
-                acc = _PartAccumulator(mean)
-                finite = True
                 for index in parts:
                     size = float(len(index))
                     part = _slice_batch(batch, index, n)
                     losses = _per_example_losses(loss_fn, self.module, part, len(index), f"a micro-batch of group {k}")
                     part_loss_sum = float(losses.detach().to(torch.float64).sum())
-                    loss_sums[k] += part_loss_sum
+                    session.loss_sums[k] += part_loss_sum
                     scaled = losses.sum() / divisor
                     if not math.isfinite(part_loss_sum):
                         deferred.append(scaled)
-                        finite = False
+                        session.finite[k] = False
                         continue
-                    if not finite:  # the group is already unmeasurable: just train on it
-                        scaled.backward()
+                    if not session.finite[k]:  # the group is already unmeasurable: just train on it
+                        self._run(scaled, run)
                         continue
                     self._snapshot_grad(work)
-                    scaled.backward()
+                    scale = self._run(scaled, run)
                     with torch.no_grad():
-                        self._grad_minus(work)  # = grad of (part loss sum / divisor)
-                        work.mul_(divisor / size)  # -> mean per-example gradient of the part
-                        finite = acc.add(work, size)
-                self._finish_group(k, acc, finite, sq_norm, variance, alignment, means, g_target)
+                        self._grad_minus(work)  # = scale * grad of (part loss sum / divisor)
+                        if not (math.isfinite(scale) and scale != 0.0):
+                            session.finite[k] = False
+                            continue
+                        work.mul_(divisor / (size * scale))  # -> unscaled mean per-example gradient of the part
+                        acc = session.accumulators[k]
+                        if acc is None:
+                            acc = session.accumulators[k] = _PartAccumulator(
+                                shared if shared is not None else
+                                torch.empty(self._numel, dtype=self._dtype, device=self.device))
+                        session.finite[k] = acc.add(work, size)
+                if single:
+                    self._finish_group(session, k)
             if deferred:
-                torch.stack(deferred).sum().backward()
-        del work, mean
-        if distributed and (_is_ddp(self.model) or self.sync_gradients):
-            self._average_gradients(world)
+                self._run(torch.stack(deferred).sum(), run)
 
-        return self._combine(num_groups, loss_sums, counts, sq_norm, variance, alignment, means,
-                             target_loss if g_target is not None else None, distributed)
+    def _run(self, loss: torch.Tensor, run: BackwardFn) -> float:
+        """``run(loss + anchor)``; returns the factor ``run`` applied to the loss (1.0 for a plain backward)."""
+        if run is _default_backward:
+            loss.backward()
+            return 1.0
+        anchor = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
+        run(loss + anchor)
+        return float(anchor.grad) if anchor.grad is not None else float("nan")
 
     @staticmethod
-    def _finish_group(k, acc, finite, sq_norm, variance, alignment, means, g_target) -> None:
+    def _finish_group(session: "_Session", k: int) -> None:
+        """Turn group k's running sums into its estimates (once) and free its buffer."""
+        acc = session.accumulators[k] if session.accumulators is not None else None
         with torch.no_grad():
-            if not finite or not bool(torch.isfinite(acc.mean).all()):
-                if means is not None:
-                    means[k].fill_(float("nan"))  # poison this group's Gram row on every rank
-                return  # statistics stay NaN; the training gradient is complete
-            sq_norm[k], variance[k] = acc.estimates()
-            if g_target is not None:
-                alignment[k] = float(torch.dot(acc.mean, g_target))
-            if means is not None:
-                means[k].copy_(acc.mean)
+            if not session.finite[k] or (acc is not None and not bool(torch.isfinite(acc.mean).all())):
+                if session.means is not None:
+                    session.means[k].fill_(float("nan"))  # poison this group's Gram row on every rank
+            elif acc is not None:  # statistics of a poisoned group stay NaN; its training gradient is complete
+                session.sq_norm[k], session.variance[k] = acc.estimates()
+                if session.g_target is not None:
+                    session.alignment[k] = float(torch.dot(acc.mean, session.g_target))
+                if session.means is not None:
+                    session.means[k].copy_(acc.mean)
+        if session.accumulators is not None:
+            session.accumulators[k] = None
 
     # -- statistics across ranks ----------------------------------------------------------------------------------
-    def _combine(self, num_groups, loss_sums, counts, sq_norm, variance, alignment, means, target_loss,
-                 distributed) -> ProbeResult:
+    def _combine(self, session: "_Session", distributed: bool) -> ProbeResult:
         """Global statistics, identical on every rank: sums and counts add up; per-rank unbiased estimates are
         averaged with weights = local example counts (a convex mix of unbiased estimates stays unbiased); the
         alignment is exact because g_target is already global (count-weighted mean of per-rank group means)."""
+        num_groups = session.num_groups
+        loss_sums, counts = session.loss_sums, session.counts
+        result_losses_only = not session.measure
+        if result_losses_only:
+            scalars = torch.tensor(np.concatenate([loss_sums, counts]), dtype=torch.float64, device=self.device)
+            if distributed:
+                dist.all_reduce(scalars, group=self.process_group)
+            loss_sums, counts = scalars.cpu().numpy().reshape(2, num_groups)
+            return _loss_result(loss_sums, counts)
+
+        for k in range(num_groups):
+            self._finish_group(session, k)
+        sq_norm, variance, alignment, means = session.sq_norm, session.variance, session.alignment, session.means
+        g_target = session.g_target
         # A rank contributes an estimate where it had >= 2 examples; a non-finite result there poisons the group.
         estimable = counts >= 2
         poisoned_stats = estimable & np.isnan(sq_norm)
@@ -412,10 +510,10 @@ class GradientProbe:
         with np.errstate(invalid="ignore", divide="ignore"):
             result.grad_sq_norm = np.where(stat_weight > 0, sq_sum / np.where(stat_weight > 0, stat_weight, 1), np.nan)
             result.grad_var = np.where(stat_weight > 0, var_sum / np.where(stat_weight > 0, stat_weight, 1), np.nan)
-            if target_loss is not None:
+            if g_target is not None:
                 result.target_alignment = np.where(
                     align_weight > 0, align_sum / np.where(align_weight > 0, align_weight, 1), np.nan)
-                result.target_loss = float(target_loss)
+                result.target_loss = float(session.target_loss)
         if means is not None:
             result.gram = self._gram(means, counts_local=local_counts, counts_global=counts,
                                      sq_norm=result.grad_sq_norm, distributed=distributed)
@@ -440,9 +538,10 @@ class GradientProbe:
         return gram
 
     # -- target gradient (DGA) ------------------------------------------------------------------------------------
-    def _target_gradient(self, target_batch, loss_fn, distributed) -> tuple[torch.Tensor, float]:
+    def _target_gradient(self, target_batch, loss_fn, distributed, run) -> tuple[torch.Tensor, float]:
         """Mean-loss gradient of the target batch over the probed parameters (global under torch.distributed),
-        Adam-preconditioned if asked. Uses autograd.grad, so ``.grad`` is untouched."""
+        Adam-preconditioned if asked. ``.grad`` is left as it was: with the default backward by autograd.grad, with a
+        caller's ``backward_fn`` by saving the gradients, running it, reading the change and putting them back."""
         if not isinstance(target_batch, Mapping):
             raise TypeError(f"target_batch must be a mapping of tensors, got {type(target_batch).__name__}")
         losses = loss_fn(self.module, target_batch)
@@ -452,7 +551,22 @@ class GradientProbe:
         if not losses.requires_grad:
             raise ValueError("the target batch's loss does not depend on any trainable parameter")
         params = [p for _, p in self.named_parameters]
-        grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        scale = 1.0
+        if run is _default_backward:
+            grads = list(torch.autograd.grad(losses.sum(), params, allow_unused=True))
+        else:
+            trainable = [p for p in self.module.parameters() if p.requires_grad]
+            saved = [p.grad for p in trainable]
+            for p in trainable:
+                p.grad = None
+            try:
+                context = self.model.no_sync() if _is_ddp(self.model) else contextlib.nullcontext()
+                with context:
+                    scale = self._run(losses.sum(), run)
+                grads = [p.grad for p in params]
+            finally:
+                for p, g in zip(trainable, saved):
+                    p.grad = g
         # [sum of per-example gradients, example count, loss sum]: one all-reduce makes the global mean.
         buffer = torch.empty(self._numel + 2, dtype=self._dtype, device=self.device)
         with torch.no_grad():
@@ -464,6 +578,8 @@ class GradientProbe:
                 else:
                     view.copy_(grad.reshape(-1))
                 offset += p.numel()
+            if scale != 1.0:
+                buffer[:-2].div_(scale if math.isfinite(scale) and scale != 0.0 else float("nan"))
             buffer[-2] = float(losses.shape[0])
             buffer[-1] = float(losses.detach().to(torch.float64).sum())
             del grads
