@@ -1,22 +1,24 @@
-"""The Mixer: the one object a training loop talks to.
-
-It owns the domains, the sampler, the method and the schedule; on the steps where the method needs gradient
-statistics it has the probe measure them inside the training step; it pushes new weights to the sampler, records
-metrics, and saves / loads all of its state in one atomic checkpoint.
+"""The Mixer: the plain-loop composition of the core, the sampler, the probe and a metrics writer.
 
 A plain loop::
 
     mixer = Mixer(domains, method="pike", batch_size=32, update_every=50, model=model)
     for batch in mixer.batches(num_steps):
-        mixer.backward(model, batch, per_example_loss)   # forward + backward (+ probe on update steps)
+        mixer.backward(model, batch, per_example_loss)   # forward + backward (+ probe on measuring steps)
         optimizer.step(); optimizer.zero_grad()
         mixer.step()
+
+With ``accumulation_steps=A``, ``batches(n)`` yields n * A micro-batches; call ``backward`` once per micro-batch and
+``step`` (and the optimizer) once per A. The A micro-batches of a step are together exactly the batch a Mixer
+without accumulation would draw. Every backward runs through ``backward_fn`` (default ``loss.backward()``), so a
+GradScaler, ``accelerator.backward`` or Lightning's ``manual_backward`` keep working.
+
+Framework integrations drive ``MixingCore`` directly; the Mixer is the reference composition for a loop you own.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +27,20 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from gradmix.checkpoint import load_checkpoint_file, save_checkpoint_file
-from gradmix.methods import make_method
+from gradmix.checkpoint import capture_rng_state, load_checkpoint_file, restore_rng_state, save_checkpoint_file
+from gradmix.core import GRADIENT_STATS, MixingCore, Schedule
+from gradmix.methods import method_class
 from gradmix.methods.base import MixingMethod
+from gradmix.probe import BackwardFn
 from gradmix.sampler import DataExhaustedError, MixtureSampler
 from gradmix.sources import Domain, DomainSet, DomainSource, collate_examples
-from gradmix.stats import DomainStats
+from gradmix.stats import Measurement
+from gradmix.writers import JsonlWriter
 
-__all__ = ["Mixer", "MixerConfig", "MixingWarning"]
+__all__ = ["Mixer", "MixerConfig", "MixingWarning", "GRADIENT_STATS"]
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
-GRADIENT_STATS = frozenset({"grad_sq_norm", "grad_var", "target_alignment", "gram"})
+CHECKPOINT_FORMAT = "gradmix.Mixer/2"
 
 
 class MixingWarning(UserWarning):
@@ -48,14 +53,15 @@ class MixerConfig:
 
     update_every: optimizer steps between method updates (PiKE's T0, DGA's T_r).
     warmup_steps: steps before the first update (weights stay at the method's initial weights).
-    probe_every: steps between gradient measurements; default = update_every (measure on the step that ends each
-        interval). Smaller values average several measurements into one update (less estimator noise, more cost).
+    probe_every: steps between gradient measurements; default = update_every.
+    accumulation_steps: micro-batches per optimizer step; batch_size stays the examples per optimizer step.
     """
 
     batch_size: int
     update_every: int = 50
     warmup_steps: int = 0
     probe_every: int | None = None
+    accumulation_steps: int = 1
     seed: int = 0
     mode: str = "quota"
     max_repeats: int | None = None
@@ -63,17 +69,17 @@ class MixerConfig:
     log_every: int = 10
     alert_min_weight: float | None = None
     alert_repeats: int | None = 4
+    history_size: int = 1000
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "update_every", "log_every", "target_batch_size"):
+        for name in ("batch_size", "target_batch_size", "history_size"):
             value = getattr(self, name)
-            if int(value) != value or value < 1:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.probe_every is not None and (self.probe_every < 1 or self.update_every % self.probe_every):
-            raise ValueError(f"probe_every ({self.probe_every}) must be a positive divisor of update_every "
-                             f"({self.update_every})")
+
+    def schedule(self) -> Schedule:
+        return Schedule(update_every=self.update_every, warmup_steps=self.warmup_steps, probe_every=self.probe_every,
+                        log_every=self.log_every, accumulation_steps=self.accumulation_steps)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -82,42 +88,38 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-@dataclass
-class _Interval:
-    """Per-domain loss sums and example counts over a span of steps."""
+class _MicroBatchSampler:
+    """A DataLoader batch sampler: each of the sampler's (rank-share) batches as ``parts`` strided micro-batches."""
 
-    loss_sum: np.ndarray
-    loss_count: np.ndarray
+    def __init__(self, sampler: MixtureSampler, parts: int) -> None:
+        self.sampler, self.parts = sampler, parts
 
-    def add(self, loss_sum: np.ndarray, counts: np.ndarray) -> None:
-        self.loss_sum += np.where(counts > 0, loss_sum, 0.0)
-        self.loss_count += counts
-
-    def mean(self) -> np.ndarray:
-        """Mean loss per domain (NaN where no example was seen)."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.loss_count > 0, self.loss_sum / np.maximum(self.loss_count, 1), np.nan)
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.sampler:
+            for j in range(self.parts):
+                yield batch[j::self.parts]
 
 
 class Mixer:
     """Adaptive data mixing for one training run.
 
     Args:
-        domains: a ``DomainSet`` (or a list of ``Domain``).
-        method: a method name from the registry or a ``MixingMethod`` instance.
-        batch_size: global batch size (examples per optimizer step, all ranks together).
+        domains: a ``DomainSet`` (or a list of domains).
+        method: a method name from the registry (``gradmix.register_method`` adds yours) or a ``MixingMethod``.
+        batch_size: global batch size (examples per optimizer step, all ranks and micro-batches together).
         method_params: keyword arguments for the method (``sizes`` is filled in for methods that need it).
         model: the model, needed when the method uses gradient statistics (a ``GradientProbe`` is built for it).
-        probe: a ready ``GradientProbe`` (overrides ``model``); or any object with the same ``backward``.
-        target: the target set for DGA-style methods: a ``Domain``, or a tensor of token windows.
-        run_dir: where ``metrics.jsonl`` goes (rank 0 only); None = keep metrics in memory only.
+        probe: a ready ``GradientProbe`` (overrides ``model``); probe_params: arguments for the one built here.
+        target: the target set for DGA-style methods: a domain, or a tensor of token windows.
+        run_dir: where ``metrics.jsonl`` goes (rank 0 only); None = keep records in memory only (``history``).
+        writers: metrics writers (objects with ``write(record)``); default a ``JsonlWriter`` in ``run_dir``.
         rank, world_size: default from torch.distributed when it is initialised.
         other keyword arguments: see ``MixerConfig``.
     """
 
     def __init__(
         self,
-        domains: DomainSet | Sequence[Domain],
+        domains: DomainSet | Sequence[DomainSource],
         method: str | MixingMethod = "uniform",
         batch_size: int = 32,
         *,
@@ -127,6 +129,7 @@ class Mixer:
         probe_params: Mapping[str, Any] | None = None,
         target: DomainSource | torch.Tensor | None = None,
         run_dir: str | Path | None = None,
+        writers: Sequence[Any] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         **config: Any,
@@ -138,20 +141,25 @@ class Mixer:
         self.world_size = dist_world if world_size is None else int(world_size)
         self.names = self.domains.names
         k = len(self.names)
+        accumulation = self.config.accumulation_steps
+        if isinstance(accumulation, bool) or not isinstance(accumulation, (int, np.integer)) or accumulation < 1:
+            raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation!r}")
+        if self.config.batch_size % (self.world_size * accumulation):
+            raise ValueError(f"batch_size {self.config.batch_size} must be divisible by world_size x "
+                             f"accumulation_steps = {self.world_size} x {accumulation}")
 
         if isinstance(method, MixingMethod):
-            if method.num_domains != k:
-                raise ValueError(f"method {method.name!r} was built for {method.num_domains} domains, "
-                                 f"the Mixer has {k}: {self.names}")
             self.method = method
         else:
             params = dict(method_params or {})
-            from gradmix.methods import method_class
-
             cls = method_class(method)
             if cls.needs_sizes and "sizes" not in params:
                 params["sizes"] = self.domains.sizes
-            self.method = make_method(method, k, **params)
+            self.method = cls(k, **params)
+        self.core = MixingCore(self.method, self.names, batch_size=self.config.batch_size,
+                               schedule=self.config.schedule(), tokens_per_example=self.domains.window_tokens,
+                               alert_min_weight=self.config.alert_min_weight, alert_repeats=self.config.alert_repeats,
+                               history_size=self.config.history_size)
 
         self.sampler = MixtureSampler(
             self.domains.sizes, self.config.batch_size, self.method.weights, seed=self.config.seed,
@@ -167,11 +175,10 @@ class Mixer:
             if self.target.window_tokens != self.domains.window_tokens:
                 raise ValueError(f"target windows have {self.target.window_tokens} tokens, domains have "
                                  f"{self.domains.window_tokens}")
-            tbs = self.config.target_batch_size
             if self.target.size < 2:
                 raise ValueError(f"target set {self.target.name!r} has {self.target.size} example(s); "
                                  "a target gradient needs at least 2 (better: a few hundred)")
-            tbs = min(tbs, self.target.size)
+            tbs = min(self.config.target_batch_size, self.target.size)
             tbs -= tbs % self.world_size
             if tbs < self.world_size:
                 raise ValueError(f"target set {self.target.name!r} has {self.target.size} examples, fewer than the "
@@ -182,7 +189,7 @@ class Mixer:
         if self.method.needs_target and self.target is None:
             raise ValueError(f"method {self.method.name!r} steers toward a target set: pass target=... to the Mixer")
 
-        self.needs_gradients = bool(self.method.required_stats & GRADIENT_STATS)
+        self.needs_gradients = self.core.needs_gradients
         self.probe = probe
         if self.probe is None and self.needs_gradients:
             if model is None:
@@ -193,48 +200,70 @@ class Mixer:
 
         groups = self.method.probe_groups()
         self._groups = None if groups is None else torch.as_tensor(np.asarray(groups), dtype=torch.long)
-        self.step_count = 0
-        self._interval = self._new_interval()  # logging interval (train_loss in metrics.jsonl)
-        self._update_losses = self._new_interval()  # update interval (the losses a loss-based method sees)
-        self._update_interval: list[Any] = []
-        self._last_result: Any = None
-        self._last_counts: np.ndarray | None = None
-        self._pending_metrics: dict[str, Any] = {}
-        self._tokens = np.zeros(k, dtype=np.int64)
-        self._events: list[str] = []
-        self._starved: set[int] = set()
-        self._repeat_alerted: set[int] = set()
+        self._micro = 0  # backward/observe calls in the current optimizer step
+        self._plan = self.core.plan()
+        self._observed: list[Measurement] = []  # local losses from observe() this step
+        self._step_result: Measurement | None = None
+        self._local_counts = np.zeros(k)  # examples per domain this step on this rank (probe groups only)
         self._num_sampler_events = 0
-        self.history: list[dict[str, Any]] = []
         self.exhausted_message: str | None = None  # set when ``batches()`` ended because the data ran out
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self._metrics_path = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
-        self._alert_low_weights(self.method.weights)  # a starting mix can already starve a domain
+        if writers is not None:
+            self.writers = list(writers)
+        else:
+            self.writers = [JsonlWriter(self.run_dir / "metrics.jsonl")] if self.run_dir is not None else []
+        self._emit(self.core.take_messages())
+
+    # -- views --------------------------------------------------------------------------------------------------
+    @property
+    def weights(self) -> np.ndarray:
+        """The method's current weights (what the next fresh batch is drawn from)."""
+        return self.method.weights
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps finished."""
+        return self.core.step_count
+
+    @property
+    def history(self) -> Sequence[dict[str, Any]]:
+        """The last ``history_size`` metrics records (all of them are in the writers)."""
+        return self.core.history
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.config.accumulation_steps
 
     # -- data ---------------------------------------------------------------------------------------------------
-    def _new_interval(self) -> _Interval:
-        k = len(self.names)
-        return _Interval(np.zeros(k), np.zeros(k))
-
     def batches(self, num_steps: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Collated batches (this rank's share), without a DataLoader: the fastest path for in-memory windows."""
+        """Collated batches (this rank's share), without a DataLoader: the fastest path for in-memory windows.
+
+        Yields ``num_steps * accumulation_steps`` micro-batches. Ends early, with a ``MixingWarning`` naming the
+        domains and the step, when every domain has used its ``max_repeats`` passes.
+        """
+        parts = self.config.accumulation_steps
         produced = 0
         while num_steps is None or produced < num_steps:
             try:
                 domains, examples = self.sampler.next_arrays()
             except DataExhaustedError as exc:  # every domain used its max_repeats passes: end, do not crash
                 self.exhausted_message = f"step {self.step_count}: data exhausted, iteration ends: {exc}"
-                self._warn(self.exhausted_message)
+                self._emit([self.exhausted_message])
+                self.core.warn(self.exhausted_message)
                 return
             produced += 1
-            yield self.domains.gather(domains, examples)
+            for j in range(parts):
+                yield self.domains.gather(domains[j::parts], examples[j::parts])
 
     def dataloader(self, **kwargs: Any) -> torch.utils.data.DataLoader:
-        """A DataLoader over the live sampler. With ``num_workers > 0`` a weight change reaches batches after the
-        prefetch depth (see ``MixtureSampler``); checkpoints stay exact because the Mixer checkpoints the sampler at
-        the consumed step."""
+        """A DataLoader over the live sampler (micro-batches when accumulating). With ``num_workers > 0`` a weight
+        change reaches batches after the prefetch depth (see ``MixtureSampler``); checkpoints stay exact because the
+        Mixer checkpoints the sampler at the consumed step."""
         kwargs.setdefault("collate_fn", collate_examples)
-        return torch.utils.data.DataLoader(self.domains, batch_sampler=self.sampler, **kwargs)
+        batch_sampler: Any = self.sampler
+        if self.config.accumulation_steps > 1:
+            batch_sampler = _MicroBatchSampler(self.sampler, self.config.accumulation_steps)
+        return torch.utils.data.DataLoader(self.domains, batch_sampler=batch_sampler, **kwargs)
 
     def next_target_batch(self) -> dict[str, torch.Tensor]:
         if self._target_sampler is None or self.target is None:
@@ -243,231 +272,205 @@ class Mixer:
         return {"input_ids": self.target.take(idx)}
 
     # -- schedule -----------------------------------------------------------------------------------------------
-    @property
-    def weights(self) -> np.ndarray:
-        return self.method.weights
-
-    def _update_due(self, step: int) -> bool:
-        """Whether the method updates after optimizer step ``step`` (1-based count of finished steps)."""
-        return step >= max(self.config.warmup_steps, 1) and step % self.config.update_every == 0
-
     def should_measure(self) -> bool:
-        """Whether the step about to run must measure gradient statistics."""
-        if not self.needs_gradients:
-            return False
-        step = self.step_count + 1
-        probe_every = self.config.probe_every or self.config.update_every
-        if step % probe_every:
-            return False
-        # only measure within the interval that ends in an update
-        next_update = math.ceil(step / self.config.update_every) * self.config.update_every
-        return self._update_due(next_update)
+        """Whether the coming optimizer step measures gradient statistics."""
+        return self.core.plan().measure
 
     # -- training step ------------------------------------------------------------------------------------------
-    def backward(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], loss_fn: LossFn) -> Any:
-        """Forward + backward of the mixed batch (``loss_fn`` returns per-example losses); measures gradient
-        statistics on the steps that need them. ``.grad`` afterwards is the gradient of the batch's mean loss."""
+    def _begin_micro(self, what: str) -> bool:
+        """Count one micro-batch of the current step; returns True on the last one."""
+        if self._micro >= self.config.accumulation_steps:
+            raise RuntimeError(f"{what} called {self._micro + 1} times in one optimizer step, but "
+                               f"accumulation_steps={self.config.accumulation_steps}: call mixer.step() after each "
+                               f"{self.config.accumulation_steps}")
+        if self._micro == 0:
+            self._plan = self.core.plan()
+        self._micro += 1
+        return self._micro == self.config.accumulation_steps
+
+    def backward(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], loss_fn: LossFn,
+                 backward_fn: BackwardFn | None = None) -> Measurement | None:
+        """Forward + backward of one (micro-)batch (``loss_fn`` returns per-example losses); measures gradient
+        statistics on the steps that need them. After the step's last micro-batch ``.grad`` is the gradient of the
+        mean loss over the whole optimizer batch, and the step's pooled measurement is returned (None before).
+
+        Every backward goes through ``backward_fn(loss)`` (default ``loss.backward()``); statistics are unscaled.
+        """
+        if self._observed:
+            raise RuntimeError("mixer.observe() and mixer.backward() cannot be mixed within one optimizer step")
         if self.probe is None:
             from gradmix.probe import GradientProbe
 
             self.probe = GradientProbe(model)
-        measure = self.should_measure()
+        first = self._micro == 0
+        final = self._begin_micro("mixer.backward()")
+        plan = self._plan
         domains = batch["domain"].long()
-        groups = domains if self._groups is None else self._groups[domains]
-        target_batch = None
-        if measure and self.method.needs_target:
-            target_batch = self.next_target_batch()
-        result = self.probe.backward(batch, groups, self.method.num_stat_groups, loss_fn, measure=measure,
-                                     target_batch=target_batch, global_batch_size=self.config.batch_size)
-        self._last_result = result
-        # The probe already all-reduced per-group counts; with one group per domain they are the domain counts.
-        self._last_counts = (np.asarray(result.examples, dtype=np.float64) if self._groups is None
-                             else self._global_counts(domains))
+        if self._groups is not None:
+            self._local_counts += np.bincount(domains.cpu().numpy(), minlength=len(self.names))
+        groups = domains if self._groups is None else self._groups[domains.cpu()].to(domains.device)
+        target_batch = self.next_target_batch() if (plan.needs_target and first) else None
+        try:
+            result = self.probe.backward(batch, groups, self.method.num_stat_groups, loss_fn, measure=plan.measure,
+                                         target_batch=target_batch, global_batch_size=self.config.batch_size,
+                                         backward_fn=backward_fn, final=final)
+        except BaseException:
+            self._micro -= 1
+            raise
+        if final:
+            self._step_result = result
         return result
 
-    def _global_counts(self, domains: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Examples per domain in this step's global batch (all-reduced across ranks when distributed)."""
-        local = np.bincount(np.asarray(domains.cpu() if isinstance(domains, torch.Tensor) else domains,
-                                       dtype=np.int64), minlength=len(self.names)).astype(np.float64)
+    def observe(self, domains: torch.Tensor | np.ndarray, losses: torch.Tensor | np.ndarray) -> None:
+        """Record per-example losses when you run the backward yourself (static and loss-based methods need nothing
+        else). Call once per micro-batch; under torch.distributed the step's sums are all-reduced in ``step()``."""
+        if self._step_result is not None or (self._micro and not self._observed):
+            raise RuntimeError("mixer.observe() and mixer.backward() cannot be mixed within one optimizer step")
+        d = np.asarray(domains.detach().cpu() if isinstance(domains, torch.Tensor) else domains, dtype=np.int64)
+        loss = np.asarray(losses.detach().float().cpu() if isinstance(losses, torch.Tensor) else losses,
+                          dtype=np.float64)
+        k = len(self.names)
+        if d.ndim != 1 or loss.shape != d.shape:
+            raise ValueError(f"observe() needs one loss per example: {d.shape} domain ids, {loss.shape} losses")
+        if d.size and (d.min() < 0 or d.max() >= k):
+            bad = int(d.min()) if d.min() < 0 else int(d.max())
+            raise ValueError(f"observe(): domain id {bad} is outside 0..{k - 1} ({self.names})")
+        self._begin_micro("mixer.observe()")
+        self._observed.append(Measurement.from_losses(d, loss, k))
+
+    def _observed_measurement(self) -> Measurement:
+        sums = [m.loss_sums() for m in self._observed]
+        loss_sum = np.sum([s for s, _ in sums], axis=0)
+        counts = np.sum([c for _, c in sums], axis=0)
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.from_numpy(np.concatenate([loss_sum, counts]))
+            torch.distributed.all_reduce(t)
+            loss_sum, counts = t.numpy().reshape(2, -1)
+        return Measurement.from_sums(loss_sum, counts)
+
+    def step(self) -> np.ndarray:
+        """Call once per optimizer step, after the step's ``backward``/``observe`` calls: logs, and updates the
+        weights when due. Returns the weights the next batch will be drawn from."""
+        if 0 < self._micro < self.config.accumulation_steps:
+            raise RuntimeError(f"mixer.step() after {self._micro} of {self.config.accumulation_steps} micro-batches "
+                               "(accumulation_steps): call backward/observe once per micro-batch first")
+        measurement = self._observed_measurement() if self._observed else self._step_result
+        self._micro, self._observed, self._step_result = 0, [], None
+        if measurement is not None:
+            self.core.observe(measurement)
+        counts = self._counts(measurement)
+        step = self.core.step_count + 1
+        outcome = self.core.end_step(counts=counts, sampled_weights=self.sampler.sampled_weights_at(step - 1),
+                                     passes=self.sampler.passes)
+        if outcome.weights_changed:
+            self.sampler.set_weights(outcome.weights)
+        for event in self.sampler.events[self._num_sampler_events:]:
+            self.core.warn(event.message)
+            outcome.warnings.append(event.message)
+        self._num_sampler_events = len(self.sampler.events)
+        self._emit(outcome.warnings)
+        if outcome.record is not None:
+            self._write(outcome.record)
+        return outcome.weights
+
+    def _counts(self, measurement: Measurement | None) -> np.ndarray | None:
+        """Examples per domain in this step's global batch (from the measurement when it is per domain)."""
+        if measurement is not None and self._groups is None:
+            return np.asarray(measurement.examples, dtype=np.float64)
+        local, self._local_counts = self._local_counts, np.zeros(len(self.names))
+        if measurement is None:
+            return None
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             t = torch.from_numpy(local)
             torch.distributed.all_reduce(t)
             local = t.numpy()
         return local
 
-    def observe(self, domains: torch.Tensor | np.ndarray, losses: torch.Tensor | np.ndarray) -> None:
-        """Record per-example losses when you run the backward yourself (static methods need nothing else)."""
-        d = np.asarray(domains.detach().cpu() if isinstance(domains, torch.Tensor) else domains, dtype=np.int64)
-        l = np.asarray(losses.detach().float().cpu() if isinstance(losses, torch.Tensor) else losses, dtype=np.float64)
-        k = len(self.names)
-        self._last_result = _ObservedLosses(np.bincount(d, weights=l, minlength=k), np.bincount(d, minlength=k))
-        self._last_counts = self._global_counts(d)
-
-    def step(self) -> np.ndarray:
-        """Call once per optimizer step, after ``backward``/``observe``: logs, and updates weights when due."""
-        self.step_count += 1
-        step = self.step_count
-        result, self._last_result = self._last_result, None
-        counts_now, self._last_counts = self._last_counts, None
-        if counts_now is not None:
-            self._tokens += (counts_now * self.domains.window_tokens).astype(np.int64)
-        if result is not None:
-            if isinstance(result, _ObservedLosses) or self._groups is None:
-                loss_sum, counts = _loss_sums(result)
-                self._interval.add(loss_sum, counts)
-                self._update_losses.add(loss_sum, counts)
-            if getattr(result, "grad_sq_norm", None) is not None or getattr(result, "target_alignment", None) is not None:
-                self._update_interval.append(result)
-
-        if self.method.every_step:
-            self._apply(self.method.update(DomainStats(step=step, num_domains=self.method.num_stat_groups,
-                                                       batch_size=self.config.batch_size)))
-        elif self._update_due(step):
-            stats = self._build_stats(step)
-            if stats is not None:
-                new = self.method.update(stats)
-                if self.method.last_skip_reason:
-                    self._warn(f"step {step}: {self.method.last_skip_reason}")
-                self._apply(new)
-            self._update_interval = []
-            self._update_losses = self._new_interval()
-
-        self._check_repeats()
-        for event in self.sampler.events[self._num_sampler_events:]:
-            self._warn(event.message)
-        self._num_sampler_events = len(self.sampler.events)
-
-        if step % self.config.log_every == 0 or self._pending_metrics:
-            self._log_train(step)
-        return self.method.weights
-
-    def _build_stats(self, step: int) -> DomainStats | None:
-        g = self.method.num_stat_groups
-        if not self.needs_gradients:
-            if self._groups is not None:
-                return DomainStats(step=step, num_domains=g, batch_size=self.config.batch_size)
-            return DomainStats(step=step, num_domains=g, loss=self._update_losses.mean(),
-                               examples=self._update_losses.loss_count.copy(), batch_size=self.config.batch_size)
-        if not self._update_interval:
-            self._warn(f"step {step}: no gradient measurement in this interval (call mixer.backward); update skipped")
-            return None
-        stats_list = [r.to_stats(step, self.config.batch_size) for r in self._update_interval]
-        return _average_stats(stats_list, step)
-
-    def _apply(self, weights: np.ndarray) -> None:
-        self.sampler.set_weights(weights)
-        self._alert_low_weights(weights)
-
-    def _alert_low_weights(self, weights: np.ndarray) -> None:
-        """One warning per change of the set of barely sampled domains (a domain that recovers may alert again)."""
-        floor = self.config.alert_min_weight
-        floor = 0.1 / len(weights) if floor is None else floor
-        low = set(np.flatnonzero(weights < floor).tolist())
-        new = sorted(low - self._starved)
-        self._starved = low
-        if new:
-            shown = ", ".join(f"{self.names[i]!r} ({weights[i]:.4f})" for i in new[:5])
-            more = f" and {len(new) - 5} more" if len(new) > 5 else ""
-            self._warn(f"step {self.step_count}: weight of domain {shown}{more} is below {floor:.4f}; "
-                       "barely sampled now")
-
-    def _check_repeats(self) -> None:
-        limit = self.config.alert_repeats
-        if limit is None:
-            return
-        for i in np.flatnonzero(self.sampler.passes >= limit):
-            if int(i) not in self._repeat_alerted:
-                self._repeat_alerted.add(int(i))
-                self._warn(f"step {self.step_count}: domain {self.names[i]!r} started pass {self.sampler.passes[i]} "
-                           "over its examples; consider max_repeats to cap repetition")
-
-    def _warn(self, message: str) -> None:
-        self._events.append(message)
+    def _emit(self, messages: Sequence[str]) -> None:
         if self.rank == 0:
-            warnings.warn(message, MixingWarning, stacklevel=3)
+            for message in messages:
+                warnings.warn(message, MixingWarning, stacklevel=3)
 
     # -- metrics ------------------------------------------------------------------------------------------------
-    def _log_train(self, step: int) -> None:
-        interval = self._interval
-        train_loss = {}
-        for i, name in enumerate(self.names):
-            value = interval.loss_sum[i] / interval.loss_count[i] if interval.loss_count[i] > 0 else float("nan")
-            train_loss[name] = float(value) if math.isfinite(value) else None
-        record = {
-            "step": step,
-            # what this step's batch was actually drawn from (exhausted domains removed) ...
-            "weights": dict(zip(self.names, map(float, self.sampler.sampled_weights_at(step - 1)))),
-            # ... and what the method asks for now (from the next batch on)
-            "requested_weights": dict(zip(self.names, map(float, self.method.weights))),
-            "train_loss": train_loss,
-            "tokens": dict(zip(self.names, map(int, self._tokens))),
-            "repeats": dict(zip(self.names, map(int, self.sampler.passes - 1))),
-        }
-        if self._events:
-            record["events"] = list(self._events)
-            self._events = []
-        record.update(self._pending_metrics)
-        self._pending_metrics = {}
-        self._interval = self._new_interval()
-        self.log(record)
-
     def add_metrics(self, metrics: Mapping[str, Any]) -> None:
         """Attach fields (e.g. ``val_loss``) to the record logged at the end of the current step."""
-        self._pending_metrics.update(metrics)
+        self.core.add_metrics(metrics)
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Append one metrics record (rank 0 writes ``metrics.jsonl``)."""
+        """Write one metrics record yourself (rank 0 writes)."""
         record = dict(record)
-        self.history.append(record)
-        if self._metrics_path is not None and self.rank == 0:
-            self._metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with self._metrics_path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record, allow_nan=False, default=_json_default) + "\n")
+        self.core.history.append(record)
+        self._write(record)
+
+    def _write(self, record: Mapping[str, Any]) -> None:
+        if self.rank == 0:
+            for writer in self.writers:
+                writer.write(record)
+
+    def truncate_metrics(self) -> int:
+        """Drop metrics records after the current step (and a half-written last line): the explicit step a resumed
+        run takes after loading a checkpoint, so the records it logs again are not duplicated. Rank 0 only."""
+        dropped = 0
+        if self.rank == 0:
+            for writer in self.writers:
+                if hasattr(writer, "truncate_after"):
+                    dropped += writer.truncate_after(self.step_count)
+        return dropped
 
     # -- state --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: method, sampler at the consumed step, schedule position."""
-        state = {
-            "format": "gradmix.Mixer/1",
+        """Everything needed to continue exactly: core (method, schedule position), sampler at the consumed step."""
+        if self._micro:
+            raise RuntimeError(f"cannot checkpoint in the middle of an optimizer step ({self._micro} of "
+                               f"{self.config.accumulation_steps} micro-batches done): save after mixer.step()")
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
             "domain_names": list(self.names),
-            "step": self.step_count,
-            "method": self.method.state_dict(),
+            "core": self.core.state_dict(),
             "sampler": self.sampler.state_dict(batch_index=self.step_count),
-            "tokens": self._tokens.tolist(),
-            "interval": {"loss_sum": self._interval.loss_sum.tolist(), "loss_count": self._interval.loss_count.tolist()},
-            "update_losses": {"loss_sum": self._update_losses.loss_sum.tolist(),
-                              "loss_count": self._update_losses.loss_count.tolist()},
-            "update_interval": [_result_to_dict(r) for r in self._update_interval],
+            "sampler_events_seen": self._num_sampler_events,
         }
         if self._target_sampler is not None:
             state["target_sampler"] = self._target_sampler.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("format") != "gradmix.Mixer/1":
-            raise ValueError(f"not a Mixer state (format={state.get('format')!r})")
+        """Restore a state. Pure (no file IO, no RNG changes) and all-or-nothing: a refused state leaves the Mixer
+        as it was."""
+        if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
+            found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"not a {CHECKPOINT_FORMAT} state (format={found!r})")
         if list(state["domain_names"]) != self.names:
-            raise ValueError(f"checkpoint is from a run with other domains: checkpoint has {list(state['domain_names'])}, "
-                             f"this Mixer has {self.names}")
-        self.method.load_state_dict(state["method"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.step_count = int(state["step"])
-        self._tokens = np.asarray(state["tokens"], dtype=np.int64)
-        self._interval, self._update_losses = (
-            _Interval(np.asarray(state[key]["loss_sum"], dtype=np.float64),
-                      np.asarray(state[key]["loss_count"], dtype=np.float64))
-            for key in ("interval", "update_losses"))
-        self._update_interval = [_ResultRecord(**r) for r in state.get("update_interval", [])]
-        self._num_sampler_events = len(self.sampler.events)
-        if self._target_sampler is not None and "target_sampler" in state:
-            self._target_sampler.load_state_dict(state["target_sampler"])
-        if self._metrics_path is not None and self.rank == 0:
-            _truncate_metrics(self._metrics_path, self.step_count)
+            raise ValueError(f"checkpoint is from a run with other domains: checkpoint has "
+                             f"{list(state['domain_names'])}, this Mixer has {self.names}")
+        if (self._target_sampler is None) != ("target_sampler" not in state):
+            raise ValueError("checkpoint and this Mixer disagree on having a target set")
+        backup = (self.core.state_dict(), self.sampler.state_dict(),
+                  None if self._target_sampler is None else self._target_sampler.state_dict())
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+            if self._target_sampler is not None:
+                self._target_sampler.load_state_dict(state["target_sampler"])
+            self.core.load_state_dict(state["core"])
+        except Exception:
+            self.sampler.load_state_dict(backup[1])
+            if self._target_sampler is not None and backup[2] is not None:
+                self._target_sampler.load_state_dict(backup[2])
+            self.core.load_state_dict(backup[0])
+            raise
+        self._num_sampler_events = int(state.get("sampler_events_seen", len(self.sampler.events)))
+        self._micro, self._observed, self._step_result = 0, [], None
+        if self.probe is not None and hasattr(self.probe, "reset"):
+            self.probe.reset()
 
     def save_checkpoint(self, path: str | Path, *, model: torch.nn.Module | None = None,
-                        optimizer: torch.optim.Optimizer | None = None, extra: Mapping[str, Any] | None = None) -> Path:
-        """One atomic file with the Mixer state, and optionally the model, optimizer and torch RNG state."""
-        state: dict[str, Any] = {"gradmix": self.state_dict(), "torch_rng": torch.get_rng_state()}
+                        optimizer: torch.optim.Optimizer | None = None, extra: Mapping[str, Any] | None = None,
+                        rng: bool = True) -> Path:
+        """One atomic, verified file with the Mixer state, optionally the model and optimizer, and (``rng=True``)
+        every global RNG (torch CPU and CUDA, numpy, Python) so that a resumed run draws what this one would."""
+        state: dict[str, Any] = {"gradmix": self.state_dict()}
+        if rng:
+            state["rng"] = capture_rng_state()
         if model is not None:
             state["model"] = model.state_dict()
         if optimizer is not None:
@@ -477,107 +480,41 @@ class Mixer:
         return save_checkpoint_file(state, path)
 
     def load_checkpoint(self, path: str | Path, *, model: torch.nn.Module | None = None,
-                        optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-        """Restore what ``save_checkpoint`` wrote; returns the whole file's dict (for ``extra``)."""
+                        optimizer: torch.optim.Optimizer | None = None, rng: bool = True) -> dict[str, Any]:
+        """Restore what ``save_checkpoint`` wrote, all-or-nothing: if the model, optimizer, RNG or Mixer part does
+        not fit, nothing is changed and a ``ValueError`` names the file. Returns the file's dict (for ``extra``).
+        Metrics files are not touched: call ``truncate_metrics()`` (or use ``resume``) for that."""
         state = load_checkpoint_file(path)
-        self.load_state_dict(state["gradmix"])
-        if model is not None:
-            if "model" not in state:
-                raise ValueError(f"checkpoint {str(path)!r} holds no model state")
-            model.load_state_dict(state["model"])
-        if optimizer is not None:
-            if "optimizer" not in state:
-                raise ValueError(f"checkpoint {str(path)!r} holds no optimizer state")
-            optimizer.load_state_dict(state["optimizer"])
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
+        where = f"checkpoint {str(path)!r}"
+        if not isinstance(state.get("gradmix"), Mapping):
+            raise ValueError(f"{where} is not a gradmix Mixer checkpoint (no 'gradmix' section)")
+        for name, wanted in (("model", model), ("optimizer", optimizer)):
+            if wanted is not None and name not in state:
+                raise ValueError(f"{where} holds no {name} state")
+        backups: list[tuple[Any, Any]] = []
+        prior_rng = capture_rng_state() if rng and "rng" in state else None
+        try:
+            if prior_rng is not None:  # validated in full before anything changes; undone below if the rest fails
+                restore_rng_state(state["rng"], strict_cuda=False)
+            if model is not None:
+                backups.append((model, copy.deepcopy(model.state_dict())))
+                model.load_state_dict(state["model"])
+            if optimizer is not None:
+                backups.append((optimizer, copy.deepcopy(optimizer.state_dict())))
+                optimizer.load_state_dict(state["optimizer"])
+            self.load_state_dict(state["gradmix"])
+        except Exception as exc:
+            for obj, saved in reversed(backups):
+                obj.load_state_dict(saved)
+            if prior_rng is not None:
+                restore_rng_state(prior_rng)
+            raise ValueError(f"{where} does not fit this run: {exc}") from exc
         return state
 
+    def resume(self, path: str | Path, *, model: torch.nn.Module | None = None,
+               optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+        """``load_checkpoint`` and then ``truncate_metrics``: the two explicit steps of resuming a run."""
+        state = self.load_checkpoint(path, model=model, optimizer=optimizer)
+        self.truncate_metrics()
+        return state
 
-# -- helpers ----------------------------------------------------------------------------------------------------
-@dataclass
-class _ObservedLosses:
-    loss_sum: np.ndarray
-    counts: np.ndarray
-
-
-@dataclass
-class _ResultRecord:
-    """A probe measurement kept across a checkpoint (plain lists)."""
-
-    step: int
-    stats: dict[str, Any]
-
-    def to_stats(self, step: int, batch_size: int) -> DomainStats:
-        kwargs = {k: (None if v is None else np.asarray(v, dtype=np.float64)) for k, v in self.stats.items()
-                  if k in ("loss", "examples", "grad_sq_norm", "grad_var", "target_alignment", "gram")}
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        return DomainStats(step=step, num_domains=int(self.stats["num_domains"]), batch_size=batch_size,
-                           target_loss=self.stats.get("target_loss"), **kwargs)
-
-
-def _result_to_dict(result: Any) -> dict[str, Any]:
-    if isinstance(result, _ResultRecord):
-        return {"step": result.step, "stats": result.stats}
-    stats = result.to_stats(0, 1)
-    out: dict[str, Any] = {"num_domains": stats.num_domains, "target_loss": stats.target_loss}
-    for key in ("loss", "examples", "grad_sq_norm", "grad_var", "target_alignment", "gram"):
-        value = getattr(stats, key)
-        out[key] = None if value is None else np.asarray(value).tolist()
-    return {"step": 0, "stats": out}
-
-
-def _loss_sums(result: Any) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(result, _ObservedLosses):
-        return result.loss_sum, result.counts.astype(np.float64)
-    loss = np.asarray(result.loss, dtype=np.float64)
-    counts = np.asarray(result.examples, dtype=np.float64)
-    return np.where(counts > 0, loss * counts, 0.0), counts
-
-
-def _average_stats(stats_list: list[DomainStats], step: int) -> DomainStats:
-    """Average several measurements of one interval (count-weighted where counts exist, NaN-aware)."""
-    if len(stats_list) == 1:
-        s = stats_list[0]
-        s.step = step
-        return s
-    first = stats_list[0]
-    out: dict[str, Any] = {}
-    for key in ("loss", "grad_sq_norm", "grad_var", "target_alignment"):
-        values = [getattr(s, key) for s in stats_list if getattr(s, key) is not None]
-        if values:
-            stacked = np.stack(values)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                out[key] = np.nanmean(stacked, axis=0)
-    grams = [s.gram for s in stats_list if s.gram is not None]
-    if grams:
-        out["gram"] = np.nanmean(np.stack(grams), axis=0)
-    examples = [s.examples for s in stats_list if s.examples is not None]
-    if examples:
-        out["examples"] = np.sum(np.stack(examples), axis=0)
-    target_losses = [s.target_loss for s in stats_list if s.target_loss is not None]
-    return DomainStats(step=step, num_domains=first.num_domains, batch_size=first.batch_size,
-                       target_loss=float(np.mean(target_losses)) if target_losses else None, **out)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after ``step`` (a resumed run re-logs them), atomically."""
-    if not path.exists():
-        return
-    kept = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip() and json.loads(line).get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    from gradmix.checkpoint import atomic_write
-
-    atomic_write(path, lambda fh: fh.writelines(kept), mode="w")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"cannot serialise {type(obj).__name__}")

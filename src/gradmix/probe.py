@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradmix.stats import DomainStats
+from gradmix.stats import Measurement
 
 __all__ = [
     "BackwardFn",
@@ -80,46 +79,8 @@ class _Session:
 _BUCKET_BYTES = 32 * 1024 * 1024  # gradient all-reduce bucket size: one collective per ~32 MB, like DDP's 25 MB
 
 
-@dataclass
-class ProbeResult:
-    """What one ``GradientProbe.backward`` measured. Identical on every rank under torch.distributed.
-
-    Attributes:
-        loss: (G,) mean per-example loss per group over the global batch (NaN where a group is absent).
-        examples: (G,) global example counts per group.
-        mean_loss: mean loss of the whole global batch.
-        grad_sq_norm: (G,) unbiased ||grad L_k||^2 (measuring steps only; NaN where not estimable: fewer than 2
-            examples of the group on every rank, or a non-finite loss/gradient in the group).
-        grad_var: (G,) unbiased sigma_k^2, trace of the per-sample gradient covariance (same NaN rules).
-        gram: (G, G) <grad L_i, grad L_j>; diagonal = grad_sq_norm (``gram=True`` only).
-        target_alignment: (G,) <grad L_k, g_target> (NaN for an absent group), if a target batch was given.
-        target_loss: mean loss of the target batch, if one was given.
-    """
-
-    loss: np.ndarray
-    examples: np.ndarray
-    mean_loss: float
-    grad_sq_norm: np.ndarray | None = None
-    grad_var: np.ndarray | None = None
-    gram: np.ndarray | None = None
-    target_alignment: np.ndarray | None = None
-    target_loss: float | None = None
-
-    def to_stats(self, step: int, batch_size: int) -> DomainStats:
-        """The record a mixing method consumes (one entry per probe group)."""
-        return DomainStats(
-            step=int(step),
-            num_domains=int(self.loss.shape[0]),
-            loss=self.loss,
-            examples=self.examples.astype(np.float64),
-            batch_size=int(batch_size),
-            grad_sq_norm=self.grad_sq_norm,
-            grad_var=self.grad_var,
-            target_alignment=self.target_alignment,
-            target_loss=self.target_loss,
-            gram=self.gram,
-            extra={"mean_loss": self.mean_loss},
-        )
+ProbeResult = Measurement
+"""What one ``GradientProbe.backward`` measured (the library's one measurement type, ``gradmix.stats.Measurement``)."""
 
 
 # -- parameter selection and batch slicing ------------------------------------------------------------------------
@@ -707,8 +668,4 @@ def _per_example_losses(loss_fn: LossFn, model: nn.Module, batch: Mapping, n: in
 
 
 def _loss_result(loss_sums: np.ndarray, counts: np.ndarray) -> ProbeResult:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        loss = np.where(counts > 0, loss_sums / np.where(counts > 0, counts, 1.0), np.nan)
-    total = counts.sum()
-    mean_loss = float(loss_sums.sum() / total) if total > 0 else float("nan")
-    return ProbeResult(loss=loss, examples=np.rint(counts).astype(np.int64), mean_loss=mean_loss)
+    return Measurement.from_sums(loss_sums, counts)

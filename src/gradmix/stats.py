@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DomainStats", "StatsError"]
+__all__ = ["DomainStats", "Measurement", "StatsError", "pool_measurements"]
 
 
 class StatsError(ValueError):
@@ -108,3 +108,122 @@ class DomainStats:
             else:
                 out[f.name] = value
         return out
+
+
+@dataclass
+class Measurement:
+    """What one training step measured, per group (a domain, or a probe group of DGA's distribution reweighting):
+    the one type that carries a step's losses and gradient statistics from the probe (or ``Mixer.observe``) to the
+    core, into checkpoints and on to the method (via ``to_stats``). Identical on every rank under torch.distributed.
+
+    Attributes:
+        loss: (G,) mean per-example loss per group over the global batch (NaN where a group is absent).
+        examples: (G,) global example counts per group.
+        mean_loss: mean loss of the whole global batch.
+        grad_sq_norm: (G,) unbiased ||grad L_k||^2 (measuring steps only; NaN where not estimable).
+        grad_var: (G,) unbiased sigma_k^2, trace of the per-sample gradient covariance (same NaN rules).
+        gram: (G, G) <grad L_i, grad L_j>; diagonal = grad_sq_norm (``gram=True`` probes only).
+        target_alignment: (G,) <grad L_k, g_target> (NaN for an absent group), if a target batch was given.
+        target_loss: mean loss of the target batch, if one was given.
+    """
+
+    loss: np.ndarray
+    examples: np.ndarray
+    mean_loss: float
+    grad_sq_norm: np.ndarray | None = None
+    grad_var: np.ndarray | None = None
+    gram: np.ndarray | None = None
+    target_alignment: np.ndarray | None = None
+    target_loss: float | None = None
+
+    @classmethod
+    def from_losses(cls, groups: Any, losses: Any, num_groups: int) -> "Measurement":
+        """Per-example losses and their group ids -> a losses-only measurement (local; no collectives here)."""
+        ids = np.asarray(groups, dtype=np.int64).reshape(-1)
+        values = np.asarray(losses, dtype=np.float64).reshape(-1)
+        if ids.shape != values.shape:
+            raise StatsError(f"{ids.size} group ids for {values.size} losses")
+        if ids.size and (ids.min() < 0 or ids.max() >= num_groups):
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise StatsError(f"domain id {bad} is outside 0..{num_groups - 1}")
+        return cls.from_sums(np.bincount(ids, weights=values, minlength=num_groups),
+                             np.bincount(ids, minlength=num_groups).astype(np.float64))
+
+    @classmethod
+    def from_sums(cls, loss_sums: np.ndarray, counts: np.ndarray) -> "Measurement":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            loss = np.where(counts > 0, loss_sums / np.where(counts > 0, counts, 1.0), np.nan)
+        total = counts.sum()
+        mean_loss = float(loss_sums.sum() / total) if total > 0 else float("nan")
+        return cls(loss=loss, examples=np.rint(counts).astype(np.int64), mean_loss=mean_loss)
+
+    @property
+    def num_groups(self) -> int:
+        return int(np.asarray(self.loss).shape[0])
+
+    @property
+    def has_gradients(self) -> bool:
+        return self.grad_sq_norm is not None or self.target_alignment is not None
+
+    def loss_sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """(per-group loss sums, per-group counts), absent groups 0."""
+        counts = np.asarray(self.examples, dtype=np.float64)
+        loss = np.asarray(self.loss, dtype=np.float64)
+        return np.where(counts > 0, loss * counts, 0.0), counts
+
+    def to_stats(self, step: int, batch_size: int) -> DomainStats:
+        """The record a mixing method consumes (one entry per group)."""
+        return DomainStats(
+            step=int(step), num_domains=self.num_groups, loss=self.loss,
+            examples=np.asarray(self.examples, dtype=np.float64), batch_size=int(batch_size),
+            grad_sq_norm=self.grad_sq_norm, grad_var=self.grad_var, target_alignment=self.target_alignment,
+            target_loss=self.target_loss, gram=self.gram, extra={"mean_loss": self.mean_loss},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and floats (NaN kept: checkpoints are not JSON), for state dicts."""
+        out: dict[str, Any] = {"mean_loss": float(self.mean_loss), "target_loss": self.target_loss}
+        for key in ("loss", "examples", "grad_sq_norm", "grad_var", "gram", "target_alignment"):
+            value = getattr(self, key)
+            out[key] = None if value is None else np.asarray(value).tolist()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Measurement":
+        def arr(key: str, dtype: Any = np.float64) -> np.ndarray | None:
+            value = data.get(key)
+            return None if value is None else np.asarray(value, dtype=dtype)
+
+        loss, examples = arr("loss"), arr("examples", np.int64)
+        if loss is None or examples is None or loss.shape != examples.shape or loss.ndim != 1:
+            raise StatsError(f"malformed measurement in state: loss {None if loss is None else loss.shape}, "
+                             f"examples {None if examples is None else examples.shape}")
+        return cls(loss=loss, examples=examples, mean_loss=float(data.get("mean_loss", float("nan"))),
+                   grad_sq_norm=arr("grad_sq_norm"), grad_var=arr("grad_var"), gram=arr("gram"),
+                   target_alignment=arr("target_alignment"), target_loss=data.get("target_loss"))
+
+
+def pool_measurements(measurements: list[Measurement], step: int, batch_size: int) -> DomainStats:
+    """Several measurements of one update interval -> one record: losses count-weighted, statistics averaged where
+    measured (NaN-aware), counts summed. Averaging unbiased estimates keeps them unbiased."""
+    if len(measurements) == 1:
+        return measurements[0].to_stats(step, batch_size)
+    first = measurements[0]
+    out: dict[str, Any] = {}
+    sums = [m.loss_sums() for m in measurements]
+    loss_sum = np.sum([s for s, _ in sums], axis=0)
+    counts = np.sum([c for _, c in sums], axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["loss"] = np.where(counts > 0, loss_sum / np.where(counts > 0, counts, 1.0), np.nan)
+    for key in ("grad_sq_norm", "grad_var", "target_alignment", "gram"):
+        values = [getattr(m, key) for m in measurements if getattr(m, key) is not None]
+        if values:
+            stacked = np.stack(values)
+            with np.errstate(invalid="ignore"):
+                finite = np.isfinite(stacked)
+                total = np.where(finite, stacked, 0.0).sum(axis=0)
+                n = finite.sum(axis=0)
+                out[key] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+    target_losses = [m.target_loss for m in measurements if m.target_loss is not None]
+    return DomainStats(step=step, num_domains=first.num_groups, batch_size=batch_size, examples=counts,
+                       target_loss=float(np.mean(target_losses)) if target_losses else None, **out)

@@ -384,12 +384,11 @@ class DGA(MixingMethod):
         if np.isnan(log_base).any() or np.isposinf(log_base).any():
             bad = int(np.flatnonzero(~(log_base < np.inf))[0])
             raise ValueError(f"dga state has a NaN/+inf base log-weight at index {bad}")
-        log_base, base_weights = normalize_log_weights(log_base)
+        _, base_weights = normalize_log_weights(log_base)  # only to check consistency: the state is kept bit-exact
         alpha = self._alpha(base_weights)
         alpha = alpha / alpha.sum()
         if not np.allclose(alpha, self._weights, rtol=0, atol=1e-9):
             i = int(np.argmax(np.abs(alpha - self._weights)))
             raise ValueError(f"dga state is inconsistent: its base weights give {alpha[i]:.6g} for domain {i} but its "
                              f"weights say {self._weights[i]:.6g} (checkpoint made with other base_distributions?)")
-        self._log_base = log_base
-        self._weights = alpha
+        self._log_base = log_base  # as saved (already normalised), so a round trip changes nothing

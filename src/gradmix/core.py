@@ -1,0 +1,392 @@
+"""The loop-agnostic core: method, schedule, accumulation, events, KPIs and state - driven from outside.
+
+Any training loop (a plain loop through ``Mixer``, an HF Trainer callback, a Lightning callback) drives it the same
+way, once per optimizer step::
+
+    plan = core.plan()                 # StepPlan: measure gradients this step? a target batch?
+    ... the loop runs its forward/backward (through a probe when plan.measure) ...
+    core.observe(measurement)          # the step's losses (and statistics), one Measurement per call
+    outcome = core.end_step(counts=examples_per_domain, sampled_weights=..., passes=...)
+    if outcome.weights_changed: sampler.set_weights(outcome.weights)
+    if outcome.record: writer.write(outcome.record)
+
+It owns no data, sampler, model or file: ``state_dict`` / ``load_state_dict`` are pure (no IO, no RNG changes),
+and everything it wants the user to know comes back in ``StepOutcome`` (a metrics record, warning messages).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from gradmix.methods.base import MixingMethod
+from gradmix.stats import DomainStats, Measurement, pool_measurements
+
+__all__ = ["MixingCore", "StepPlan", "StepOutcome", "Schedule", "GRADIENT_STATS", "weight_kpis"]
+
+GRADIENT_STATS = frozenset({"grad_sq_norm", "grad_var", "target_alignment", "gram"})
+STATE_FORMAT = "gradmix.MixingCore/1"
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class Schedule:
+    """When the method updates and when the probe measures.
+
+    update_every: optimizer steps between method updates (PiKE's T0, DGA's T_r).
+    warmup_steps: steps before the first update (weights stay at the method's initial weights).
+    probe_every: steps between gradient measurements; default = update_every (measure on the step that ends each
+        interval). Smaller values average several measurements into one update (less estimator noise, more cost).
+    log_every: steps between metrics records.
+    accumulation_steps: micro-batches per optimizer step (the loop's gradient accumulation).
+    """
+
+    update_every: int = 50
+    warmup_steps: int = 0
+    probe_every: int | None = None
+    log_every: int = 10
+    accumulation_steps: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("update_every", "log_every", "accumulation_steps"):
+            setattr(self, name, _positive_int(name, getattr(self, name)))
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, (int, np.integer)) \
+                or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.probe_every is not None:
+            self.probe_every = _positive_int("probe_every", self.probe_every)
+            if self.update_every % self.probe_every:
+                raise ValueError(f"probe_every ({self.probe_every}) must be a positive divisor of update_every "
+                                 f"({self.update_every})")
+
+    def update_due(self, step: int) -> bool:
+        """Whether the method updates after optimizer step ``step`` (1-based count of finished steps)."""
+        return step >= max(self.warmup_steps, 1) and step % self.update_every == 0
+
+    def measure_due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) must measure gradient statistics."""
+        if step % (self.probe_every or self.update_every):
+            return False
+        next_update = math.ceil(step / self.update_every) * self.update_every
+        return self.update_due(next_update)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the coming optimizer step must do."""
+
+    step: int  # 1-based number of the step about to run
+    measure: bool  # run the backward through the probe and measure gradient statistics
+    needs_target: bool  # ... with a target batch (DGA-style methods)
+    micro_batches: int  # backward calls expected before end_step
+
+
+@dataclass
+class StepOutcome:
+    """What ``end_step`` decided: new weights (if the method updated), a metrics record (on log steps), messages."""
+
+    step: int
+    weights: np.ndarray
+    weights_changed: bool
+    record: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def weight_kpis(weights: np.ndarray) -> dict[str, float]:
+    """Entropy of the mix (nats), its exponential (the effective number of domains) and the largest weight."""
+    w = np.asarray(weights, dtype=np.float64)
+    nz = w[w > 0]
+    entropy = float(-(nz * np.log(nz)).sum())
+    return {"weight_entropy": entropy, "effective_domains": float(math.exp(entropy)), "max_weight": float(w.max())}
+
+
+class _Sums:
+    """Per-domain loss sums and example counts over a span of steps."""
+
+    def __init__(self, k: int) -> None:
+        self.loss_sum = np.zeros(k)
+        self.count = np.zeros(k)
+
+    def add(self, loss_sum: np.ndarray, counts: np.ndarray) -> None:
+        self.loss_sum += np.where(counts > 0, loss_sum, 0.0)
+        self.count += counts
+
+    def mean(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, self.loss_sum / np.maximum(self.count, 1), np.nan)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"loss_sum": self.loss_sum.tolist(), "count": self.count.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], k: int, what: str) -> "_Sums":
+        out = cls(k)
+        out.loss_sum = np.asarray(data["loss_sum"], dtype=np.float64)
+        out.count = np.asarray(data["count"], dtype=np.float64)
+        if out.loss_sum.shape != (k,) or out.count.shape != (k,):
+            raise ValueError(f"core state field {what!r} has {out.loss_sum.shape} entries, expected ({k},)")
+        return out
+
+
+class MixingCore:
+    """Method + schedule + accumulation + events + KPIs, with a pure state.
+
+    Args:
+        method: the mixing method (its ``num_stat_groups`` is what measurements describe).
+        names: domain names (K).
+        batch_size: global examples per optimizer step (PiKE's b).
+        schedule: a ``Schedule`` (or pass its fields as keyword arguments).
+        tokens_per_example: for the ``tokens`` KPI (None: not reported).
+        alert_min_weight: a domain whose weight falls below it is reported once as barely sampled (default 0.1/K).
+        alert_repeats: report a domain once when it starts this many passes (None: never).
+        history_size: records kept in memory (``history``); older ones are dropped (the writers have them all).
+    """
+
+    def __init__(self, method: MixingMethod, names: Sequence[str], *, batch_size: int,
+                 schedule: Schedule | None = None, tokens_per_example: int | None = None,
+                 alert_min_weight: float | None = None, alert_repeats: int | None = 4, history_size: int = 1000,
+                 **schedule_fields: Any) -> None:
+        if not isinstance(method, MixingMethod):
+            raise TypeError(f"method must be a MixingMethod, got {type(method).__name__}")
+        self.names = [str(n) for n in names]
+        if method.num_domains != len(self.names):
+            raise ValueError(f"method {method.name!r} was built for {method.num_domains} domains, "
+                             f"the Mixer has {len(self.names)}: {self.names}")
+        if schedule is not None and schedule_fields:
+            raise ValueError("pass either schedule=Schedule(...) or its fields, not both")
+        self.schedule = schedule if schedule is not None else Schedule(**schedule_fields)
+        self.method = method
+        self.batch_size = _positive_int("batch_size", batch_size)
+        if self.batch_size % self.schedule.accumulation_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accumulation_steps "
+                             f"{self.schedule.accumulation_steps}")
+        if alert_min_weight is not None and not (math.isfinite(alert_min_weight) and 0 <= alert_min_weight < 1):
+            raise ValueError(f"alert_min_weight must be in [0, 1), got {alert_min_weight!r}")
+        self.alert_min_weight = alert_min_weight
+        self.alert_repeats = alert_repeats
+        self.tokens_per_example = tokens_per_example
+        self.needs_gradients = bool(method.required_stats & GRADIENT_STATS)
+        self.step_count = 0
+        k = len(self.names)
+        self._per_domain = method.num_stat_groups == k and method.probe_groups() is None
+        self._log_losses = _Sums(k)  # since the last record (train_loss)
+        self._update_losses = _Sums(k)  # since the last update (what a loss-based method sees)
+        self._measurements: list[Measurement] = []  # gradient measurements of the current update interval
+        self._examples = np.zeros(k)
+        self._observed_this_step = False
+        self._pending_metrics: dict[str, Any] = {}
+        self._messages: list[str] = []  # new since the last outcome
+        self._events: list[str] = []  # since the last record
+        self._starved: set[int] = set()
+        self._repeat_alerted: set[int] = set()
+        self._update_seconds = 0.0
+        self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
+        self._check_low_weights(method.weights)  # a starting mix can already starve a domain
+
+    # -- driving ------------------------------------------------------------------------------------------------
+    @property
+    def weights(self) -> np.ndarray:
+        return self.method.weights
+
+    def plan(self) -> StepPlan:
+        """What the next optimizer step must do (pure: call it as often as you like)."""
+        step = self.step_count + 1
+        measure = self.needs_gradients and self.schedule.measure_due(step)
+        return StepPlan(step, measure, measure and self.method.needs_target, self.schedule.accumulation_steps)
+
+    def observe(self, measurement: Measurement) -> None:
+        """Record one measurement of the current step (losses; gradient statistics on measuring steps)."""
+        if not isinstance(measurement, Measurement):
+            raise TypeError(f"observe() takes a gradmix.stats.Measurement, got {type(measurement).__name__}")
+        if measurement.num_groups != self.method.num_stat_groups:
+            raise ValueError(f"measurement has {measurement.num_groups} groups, method {self.method.name!r} "
+                             f"expects {self.method.num_stat_groups}")
+        if self._per_domain:
+            loss_sum, counts = measurement.loss_sums()
+            self._log_losses.add(loss_sum, counts)
+            self._update_losses.add(loss_sum, counts)
+        if measurement.has_gradients:
+            self._measurements.append(measurement)
+        self._observed_this_step = True
+
+    def warn(self, message: str) -> None:
+        """Queue a message for the next outcome (and the next metrics record's ``events``)."""
+        self._messages.append(message)
+        self._events.append(message)
+
+    def take_messages(self) -> list[str]:
+        """Messages queued since the last outcome (they stay queued for the next record's ``events``)."""
+        messages, self._messages = self._messages, []
+        return messages
+
+    def add_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Fields (e.g. ``val_loss``) for the record of the current step; forces a record on this step."""
+        self._pending_metrics.update(metrics)
+
+    def end_step(self, *, counts: Sequence[float] | np.ndarray | None = None,
+                 sampled_weights: np.ndarray | None = None, passes: np.ndarray | None = None) -> StepOutcome:
+        """Finish optimizer step ``step_count + 1``: update the method when due, raise alerts, build the record.
+
+        counts: global examples per domain this step (tokens and repeats KPIs); sampled_weights: the mix the step's
+        batch was actually drawn from (default: the method's weights); passes: passes started per domain.
+        """
+        self.step_count += 1
+        step = self.step_count
+        k = len(self.names)
+        if counts is not None:
+            arr = np.asarray(counts, dtype=np.float64)
+            if arr.shape != (k,):
+                raise ValueError(f"counts has shape {arr.shape}, expected ({k},)")
+            self._examples += arr
+        old = self.method.weights
+        changed = False
+        started = time.perf_counter()
+        if self.method.every_step:
+            new = self.method.update(DomainStats(step=step, num_domains=self.method.num_stat_groups,
+                                                 batch_size=self.batch_size))
+            changed = not np.array_equal(new, old)
+        elif self.schedule.update_due(step):
+            stats = self._interval_stats(step)
+            if stats is not None:
+                new = self.method.update(stats)
+                if self.method.last_skip_reason:
+                    self.warn(f"step {step}: {self.method.last_skip_reason}")
+                changed = not np.array_equal(new, old)
+            self._measurements = []
+            self._update_losses = _Sums(k)
+        self._update_seconds += time.perf_counter() - started
+        if changed:
+            self._check_low_weights(self.method.weights)
+        if passes is not None:
+            self._check_repeats(np.asarray(passes))
+        self._observed_this_step = False
+
+        record = None
+        if step % self.schedule.log_every == 0 or self._pending_metrics:
+            record = self._record(step, sampled_weights, passes)
+            self.history.append(record)
+        messages, self._messages = self._messages, []
+        return StepOutcome(step, self.method.weights, changed, record, messages)
+
+    # -- internals ----------------------------------------------------------------------------------------------
+    def _interval_stats(self, step: int) -> DomainStats | None:
+        g = self.method.num_stat_groups
+        if not self.needs_gradients:
+            if not self._per_domain:
+                return DomainStats(step=step, num_domains=g, batch_size=self.batch_size)
+            return DomainStats(step=step, num_domains=g, loss=self._update_losses.mean(),
+                               examples=self._update_losses.count.copy(), batch_size=self.batch_size)
+        if not self._measurements:
+            self.warn(f"step {step}: no gradient measurement in this interval (drive the probe on the steps "
+                      "plan() marks measure=True); update skipped")
+            return None
+        return pool_measurements(self._measurements, step, self.batch_size)
+
+    def _check_low_weights(self, weights: np.ndarray) -> None:
+        """One message per change of the set of barely sampled domains (a domain that recovers may alert again)."""
+        floor = 0.1 / len(weights) if self.alert_min_weight is None else self.alert_min_weight
+        low = set(np.flatnonzero(weights < floor).tolist())
+        new = sorted(low - self._starved)
+        self._starved = low
+        if new:
+            shown = ", ".join(f"{self.names[i]!r} ({weights[i]:.4f})" for i in new[:5])
+            more = f" and {len(new) - 5} more" if len(new) > 5 else ""
+            self.warn(f"step {self.step_count}: weight of domain {shown}{more} is below {floor:.4f}; "
+                      "barely sampled now")
+
+    def _check_repeats(self, passes: np.ndarray) -> None:
+        if self.alert_repeats is None:
+            return
+        for i in np.flatnonzero(passes >= self.alert_repeats):
+            if int(i) not in self._repeat_alerted:
+                self._repeat_alerted.add(int(i))
+                self.warn(f"step {self.step_count}: domain {self.names[i]!r} started pass {int(passes[i])} over its "
+                          "examples; consider max_repeats to cap repetition")
+
+    def _record(self, step: int, sampled: np.ndarray | None, passes: np.ndarray | None) -> dict[str, Any]:
+        mix = self.method.weights if sampled is None else np.asarray(sampled, dtype=np.float64)
+        train_loss = {}
+        means = self._log_losses.mean()
+        for name, value in zip(self.names, means):
+            train_loss[name] = float(value) if math.isfinite(value) else None
+        record: dict[str, Any] = {
+            "step": step,
+            "weights": dict(zip(self.names, map(float, mix))),
+            "requested_weights": dict(zip(self.names, map(float, self.method.weights))),
+            "train_loss": train_loss,
+            **weight_kpis(mix),
+            "update_seconds": self._update_seconds,
+        }
+        if self.tokens_per_example is not None:
+            record["tokens"] = dict(zip(self.names, (int(x) * self.tokens_per_example for x in self._examples)))
+        if passes is not None:
+            record["repeats"] = dict(zip(self.names, (int(p) - 1 for p in passes)))
+        if self._events:
+            record["events"] = self._events
+            self._events = []
+        record.update(self._pending_metrics)
+        self._pending_metrics = {}
+        self._log_losses = _Sums(len(self.names))
+        self._update_seconds = 0.0
+        return record
+
+    # -- state --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (plain Python types and numbers; no IO)."""
+        return {
+            "format": STATE_FORMAT,
+            "domain_names": list(self.names),
+            "method_name": self.method.name,
+            "step": self.step_count,
+            "method": self.method.state_dict(),
+            "examples": self._examples.tolist(),
+            "log_losses": self._log_losses.to_dict(),
+            "update_losses": self._update_losses.to_dict(),
+            "measurements": [m.to_dict() for m in self._measurements],
+            "starved": sorted(self._starved),
+            "repeat_alerted": sorted(self._repeat_alerted),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state; refuses one from another run (domains, method). All-or-nothing and pure."""
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"not a {STATE_FORMAT} state (format={found!r})")
+        if list(state["domain_names"]) != self.names:
+            raise ValueError(f"state is from a run with other domains: it has {list(state['domain_names'])}, "
+                             f"this run has {self.names}")
+        if state.get("method_name") != self.method.name:
+            raise ValueError(f"state is from a run with method {state.get('method_name')!r}, this run uses "
+                             f"{self.method.name!r}")
+        k = len(self.names)
+        examples = np.asarray(state["examples"], dtype=np.float64)
+        if examples.shape != (k,):
+            raise ValueError(f"core state field 'examples' has shape {examples.shape}, expected ({k},)")
+        log_losses = _Sums.from_dict(state["log_losses"], k, "log_losses")
+        update_losses = _Sums.from_dict(state["update_losses"], k, "update_losses")
+        measurements = [Measurement.from_dict(m) for m in state["measurements"]]
+        step = int(state["step"])
+        # the method last: its own checks run before anything here changes, and it changes nothing if they fail
+        method_state = state["method"]
+        backup = self.method.state_dict()
+        try:
+            self.method.load_state_dict(method_state)
+        except Exception:
+            self.method.load_state_dict(backup)
+            raise
+        self.step_count = step
+        self._examples, self._log_losses, self._update_losses = examples, log_losses, update_losses
+        self._measurements = measurements
+        self._starved = set(int(i) for i in state.get("starved", []))
+        self._repeat_alerted = set(int(i) for i in state.get("repeat_alerted", []))
+        self._pending_metrics, self._messages, self._events = {}, [], []
