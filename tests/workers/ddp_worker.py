@@ -33,10 +33,10 @@ def main() -> None:
     assert mixer.world_size == 2 and mixer.rank == rank
     with open(f"{out}.rank{rank}.jsonl", "w") as fh:
         for batch in mixer.batches(12):
-            mixer.backward(model, batch, per_example_loss)
+            measured = mixer.backward(model, batch, per_example_loss)  # the step's global measurement
             opt.step()
             opt.zero_grad()
-            counts = mixer._last_counts.tolist()
+            counts = measured.examples.tolist()
             mixer.step()
             pairs = list(zip(batch["domain"].tolist(), batch["index"].tolist()))
             params = [p.detach().clone() for p in model.parameters()]
