@@ -8,7 +8,7 @@ interleaved over ``--reps`` rounds and the median step time per configuration is
 ``--paired``: one process trains a uniform model and an adaptive one side by side, alternating blocks of T steps,
 so machine-load drift hits both arms alike (the robust way to measure a few percent on a shared machine); it also
 reports how much a measuring step costs relative to a plain one.
-Data: random token windows (timing does not depend on the text). Model: gradmix.experiment GPT,
+Data: random token windows (timing does not depend on the text). Model: gradmix_kit.experiment GPT,
 vocab 4096, d_model 128, 2 layers, context 128, batch 16 (~0.9M parameters).
 """
 
@@ -43,7 +43,7 @@ def _setup(name: str):
     import torch
 
     from gradmix import Mixer
-    from gradmix.experiment.model import GPT, GPTConfig
+    from gradmix_kit.experiment.model import GPT, GPTConfig
     from gradmix.sources import Domain, DomainSet
 
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def _setup(name: str):
 
 def _timed_step(mixer, model, opt, batches) -> float:
     """One full training step with the Mixer; returns its wall time in seconds."""
-    from gradmix.experiment.model import per_example_loss
+    from gradmix_kit.experiment.model import per_example_loss
 
     t0 = time.perf_counter()
     batch = next(batches)

@@ -11,7 +11,7 @@ OUT="runs/dga_clusters_k${K}"
 python - <<PY
 from pathlib import Path
 import json
-from gradmix.corpora import build_corpus, build_target, load_corpus
+from gradmix_kit.corpora import build_corpus, build_target, load_corpus
 build_corpus("domains", max_docs_per_domain=1500)
 Path("runs").mkdir(exist_ok=True)
 with open("runs/generic_domains.jsonl", "w") as fh:

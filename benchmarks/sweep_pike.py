@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gradmix.experiment.config import load_config
-from gradmix.experiment.runner import prepare_data, run_experiment
+from gradmix_kit.experiment.config import load_config
+from gradmix_kit.experiment.runner import prepare_data, run_experiment
 
 GRID = {
     "zeta1": [0.1, 0.3, 1.0],

@@ -3,7 +3,7 @@
     python examples/plain_loop.py [--method pike] [--steps 150]
 
 Uses the tiny built-in corpus (real text: Python docs, Python code, license texts), a byte-level BPE tokenizer
-and the small GPT from gradmix.experiment. Any model works: the Mixer only needs a function that returns
+and the small GPT from gradmix_kit.experiment. Any model works: the Mixer only needs a function that returns
 per-example losses.
 """
 
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from gradmix import Mixer
-from gradmix.corpora import load_tiny_corpus
-from gradmix.experiment.model import GPT, GPTConfig, per_example_loss
-from gradmix.experiment.tokenizer import train_bpe_tokenizer
+from gradmix_kit.corpora import load_tiny_corpus
+from gradmix_kit.experiment.model import GPT, GPTConfig, per_example_loss
+from gradmix_kit.experiment.tokenizer import train_bpe_tokenizer
 from gradmix.sources import DomainSet
 
 

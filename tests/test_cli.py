@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradmix.cli import main
+from gradmix_kit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.toml"
@@ -67,7 +67,7 @@ def test_target_methods_without_a_target_fail_clearly(tmp_path, capsys, method):
     assert "target" in err
 
 
-TINY_LEGAL = ROOT / "src" / "gradmix" / "data" / "tiny" / "legal.txt"
+TINY_LEGAL = ROOT / "src" / "gradmix_kit" / "data" / "tiny" / "legal.txt"
 
 
 @pytest.mark.parametrize("method, extra", [
@@ -90,7 +90,7 @@ def test_target_methods_run_from_a_config(tmp_path, method, extra):
 
 
 def test_importance_reads_target_counts_from_a_cluster_folder(tmp_path):
-    from gradmix.corpora import load_tiny_corpus
+    from gradmix_kit.corpora import load_tiny_corpus
 
     texts = load_tiny_corpus()
     fine = tmp_path / "clusters" / "fine"

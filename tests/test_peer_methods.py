@@ -14,6 +14,7 @@ from gradmix import DomainStats, StatsError, make_method
 from gradmix.methods.doremi import DoReMi
 from gradmix.methods.famo import FAMO, softmax_jacobian_transpose_product
 from gradmix.methods.odm import ODM, exploration_rate
+from conftest import assert_probability_vector
 
 NAN = float("nan")
 
@@ -21,13 +22,6 @@ NAN = float("nan")
 def record(loss, step=0, **extra):
     loss = np.asarray(loss, dtype=np.float64)
     return DomainStats(step=step, num_domains=loss.shape[0], loss=loss, extra=dict(extra))
-
-
-def assert_probability_vector(w, k):
-    assert w.shape == (k,)
-    assert np.all(np.isfinite(w)), w
-    assert np.all(w >= 0), w
-    assert abs(w.sum() - 1.0) <= 1e-9, w.sum()
 
 
 # --------------------------------------------------------------------------------------------------- DoReMi

@@ -16,6 +16,7 @@ from gradmix.methods import make_method
 from gradmix.methods.fair_pike import FairPiKE
 from gradmix.methods.pike import PiKE, water_filling
 from gradmix.stats import DomainStats, StatsError
+from conftest import assert_probability_vector
 
 
 def objective(w, lam, kappa):
@@ -49,13 +50,6 @@ def brute_force_qp(lam, kappa):
 def stats(grad_sq_norm, grad_var, batch_size=10, loss=None, step=0):
     return DomainStats(step=step, num_domains=len(grad_sq_norm), batch_size=batch_size,
                        grad_sq_norm=grad_sq_norm, grad_var=grad_var, loss=loss)
-
-
-def assert_probability_vector(w, k):
-    assert w.shape == (k,)
-    assert np.all(np.isfinite(w))
-    assert np.all(w >= 0)
-    assert abs(w.sum() - 1.0) <= 1e-9
 
 
 def softmax(x):

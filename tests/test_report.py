@@ -1,4 +1,4 @@
-"""Tests for gradmix.analysis (CIs, steps-to-reach, comparisons) and gradmix.report (HTML + PNG reports).
+"""Tests for gradmix_kit.analysis (CIs, steps-to-reach, comparisons) and gradmix_kit.report (HTML + PNG reports).
 
 Run folders are written by hand here, following the run folder format, with losses from closed-form curves so that
 every expected number can be computed independently.
@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradmix.analysis import (
+from gradmix_kit.analysis import (
     RunFolderError,
-    _t_quantile_numeric,
     compare_runs,
     comparison_markdown,
     eval_series,
@@ -106,23 +105,28 @@ KNOWN_T = [(0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 4, 2.776), (0.975, 10,
 @pytest.mark.parametrize("p, df, expected", KNOWN_T)
 def test_t_quantile_matches_tables(p, df, expected):
     assert t_quantile(p, df) == pytest.approx(expected, abs=1e-3)
-    assert _t_quantile_numeric(p, df) == pytest.approx(expected, abs=1e-3)  # the path used without scipy
-    assert _t_quantile_numeric(1 - p, df) == pytest.approx(-expected, abs=1e-3)
+    assert t_quantile(1 - p, df) == pytest.approx(-expected, abs=1e-3)
 
 
 def test_t_quantile_closed_forms():
     # df = 1 is Cauchy: q(p) = tan(pi (p - 1/2)); df = 2 has q(p) = (2p - 1) sqrt(2 / (4 p (1 - p))).
     for p in (0.6, 0.9, 0.975, 0.999, 0.01):
-        assert _t_quantile_numeric(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
-        assert _t_quantile_numeric(p, 2) == pytest.approx((2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p))), rel=1e-9)
-    assert _t_quantile_numeric(0.5, 3) == 0.0
+        assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
+        assert t_quantile(p, 2) == pytest.approx((2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p))), rel=1e-9)
+    assert t_quantile(0.5, 3) == 0.0
 
 
-def test_t_quantile_numeric_agrees_with_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    for df in (1, 2.5, 3, 7, 29, 400):
-        for p in (0.55, 0.8, 0.975, 0.9995, 0.02):
-            assert _t_quantile_numeric(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-9)
+def test_tables_are_rendered_from_data_not_reparsed():
+    from gradmix_kit.analysis import Table, render_html, render_markdown
+
+    table = Table(header=["method", "a|b"], rows=[["x<y", "1 | 2"]], note="n & m")
+    assert render_markdown(table) == "| method | a\\|b |\n|---|---|\n| x<y | 1 \\| 2 |\n\nn & m\n"
+    page = render_html(table)
+    assert "<th>a|b</th>" in page and "<td>x&lt;y</td>" in page and "<td>1 | 2</td>" in page
+    assert '<p class="note">n &amp; m</p>' in page
+    import gradmix_kit.report as report
+
+    assert not hasattr(report, "markdown_table_to_html")
 
 
 @pytest.mark.parametrize("p, df", [(0.0, 3), (1.0, 3), (0.5, 0), (0.5, float("nan"))])
@@ -307,7 +311,7 @@ def image_sources(html_text: str) -> list[str]:
 
 def test_report_for_a_comparison_folder(tmp_path):
     pytest.importorskip("matplotlib")
-    from gradmix.report import write_report
+    from gradmix_kit.report import write_report
 
     cmp_dir = comparison_folder(tmp_path / "cmp", {"uniform": [2.0, 2.2], "fair_pike": [1.9, 2.1], "dga": [2.1, 2.0]},
                                 accuracy=True, target=True)
@@ -332,7 +336,7 @@ def test_report_for_a_comparison_folder(tmp_path):
 
 def test_report_single_minimal_run_and_many_domains(tmp_path):
     pytest.importorskip("matplotlib")
-    from gradmix.report import write_report
+    from gradmix_kit.report import write_report
 
     # No summary.json, no accuracy/target, and 14 domains (more than the per-domain panel limit).
     domains = [f"cluster{i}" for i in range(14)]
@@ -356,7 +360,7 @@ def test_report_single_minimal_run_and_many_domains(tmp_path):
 
 
 def test_report_rejects_folder_without_metrics(tmp_path):
-    from gradmix.report import write_report
+    from gradmix_kit.report import write_report
 
     folder = tmp_path / "not-a-run"
     folder.mkdir()
@@ -367,7 +371,7 @@ def test_report_rejects_folder_without_metrics(tmp_path):
 def test_report_without_matplotlib_says_how_to_install(tmp_path):
     # Run in a child interpreter where importing matplotlib fails, so this process is left untouched.
     code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from gradmix.report import write_report\n"
+            "from gradmix_kit.report import write_report\n"
             "try:\n    write_report([], 'unused')\nexcept ImportError as exc:\n    print(exc)\n")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "gradmix[report]" in output.stdout, output.stderr

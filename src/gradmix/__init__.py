@@ -4,7 +4,7 @@ While a model trains on several data sources, gradmix changes how much of each s
 from cheap gradient signals (PiKE / Fair-PiKE, DGA) or from static rules (uniform, temperature, ...).
 """
 
-from gradmix.methods import available_methods, make_method
+from gradmix.methods import available_methods, make_method, register_method, unregister_method
 from gradmix.methods.base import MixingMethod, WeightError
 from gradmix.stats import DomainStats, StatsError
 
@@ -19,6 +19,8 @@ __all__ = [
     "WeightError",
     "available_methods",
     "make_method",
+    "register_method",
+    "unregister_method",
     "__version__",
 ]
 

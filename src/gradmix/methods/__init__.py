@@ -1,7 +1,9 @@
 """Mixing methods and the registry that maps names to them.
 
 Each method lives in its own module and is imported lazily, so optional pieces never slow ``import gradmix``.
-``register_method`` lets users plug in their own method under a new name.
+``register_method`` lets users plug in their own method under a new name: it is then usable by name everywhere a
+method is named (``make_method``, ``Mixer(..., method="mine")``, a ``gradmix run`` config). A ``MethodRegistry`` of
+one's own (``make_method(..., registry=...)``) keeps plug-ins isolated instead.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ from typing import Any
 
 from gradmix.methods.base import MixingMethod, WeightError, validate_weights
 
-__all__ = ["make_method", "available_methods", "method_class", "MethodRegistry", "MixingMethod", "WeightError",
-           "validate_weights"]
+__all__ = ["make_method", "available_methods", "method_class", "register_method", "unregister_method",
+           "MethodRegistry", "MixingMethod", "WeightError", "validate_weights"]
 
-# name -> "module:ClassName" for the built-ins. Read-only: plug-ins go into a MethodRegistry of the user's own,
-# or are passed to make_method as a class.
+# name -> "module:ClassName" for the built-ins (read-only; registered methods live in a registry's own entries).
 _BUILTIN: dict[str, str] = {
     "uniform": "gradmix.methods.static:Uniform",
     "fixed": "gradmix.methods.static:Fixed",
@@ -41,16 +42,42 @@ class MethodRegistry:
     def __init__(self) -> None:
         self._entries: dict[str, Any] = dict(_BUILTIN)
 
-    def register(self, name: str, cls: type[MixingMethod]) -> None:
+    @staticmethod
+    def _key(name: Any) -> Any:
+        return name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+
+    def register(self, name: str, cls: type[MixingMethod], *, overwrite: bool = False) -> type[MixingMethod]:
+        """Make ``cls`` available as ``name`` (case-insensitive, ``-`` = ``_``); returns ``cls``.
+
+        A name already taken (a built-in or an earlier registration) is a ``ValueError`` unless ``overwrite=True``;
+        ``cls`` must be a ``MixingMethod`` subclass (``TypeError`` otherwise).
+        """
         if not (isinstance(cls, type) and issubclass(cls, MixingMethod)):
-            raise TypeError(f"{cls!r} is not a MixingMethod subclass")
-        self._entries[name] = cls
+            raise TypeError(f"register_method: {cls!r} is not a MixingMethod subclass")
+        key = self._key(name)
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"register_method: a method name must be a non-empty string, got {name!r}")
+        if key in self._entries and not overwrite:
+            raise ValueError(f"register_method: a mixing method named {key!r} already exists; pick another name or "
+                             "pass overwrite=True to replace it")
+        self._entries[key] = cls
+        return cls
+
+    def unregister(self, name: str) -> None:
+        """Remove a registered method (built-in names come back as the built-in)."""
+        key = self._key(name)
+        if key not in self._entries or self._entries[key] == _BUILTIN.get(key):
+            raise ValueError(f"no registered mixing method named {name!r}")
+        if key in _BUILTIN:
+            self._entries[key] = _BUILTIN[key]
+        else:
+            del self._entries[key]
 
     def names(self) -> list[str]:
         return sorted(self._entries)
 
     def get(self, name: str) -> type[MixingMethod]:
-        key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+        key = self._key(name)
         if key not in self._entries:
             raise ValueError(f"unknown mixing method {name!r}; available: {', '.join(self.names())}")
         entry = self._entries[key]
@@ -71,17 +98,41 @@ class MethodRegistry:
             raise ValueError(f"bad parameters for mixing method {name!r}: {exc}") from exc
 
 
+# The registry behind make_method / method_class / available_methods / register_method. The one piece of
+# module-level mutable state in the library, on purpose: a method registered once must be usable by name from
+# anywhere (Mixer, configs), as the design's contract asks.
+_DEFAULT_REGISTRY = MethodRegistry()
+
+
+def register_method(name: str, cls: type[MixingMethod], *, overwrite: bool = False) -> type[MixingMethod]:
+    """Register a user's ``MixingMethod`` subclass under ``name``; then ``make_method(name, K)``,
+    ``Mixer(..., method=name)`` and ``mixing.method = name`` in a ``gradmix run`` config all find it.
+
+    ``ValueError`` if the name is taken (built-in or registered) unless ``overwrite=True``; ``TypeError`` if
+    ``cls`` is not a ``MixingMethod`` subclass. Returns ``cls``.
+    """
+    return _DEFAULT_REGISTRY.register(name, cls, overwrite=overwrite)
+
+
+def unregister_method(name: str) -> None:
+    """Undo ``register_method(name, ...)``."""
+    _DEFAULT_REGISTRY.unregister(name)
+
+
 def make_method(name: str | type[MixingMethod], num_domains: int, *, registry: MethodRegistry | None = None,
                 **params: Any) -> MixingMethod:
     """Build a mixing method by name (``make_method("pike", 6, zeta1=1.0)``) or from a MixingMethod subclass."""
     if isinstance(name, type) and issubclass(name, MixingMethod):
         return name(num_domains, **params)
-    return (registry or MethodRegistry()).make(name, num_domains, **params)
+    return (registry or _DEFAULT_REGISTRY).make(name, num_domains, **params)
 
 
-def method_class(name: str) -> type[MixingMethod]:
-    return MethodRegistry().get(name)
+def method_class(name: str | type[MixingMethod], *, registry: MethodRegistry | None = None) -> type[MixingMethod]:
+    """The class behind a method name (a ``MixingMethod`` subclass is returned as is)."""
+    if isinstance(name, type) and issubclass(name, MixingMethod):
+        return name
+    return (registry or _DEFAULT_REGISTRY).get(name)
 
 
-def available_methods() -> list[str]:
-    return MethodRegistry().names()
+def available_methods(*, registry: MethodRegistry | None = None) -> list[str]:
+    return (registry or _DEFAULT_REGISTRY).names()

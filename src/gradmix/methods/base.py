@@ -94,9 +94,16 @@ def uniform_weights(num_domains: int) -> np.ndarray:
 class MixingMethod(ABC):
     """Base class: holds the current weights and the bookkeeping every method shares.
 
-    Subclasses set ``name`` and implement ``_update``. ``required_stats`` lists the ``DomainStats`` fields the
-    method reads; the controller uses it to decide what the probe must measure. ``every_step`` methods (round
-    robin, random task) are updated at every optimizer step instead of on the update schedule.
+    Subclasses set ``name`` and implement ``_update``. What a method needs is declared here, as class attributes,
+    and read by everything that builds one (``Mixer``, the experiment runner, the CLI) instead of lists of names:
+
+    * ``required_stats``: the ``DomainStats`` fields the method reads; the controller uses it to decide what the
+      probe must measure (gradient statistics need a model or probe).
+    * ``needs_sizes``: the constructor takes ``sizes=`` (examples per domain); the Mixer passes them itself.
+    * ``needs_target``: the method steers toward a target set (``Mixer(..., target=...)``, ``data.target``).
+    * ``needs_target_counts``: the constructor takes ``target_counts=`` (the target's histogram over the domains,
+      e.g. from ``gradmix cluster --target``).
+    * ``every_step``: updated at every optimizer step (round robin, random task) instead of on the schedule.
     """
 
     name: ClassVar[str] = "base"
@@ -104,6 +111,7 @@ class MixingMethod(ABC):
     every_step: ClassVar[bool] = False
     needs_sizes: ClassVar[bool] = False
     needs_target: ClassVar[bool] = False
+    needs_target_counts: ClassVar[bool] = False
 
     def __init__(self, num_domains: int, *, initial_weights: Any = None) -> None:
         if not isinstance(num_domains, (int, np.integer)) or num_domains < 1:

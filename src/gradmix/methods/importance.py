@@ -61,6 +61,7 @@ class Importance(MixingMethod):
     """
 
     name = "importance"
+    needs_target_counts = True
 
     def __init__(self, num_domains: int, target_counts: Any = None, pseudo_count: float = 0.0,
                  uniform_mix: float = 0.0) -> None:

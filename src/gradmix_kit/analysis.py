@@ -2,12 +2,13 @@
 per-method comparison against a baseline (uniform by default).
 
 Reads the run folder format written by ``gradmix run`` (``config.json``, ``metrics.jsonl``, ``summary.json``).
-numpy only; scipy is used for the Student t quantile when installed, otherwise an exact numerical inversion of the
-t distribution function (regularised incomplete beta, see ``t_quantile``) gives the same numbers.
+Student t quantiles come from scipy (``pip install gradmix[experiments]``). Tables are built once as data
+(``Table``: header, rows, note) and rendered to Markdown or HTML from it (``render_markdown``, ``render_html``).
 """
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from dataclasses import dataclass, field
@@ -28,7 +29,11 @@ __all__ = [
     "eval_series",
     "steps_to_reach",
     "compare_runs",
+    "Table",
+    "comparison_table",
     "comparison_markdown",
+    "render_markdown",
+    "render_html",
 ]
 
 # Summary metrics compared across methods: key -> (label for tables, lower is better).
@@ -46,84 +51,9 @@ class RunFolderError(ValueError):
 
 # -- Student t quantile ----------------------------------------------------------------------------------------
 
-def _log_beta(a: float, b: float) -> float:
-    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function, evaluated with the modified Lentz method."""
-    tiny = 1e-300
-    c = 1.0
-    d = 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    result = d
-    for m in range(1, 500):
-        # Even step of the fraction.
-        numerator = m * (b - m) * x / ((a + 2 * m - 1.0) * (a + 2 * m))
-        d = 1.0 + numerator * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + numerator / c
-        c = c if abs(c) > tiny else tiny
-        result *= d * c
-        # Odd step.
-        numerator = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1.0))
-        d = 1.0 + numerator * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + numerator / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        result *= delta
-        if abs(delta - 1.0) < 1e-16:
-            break
-    return result
-
-
-def _regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b); the fraction converges fast for x < (a+1)/(a+b+2), so use I_x(a,b) = 1 - I_{1-x}(b,a) above it."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = a * math.log(x) + b * math.log1p(-x) - _log_beta(a, b)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def _t_upper_tail(t: float, df: float) -> float:
-    """P(T > t) for t >= 0: 0.5 * I_{df/(df+t^2)}(df/2, 1/2) (Abramowitz & Stegun 26.7.1 via 26.5.27)."""
-    return 0.5 * _regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-
-
-def _t_quantile_numeric(p: float, df: float) -> float:
-    """Invert the t distribution function by bisection on the exact upper tail; agrees with scipy to ~1e-12."""
-    if p == 0.5:
-        return 0.0
-    upper = 1.0 - p if p > 0.5 else p  # target tail probability, < 0.5
-    high = 1.0
-    while _t_upper_tail(high, df) > upper:
-        high *= 2.0
-        if high > 1e300:
-            raise OverflowError(f"t quantile for p={p}, df={df} is too large to represent")
-    low = 0.0 if high == 1.0 else high / 2.0
-    for _ in range(200):
-        mid = 0.5 * (low + high)
-        if _t_upper_tail(mid, df) > upper:
-            low = mid
-        else:
-            high = mid
-        if high - low <= 1e-15 * max(1.0, high):
-            break
-    value = 0.5 * (low + high)
-    return value if p > 0.5 else -value
-
-
 def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t distribution with ``df`` degrees of freedom (e.g. t_{0.975, 2} = 4.303).
-
-    Uses ``scipy.stats.t.ppf`` when scipy is installed; otherwise inverts the distribution function, written with
-    the regularised incomplete beta function, by bisection (exact to float precision, not a table or series).
-    """
+    """Quantile of Student's t distribution with ``df`` degrees of freedom (e.g. t_{0.975, 2} = 4.303), from
+    ``scipy.stats.t.ppf``."""
     p = float(p)
     df = float(df)
     if not 0.0 < p < 1.0:
@@ -132,8 +62,8 @@ def t_quantile(p: float, df: float) -> float:
         raise ValueError(f"t_quantile: degrees of freedom must be a finite number > 0, got {df}")
     try:
         from scipy.stats import t as student_t
-    except ImportError:
-        return _t_quantile_numeric(p, df)
+    except ImportError as exc:
+        raise ImportError("confidence intervals need scipy: pip install 'gradmix[experiments]'") from exc
     return float(student_t.ppf(p, df))
 
 
@@ -485,8 +415,18 @@ def _format_interval(record: dict[str, Any] | None, *, percent: bool = False, di
     return text
 
 
-def comparison_markdown(result: dict[str, Any]) -> str:
-    """A markdown table of ``compare_runs``' result: mean ± CI half-width per metric, paired Δ vs the baseline."""
+@dataclass(frozen=True)
+class Table:
+    """A table as data: column names, rows of cell texts, and a note printed under it. Rendered by
+    ``render_markdown`` and ``render_html``; nothing parses a rendered table back."""
+
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+def comparison_table(result: dict[str, Any]) -> Table:
+    """``compare_runs``' result as a table: mean ± CI half-width per metric, paired Δ vs the baseline."""
     metric_keys = result["metrics"]
     baseline = result.get("baseline")
     methods = result["methods"]
@@ -507,18 +447,38 @@ def comparison_markdown(result: dict[str, Any]) -> str:
                 text = _format_interval(ratio, digits=2) if ratio.get("mean") is not None else "never"
                 row.append(f"{text} ({ratio['reached']}/{ratio['n']} reached)")
         rows.append(row)
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
     confidence = int(round(float(result.get("confidence", 0.95)) * 100))
-    lines = [line(header), "|" + "|".join("---" for _ in header) + "|"] + [line(r) for r in rows]
-    lines.append("")
     note = f"Mean ± {confidence}% confidence half-width (Student t over seeds; none with one seed)."
     if baseline:
         note += (f" Δ: relative difference to {baseline}, paired by seed. Steps ratio: step at which the method's"
                  f" average validation loss first reaches {baseline}'s final one, divided by {baseline}'s steps.")
     elif result.get("requested_baseline"):
         note += f" Baseline {result['requested_baseline']!r} is not among the runs: no paired differences."
-    lines.append(note)
+    return Table(header=header, rows=rows, note=note)
+
+
+def render_markdown(table: Table) -> str:
+    """A pipe table (``|`` in cells escaped), then the note as a paragraph."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    lines = [line(table.header), "|" + "|".join("---" for _ in table.header) + "|"] + [line(r) for r in table.rows]
+    if table.note:
+        lines += ["", table.note]
     return "\n".join(lines) + "\n"
+
+
+def render_html(table: Table, *, note_class: str = "note") -> str:
+    """An HTML ``<table>`` (cells escaped), then the note as a paragraph."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n" for row in table.rows)
+    out = f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+    if table.note:
+        out += f'\n<p class="{note_class}">{html.escape(table.note)}</p>'
+    return out
+
+
+def comparison_markdown(result: dict[str, Any]) -> str:
+    """``comparison_table(result)`` rendered as Markdown."""
+    return render_markdown(comparison_table(result))

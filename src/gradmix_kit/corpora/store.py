@@ -11,28 +11,35 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from gradmix.corpora.errors import CorpusError
+from gradmix_kit.corpora.errors import CorpusError
 
 __all__ = [
+    "DATA_DIR_ENV",
+    "DEFAULT_DATA_DIR",
     "MANIFEST_FORMAT_VERSION",
     "MANIFEST_NAME",
     "DomainRecord",
     "Manifest",
     "atomic_write_bytes",
+    "default_data_dir",
     "find_corrupt_files",
     "read_jsonl",
     "read_manifest",
+    "resolve_data_dir",
     "sha256_file",
     "write_jsonl",
     "write_manifest",
 ]
 
 MANIFEST_NAME = "manifest.json"
+
+# Where corpora, downloads, tokenizers and embedding caches live: ``$GRADMIX_DATA`` if set, else this folder.
+DATA_DIR_ENV = "GRADMIX_DATA"
+DEFAULT_DATA_DIR = Path("~") / ".cache" / "gradmix"
 MANIFEST_FORMAT_VERSION = 1
 
 
@@ -106,6 +113,17 @@ class Manifest:
             raise CorpusError(f"{where}: malformed manifest ({type(exc).__name__}: {exc}); rebuild the corpus") from exc
 
 
+def default_data_dir() -> Path:
+    """The kit's data folder: ``$GRADMIX_DATA`` if set, else ``DEFAULT_DATA_DIR`` (``~/.cache/gradmix``)."""
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env).expanduser() if env else DEFAULT_DATA_DIR.expanduser()
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+    """``data_dir`` (``~`` expanded) when given, else ``default_data_dir()``."""
+    return Path(data_dir).expanduser() if data_dir not in (None, "") else default_data_dir()
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -115,23 +133,11 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; these are shared data files, not secrets
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``data`` to ``path`` with ``gradmix.checkpoint.atomic_write`` (temp file in the same folder, fsync,
+    rename; normal file permissions)."""
+    from gradmix.checkpoint import atomic_write
+
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def write_jsonl(path: Path, docs: Iterable[str]) -> str:
@@ -142,20 +148,14 @@ def write_jsonl(path: Path, docs: Iterable[str]) -> str:
 
 
 def read_jsonl(path: Path) -> list[str]:
-    """The ``text`` of every line of a JSON-lines file; a malformed line raises naming file and line."""
-    docs: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CorpusError(f"{path}:{number}: not a JSON object with a 'text' field ({exc})") from exc
-            if not isinstance(text, str):
-                raise CorpusError(f"{path}:{number}: 'text' is {type(text).__name__}, expected a string")
-            docs.append(text)
-    return docs
+    """The documents of a JSON-lines file, read by ``gradmix.sources.read_documents`` (the one document reader);
+    a malformed line raises ``CorpusError`` naming file and line."""
+    from gradmix.sources import read_documents
+
+    try:
+        return read_documents(Path(path))
+    except (ValueError, AttributeError) as exc:  # AttributeError: a non-string "text" (see read_documents)
+        raise CorpusError(str(exc)) from exc
 
 
 def write_manifest(corpus_dir: Path, manifest: Manifest) -> Path:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol, Sequence
 
-from gradmix.corpora.errors import FetchError
+from gradmix_kit.corpora.errors import FetchError
 
 __all__ = [
     "APT_LISTS_DIR",

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradmix.experiment.model import per_example_loss
+from gradmix_kit.experiment.model import per_example_loss
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -10,7 +10,6 @@ state are never touched.
 from __future__ import annotations
 
 import html
-import json
 import math
 import re
 from datetime import datetime, timezone
@@ -19,16 +18,20 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from gradmix.analysis import (
+from gradmix.checkpoint import atomic_write, write_json_atomic
+from gradmix_kit.analysis import (
     SUMMARY_METRICS,
     Run,
+    Table,
     compare_runs,
-    comparison_markdown,
+    comparison_table,
     eval_series,
     load_runs,
+    render_html,
+    render_markdown,
 )
 
-__all__ = ["write_report", "markdown_table_to_html", "MAX_DOMAIN_PANELS"]
+__all__ = ["write_report", "MAX_DOMAIN_PANELS"]
 
 # Beyond this many domains (e.g. DGA's fine clusters) the per-domain grids show only the average / worst panels.
 MAX_DOMAIN_PANELS = 12
@@ -242,35 +245,6 @@ def _plot_comparison(result: dict[str, Any], colors: dict[str, Any], path: Path)
 
 # -- HTML ------------------------------------------------------------------------------------------------------
 
-def markdown_table_to_html(markdown: str) -> str:
-    """Render a pipe table (and the plain paragraphs around it) as HTML; enough for ``comparison_markdown``."""
-    parts: list[str] = []
-    table: list[list[str]] = []
-
-    def flush() -> None:
-        if not table:
-            return
-        header, body = table[0], [r for r in table[1:] if not all(re.fullmatch(r":?-{3,}:?", c) for c in r)]
-        parts.append("<table>\n<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header)
-                     + "</tr></thead>\n<tbody>\n"
-                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n"
-                               for row in body)
-                     + "</tbody>\n</table>")
-        table.clear()
-
-    for line in markdown.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("|"):
-            cells = re.split(r"(?<!\\)\|", stripped.strip("|"))
-            table.append([c.strip().replace("\\|", "|") for c in cells])
-            continue
-        flush()
-        if stripped:
-            parts.append(f"<p>{html.escape(stripped)}</p>")
-    flush()
-    return "\n".join(parts)
-
-
 def _format_number(value: Any, digits: int = 4) -> str:
     try:
         number = float(value)
@@ -296,10 +270,8 @@ def _runs_table(runs: Sequence[Run], out_dir: Path) -> str:
         columns.append(("step time (s)", lambda r: _format_number(r.summary.get("step_time_s"), 3)))
     if any(_max_repeats(r) is not None for r in runs):
         columns.append(("max passes over a domain", lambda r: "" if _max_repeats(r) is None else str(_max_repeats(r))))
-    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(fn(r)))}</td>" for _, fn in columns) + "</tr>\n"
-                   for r in runs)
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+    return render_html(Table(header=[name for name, _ in columns],
+                             rows=[[str(fn(r)) for _, fn in columns] for r in runs]))
 
 
 def _max_repeats(run: Run) -> int | None:
@@ -357,9 +329,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str
     show_domains = len(domains) <= MAX_DOMAIN_PANELS
 
     result = compare_runs(runs, baseline=baseline, confidence=confidence)
-    markdown = comparison_markdown(result)
-    (out / "comparison.md").write_text(markdown, encoding="utf-8")
-    (out / "comparison_stats.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    table = comparison_table(result)
+    atomic_write(out / "comparison.md", lambda fh: fh.write(render_markdown(table)), mode="w")
+    write_json_atomic(out / "comparison_stats.json", result)
 
     figures: list[tuple[Path | None, str]] = []
     figures.append((_plot_comparison(result, colors, out / "comparison.png"),
@@ -399,7 +371,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str
         f'<p class="note">{len(runs)} run(s), {len(groups)} method(s): {html.escape(", ".join(groups))}. '
         f"Generated {generated}.</p>",
         "<h2>Comparison</h2>",
-        markdown_table_to_html(markdown),
+        render_html(table),
         "<h2>Runs</h2>",
         _runs_table(runs, out),
         "<h2>Plots</h2>",
@@ -410,5 +382,5 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str
                 f"<title>{html.escape(page_title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
                 + "\n".join(body) + "\n</body>\n</html>\n")
     report_path = out / "report.html"
-    report_path.write_text(document, encoding="utf-8")
+    atomic_write(report_path, lambda fh: fh.write(document), mode="w")
     return report_path

@@ -17,8 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from gradmix.corpora.errors import CorpusError
-from gradmix.corpora.fetch import (
+from gradmix_kit.corpora.errors import CorpusError
+from gradmix_kit.corpora.fetch import (
     DirectorySource,
     FetchedSource,
     WheelSource,
@@ -26,18 +26,21 @@ from gradmix.corpora.fetch import (
     fetch_wheel,
     unpack_deb,
 )
-from gradmix.corpora.sources import CORPORA, TARGET_LABELS, CorpusSpec, PackageSource, stdlib_root_and_version
-from gradmix.corpora.store import (
+from gradmix_kit.corpora.sources import CORPORA, TARGET_LABELS, CorpusSpec, PackageSource, stdlib_root_and_version
+from gradmix_kit.corpora.store import (
+    DATA_DIR_ENV,
     MANIFEST_NAME,
     DomainRecord,
     Manifest,
     find_corrupt_files,
     read_jsonl,
     read_manifest,
+    default_data_dir,
+    resolve_data_dir,
     write_jsonl,
     write_manifest,
 )
-from gradmix.corpora.text import DEFAULT_MAX_DOC_CHARS, DEFAULT_MIN_DOC_CHARS, clean_documents, select_documents
+from gradmix_kit.corpora.text import DEFAULT_MAX_DOC_CHARS, DEFAULT_MIN_DOC_CHARS, clean_documents, select_documents
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -53,20 +56,13 @@ __all__ = [
     "load_manifest",
 ]
 
-DATA_DIR_ENV = "GRADMIX_DATA"
 DOWNLOADS_SUBDIR = "_downloads"
 
 _log = logging.getLogger(__name__)
 
 
-def default_data_dir() -> Path:
-    """``$GRADMIX_DATA`` if set, else ``~/.cache/gradmix``."""
-    env = os.environ.get(DATA_DIR_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gradmix"
-
-
 def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
-    return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    return resolve_data_dir(data_dir)
 
 
 def available_corpora() -> list[str]:
@@ -267,7 +263,7 @@ def _require_manifest(corpus_dir: Path, label: str) -> Manifest:
     if manifest is None:
         raise CorpusError(
             f"corpus {label!r} is not built in {corpus_dir}; build it first with "
-            f"gradmix.corpora.build_corpus({label!r}, data_dir=...)"
+            f"gradmix_kit.corpora.build_corpus({label!r}, data_dir=...)"
         )
     return manifest
 
@@ -292,7 +288,7 @@ def load_corpus(
         if problems:
             raise CorpusError(
                 f"corpus {manifest.corpus!r} in {corpus_dir} is damaged ({'; '.join(problems)}); rebuild it with "
-                f"gradmix.corpora.build_corpus({manifest.corpus!r}, ...), which rebuilds damaged files"
+                f"gradmix_kit.corpora.build_corpus({manifest.corpus!r}, ...), which rebuilds damaged files"
             )
     return {name: read_jsonl(corpus_dir / record.file) for name, record in manifest.domains.items()}
 

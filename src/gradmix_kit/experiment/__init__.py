@@ -1,10 +1,10 @@
 """The experiment kit: tokenizer, small GPT, and the evaluations used to compare mixing methods on real text.
 
 The model and evaluations need only torch; the tokenizer needs the optional ``tokenizers`` package and is
-imported on first use, so ``import gradmix.experiment`` works without it.
+imported on first use, so ``import gradmix_kit.experiment`` works without it.
 """
 
-from gradmix.experiment.evaluation import (
+from gradmix_kit.experiment.evaluation import (
     ContinuationItems,
     ContinuationTask,
     build_continuation_task,
@@ -12,7 +12,7 @@ from gradmix.experiment.evaluation import (
     evaluate_loss,
     score_continuations,
 )
-from gradmix.experiment.model import GPT, GPTConfig, per_example_loss
+from gradmix_kit.experiment.model import GPT, GPTConfig, per_example_loss
 
 __all__ = [
     "GPT",
@@ -35,7 +35,7 @@ _TOKENIZER_NAMES = ("encode_documents", "load_tokenizer", "save_tokenizer", "tra
 
 def __getattr__(name: str):  # lazy: the tokenizers package is optional
     if name in _TOKENIZER_NAMES:
-        from gradmix.experiment import tokenizer
+        from gradmix_kit.experiment import tokenizer
 
         return getattr(tokenizer, name)
-    raise AttributeError(f"module 'gradmix.experiment' has no attribute {name!r}")
+    raise AttributeError(f"module 'gradmix_kit.experiment' has no attribute {name!r}")

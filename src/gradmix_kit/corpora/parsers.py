@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
-from gradmix.corpora.text import group_units, normalize_text
+from gradmix_kit.corpora.text import group_units, normalize_text
 
 __all__ = [
     "GcideEntry",

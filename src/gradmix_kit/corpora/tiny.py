@@ -1,8 +1,8 @@
 """The tiny corpus shipped inside the package: four domains of real, permissively licensed English text (~30 KB
 each), for smoke runs, examples and tests that must work without network.
 
-Files: ``gradmix/data/tiny/<domain>.txt``, documents separated by a line holding only ``<|doc|>``; the folder's
-README.txt names sources and licenses. ``write_tiny_corpus`` regenerates the files from the registry packages
+Files: ``gradmix_kit/data/tiny/<domain>.txt``, documents separated by a line holding only ``<|doc|>``, read by
+``gradmix.sources.read_documents`` like any other text source; the folder's README.txt names sources and licenses. ``write_tiny_corpus`` regenerates the files from the registry packages
 (deterministic for the same package versions and Python version).
 """
 
@@ -12,11 +12,12 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from gradmix.corpora.errors import CorpusError
+from gradmix.sources import DOC_SEPARATOR, read_documents
+from gradmix_kit.corpora.errors import CorpusError
 
-__all__ = ["TINY_DOC_SEPARATOR", "TINY_DOMAINS", "load_tiny_corpus", "parse_tiny_file", "write_tiny_corpus"]
+__all__ = ["TINY_DOC_SEPARATOR", "TINY_DOMAINS", "load_tiny_corpus", "write_tiny_corpus"]
 
-TINY_DOC_SEPARATOR = "<|doc|>"
+TINY_DOC_SEPARATOR = DOC_SEPARATOR  # the library's document separator: the files are ordinary text sources
 TINY_DOMAINS = ("changelog", "code", "docs", "legal")
 TINY_CHARS_PER_DOMAIN = 30_000
 
@@ -31,30 +32,17 @@ TINY_LICENSE_KEYS = (
 TINY_STDLIB_MODULES = ("bisect.py", "colorsys.py", "fnmatch.py", "glob.py", "copyreg.py", "genericpath.py")
 
 
-def parse_tiny_file(text: str) -> list[str]:
-    """Documents of one tiny-corpus file: split at lines holding only the separator, blank lines around them
-    dropped (a document's indentation is kept), empty documents dropped."""
-    docs: list[str] = []
-    current: list[str] = []
-    for line in text.replace("\r\n", "\n").split("\n"):
-        if line.strip() == TINY_DOC_SEPARATOR:
-            docs.append("\n".join(current).strip("\n").rstrip())
-            current = []
-        else:
-            current.append(line)
-    docs.append("\n".join(current).strip("\n").rstrip())
-    return [doc for doc in docs if doc.strip()]
-
-
 def load_tiny_corpus() -> dict[str, list[str]]:
     """domain -> documents of the built-in tiny corpus (read with importlib.resources; no network, no cache)."""
-    folder = resources.files("gradmix").joinpath("data", "tiny")
+    folder = resources.files("gradmix_kit").joinpath("data").joinpath("tiny")
     corpus: dict[str, list[str]] = {}
     for domain in TINY_DOMAINS:
         entry = folder.joinpath(f"{domain}.txt")
         if not entry.is_file():
-            raise CorpusError(f"tiny corpus file data/tiny/{domain}.txt is missing from the installed gradmix package")
-        docs = parse_tiny_file(entry.read_text(encoding="utf-8"))
+            raise CorpusError(f"tiny corpus file data/tiny/{domain}.txt is missing from the installed gradmix_kit "
+                              "package")
+        with resources.as_file(entry) as path:
+            docs = read_documents(path)
         if not docs:
             raise CorpusError(f"tiny corpus file data/tiny/{domain}.txt holds no documents")
         corpus[domain] = docs
@@ -76,17 +64,17 @@ def write_tiny_corpus(
     HOWTO prose (``python3.11-doc``), the running interpreter's standard library, and permissive license texts
     (``licensedcode-data``)."""
     # imported here: loading the tiny corpus must not pull in the fetching machinery
-    from gradmix.corpora.builder import SourceFetcher, _resolve_data_dir
-    from gradmix.corpora.parsers import parse_license_file, python_source_units
-    from gradmix.corpora.sources import (
+    from gradmix_kit.corpora.builder import SourceFetcher, _resolve_data_dir
+    from gradmix_kit.corpora.parsers import parse_license_file, python_source_units
+    from gradmix_kit.corpora.sources import (
         LICENSEDCODE_DATA,
         PYTHON_DOC,
         PYTHON_STDLIB,
         python_doc_pages,
         python_doc_sections,
     )
-    from gradmix.corpora.store import atomic_write_bytes
-    from gradmix.corpora.text import DEFAULT_MAX_DOC_CHARS, clean_documents, select_documents
+    from gradmix_kit.corpora.store import atomic_write_bytes
+    from gradmix_kit.corpora.text import DEFAULT_MAX_DOC_CHARS, clean_documents, select_documents
 
     out = Path(out_dir)
     root = _resolve_data_dir(data_dir)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +22,10 @@ import torch
 
 from gradmix.checkpoint import write_json_atomic
 from gradmix.controller import Mixer, MixingWarning
+from gradmix.methods import method_class
 from gradmix.sources import Domain, DomainSet, pack_tokens, read_documents
+from gradmix_kit.corpora.store import resolve_data_dir
+from gradmix_kit.experiment.config import ConfigError
 
 __all__ = ["PreparedData", "prepare_data", "run_experiment", "run_comparison"]
 
@@ -43,19 +45,26 @@ class PreparedData:
     _task_cache: dict[tuple, Any] = field(default_factory=dict)
 
 
-def default_data_dir(cfg_dir: str | None) -> Path:
-    if cfg_dir:
-        return Path(cfg_dir).expanduser()
-    return Path(os.environ.get("GRADMIX_DATA", Path.home() / ".cache" / "gradmix")).expanduser()
+def _import_plugins(cfg: dict[str, Any]) -> None:
+    """Import the modules named in ``mixing.plugins``: they register their methods with ``gradmix.register_method``."""
+    import importlib
+
+    for module in cfg["mixing"].get("plugins") or []:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"mixing.plugins: cannot import {module!r} ({exc})") from exc
 
 
 def _load_corpus_texts(data_cfg: dict[str, Any]) -> tuple[dict[str, list[str]], dict[str, Any]]:
-    corpus = data_cfg["corpus"]
-    data_dir = default_data_dir(data_cfg.get("data_dir"))
-    if corpus == "tiny":
-        from gradmix.corpora import load_tiny_corpus
+    """domain -> documents: the built-in tiny corpus, a folder of ``<domain>.jsonl`` / ``<domain>.txt`` files (each
+    read by ``gradmix.sources.read_documents``), or a named corpus built from registry packages."""
+    from gradmix_kit import corpora
 
-        return load_tiny_corpus(), {"corpus": "tiny (built in)"}
+    corpus = data_cfg["corpus"]
+    data_dir = resolve_data_dir(data_cfg.get("data_dir"))
+    if corpus == "tiny":
+        return corpora.load_tiny_corpus(), {"corpus": "tiny (built in)"}
     path = Path(str(corpus)).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -64,8 +73,10 @@ def _load_corpus_texts(data_cfg: dict[str, Any]) -> tuple[dict[str, list[str]], 
         if not files:
             raise ValueError(f"corpus folder {str(path)!r} holds no <domain>.jsonl or <domain>.txt files")
         return {p.stem: read_documents(p) for p in files}, {"corpus": str(path)}
-    from gradmix import corpora
-
+    known = ["tiny", *corpora.available_corpora()]
+    if corpus not in known:
+        raise ConfigError(f"data.corpus {corpus!r} is neither a known corpus nor an existing folder; known corpora: "
+                          f"{', '.join(known)}")
     manifest = corpora.build_corpus(corpus, data_dir, max_docs_per_domain=data_cfg.get("max_docs_per_domain"))
     texts = corpora.load_corpus(corpus, data_dir)
     return texts, {"corpus": corpus, "data_dir": str(data_dir), "manifest": _jsonable(manifest)}
@@ -76,9 +87,12 @@ def _load_target_texts(data_cfg: dict[str, Any]) -> list[str]:
     path = Path(str(target)).expanduser()
     if path.exists():
         return read_documents(path)
-    from gradmix import corpora
+    from gradmix_kit import corpora
 
-    return list(corpora.build_target(target, default_data_dir(data_cfg.get("data_dir"))))
+    if target not in corpora.available_targets():
+        raise ConfigError(f"data.target {target!r} is neither a known target set nor an existing file or folder; "
+                          f"known target sets: {', '.join(corpora.available_targets())}")
+    return list(corpora.build_target(target, resolve_data_dir(data_cfg.get("data_dir"))))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -106,7 +120,7 @@ def _split_docs(docs: list[str], fraction: float, seed: int, name: str) -> tuple
 
 
 def _tokenizer_for(train_texts: dict[str, list[str]], data_cfg: dict[str, Any], cache_root: Path) -> Any:
-    from gradmix.experiment.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
+    from gradmix_kit.experiment.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 
     per_domain = int(data_cfg["tokenizer_docs_per_domain"])
     sample = [doc for name in sorted(train_texts) for doc in train_texts[name][:per_domain]]
@@ -125,7 +139,7 @@ def _tokenizer_for(train_texts: dict[str, list[str]], data_cfg: dict[str, Any], 
 
 def prepare_data(cfg: dict[str, Any]) -> PreparedData:
     """Corpus -> split -> tokenizer -> windows (train domains, validation windows, target sets)."""
-    from gradmix.experiment.tokenizer import encode_documents
+    from gradmix_kit.experiment.tokenizer import encode_documents
 
     data_cfg = cfg["data"]
     texts, info = _load_corpus_texts(data_cfg)
@@ -147,7 +161,7 @@ def prepare_data(cfg: dict[str, Any]) -> PreparedData:
         if len(target_docs) < 2:
             raise ValueError(f"target set {data_cfg['target']!r} has {len(target_docs)} document(s); need >= 2")
 
-    cache_root = default_data_dir(data_cfg.get("data_dir"))
+    cache_root = resolve_data_dir(data_cfg.get("data_dir"))
     tokenizer = _tokenizer_for(train_texts, data_cfg, cache_root)
     window = int(data_cfg["window"])
 
@@ -186,7 +200,7 @@ def prepare_data(cfg: dict[str, Any]) -> PreparedData:
 
 
 def _continuation_task(data: PreparedData, eval_cfg: dict[str, Any]) -> Any:
-    from gradmix.experiment.evaluation import build_continuation_task
+    from gradmix_kit.experiment.evaluation import build_continuation_task
 
     key = tuple(sorted(eval_cfg.items()))
     if key not in data._task_cache:
@@ -199,15 +213,17 @@ def _continuation_task(data: PreparedData, eval_cfg: dict[str, Any]) -> Any:
 
 
 def _method_params(mix_cfg: dict[str, Any], data_cfg: dict[str, Any], data: PreparedData) -> dict[str, Any]:
-    """The method's parameters; ``importance`` without ``target_counts`` takes them from the ``clusters.json`` that
-    ``gradmix cluster --target`` wrote next to the corpus folder (the target's cluster histogram)."""
+    """The method's parameters; a method that ``needs_target_counts`` (``importance``) without ``target_counts``
+    takes them from the ``clusters.json`` that ``gradmix cluster --target`` wrote next to the corpus folder (the
+    target's cluster histogram)."""
     params = dict(mix_cfg.get("params") or {})
-    if mix_cfg["method"] == "importance" and "target_counts" not in params:
+    method = mix_cfg["method"]
+    if method_class(method).needs_target_counts and "target_counts" not in params:
         corpus = Path(str(data_cfg["corpus"])).expanduser()
         candidates = [corpus / "clusters.json", corpus.parent / "clusters.json"]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise ValueError("method 'importance' needs target_counts: set mixing.params.target_counts, or use a "
+            raise ValueError(f"method {method!r} needs target_counts: set mixing.params.target_counts, or use a "
                              "corpus written by `gradmix cluster --target ...` (its clusters.json holds them)")
         info = json.loads(found.read_text())
         counts = info.get("target_counts")
@@ -233,10 +249,14 @@ def _lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) ->
 def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedData | None = None,
                    progress: bool = True, resume: bool = False, write_plots: bool = True) -> dict[str, Any]:
     """Train one model with one mixing method; write the run folder; return the summary."""
-    from gradmix.experiment.evaluation import evaluate_continuation, evaluate_loss
-    from gradmix.experiment.model import GPT, GPTConfig, per_example_loss
+    from gradmix_kit.experiment.evaluation import evaluate_continuation, evaluate_loss
+    from gradmix_kit.experiment.model import GPT, GPTConfig, per_example_loss
 
     run_dir = Path(run_dir)
+    _import_plugins(cfg)
+    cls = method_class(cfg["mixing"]["method"])  # an unknown name fails here, before the data is prepared
+    if cls.needs_target and not cfg["data"].get("target") and (data is None or data.target_train is None):
+        raise ValueError(f"method {cfg['mixing']['method']!r} needs a target set: set data.target in the config")
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -379,7 +399,7 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
     write_json_atomic(run_dir / "summary.json", summary)
     if write_plots:
         try:
-            from gradmix.report import write_report
+            from gradmix_kit.report import write_report
 
             write_report([run_dir], run_dir, title=f"{cfg['name']} - {mix_cfg['method']} (seed {seed})")
         except ImportError as exc:  # matplotlib is optional
@@ -394,6 +414,9 @@ def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[
     import copy
 
     out_dir = Path(out_dir)
+    _import_plugins(cfg)
+    for method in methods:
+        method_class(method)  # an unknown name fails before any training
     out_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg)
     log(f"data: {json.dumps(data.info.get('train_windows'))} train windows per domain")
@@ -405,12 +428,12 @@ def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[
             run_cfg["mixing"]["method"] = method
             overrides = (method_overrides or {}).get(method, {})
             if overrides:
-                from gradmix.experiment.config import _merge_raw, resolve_config
+                from gradmix_kit.experiment.config import _merge_raw, resolve_config
 
                 run_cfg = resolve_config(_merge_raw(run_cfg, overrides))
             elif method != cfg["mixing"]["method"]:
                 run_cfg["mixing"]["params"] = {}
-            if run_cfg["mixing"]["method"] in ("dga", "importance", "doge") and data.target_train is None:
+            if method_class(run_cfg["mixing"]["method"]).needs_target and data.target_train is None:
                 raise ValueError(f"method {method!r} needs a target set: set data.target in the config")
             name = f"{method}-seed{seed}"
             summary = run_experiment(run_cfg, out_dir / name, data=data, progress=progress, write_plots=False)
@@ -424,6 +447,6 @@ def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[
             runs.append(name)
     write_json_atomic(out_dir / "comparison.json", {"runs": runs, "methods": list(methods), "seeds": list(seeds),
                                                      "config": cfg})
-    from gradmix.report import write_report
+    from gradmix_kit.report import write_report
 
     return write_report([out_dir / r for r in runs], out_dir, title=f"{cfg['name']}: method comparison")

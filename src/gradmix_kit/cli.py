@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -12,26 +11,11 @@ from typing import Any, Sequence
 __all__ = ["main"]
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``--set train.lr=0.001 mixing.method=pike`` -> nested dict."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = _parse_value(value)
-    return out
+    """``--set train.lr=0.001 --set mixing.method=pike`` -> nested dict (see ``parse_overrides``)."""
+    from gradmix_kit.experiment.config import parse_overrides
+
+    return parse_overrides(pairs)
 
 
 def _default_out(cfg: dict[str, Any], kind: str) -> Path:
@@ -40,8 +24,8 @@ def _default_out(cfg: dict[str, Any], kind: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gradmix.experiment.config import load_config
-    from gradmix.experiment.runner import run_experiment
+    from gradmix_kit.experiment.config import load_config
+    from gradmix_kit.experiment.runner import run_experiment
 
     overrides = _overrides(args.set)
     if args.method:
@@ -66,8 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from gradmix.experiment.config import load_config
-    from gradmix.experiment.runner import run_comparison
+    from gradmix_kit.experiment.config import load_config
+    from gradmix_kit.experiment.runner import run_comparison
 
     cfg = load_config(args.config, _overrides(args.set))
     methods = args.methods.split(",") if args.methods else cfg["compare"]["methods"]
@@ -87,8 +71,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from gradmix.analysis import expand_run_dirs
-    from gradmix.report import write_report
+    from gradmix_kit.analysis import expand_run_dirs
+    from gradmix_kit.report import write_report
 
     runs = expand_run_dirs([Path(r) for r in args.runs])
     out = Path(args.out) if args.out else (Path(args.runs[0]) if len(args.runs) == 1 else Path("report"))
@@ -143,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
 
     try:
-        from gradmix.cluster import add_cluster_parser
+        from gradmix_kit.clustering import add_cluster_parser
 
         add_cluster_parser(sub)
     except ImportError:
@@ -151,13 +135,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (config, data, arguments), not a bug: one line, exit code 2, no traceback.
+
+    Every kit error class derives from ValueError except the corpus ones (RuntimeError) and a missing optional
+    model; the library's (WeightError, StatsError, DocumentSplitError, ...) are ValueErrors."""
+    errors: list[type[BaseException]] = [ValueError, FileNotFoundError]
+    from gradmix_kit.corpora.errors import CorpusError
+
+    errors.append(CorpusError)
+    from gradmix_kit.clustering.errors import ModelUnavailableError
+
+    errors.append(ModelUnavailableError)
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradmix`` command. Bad input ends with ``gradmix: error: <message>`` and exit code 2;
+    anything unexpected keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"gradmix {args.command}: error: {exc}", file=sys.stderr)
+    except BrokenPipeError:  # output piped into a reader that stopped early (`gradmix methods | head`)
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except _expected_errors() as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"gradmix: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
-from gradmix.corpora.errors import CorpusError
-from gradmix.corpora.fetch import FetchedSource
-from gradmix.corpora.html import html_to_sections
-from gradmix.corpora.parsers import (
+from gradmix_kit.corpora.errors import CorpusError
+from gradmix_kit.corpora.fetch import FetchedSource
+from gradmix_kit.corpora.html import html_to_sections
+from gradmix_kit.corpora.parsers import (
     GcideEntry,
     clean_dasher_text,
     parse_fortunes,
@@ -40,7 +40,7 @@ from gradmix.corpora.parsers import (
     python_source_units,
     wikitext_to_text,
 )
-from gradmix.corpora.text import DEFAULT_MAX_DOC_CHARS, chunk_text
+from gradmix_kit.corpora.text import DEFAULT_MAX_DOC_CHARS, chunk_text
 
 __all__ = [
     "CorpusSpec",

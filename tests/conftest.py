@@ -1,0 +1,81 @@
+"""Fixtures and helpers shared by the tests.
+
+Plain helpers are also importable (``from conftest import assert_probability_vector``); fixtures wrap them for tests
+that prefer injection. The tiny language model, its per-example loss and the toy domains are the ones the Mixer
+tests use (tests/test_controller.py and the probe tests still carry their own copies).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import pytest
+
+
+def assert_probability_vector(weights, k: int) -> None:
+    """Shape (k,), finite, >= 0, sums to 1 within 1e-9: the contract every method's weights must meet."""
+    weights = np.asarray(weights)
+    assert weights.shape == (k,), weights.shape
+    assert np.all(np.isfinite(weights)), weights
+    assert np.all(weights >= 0), weights
+    assert abs(weights.sum() - 1.0) <= 1e-9, weights.sum()
+
+
+@pytest.fixture
+def probability_vector() -> Callable[[object, int], None]:
+    return assert_probability_vector
+
+
+def _tiny_lm_class():
+    import torch
+
+    class TinyLM(torch.nn.Module):
+        """Embedding -> tanh -> linear: a next-token model small enough for any unit test."""
+
+        def __init__(self, vocab: int = 40) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(vocab, 8)
+            self.out = torch.nn.Linear(8, vocab)
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.emb(ids)))
+
+    return TinyLM
+
+
+def per_example_lm_loss(model, batch):
+    """Mean next-token cross-entropy per example (shape (n,)), the loss_fn a Mixer expects."""
+    import torch
+
+    ids = batch["input_ids"]
+    logits = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                             reduction="none")
+    return loss.view(ids.shape[0], -1).mean(1)
+
+
+def make_toy_domains(sizes: Sequence[int] = (30, 20, 50)):
+    """Domains d0, d1, ... of 7-token windows, each drawn from its own token range (ids < 40)."""
+    from gradmix.sources import DomainSet
+
+    rng = np.random.default_rng(0)
+    return DomainSet.from_arrays({f"d{i}": rng.integers(i * 10, i * 10 + 12, size=(n, 7)) for i, n in enumerate(sizes)})
+
+
+@pytest.fixture
+def tiny_lm():
+    import torch
+
+    torch.manual_seed(0)
+    return _tiny_lm_class()()
+
+
+@pytest.fixture
+def loss_fn():
+    return per_example_lm_loss
+
+
+@pytest.fixture
+def make_domains():
+    return make_toy_domains
