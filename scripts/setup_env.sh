@@ -13,7 +13,7 @@ if [ ! -f "$VENV/.gradmix-installed" ] || [ "$ROOT/pyproject.toml" -nt "$VENV/.g
   python -m pip install -q --upgrade pip
   # CPU build of torch, pinned here only (an unpinned torch pulls a multi-GB CUDA build); gradmix needs a range.
   python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e "$ROOT[test,cluster]"
+  python -m pip install -q -e "$ROOT[test,cluster,dev]"
   touch "$VENV/.gradmix-installed"
 fi
 # Debian package lists, needed once by the corpus builders (apt-get download of text packages).

@@ -118,3 +118,48 @@ def test_run_stops_cleanly_when_data_runs_out(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert "data exhausted" in summary["stopped_early"] and 0 < summary["steps_done"] < 100000
     assert np.isfinite(summary["avg_val_loss"])
+
+
+def test_resume_killed_before_its_first_checkpoint_does_not_duplicate_rows(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", str(SMOKE), "--out", str(out), "--no-progress", "--set", "steps=10",
+                 "--set", "train.checkpoint_every=0"]) == 0
+    (out / "checkpoint.pt").unlink()  # as if killed before any checkpoint was written
+    with (out / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 11, "weigh')  # and during an append
+    assert main(["run", str(SMOKE), "--out", str(out), "--no-progress", "--set", "steps=10", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 10
+
+
+def test_resume_after_a_checkpoint_truncates_explicitly_and_continues(tmp_path):
+    out = tmp_path / "run"
+    ref = tmp_path / "ref"
+    assert main(["run", str(SMOKE), "--out", str(ref), "--no-progress", "--set", "steps=20",
+                 "--set", "train.checkpoint_every=5", "--method", "uniform"]) == 0
+    assert main(["run", str(SMOKE), "--out", str(out), "--no-progress", "--set", "steps=20",
+                 "--set", "train.checkpoint_every=5", "--method", "uniform"]) == 0
+    # pretend the run died at step 12: the checkpoint says 20 (final), so rebuild one at 10 by re-running to 10
+    partial = tmp_path / "partial"
+    assert main(["run", str(SMOKE), "--out", str(partial), "--no-progress", "--set", "steps=10",
+                 "--set", "train.checkpoint_every=5", "--method", "uniform"]) == 0
+    with (partial / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 11, "weights": {}}\n{"step": 12, "weig')  # rows after the checkpoint, one half-written
+    assert main(["run", str(SMOKE), "--out", str(partial), "--no-progress", "--set", "steps=20",
+                 "--set", "train.checkpoint_every=5", "--method", "uniform", "--resume"]) == 0
+    got = [json.loads(line) for line in (partial / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert [r["weights"] for r in got] == [r["weights"] for r in want]
+
+
+def test_a_diverging_run_stops_with_a_message_and_valid_json(tmp_path):
+    out = tmp_path / "run"
+    args = ["run", str(SMOKE), "--out", str(out), "--no-progress", "--method", "uniform",
+            "--set", "train.lr=1e6", "--set", "train.grad_clip=0", "--set", "steps=40"]
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())  # strict JSON: NaN became null
+    assert "diverged" in summary["stopped_early"]
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)

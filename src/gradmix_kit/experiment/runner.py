@@ -24,6 +24,7 @@ from gradmix.checkpoint import write_json_atomic
 from gradmix.controller import Mixer, MixingWarning
 from gradmix.methods import method_class
 from gradmix.sources import Domain, DomainSet, pack_tokens, read_documents
+from gradmix.writers import json_safe
 from gradmix_kit.corpora.store import resolve_data_dir
 from gradmix_kit.experiment.config import ConfigError
 
@@ -274,8 +275,9 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
     if probe_params.pop("precondition_with_adam", False):
         probe_params["preconditioner"] = optimizer
     metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists() and not resume:
-        metrics_path.unlink()
+    ckpt_path = run_dir / "checkpoint.pt"
+    if metrics_path.exists() and not (resume and ckpt_path.exists()):
+        metrics_path.unlink()  # a fresh start (also a resume killed before its first checkpoint): no old rows
     mixer = Mixer(
         data.train, mix_cfg["method"], train_cfg["batch_size"], method_params=method_params,
         model=model, probe_params=probe_params, target=data.target_train, run_dir=run_dir,
@@ -294,10 +296,9 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
     resolved["model_parameters"] = sum(p.numel() for p in model.parameters())
     write_json_atomic(run_dir / "config.json", resolved)
 
-    ckpt_path = run_dir / "checkpoint.pt"
     start = 0
     if resume and ckpt_path.exists():
-        mixer.load_checkpoint(ckpt_path, model=model, optimizer=optimizer)
+        mixer.resume(ckpt_path, model=model, optimizer=optimizer)  # load, then drop rows logged after it
         start = mixer.step_count
 
     steps = int(cfg["steps"])
@@ -323,6 +324,7 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
 
     step_times: list[float] = []
     stopped_early: str | None = None
+    diverged: str | None = None
     started = time.perf_counter()
     batches = mixer.batches()
     last_eval: dict[str, Any] = {}
@@ -343,7 +345,9 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
                 log_stop = f"{cfg['name']}:{mix_cfg['method']}:s{seed}: {stopped_early}"
                 warnings.warn(log_stop, RuntimeWarning, stacklevel=1)
                 break
-            mixer.backward(model, batch, per_example_loss)
+            measured = mixer.backward(model, batch, per_example_loss)
+            if measured is not None and not math.isfinite(measured.mean_loss):
+                stopped_early = diverged = f"step {step + 1}: the run diverged (training loss {measured.mean_loss})"
             if train_cfg.get("grad_clip"):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])
             optimizer.step()
@@ -353,9 +357,14 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
                 step_times.append(time.perf_counter() - t0)
                 last_eval = evaluate(done)
                 mixer.add_metrics(last_eval)
+                if not all(math.isfinite(v) for v in last_eval["val_loss"].values()):
+                    stopped_early = diverged = f"step {done}: the run diverged (validation loss is not finite)"
             else:
                 step_times.append(time.perf_counter() - t0)
             mixer.step()
+            if diverged is not None:  # recorded (non-finite values as null); stop instead of training on garbage
+                warnings.warn(f"{cfg['name']}:{mix_cfg['method']}:s{seed}: {diverged}", RuntimeWarning, stacklevel=1)
+                break
             ckpt_every = int(train_cfg.get("checkpoint_every") or 0)
             if ckpt_every and done % ckpt_every == 0 and done < steps:
                 mixer.save_checkpoint(ckpt_path, model=model, optimizer=optimizer)
@@ -396,7 +405,7 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         summary["avg_val_accuracy"] = float(np.mean(list(accuracy.values())))
     if "target_val_loss" in last_eval:
         summary["target_val_loss"] = float(last_eval["target_val_loss"])
-    write_json_atomic(run_dir / "summary.json", summary)
+    write_json_atomic(run_dir / "summary.json", json_safe(summary))  # a diverged run's NaN becomes null
     if write_plots:
         try:
             from gradmix_kit.report import write_report
