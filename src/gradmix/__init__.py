@@ -12,16 +12,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DomainStats",
+    "Mixer",
     "MixingMethod",
     "MixtureSampler",
-    "Mixer",
     "StatsError",
     "WeightError",
+    "__version__",
     "available_methods",
     "make_method",
     "register_method",
     "unregister_method",
-    "__version__",
 ]
 
 

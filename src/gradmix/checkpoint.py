@@ -22,6 +22,7 @@ because their writer's liveness cannot be checked from here. Temp files of the o
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
 import json
@@ -33,21 +34,22 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any
 
 import numpy as np
 import torch
 
 __all__ = [
-    "atomic_write",
-    "write_json_atomic",
-    "save_checkpoint_file",
-    "load_checkpoint_file",
-    "check_checkpoint_state",
-    "capture_rng_state",
-    "restore_rng_state",
     "FORMAT_VERSION",
+    "atomic_write",
+    "capture_rng_state",
+    "check_checkpoint_state",
+    "load_checkpoint_file",
+    "restore_rng_state",
+    "save_checkpoint_file",
+    "write_json_atomic",
 ]
 
 MAGIC = b"\x89GRADMIXCKPT\r\n\x1a\n"  # PNG-style: non-ASCII first byte and CR/LF catch text-mode mangling
@@ -81,8 +83,9 @@ def _temp_stem(target: Path) -> str:
 
 
 def _temp_pattern(target: Path) -> re.Pattern[str]:
-    return re.compile(r"^\." + re.escape(_temp_stem(target))
-                      + r"\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.(?P<rand>[0-9a-f]+)\.tmp$")
+    return re.compile(
+        r"^\." + re.escape(_temp_stem(target)) + r"\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.(?P<rand>[0-9a-f]+)\.tmp$"
+    )
 
 
 def _legacy_temp_pattern(target: Path) -> re.Pattern[str]:
@@ -105,7 +108,7 @@ def _pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read()
-        return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+        return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
     except OSError:
         return True
 
@@ -140,10 +143,8 @@ def _remove_stale_temps(target: Path) -> None:
                 continue
         else:
             continue
-        try:
+        with contextlib.suppress(OSError):  # already gone, or not ours to remove
             candidate.unlink()
-        except OSError:
-            pass  # already gone, or not ours to remove
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -160,8 +161,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Any], None], *, mode: str = "wb",
-                 encoding: str | None = None) -> Path:
+def atomic_write(
+    path: str | Path, write: Callable[[Any], None], *, mode: str = "wb", encoding: str | None = None
+) -> Path:
     """Call ``write(file_object)`` on a temp file next to ``path``, fsync it and atomically move it into place.
 
     The file gets the permissions of a normally created file (``0o666 & ~umask``). Text mode defaults to UTF-8.
@@ -183,6 +185,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], *, mode: str = 
             _ACTIVE_TEMPS.add(str(tmp))
         break
     try:
+        fh: IO[Any]
         if mode == "wb":
             fh = os.fdopen(fd, "wb")
         else:
@@ -194,10 +197,8 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], *, mode: str = 
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     finally:
         with _ACTIVE_LOCK:
@@ -307,7 +308,8 @@ def save_checkpoint_file(state: dict[str, Any], path: str | Path) -> Path:
     def write(fh: Any) -> None:
         fh.write(b"\0" * HEADER_SIZE)  # placeholder until the payload's length and hash are known
         sink = _HashingWriter(fh)
-        torch.save(state, sink)
+        # torch.save only needs write()/flush() (documented), but its stub demands IO[bytes]
+        torch.save(state, sink)  # type: ignore[arg-type]
         fh.flush()
         fh.seek(0)
         fh.write(_HEADER.pack(MAGIC, FORMAT_VERSION, sink.length, sink.sha256.digest()))
@@ -340,34 +342,44 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     name = str(path)
     try:
-        fh = open(path, "rb")
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the `with fh:` below; opened apart to name a missing file
     except FileNotFoundError:
         raise FileNotFoundError(2, f"checkpoint {name!r} does not exist", name) from None
     with fh:
         size = os.fstat(fh.fileno()).st_size
         header = fh.read(HEADER_SIZE)
-        if header[:len(MAGIC)] != MAGIC[:len(header)] or not header:
-            raise ValueError(f"{name!r} is not a gradmix checkpoint: it is {_guess_kind(header[:64])}, "
-                             "with no gradmix checkpoint header")
+        if header[: len(MAGIC)] != MAGIC[: len(header)] or not header:
+            raise ValueError(
+                f"{name!r} is not a gradmix checkpoint: it is {_guess_kind(header[:64])}, "
+                "with no gradmix checkpoint header"
+            )
         if len(header) < HEADER_SIZE:
-            raise ValueError(f"{name!r} is truncated: expected at least {HEADER_SIZE} header bytes, "
-                             f"the file has {size}")
+            raise ValueError(
+                f"{name!r} is truncated: expected at least {HEADER_SIZE} header bytes, the file has {size}"
+            )
         _, version, length, digest = _HEADER.unpack(header)
         if version != FORMAT_VERSION:
             newer = " (written by a newer gradmix?)" if version > FORMAT_VERSION else ""
-            raise ValueError(f"{name!r} has checkpoint format version {version}{newer}; "
-                             f"this gradmix reads version {FORMAT_VERSION}")
+            raise ValueError(
+                f"{name!r} has checkpoint format version {version}{newer}; this gradmix reads version {FORMAT_VERSION}"
+            )
         have = size - HEADER_SIZE
         if have < length:
-            raise ValueError(f"{name!r} is truncated: expected {HEADER_SIZE + length} bytes, the file has {size} "
-                             "(or its header is corrupted)")
+            raise ValueError(
+                f"{name!r} is truncated: expected {HEADER_SIZE + length} bytes, the file has {size} "
+                "(or its header is corrupted)"
+            )
         if have > length:
-            raise ValueError(f"{name!r} is corrupted: {have - length} unexpected bytes after the "
-                             f"{HEADER_SIZE + length}-byte checkpoint")
+            raise ValueError(
+                f"{name!r} is corrupted: {have - length} unexpected bytes after the "
+                f"{HEADER_SIZE + length}-byte checkpoint"
+            )
         payload = fh.read(length)
     if len(payload) != length:
-        raise ValueError(f"{name!r} is truncated: expected {HEADER_SIZE + length} bytes, "
-                         f"read {HEADER_SIZE + len(payload)} (file changed while reading?)")
+        raise ValueError(
+            f"{name!r} is truncated: expected {HEADER_SIZE + length} bytes, "
+            f"read {HEADER_SIZE + len(payload)} (file changed while reading?)"
+        )
     if hashlib.sha256(payload).digest() != digest:
         raise ValueError(f"{name!r}: checksum mismatch (file corrupted)")
     try:
@@ -376,8 +388,10 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         raise
     except Exception as exc:  # a well-formed but foreign or malicious payload: the safe unpickler refused it
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{name!r} holds a payload the safe loader refuses ({type(exc).__name__}: {first}); "
-                         "checkpoints may only contain tensors and plain Python values") from exc
+        raise ValueError(
+            f"{name!r} holds a payload the safe loader refuses ({type(exc).__name__}: {first}); "
+            "checkpoints may only contain tensors and plain Python values"
+        ) from exc
     if not isinstance(state, dict):
         raise ValueError(f"{name!r} holds a {type(state).__qualname__}, not a checkpoint dict")
     return state
@@ -401,10 +415,18 @@ def capture_rng_state() -> dict[str, Any]:
         "format": RNG_FORMAT,
         "torch": torch.get_rng_state(),
         "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-        "numpy": {"kind": str(kind), "key": torch.from_numpy(np.asarray(key, dtype=np.int64).copy()),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": int(version), "state": [int(x) for x in internal],
-                   "gauss_next": None if gauss_next is None else float(gauss_next)},
+        "numpy": {
+            "kind": str(kind),
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64).copy()),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {
+            "version": int(version),
+            "state": [int(x) for x in internal],
+            "gauss_next": None if gauss_next is None else float(gauss_next),
+        },
     }
 
 
@@ -435,8 +457,10 @@ def _words(value: Any, field: str, count: int) -> list[int]:
         value = value.tolist()
     if not isinstance(value, (list, tuple)) or len(value) != count:
         length = len(value) if isinstance(value, (list, tuple)) else None
-        raise ValueError(f"RNG state field {field!r} must hold {count} integers, got {_short(value)}"
-                         + (f" of length {length}" if length is not None else ""))
+        raise ValueError(
+            f"RNG state field {field!r} must hold {count} integers, got {_short(value)}"
+            + (f" of length {length}" if length is not None else "")
+        )
     for i, word in enumerate(value):
         _int(word, f"{field}[{i}]", 0, 2**32 - 1)
     return list(value)
@@ -463,10 +487,13 @@ def restore_rng_state(state: dict[str, Any], *, strict_cuda: bool = True) -> Non
         raise ValueError(f"RNG state field 'cuda' must be a list of tensors, got {_short(cuda)}")
     n_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if strict_cuda and len(cuda) != n_devices:
-        raise ValueError(f"RNG state field 'cuda' holds {len(cuda)} device states but {n_devices} CUDA devices are "
-                         "visible; pass strict_cuda=False to restore only the devices both have")
-    cuda_states = [_byte_tensor(s, f"cuda[{i}]", torch.cuda.get_rng_state(i).numel())
-                   for i, s in enumerate(cuda[:n_devices])]
+        raise ValueError(
+            f"RNG state field 'cuda' holds {len(cuda)} device states but {n_devices} CUDA devices are "
+            "visible; pass strict_cuda=False to restore only the devices both have"
+        )
+    cuda_states = [
+        _byte_tensor(s, f"cuda[{i}]", torch.cuda.get_rng_state(i).numel()) for i, s in enumerate(cuda[:n_devices])
+    ]
 
     np_state = state["numpy"]
     if not isinstance(np_state, dict):
@@ -480,8 +507,9 @@ def restore_rng_state(state: dict[str, Any], *, strict_cuda: bool = True) -> Non
     np_pos = _int(np_state["pos"], "numpy.pos", 0, _MT_WORDS)
     np_has_gauss = _int(np_state["has_gauss"], "numpy.has_gauss", 0, 1)
     if type(np_state["cached_gaussian"]) is not float:
-        raise ValueError("RNG state field 'numpy.cached_gaussian' must be a float, "
-                         f"got {_short(np_state['cached_gaussian'])}")
+        raise ValueError(
+            f"RNG state field 'numpy.cached_gaussian' must be a float, got {_short(np_state['cached_gaussian'])}"
+        )
     np_tuple = ("MT19937", np_key, np_pos, np_has_gauss, np_state["cached_gaussian"])
 
     py = state["python"]

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from gradmix.sources import Domain, DomainSet, DomainSource, collate_examples
 from gradmix.stats import Measurement
 from gradmix.writers import JsonlWriter
 
-__all__ = ["Mixer", "MixerConfig", "MixingWarning", "GRADIENT_STATS"]
+__all__ = ["GRADIENT_STATS", "Mixer", "MixerConfig", "MixingWarning"]
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
 CHECKPOINT_FORMAT = "gradmix.Mixer/2"
@@ -78,8 +79,13 @@ class MixerConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     def schedule(self) -> Schedule:
-        return Schedule(update_every=self.update_every, warmup_steps=self.warmup_steps, probe_every=self.probe_every,
-                        log_every=self.log_every, accumulation_steps=self.accumulation_steps)
+        return Schedule(
+            update_every=self.update_every,
+            warmup_steps=self.warmup_steps,
+            probe_every=self.probe_every,
+            log_every=self.log_every,
+            accumulation_steps=self.accumulation_steps,
+        )
 
 
 def _dist_info() -> tuple[int, int]:
@@ -97,7 +103,7 @@ class _MicroBatchSampler:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for batch in self.sampler:
             for j in range(self.parts):
-                yield batch[j::self.parts]
+                yield batch[j :: self.parts]
 
 
 class Mixer:
@@ -145,8 +151,10 @@ class Mixer:
         if isinstance(accumulation, bool) or not isinstance(accumulation, (int, np.integer)) or accumulation < 1:
             raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation!r}")
         if self.config.batch_size % (self.world_size * accumulation):
-            raise ValueError(f"batch_size {self.config.batch_size} must be divisible by world_size x "
-                             f"accumulation_steps = {self.world_size} x {accumulation}")
+            raise ValueError(
+                f"batch_size {self.config.batch_size} must be divisible by world_size x "
+                f"accumulation_steps = {self.world_size} x {accumulation}"
+            )
 
         if isinstance(method, MixingMethod):
             self.method = method
@@ -156,15 +164,28 @@ class Mixer:
             if cls.needs_sizes and "sizes" not in params:
                 params["sizes"] = self.domains.sizes
             self.method = cls(k, **params)
-        self.core = MixingCore(self.method, self.names, batch_size=self.config.batch_size,
-                               schedule=self.config.schedule(), tokens_per_example=self.domains.window_tokens,
-                               alert_min_weight=self.config.alert_min_weight, alert_repeats=self.config.alert_repeats,
-                               history_size=self.config.history_size)
+        self.core = MixingCore(
+            self.method,
+            self.names,
+            batch_size=self.config.batch_size,
+            schedule=self.config.schedule(),
+            tokens_per_example=self.domains.window_tokens,
+            alert_min_weight=self.config.alert_min_weight,
+            alert_repeats=self.config.alert_repeats,
+            history_size=self.config.history_size,
+        )
 
         self.sampler = MixtureSampler(
-            self.domains.sizes, self.config.batch_size, self.method.weights, seed=self.config.seed,
-            mode=self.config.mode, rank=self.rank, world_size=self.world_size,
-            max_repeats=self.config.max_repeats, domain_names=self.names, shuffle=self.domains.shuffle,
+            self.domains.sizes,
+            self.config.batch_size,
+            self.method.weights,
+            seed=self.config.seed,
+            mode=self.config.mode,
+            rank=self.rank,
+            world_size=self.world_size,
+            max_repeats=self.config.max_repeats,
+            domain_names=self.names,
+            shuffle=self.domains.shuffle,
         )
 
         # target set (DGA, DoGE)
@@ -173,19 +194,31 @@ class Mixer:
         if target is not None:
             self.target = target if isinstance(target, DomainSource) else Domain("target", torch.as_tensor(target))
             if self.target.window_tokens != self.domains.window_tokens:
-                raise ValueError(f"target windows have {self.target.window_tokens} tokens, domains have "
-                                 f"{self.domains.window_tokens}")
+                raise ValueError(
+                    f"target windows have {self.target.window_tokens} tokens, domains have {self.domains.window_tokens}"
+                )
             if self.target.size < 2:
-                raise ValueError(f"target set {self.target.name!r} has {self.target.size} example(s); "
-                                 "a target gradient needs at least 2 (better: a few hundred)")
+                raise ValueError(
+                    f"target set {self.target.name!r} has {self.target.size} example(s); "
+                    "a target gradient needs at least 2 (better: a few hundred)"
+                )
             tbs = min(self.config.target_batch_size, self.target.size)
             tbs -= tbs % self.world_size
             if tbs < self.world_size:
-                raise ValueError(f"target set {self.target.name!r} has {self.target.size} examples, fewer than the "
-                                 f"{self.world_size} ranks")
-            self._target_sampler = MixtureSampler([self.target.size], tbs, [1.0], seed=self.config.seed + 1,
-                                                  rank=self.rank, world_size=self.world_size,
-                                                  domain_names=[self.target.name], shuffle=self.target.shuffle)
+                raise ValueError(
+                    f"target set {self.target.name!r} has {self.target.size} examples, fewer than the "
+                    f"{self.world_size} ranks"
+                )
+            self._target_sampler = MixtureSampler(
+                [self.target.size],
+                tbs,
+                [1.0],
+                seed=self.config.seed + 1,
+                rank=self.rank,
+                world_size=self.world_size,
+                domain_names=[self.target.name],
+                shuffle=self.target.shuffle,
+            )
         if self.method.needs_target and self.target is None:
             raise ValueError(f"method {self.method.name!r} steers toward a target set: pass target=... to the Mixer")
 
@@ -193,7 +226,9 @@ class Mixer:
         self.probe = probe
         if self.probe is None and self.needs_gradients:
             if model is None:
-                raise ValueError(f"method {self.method.name!r} needs gradient statistics: pass model=... (or probe=...)")
+                raise ValueError(
+                    f"method {self.method.name!r} needs gradient statistics: pass model=... (or probe=...)"
+                )
             from gradmix.probe import GradientProbe
 
             self.probe = GradientProbe(model, **dict(probe_params or {}))
@@ -280,16 +315,23 @@ class Mixer:
     def _begin_micro(self, what: str) -> bool:
         """Count one micro-batch of the current step; returns True on the last one."""
         if self._micro >= self.config.accumulation_steps:
-            raise RuntimeError(f"{what} called {self._micro + 1} times in one optimizer step, but "
-                               f"accumulation_steps={self.config.accumulation_steps}: call mixer.step() after each "
-                               f"{self.config.accumulation_steps}")
+            raise RuntimeError(
+                f"{what} called {self._micro + 1} times in one optimizer step, but "
+                f"accumulation_steps={self.config.accumulation_steps}: call mixer.step() after each "
+                f"{self.config.accumulation_steps}"
+            )
         if self._micro == 0:
             self._plan = self.core.plan()
         self._micro += 1
         return self._micro == self.config.accumulation_steps
 
-    def backward(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor], loss_fn: LossFn,
-                 backward_fn: BackwardFn | None = None) -> Measurement | None:
+    def backward(
+        self,
+        model: torch.nn.Module,
+        batch: Mapping[str, torch.Tensor],
+        loss_fn: LossFn,
+        backward_fn: BackwardFn | None = None,
+    ) -> Measurement | None:
         """Forward + backward of one (micro-)batch (``loss_fn`` returns per-example losses); measures gradient
         statistics on the steps that need them. After the step's last micro-batch ``.grad`` is the gradient of the
         mean loss over the whole optimizer batch, and the step's pooled measurement is returned (None before).
@@ -311,9 +353,17 @@ class Mixer:
         groups = domains if self._groups is None else self._groups[domains.cpu()].to(domains.device)
         target_batch = self.next_target_batch() if (plan.needs_target and first) else None
         try:
-            result = self.probe.backward(batch, groups, self.method.num_stat_groups, loss_fn, measure=plan.measure,
-                                         target_batch=target_batch, global_batch_size=self.config.batch_size,
-                                         backward_fn=backward_fn, final=final)
+            result = self.probe.backward(
+                batch,
+                groups,
+                self.method.num_stat_groups,
+                loss_fn,
+                measure=plan.measure,
+                target_batch=target_batch,
+                global_batch_size=self.config.batch_size,
+                backward_fn=backward_fn,
+                final=final,
+            )
         except BaseException:
             self._micro -= 1
             raise
@@ -327,8 +377,9 @@ class Mixer:
         if self._step_result is not None or (self._micro and not self._observed):
             raise RuntimeError("mixer.observe() and mixer.backward() cannot be mixed within one optimizer step")
         d = np.asarray(domains.detach().cpu() if isinstance(domains, torch.Tensor) else domains, dtype=np.int64)
-        loss = np.asarray(losses.detach().float().cpu() if isinstance(losses, torch.Tensor) else losses,
-                          dtype=np.float64)
+        loss = np.asarray(
+            losses.detach().float().cpu() if isinstance(losses, torch.Tensor) else losses, dtype=np.float64
+        )
         k = len(self.names)
         if d.ndim != 1 or loss.shape != d.shape:
             raise ValueError(f"observe() needs one loss per example: {d.shape} domain ids, {loss.shape} losses")
@@ -352,19 +403,22 @@ class Mixer:
         """Call once per optimizer step, after the step's ``backward``/``observe`` calls: logs, and updates the
         weights when due. Returns the weights the next batch will be drawn from."""
         if 0 < self._micro < self.config.accumulation_steps:
-            raise RuntimeError(f"mixer.step() after {self._micro} of {self.config.accumulation_steps} micro-batches "
-                               "(accumulation_steps): call backward/observe once per micro-batch first")
+            raise RuntimeError(
+                f"mixer.step() after {self._micro} of {self.config.accumulation_steps} micro-batches "
+                "(accumulation_steps): call backward/observe once per micro-batch first"
+            )
         measurement = self._observed_measurement() if self._observed else self._step_result
         self._micro, self._observed, self._step_result = 0, [], None
         if measurement is not None:
             self.core.observe(measurement)
         counts = self._counts(measurement)
         step = self.core.step_count + 1
-        outcome = self.core.end_step(counts=counts, sampled_weights=self.sampler.sampled_weights_at(step - 1),
-                                     passes=self.sampler.passes)
+        outcome = self.core.end_step(
+            counts=counts, sampled_weights=self.sampler.sampled_weights_at(step - 1), passes=self.sampler.passes
+        )
         if outcome.weights_changed:
             self.sampler.set_weights(outcome.weights)
-        for event in self.sampler.events[self._num_sampler_events:]:
+        for event in self.sampler.events[self._num_sampler_events :]:
             self.core.warn(event.message)
             outcome.warnings.append(event.message)
         self._num_sampler_events = len(self.sampler.events)
@@ -421,8 +475,10 @@ class Mixer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: core (method, schedule position), sampler at the consumed step."""
         if self._micro:
-            raise RuntimeError(f"cannot checkpoint in the middle of an optimizer step ({self._micro} of "
-                               f"{self.config.accumulation_steps} micro-batches done): save after mixer.step()")
+            raise RuntimeError(
+                f"cannot checkpoint in the middle of an optimizer step ({self._micro} of "
+                f"{self.config.accumulation_steps} micro-batches done): save after mixer.step()"
+            )
         state: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "domain_names": list(self.names),
@@ -441,12 +497,17 @@ class Mixer:
             found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"not a {CHECKPOINT_FORMAT} state (format={found!r})")
         if list(state["domain_names"]) != self.names:
-            raise ValueError(f"checkpoint is from a run with other domains: checkpoint has "
-                             f"{list(state['domain_names'])}, this Mixer has {self.names}")
+            raise ValueError(
+                f"checkpoint is from a run with other domains: checkpoint has "
+                f"{list(state['domain_names'])}, this Mixer has {self.names}"
+            )
         if (self._target_sampler is None) != ("target_sampler" not in state):
             raise ValueError("checkpoint and this Mixer disagree on having a target set")
-        backup = (self.core.state_dict(), self.sampler.state_dict(),
-                  None if self._target_sampler is None else self._target_sampler.state_dict())
+        backup = (
+            self.core.state_dict(),
+            self.sampler.state_dict(),
+            None if self._target_sampler is None else self._target_sampler.state_dict(),
+        )
         try:
             self.sampler.load_state_dict(state["sampler"])
             if self._target_sampler is not None:
@@ -463,9 +524,15 @@ class Mixer:
         if self.probe is not None and hasattr(self.probe, "reset"):
             self.probe.reset()
 
-    def save_checkpoint(self, path: str | Path, *, model: torch.nn.Module | None = None,
-                        optimizer: torch.optim.Optimizer | None = None, extra: Mapping[str, Any] | None = None,
-                        rng: bool = True) -> Path:
+    def save_checkpoint(
+        self,
+        path: str | Path,
+        *,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        extra: Mapping[str, Any] | None = None,
+        rng: bool = True,
+    ) -> Path:
         """One atomic, verified file with the Mixer state, optionally the model and optimizer, and (``rng=True``)
         every global RNG (torch CPU and CUDA, numpy, Python) so that a resumed run draws what this one would."""
         state: dict[str, Any] = {"gradmix": self.state_dict()}
@@ -479,8 +546,14 @@ class Mixer:
             state["extra"] = dict(extra)
         return save_checkpoint_file(state, path)
 
-    def load_checkpoint(self, path: str | Path, *, model: torch.nn.Module | None = None,
-                        optimizer: torch.optim.Optimizer | None = None, rng: bool = True) -> dict[str, Any]:
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        *,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        rng: bool = True,
+    ) -> dict[str, Any]:
         """Restore what ``save_checkpoint`` wrote, all-or-nothing: if the model, optimizer, RNG or Mixer part does
         not fit, nothing is changed and a ``ValueError`` names the file. Returns the file's dict (for ``extra``).
         Metrics files are not touched: call ``truncate_metrics()`` (or use ``resume``) for that."""
@@ -511,10 +584,10 @@ class Mixer:
             raise ValueError(f"{where} does not fit this run: {exc}") from exc
         return state
 
-    def resume(self, path: str | Path, *, model: torch.nn.Module | None = None,
-               optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    def resume(
+        self, path: str | Path, *, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None
+    ) -> dict[str, Any]:
         """``load_checkpoint`` and then ``truncate_metrics``: the two explicit steps of resuming a run."""
         state = self.load_checkpoint(path, model=model, optimizer=optimizer)
         self.truncate_metrics()
         return state
-

@@ -19,15 +19,16 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from gradmix.methods.base import MixingMethod
 from gradmix.stats import DomainStats, Measurement, pool_measurements
 
-__all__ = ["MixingCore", "StepPlan", "StepOutcome", "Schedule", "GRADIENT_STATS", "weight_kpis"]
+__all__ = ["GRADIENT_STATS", "MixingCore", "Schedule", "StepOutcome", "StepPlan", "weight_kpis"]
 
 GRADIENT_STATS = frozenset({"grad_sq_norm", "grad_var", "target_alignment", "gram"})
 STATE_FORMAT = "gradmix.MixingCore/1"
@@ -60,14 +61,18 @@ class Schedule:
     def __post_init__(self) -> None:
         for name in ("update_every", "log_every", "accumulation_steps"):
             setattr(self, name, _positive_int(name, getattr(self, name)))
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, (int, np.integer)) \
-                or self.warmup_steps < 0:
+        if (
+            isinstance(self.warmup_steps, bool)
+            or not isinstance(self.warmup_steps, (int, np.integer))
+            or self.warmup_steps < 0
+        ):
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.probe_every is not None:
             self.probe_every = _positive_int("probe_every", self.probe_every)
             if self.update_every % self.probe_every:
-                raise ValueError(f"probe_every ({self.probe_every}) must be a positive divisor of update_every "
-                                 f"({self.update_every})")
+                raise ValueError(
+                    f"probe_every ({self.probe_every}) must be a positive divisor of update_every ({self.update_every})"
+                )
 
     def update_due(self, step: int) -> bool:
         """Whether the method updates after optimizer step ``step`` (1-based count of finished steps)."""
@@ -129,7 +134,7 @@ class _Sums:
         return {"loss_sum": self.loss_sum.tolist(), "count": self.count.tolist()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], k: int, what: str) -> "_Sums":
+    def from_dict(cls, data: Mapping[str, Any], k: int, what: str) -> _Sums:
         out = cls(k)
         out.loss_sum = np.asarray(data["loss_sum"], dtype=np.float64)
         out.count = np.asarray(data["count"], dtype=np.float64)
@@ -152,24 +157,37 @@ class MixingCore:
         history_size: records kept in memory (``history``); older ones are dropped (the writers have them all).
     """
 
-    def __init__(self, method: MixingMethod, names: Sequence[str], *, batch_size: int,
-                 schedule: Schedule | None = None, tokens_per_example: int | None = None,
-                 alert_min_weight: float | None = None, alert_repeats: int | None = 4, history_size: int = 1000,
-                 **schedule_fields: Any) -> None:
+    def __init__(
+        self,
+        method: MixingMethod,
+        names: Sequence[str],
+        *,
+        batch_size: int,
+        schedule: Schedule | None = None,
+        tokens_per_example: int | None = None,
+        alert_min_weight: float | None = None,
+        alert_repeats: int | None = 4,
+        history_size: int = 1000,
+        **schedule_fields: Any,
+    ) -> None:
         if not isinstance(method, MixingMethod):
             raise TypeError(f"method must be a MixingMethod, got {type(method).__name__}")
         self.names = [str(n) for n in names]
         if method.num_domains != len(self.names):
-            raise ValueError(f"method {method.name!r} was built for {method.num_domains} domains, "
-                             f"the Mixer has {len(self.names)}: {self.names}")
+            raise ValueError(
+                f"method {method.name!r} was built for {method.num_domains} domains, "
+                f"the Mixer has {len(self.names)}: {self.names}"
+            )
         if schedule is not None and schedule_fields:
             raise ValueError("pass either schedule=Schedule(...) or its fields, not both")
         self.schedule = schedule if schedule is not None else Schedule(**schedule_fields)
         self.method = method
         self.batch_size = _positive_int("batch_size", batch_size)
         if self.batch_size % self.schedule.accumulation_steps:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by accumulation_steps "
-                             f"{self.schedule.accumulation_steps}")
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by accumulation_steps "
+                f"{self.schedule.accumulation_steps}"
+            )
         if alert_min_weight is not None and not (math.isfinite(alert_min_weight) and 0 <= alert_min_weight < 1):
             raise ValueError(f"alert_min_weight must be in [0, 1), got {alert_min_weight!r}")
         self.alert_min_weight = alert_min_weight
@@ -209,8 +227,10 @@ class MixingCore:
         if not isinstance(measurement, Measurement):
             raise TypeError(f"observe() takes a gradmix.stats.Measurement, got {type(measurement).__name__}")
         if measurement.num_groups != self.method.num_stat_groups:
-            raise ValueError(f"measurement has {measurement.num_groups} groups, method {self.method.name!r} "
-                             f"expects {self.method.num_stat_groups}")
+            raise ValueError(
+                f"measurement has {measurement.num_groups} groups, method {self.method.name!r} "
+                f"expects {self.method.num_stat_groups}"
+            )
         if self._per_domain:
             loss_sum, counts = measurement.loss_sums()
             self._log_losses.add(loss_sum, counts)
@@ -233,8 +253,13 @@ class MixingCore:
         """Fields (e.g. ``val_loss``) for the record of the current step; forces a record on this step."""
         self._pending_metrics.update(metrics)
 
-    def end_step(self, *, counts: Sequence[float] | np.ndarray | None = None,
-                 sampled_weights: np.ndarray | None = None, passes: np.ndarray | None = None) -> StepOutcome:
+    def end_step(
+        self,
+        *,
+        counts: Sequence[float] | np.ndarray | None = None,
+        sampled_weights: np.ndarray | None = None,
+        passes: np.ndarray | None = None,
+    ) -> StepOutcome:
         """Finish optimizer step ``step_count + 1``: update the method when due, raise alerts, build the record.
 
         counts: global examples per domain this step (tokens and repeats KPIs); sampled_weights: the mix the step's
@@ -252,8 +277,9 @@ class MixingCore:
         changed = False
         started = time.perf_counter()
         if self.method.every_step:
-            new = self.method.update(DomainStats(step=step, num_domains=self.method.num_stat_groups,
-                                                 batch_size=self.batch_size))
+            new = self.method.update(
+                DomainStats(step=step, num_domains=self.method.num_stat_groups, batch_size=self.batch_size)
+            )
             changed = not np.array_equal(new, old)
         elif self.schedule.update_due(step):
             stats = self._interval_stats(step)
@@ -284,11 +310,18 @@ class MixingCore:
         if not self.needs_gradients:
             if not self._per_domain:
                 return DomainStats(step=step, num_domains=g, batch_size=self.batch_size)
-            return DomainStats(step=step, num_domains=g, loss=self._update_losses.mean(),
-                               examples=self._update_losses.count.copy(), batch_size=self.batch_size)
+            return DomainStats(
+                step=step,
+                num_domains=g,
+                loss=self._update_losses.mean(),
+                examples=self._update_losses.count.copy(),
+                batch_size=self.batch_size,
+            )
         if not self._measurements:
-            self.warn(f"step {step}: no gradient measurement in this interval (drive the probe on the steps "
-                      "plan() marks measure=True); update skipped")
+            self.warn(
+                f"step {step}: no gradient measurement in this interval (drive the probe on the steps "
+                "plan() marks measure=True); update skipped"
+            )
             return None
         return pool_measurements(self._measurements, step, self.batch_size)
 
@@ -301,8 +334,9 @@ class MixingCore:
         if new:
             shown = ", ".join(f"{self.names[i]!r} ({weights[i]:.4f})" for i in new[:5])
             more = f" and {len(new) - 5} more" if len(new) > 5 else ""
-            self.warn(f"step {self.step_count}: weight of domain {shown}{more} is below {floor:.4f}; "
-                      "barely sampled now")
+            self.warn(
+                f"step {self.step_count}: weight of domain {shown}{more} is below {floor:.4f}; barely sampled now"
+            )
 
     def _check_repeats(self, passes: np.ndarray) -> None:
         if self.alert_repeats is None:
@@ -310,8 +344,10 @@ class MixingCore:
         for i in np.flatnonzero(passes >= self.alert_repeats):
             if int(i) not in self._repeat_alerted:
                 self._repeat_alerted.add(int(i))
-                self.warn(f"step {self.step_count}: domain {self.names[i]!r} started pass {int(passes[i])} over its "
-                          "examples; consider max_repeats to cap repetition")
+                self.warn(
+                    f"step {self.step_count}: domain {self.names[i]!r} started pass {int(passes[i])} over its "
+                    "examples; consider max_repeats to cap repetition"
+                )
 
     def _record(self, step: int, sampled: np.ndarray | None, passes: np.ndarray | None) -> dict[str, Any]:
         mix = self.method.weights if sampled is None else np.asarray(sampled, dtype=np.float64)
@@ -363,11 +399,14 @@ class MixingCore:
             found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"not a {STATE_FORMAT} state (format={found!r})")
         if list(state["domain_names"]) != self.names:
-            raise ValueError(f"state is from a run with other domains: it has {list(state['domain_names'])}, "
-                             f"this run has {self.names}")
+            raise ValueError(
+                f"state is from a run with other domains: it has {list(state['domain_names'])}, "
+                f"this run has {self.names}"
+            )
         if state.get("method_name") != self.method.name:
-            raise ValueError(f"state is from a run with method {state.get('method_name')!r}, this run uses "
-                             f"{self.method.name!r}")
+            raise ValueError(
+                f"state is from a run with method {state.get('method_name')!r}, this run uses {self.method.name!r}"
+            )
         k = len(self.names)
         examples = np.asarray(state["examples"], dtype=np.float64)
         if examples.shape != (k,):

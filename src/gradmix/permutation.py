@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["mix64", "feistel_permute", "half_bits", "MAX_SIZE", "DEFAULT_ROUNDS"]
+__all__ = ["DEFAULT_ROUNDS", "MAX_SIZE", "feistel_permute", "half_bits", "mix64"]
 
 MAX_SIZE = 2**62
 DEFAULT_ROUNDS = 4
@@ -47,8 +47,9 @@ def half_bits(size: int) -> int:
     return ((int(size) - 1).bit_length() + 1) // 2
 
 
-def _encrypt(x: np.ndarray, half: np.ndarray, shift: np.ndarray, mask: np.ndarray,
-             round_keys: list[np.ndarray]) -> np.ndarray:
+def _encrypt(
+    x: np.ndarray, half: np.ndarray, shift: np.ndarray, mask: np.ndarray, round_keys: list[np.ndarray]
+) -> np.ndarray:
     """One pass of the Feistel network on [0, 2^(2h)) (per-element h, shift = 64 - h, mask = 2^h - 1, keys)."""
     left = x >> half
     right = x & mask
@@ -58,8 +59,9 @@ def _encrypt(x: np.ndarray, half: np.ndarray, shift: np.ndarray, mask: np.ndarra
     return (left << half) | right
 
 
-def feistel_permute(positions: np.ndarray, sizes: np.ndarray, half: np.ndarray, keys: np.ndarray,
-                    rounds: int = DEFAULT_ROUNDS) -> np.ndarray:
+def feistel_permute(
+    positions: np.ndarray, sizes: np.ndarray, half: np.ndarray, keys: np.ndarray, rounds: int = DEFAULT_ROUNDS
+) -> np.ndarray:
     """Map each position p in [0, size) to its place in the keyed permutation of [0, size).
 
     All arguments are per-element arrays of equal length (``half`` from ``half_bits(size)``; ``keys`` any uint64),

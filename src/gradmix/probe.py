@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Mapping, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeGuard, cast
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
 the module inside a DistributedDataParallel wrapper (its micro-passes must not trigger DDP's sync), so a loss
 function should only call the model it is given."""
 
-ParameterSpec = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
+ParameterSpec = None | str | Sequence[str] | Callable[[str, nn.Parameter], bool]
 
 BackwardFn = Callable[[torch.Tensor], Any]
 """loss -> None: runs the backward of ``loss`` the way the training loop does (GradScaler, accelerate, Lightning)."""
@@ -76,6 +77,7 @@ class _Session:
             values = losses.detach().to("cpu", torch.float64).numpy()
             self.loss_sums += np.bincount(ids.numpy(), weights=values, minlength=self.num_groups)[: self.num_groups]
 
+
 _BUCKET_BYTES = 32 * 1024 * 1024  # gradient all-reduce bucket size: one collective per ~32 MB, like DDP's 25 MB
 
 
@@ -84,6 +86,7 @@ ProbeResult = Measurement
 
 
 # -- parameter selection and batch slicing ------------------------------------------------------------------------
+
 
 def select_parameters(module: nn.Module, spec: ParameterSpec = None) -> list[tuple[str, nn.Parameter]]:
     """Resolve a parameter spec to ``(name, parameter)`` pairs of trainable parameters, in ``named_parameters`` order.
@@ -103,7 +106,7 @@ def select_parameters(module: nn.Module, spec: ParameterSpec = None) -> list[tup
                 f"parameters={spec!r}: a string must be 'last:N'; pass a list of name prefixes to select by name"
             )
         try:
-            count = int(spec[len("last:"):])
+            count = int(spec[len("last:") :])
         except ValueError:
             raise ValueError(f"parameters={spec!r}: N in 'last:N' must be a positive integer") from None
         if count < 1:
@@ -123,8 +126,10 @@ def select_parameters(module: nn.Module, spec: ParameterSpec = None) -> list[tup
         for prefix in prefixes:
             if not any(matches(name, prefix) for name, _ in named):
                 known = ", ".join(name for name, _ in named[:8])
-                raise ValueError(f"parameters: no parameter is named {prefix!r} or starts with it (model has: {known}"
-                                 f"{', ...' if len(named) > 8 else ''})")
+                raise ValueError(
+                    f"parameters: no parameter is named {prefix!r} or starts with it (model has: {known}"
+                    f"{', ...' if len(named) > 8 else ''})"
+                )
             if not any(matches(name, prefix) for name, _ in trainable):
                 raise ValueError(f"parameters: {prefix!r} selects only frozen parameters (requires_grad=False)")
         chosen = [(name, p) for name, p in trainable if any(matches(name, prefix) for prefix in prefixes)]
@@ -145,7 +150,7 @@ def split_indices(groups: torch.Tensor, num_groups: int, num_splits: int) -> lis
     parts: list[list[torch.Tensor]] = []
     start = 0
     for count in counts[:num_groups]:
-        members = order[start:start + count]
+        members = order[start : start + count]
         start += count
         parts.append(list(torch.tensor_split(members, min(num_splits, count))) if count else [])
     return parts
@@ -166,7 +171,7 @@ def _distributed_active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _is_ddp(model: nn.Module) -> bool:
+def _is_ddp(model: nn.Module) -> TypeGuard[nn.parallel.DistributedDataParallel]:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
@@ -191,7 +196,9 @@ class _PartAccumulator:
         else:
             self.cross += 2.0 * self.total_weight * size * float(torch.dot(self.mean, part_mean))
             part_mean.sub_(self.mean)
-            self.spread += size * self.total_weight / (self.total_weight + size) * float(torch.dot(part_mean, part_mean))
+            self.spread += (
+                size * self.total_weight / (self.total_weight + size) * float(torch.dot(part_mean, part_mean))
+            )
             self.mean.add_(part_mean, alpha=size / (self.total_weight + size))
         self.total_weight += size
         self.sizes_sq += size * size
@@ -205,11 +212,14 @@ class _PartAccumulator:
         # E<g_i,g_j> = ||mu||^2 for disjoint parts, so weights m_i m_j / (n^2 - sum m_i^2) (summing to 1) are
         # unbiased; with single-example parts this is the classic U-statistic. E sum_i m_i ||g_i - gbar||^2 =
         # (s - 1) sigma^2, exact for unequal part sizes (between-part ANOVA sum of squares).
-        return (self.cross / (self.total_weight * self.total_weight - self.sizes_sq),
-                self.spread / (self.num_parts - 1))
+        return (
+            self.cross / (self.total_weight * self.total_weight - self.sizes_sq),
+            self.spread / (self.num_parts - 1),
+        )
 
 
 # -- the probe ----------------------------------------------------------------------------------------------------
+
 
 class GradientProbe:
     """Run a training step's backward so that it also yields per-group gradient statistics.
@@ -231,9 +241,19 @@ class GradientProbe:
             during the first ~1/(1 - beta2) steps (choice left open by DGA; ``False`` uses raw ``exp_avg_sq``).
     """
 
-    def __init__(self, model: nn.Module, *, parameters: ParameterSpec = None, num_splits: int = 2,
-                 gram: bool = False, preconditioner: torch.optim.Optimizer | None = None, eps: float = 1e-8,
-                 sync_gradients: bool = False, process_group=None, bias_correction: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        parameters: ParameterSpec = None,
+        num_splits: int = 2,
+        gram: bool = False,
+        preconditioner: torch.optim.Optimizer | None = None,
+        eps: float = 1e-8,
+        sync_gradients: bool = False,
+        process_group=None,
+        bias_correction: bool = True,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or num_splits < 2:
@@ -242,15 +262,18 @@ class GradientProbe:
         if not math.isfinite(eps) or eps < 0:
             raise ValueError(f"eps must be a finite number >= 0, got {eps}")
         if preconditioner is not None and not isinstance(preconditioner, torch.optim.Optimizer):
-            raise TypeError(f"preconditioner must be a torch.optim.Optimizer (Adam/AdamW), got "
-                            f"{type(preconditioner).__name__}")
+            raise TypeError(
+                f"preconditioner must be a torch.optim.Optimizer (Adam/AdamW), got {type(preconditioner).__name__}"
+            )
         self.model = model
-        self.module = model.module if _is_ddp(model) else model
+        self.module: nn.Module = cast(nn.Module, model.module) if _is_ddp(model) else model
         self.named_parameters = select_parameters(self.module, parameters)
         devices = {p.device for _, p in self.named_parameters}
         if len(devices) > 1:
-            raise ValueError(f"probed parameters live on several devices {sorted(map(str, devices))}; "
-                             "select a subset on one device (parameters=...)")
+            raise ValueError(
+                f"probed parameters live on several devices {sorted(map(str, devices))}; "
+                "select a subset on one device (parameters=...)"
+            )
         self.device = devices.pop()
         self.num_splits = int(num_splits)
         self.gram = bool(gram)
@@ -272,10 +295,19 @@ class GradientProbe:
         return self._numel
 
     # -- public entry point ---------------------------------------------------------------------------------------
-    def backward(self, batch: Mapping[str, torch.Tensor], groups: torch.Tensor, num_groups: int, loss_fn: LossFn,
-                 *, measure: bool, target_batch: Mapping[str, torch.Tensor] | None = None,
-                 global_batch_size: int | None = None, backward_fn: BackwardFn | None = None,
-                 final: bool = True) -> ProbeResult | None:
+    def backward(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        groups: torch.Tensor,
+        num_groups: int,
+        loss_fn: LossFn,
+        *,
+        measure: bool,
+        target_batch: Mapping[str, torch.Tensor] | None = None,
+        global_batch_size: int | None = None,
+        backward_fn: BackwardFn | None = None,
+        final: bool = True,
+    ) -> ProbeResult | None:
         """Accumulate into ``.grad`` the gradient of the batch's mean loss and return per-group statistics.
 
         The loss is sum(per-example losses) / (global_batch_size / world_size); by default global_batch_size is this
@@ -308,13 +340,14 @@ class GradientProbe:
         run = backward_fn if backward_fn is not None else _default_backward
         session = self._session
         if session is not None and (session.num_groups != num_groups or session.measure != measure):
-            raise ValueError(f"an accumulation started with measure={session.measure}, num_groups="
-                             f"{session.num_groups} cannot continue with measure={measure}, num_groups={num_groups}")
+            raise ValueError(
+                f"an accumulation started with measure={session.measure}, num_groups="
+                f"{session.num_groups} cannot continue with measure={measure}, num_groups={num_groups}"
+            )
         if session is None:
             session = self._session = _Session(num_groups, measure)
             if measure and target_batch is not None:
-                session.g_target, session.target_loss = self._target_gradient(target_batch, loss_fn, distributed,
-                                                                              run)
+                session.g_target, session.target_loss = self._target_gradient(target_batch, loss_fn, distributed, run)
         elif target_batch is not None:
             raise ValueError("target_batch goes with the first micro-batch of a measurement, not a later one")
         try:
@@ -329,7 +362,7 @@ class GradientProbe:
         if not final:
             return None
         self._session = None
-        if distributed and (measure and _is_ddp(self.model) or self.sync_gradients and not _is_ddp(self.model)):
+        if distributed and ((measure and _is_ddp(self.model)) or (self.sync_gradients and not _is_ddp(self.model))):
             self._average_gradients(world)
         return self._combine(session, distributed)
 
@@ -345,7 +378,8 @@ class GradientProbe:
     # -- the two kinds of step ------------------------------------------------------------------------------------
     def _plain_backward(self, session, batch, groups, loss_fn, n, divisor, run, sync) -> None:
         """One forward/backward on the whole micro-batch (through the DDP wrapper; DDP syncs on the last one)."""
-        context = contextlib.nullcontext() if sync else self.model.no_sync()
+        # sync is False only for a DDP-wrapped model (see backward()), so no_sync exists here.
+        context = contextlib.nullcontext() if sync else cast(nn.parallel.DistributedDataParallel, self.model).no_sync()
         with context:
             losses = _per_example_losses(loss_fn, self.model, batch, n, "the batch")
             self._run(losses.sum() / divisor, run)
@@ -395,8 +429,10 @@ class GradientProbe:
                         acc = session.accumulators[k]
                         if acc is None:
                             acc = session.accumulators[k] = _PartAccumulator(
-                                shared if shared is not None else
-                                torch.empty(self._numel, dtype=self._dtype, device=self.device))
+                                shared
+                                if shared is not None
+                                else torch.empty(self._numel, dtype=self._dtype, device=self.device)
+                            )
                         session.finite[k] = acc.add(work, size)
                 if single:
                     self._finish_group(session, k)
@@ -413,7 +449,7 @@ class GradientProbe:
         return float(anchor.grad) if anchor.grad is not None else float("nan")
 
     @staticmethod
-    def _finish_group(session: "_Session", k: int) -> None:
+    def _finish_group(session: _Session, k: int) -> None:
         """Turn group k's running sums into its estimates (once) and free its buffer."""
         acc = session.accumulators[k] if session.accumulators is not None else None
         with torch.no_grad():
@@ -430,7 +466,7 @@ class GradientProbe:
             session.accumulators[k] = None
 
     # -- statistics across ranks ----------------------------------------------------------------------------------
-    def _combine(self, session: "_Session", distributed: bool) -> ProbeResult:
+    def _combine(self, session: _Session, distributed: bool) -> ProbeResult:
         """Global statistics, identical on every rank: sums and counts add up; per-rank unbiased estimates are
         averaged with weights = local example counts (a convex mix of unbiased estimates stays unbiased); the
         alignment is exact because g_target is already global (count-weighted mean of per-rank group means)."""
@@ -458,30 +494,49 @@ class GradientProbe:
             return np.where(poisoned, np.nan, np.where(weights > 0, np.nan_to_num(values) * weights, 0.0))
 
         local_counts = counts
-        rows = [loss_sums, counts, stat_weight,
-                weighted(sq_norm, stat_weight, poisoned_stats),
-                weighted(variance, stat_weight, poisoned_stats),
-                align_weight, weighted(alignment, align_weight, (counts >= 1) & np.isnan(alignment))]
+        rows = [
+            loss_sums,
+            counts,
+            stat_weight,
+            weighted(sq_norm, stat_weight, poisoned_stats),
+            weighted(variance, stat_weight, poisoned_stats),
+            align_weight,
+            weighted(alignment, align_weight, (counts >= 1) & np.isnan(alignment)),
+        ]
         scalars = torch.tensor(np.concatenate(rows), dtype=torch.float64, device=self.device)
         if distributed:
             dist.all_reduce(scalars, group=self.process_group)
         (loss_sums, counts, stat_weight, sq_sum, var_sum, align_weight, align_sum) = (
-            scalars.cpu().numpy().reshape(len(rows), num_groups))
+            scalars.cpu().numpy().reshape(len(rows), num_groups)
+        )
         result = _loss_result(loss_sums, counts)
         with np.errstate(invalid="ignore", divide="ignore"):
             result.grad_sq_norm = np.where(stat_weight > 0, sq_sum / np.where(stat_weight > 0, stat_weight, 1), np.nan)
             result.grad_var = np.where(stat_weight > 0, var_sum / np.where(stat_weight > 0, stat_weight, 1), np.nan)
             if g_target is not None:
                 result.target_alignment = np.where(
-                    align_weight > 0, align_sum / np.where(align_weight > 0, align_weight, 1), np.nan)
+                    align_weight > 0, align_sum / np.where(align_weight > 0, align_weight, 1), np.nan
+                )
+                assert session.target_loss is not None  # set together with g_target in _target_gradient
                 result.target_loss = float(session.target_loss)
         if means is not None:
-            result.gram = self._gram(means, counts_local=local_counts, counts_global=counts,
-                                     sq_norm=result.grad_sq_norm, distributed=distributed)
+            result.gram = self._gram(
+                means,
+                counts_local=local_counts,
+                counts_global=counts,
+                sq_norm=result.grad_sq_norm,
+                distributed=distributed,
+            )
         return result
 
-    def _gram(self, means: torch.Tensor, counts_local: np.ndarray, counts_global: np.ndarray, sq_norm: np.ndarray,
-              distributed: bool) -> np.ndarray:
+    def _gram(
+        self,
+        means: torch.Tensor,
+        counts_local: np.ndarray,
+        counts_global: np.ndarray,
+        sq_norm: np.ndarray,
+        distributed: bool,
+    ) -> np.ndarray:
         """<gbar_i, gbar_j> of the global group means off the diagonal (unbiased: groups are independent), the
         unbiased ||grad L_k||^2 on it. Under torch.distributed the G mean buffers are all-reduced (gram=True only)."""
         with torch.no_grad():
@@ -507,14 +562,16 @@ class GradientProbe:
             raise TypeError(f"target_batch must be a mapping of tensors, got {type(target_batch).__name__}")
         losses = loss_fn(self.module, target_batch)
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.shape[0] == 0:
-            raise ValueError(f"loss_fn must return per-example losses of shape (n,) for the target batch, got "
-                             f"{getattr(losses, 'shape', type(losses).__name__)}")
+            raise ValueError(
+                f"loss_fn must return per-example losses of shape (n,) for the target batch, got "
+                f"{getattr(losses, 'shape', type(losses).__name__)}"
+            )
         if not losses.requires_grad:
             raise ValueError("the target batch's loss does not depend on any trainable parameter")
         params = [p for _, p in self.named_parameters]
         scale = 1.0
         if run is _default_backward:
-            grads = list(torch.autograd.grad(losses.sum(), params, allow_unused=True))
+            grads: list[torch.Tensor | None] = list(torch.autograd.grad(losses.sum(), params, allow_unused=True))
         else:
             trainable = [p for p in self.module.parameters() if p.requires_grad]
             saved = [p.grad for p in trainable]
@@ -533,7 +590,7 @@ class GradientProbe:
         with torch.no_grad():
             offset = 0
             for p, grad in zip(params, grads):
-                view = buffer[offset:offset + p.numel()]
+                view = buffer[offset : offset + p.numel()]
                 if grad is None:
                     view.zero_()
                 else:
@@ -556,21 +613,24 @@ class GradientProbe:
 
     def _precondition(self, flat: torch.Tensor) -> None:
         """Divide by sqrt(v_hat) + eps per parameter where the optimizer has a second moment (Adam/AdamW)."""
+        assert self.preconditioner is not None  # only called when a preconditioner was given
         group_of = {}
         for group in self.preconditioner.param_groups:
             for p in group["params"]:
                 group_of[p] = group
         offset = 0
         for name, p in self.named_parameters:
-            view = flat[offset:offset + p.numel()]
+            view = flat[offset : offset + p.numel()]
             offset += p.numel()
             state = self.preconditioner.state.get(p)
             if not state or "exp_avg_sq" not in state:
                 continue
             second = state["exp_avg_sq"]
             if second.numel() != p.numel():
-                raise ValueError(f"preconditioner state exp_avg_sq of {name!r} has shape {tuple(second.shape)}, "
-                                 f"parameter has {tuple(p.shape)}; only Adam-style per-element state is supported")
+                raise ValueError(
+                    f"preconditioner state exp_avg_sq of {name!r} has shape {tuple(second.shape)}, "
+                    f"parameter has {tuple(p.shape)}; only Adam-style per-element state is supported"
+                )
             second = second.detach().reshape(-1).to(flat.dtype)
             betas = group_of.get(p, {}).get("betas")
             step = state.get("step")
@@ -585,7 +645,7 @@ class GradientProbe:
         with torch.no_grad():
             offset = 0
             for _, p in self.named_parameters:
-                view = buffer[offset:offset + p.numel()]
+                view = buffer[offset : offset + p.numel()]
                 if p.grad is None:
                     view.zero_()
                 else:
@@ -596,7 +656,7 @@ class GradientProbe:
         """buffer <- current .grad - buffer (the snapshot), in place."""
         offset = 0
         for _, p in self.named_parameters:
-            view = buffer[offset:offset + p.numel()]
+            view = buffer[offset : offset + p.numel()]
             view.neg_()
             if p.grad is not None:
                 view.add_(p.grad.reshape(-1))
@@ -617,8 +677,12 @@ class GradientProbe:
             buckets: list[list[torch.Tensor]] = []
             size = 0
             for grad in grads:
-                if (not buckets or size + grad.numel() * grad.element_size() > _BUCKET_BYTES
-                        or buckets[-1][0].dtype != grad.dtype or buckets[-1][0].device != grad.device):
+                if (
+                    not buckets
+                    or size + grad.numel() * grad.element_size() > _BUCKET_BYTES
+                    or buckets[-1][0].dtype != grad.dtype
+                    or buckets[-1][0].device != grad.device
+                ):
                     buckets.append([])
                     size = 0
                 buckets[-1].append(grad)
@@ -629,7 +693,7 @@ class GradientProbe:
                 flat.div_(world)
                 offset = 0
                 for grad in bucket:
-                    grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+                    grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
                     offset += grad.numel()
 
     # -- checks ---------------------------------------------------------------------------------------------------
@@ -640,8 +704,9 @@ class GradientProbe:
         if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
             raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
         if not isinstance(groups, torch.Tensor) or groups.dim() != 1:
-            raise ValueError(f"groups must be a 1-D tensor of group ids, got "
-                             f"{getattr(groups, 'shape', type(groups).__name__)}")
+            raise ValueError(
+                f"groups must be a 1-D tensor of group ids, got {getattr(groups, 'shape', type(groups).__name__)}"
+            )
         if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
             raise ValueError(f"groups must hold integer group ids, got dtype {groups.dtype}")
         n = int(groups.shape[0])
@@ -652,16 +717,20 @@ class GradientProbe:
             bad = low if low < 0 else high
             raise ValueError(f"groups contains id {bad}, outside 0..{num_groups - 1} (num_groups={num_groups})")
         if not any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for v in batch.values()):
-            raise ValueError(f"no tensor in the batch has leading dimension {n} (= len(groups)); keys: "
-                             f"{sorted(map(str, batch.keys()))}")
+            raise ValueError(
+                f"no tensor in the batch has leading dimension {n} (= len(groups)); keys: "
+                f"{sorted(map(str, batch.keys()))}"
+            )
         return n
 
 
 def _per_example_losses(loss_fn: LossFn, model: nn.Module, batch: Mapping, n: int, what: str) -> torch.Tensor:
     losses = loss_fn(model, batch)
     if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (n,):
-        raise ValueError(f"loss_fn must return one loss per example, shape ({n},) for {what}, got "
-                         f"{getattr(losses, 'shape', type(losses).__name__)}")
+        raise ValueError(
+            f"loss_fn must return one loss per example, shape ({n},) for {what}, got "
+            f"{getattr(losses, 'shape', type(losses).__name__)}"
+        )
     if not losses.dtype.is_floating_point:
         raise ValueError(f"loss_fn returned dtype {losses.dtype} for {what}; losses must be floating point")
     return losses

@@ -40,15 +40,16 @@ each produced batch used, so a checkpoint taken at the consumed step replays the
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, cast
 
 import numpy as np
 
 from gradmix.methods.base import validate_weights
 from gradmix.permutation import MAX_SIZE, feistel_permute, half_bits, mix64
 
-__all__ = ["MixtureSampler", "SamplerEvent", "DataExhaustedError", "deficit_round"]
+__all__ = ["DataExhaustedError", "MixtureSampler", "SamplerEvent", "deficit_round"]
 
 STATE_FORMAT = "gradmix.MixtureSampler/2"
 
@@ -139,7 +140,7 @@ class MixtureSampler:
         self,
         sizes: Sequence[int],
         batch_size: int,
-        weights: Sequence[float] | None = None,
+        weights: Sequence[float] | np.ndarray | None = None,
         seed: int = 0,
         mode: str = "quota",
         rank: int = 0,
@@ -152,20 +153,29 @@ class MixtureSampler:
         sizes_list = list(sizes) if not isinstance(sizes, np.ndarray) else sizes.tolist()
         if not sizes_list or any(isinstance(s, (list, tuple)) for s in sizes_list):
             raise ValueError("sizes must be a non-empty 1-D sequence of example counts, one per domain")
-        self.domain_names = [str(n) for n in domain_names] if domain_names is not None else [
-            str(i) for i in range(len(sizes_list))]
+        self.domain_names = (
+            [str(n) for n in domain_names] if domain_names is not None else [str(i) for i in range(len(sizes_list))]
+        )
         if len(self.domain_names) != len(sizes_list):
             raise ValueError(f"{len(self.domain_names)} domain names for {len(sizes_list)} sizes")
         for name, size in zip(self.domain_names, sizes_list):
-            if isinstance(size, bool) or not isinstance(size, (int, np.integer, float, np.floating)) \
-                    or not float(size).is_integer() or not 1 <= size <= MAX_SIZE:
-                raise ValueError(f"domain {name!r} has size {size!r}; every domain needs an integer number of "
-                                 f"examples in [1, 2^62]")
+            if (
+                isinstance(size, bool)
+                or not isinstance(size, (int, np.integer, float, np.floating))
+                or not float(size).is_integer()
+                or not 1 <= size <= MAX_SIZE
+            ):
+                raise ValueError(
+                    f"domain {name!r} has size {size!r}; every domain needs an integer number of examples in [1, 2^62]"
+                )
         self.sizes = np.asarray([int(s) for s in sizes_list], dtype=np.int64)
         self.num_domains = int(self.sizes.shape[0])
         for key, value in (("batch_size", batch_size), ("world_size", world_size), ("history", history)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if key == "history"
-                                                                                            else 1):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, np.integer))
+                or value < (0 if key == "history" else 1)
+            ):
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank!r}, world_size={world_size}")
@@ -173,11 +183,15 @@ class MixtureSampler:
             raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
         if mode not in ("quota", "multinomial"):
             raise ValueError(f"mode must be 'quota' or 'multinomial', got {mode!r}")
-        if max_repeats is not None and (isinstance(max_repeats, bool) or not isinstance(max_repeats, (int, np.integer))
-                                        or max_repeats < 1):
+        if max_repeats is not None and (
+            isinstance(max_repeats, bool) or not isinstance(max_repeats, (int, np.integer)) or max_repeats < 1
+        ):
             raise ValueError(f"max_repeats must be a positive integer or None, got {max_repeats!r}")
-        shuffle_arr = np.broadcast_to(np.asarray(shuffle, dtype=bool), (self.num_domains,)).copy() \
-            if np.ndim(shuffle) == 0 else np.asarray(list(shuffle), dtype=bool)
+        shuffle_arr = (
+            np.broadcast_to(np.asarray(shuffle, dtype=bool), (self.num_domains,)).copy()
+            if np.ndim(shuffle) == 0
+            else np.asarray(list(cast(Sequence[bool], shuffle)), dtype=bool)
+        )
         if shuffle_arr.shape != (self.num_domains,):
             raise ValueError(f"shuffle has {shuffle_arr.size} entries but there are {self.num_domains} domains")
         self.batch_size = int(batch_size)
@@ -191,8 +205,12 @@ class MixtureSampler:
 
         # per-domain constants of the bijection (computed once: Python ints, exact for any size)
         self._half = np.asarray([half_bits(int(n)) for n in self.sizes], dtype=np.uint64)
-        self._domain_keys = mix64(mix64(np.uint64(self.seed & 0xFFFFFFFFFFFFFFFF) ^ np.arange(
-            self.num_domains, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
+        self._domain_keys = mix64(
+            mix64(
+                np.uint64(self.seed & 0xFFFFFFFFFFFFFFFF)
+                ^ np.arange(self.num_domains, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+            )
+        )
         self._limit = None if self.max_repeats is None else self.sizes * self.max_repeats
 
         self._weights = self._check(weights if weights is not None else np.ones(self.num_domains))
@@ -209,7 +227,7 @@ class MixtureSampler:
     def _check(self, weights: Any) -> np.ndarray:
         return validate_weights(weights, self.num_domains, names=self.domain_names)
 
-    def set_weights(self, weights: Sequence[float]) -> None:
+    def set_weights(self, weights: Sequence[float] | np.ndarray) -> None:
         """Use these weights from the next batch this sampler produces."""
         self._weights = self._check(weights)
 
@@ -286,7 +304,8 @@ class MixtureSampler:
         names = [self.domain_names[i] for i in np.flatnonzero(self._exhausted)]
         raise DataExhaustedError(
             f"batch {batch_index}: every domain has used its max_repeats={self.max_repeats} passes "
-            f"(exhausted: {names}); raise max_repeats or stop the run earlier")
+            f"(exhausted: {names}); raise max_repeats or stop the run earlier"
+        )
 
     def _hand_over(self, weights: np.ndarray) -> None:
         """Give the residual of weight-0 domains to the others in proportion to their weights (keeps sum = 0)."""
@@ -306,6 +325,7 @@ class MixtureSampler:
         """Apply ``max_repeats``: cut counts at each domain's remaining examples, mark exhausted domains and refill
         the shortfall from the others (quota: by their residuals; multinomial: by a draw). Returns (counts,
         sampled weights)."""
+        assert self._limit is not None  # only called when max_repeats is set
         salt = 1
         while True:
             room = self._limit - self._drawn
@@ -314,10 +334,15 @@ class MixtureSampler:
             if newly.any():
                 for domain in np.flatnonzero(newly):
                     self._exhausted[domain] = True
-                    self._events.append(SamplerEvent(
-                        batch_index, int(domain), "exhausted",
-                        f"domain {self.domain_names[domain]!r} used its max_repeats={self.max_repeats} passes at "
-                        f"batch {batch_index}; its weight is moved to the other domains"))
+                    self._events.append(
+                        SamplerEvent(
+                            batch_index,
+                            int(domain),
+                            "exhausted",
+                            f"domain {self.domain_names[domain]!r} used its max_repeats={self.max_repeats} passes at "
+                            f"batch {batch_index}; its weight is moved to the other domains",
+                        )
+                    )
             shortfall = int(over.sum())
             if not shortfall:
                 return counts, weights
@@ -331,8 +356,12 @@ class MixtureSampler:
             weights = weights / weights.sum() if weights.sum() > 0 else live / live.sum()
             if self.mode == "quota":  # ... by the live domains, which take over the exhausted residuals
                 self._hand_over(weights)
-                extra = deficit_round(np.where(live, self._residual, 0.0), shortfall, shortfall * weights,
-                                      self._tie_keys(batch_index, salt))
+                extra = deficit_round(
+                    np.where(live, self._residual, 0.0),
+                    shortfall,
+                    shortfall * weights,
+                    self._tie_keys(batch_index, salt),
+                )
                 self._residual -= extra
             else:
                 extra = np.random.default_rng([self.seed, 7919, batch_index, salt]).multinomial(shortfall, weights)
@@ -344,8 +373,9 @@ class MixtureSampler:
         from_pending = bool(self._pending)
         requested = self._pending[0] if from_pending else self._weights
         batch_index = self._batch_index
-        snapshot = _Snapshot(batch_index, requested, self._drawn.copy(), self._residual.copy(),
-                             self._exhausted.copy(), len(self._events))
+        snapshot = _Snapshot(
+            batch_index, requested, self._drawn.copy(), self._residual.copy(), self._exhausted.copy(), len(self._events)
+        )
         try:
             weights = self._effective(requested, batch_index)
             if self.mode == "quota":
@@ -384,19 +414,20 @@ class MixtureSampler:
         if shuffled.all():
             return feistel_permute(positions, sizes, self._half[domains], keys)
         out = positions.copy()
-        out[shuffled] = feistel_permute(positions[shuffled], sizes[shuffled], self._half[domains][shuffled],
-                                        keys[shuffled])
+        out[shuffled] = feistel_permute(
+            positions[shuffled], sizes[shuffled], self._half[domains][shuffled], keys[shuffled]
+        )
         return out
 
     def _restore(self, snap: _Snapshot) -> None:
         self._drawn, self._residual, self._exhausted = snap.drawn.copy(), snap.residual.copy(), snap.exhausted.copy()
-        del self._events[snap.num_events:]
+        del self._events[snap.num_events :]
 
     def next_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """This rank's share of the next global batch as (domain ids, example ids)."""
         domains, examples = self.next_global_arrays()
         if self.world_size > 1:
-            domains, examples = domains[self.rank::self.world_size], examples[self.rank::self.world_size]
+            domains, examples = domains[self.rank :: self.world_size], examples[self.rank :: self.world_size]
         return domains, examples
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -462,8 +493,11 @@ class MixtureSampler:
         a refused state leaves this sampler unchanged."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            hint = (" (written by gradmix < 0.2, whose sampler drew other examples; it cannot be resumed exactly)"
-                    if found == "gradmix.MixtureSampler/1" else "")
+            hint = (
+                " (written by gradmix < 0.2, whose sampler drew other examples; it cannot be resumed exactly)"
+                if found == "gradmix.MixtureSampler/1"
+                else ""
+            )
             raise ValueError(f"not a {STATE_FORMAT} state (format={found!r}){hint}")
         if list(state["domain_names"]) != self.domain_names:
             theirs, ours = list(state["domain_names"]), self.domain_names
@@ -473,9 +507,14 @@ class MixtureSampler:
                 "checkpoint is from a run with other domains: "
                 f"checkpoint has {theirs}, this sampler has {ours} (missing here: {missing}, new here: {extra})"
             )
-        for key, mine in (("sizes", self.sizes.tolist()), ("batch_size", self.batch_size), ("seed", self.seed),
-                          ("mode", self.mode), ("max_repeats", self.max_repeats),
-                          ("shuffle", self.shuffle.tolist())):
+        for key, mine in (
+            ("sizes", self.sizes.tolist()),
+            ("batch_size", self.batch_size),
+            ("seed", self.seed),
+            ("mode", self.mode),
+            ("max_repeats", self.max_repeats),
+            ("shuffle", self.shuffle.tolist()),
+        ):
             if state[key] != mine:
                 raise ValueError(f"checkpoint has {key}={state[key]!r} but this sampler has {key}={mine!r}")
         weights = self._check(state["weights"])

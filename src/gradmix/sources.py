@@ -29,30 +29,31 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 __all__ = [
-    "DomainSource",
+    "DocumentSplitError",
     "Domain",
-    "TokenFileDomain",
+    "DomainSet",
+    "DomainSource",
     "HFDatasetDomain",
     "StreamDomain",
-    "DomainSet",
-    "DocumentSplitError",
+    "TokenFileDomain",
+    "collate_examples",
     "pack_tokens",
     "read_documents",
-    "collate_examples",
 ]
 
 DOC_SEPARATOR = "<|doc|>"
 
-Tokenize = Union[Callable[[list[str]], list[list[int]]], Any]
+Tokenize = Callable[[list[str]], list[list[int]]] | Any
 
 
 class DocumentSplitError(ValueError):
@@ -72,8 +73,9 @@ def _encode(tokenizer: Tokenize, texts: list[str]) -> list[list[int]]:
     raise TypeError("tokenizer must be a tokenizers.Tokenizer or a callable list[str] -> list[list[int]]")
 
 
-def pack_tokens(sequences: Iterable[Sequence[int]], window: int, *, separator: int | None = None,
-                name: str = "domain") -> torch.Tensor:
+def pack_tokens(
+    sequences: Iterable[Sequence[int]], window: int, *, separator: int | None = None, name: str = "domain"
+) -> torch.Tensor:
     """Concatenate token sequences (``separator`` between documents) and cut into (n, window + 1) windows.
 
     The trailing remainder shorter than a window is dropped (at most ``window`` tokens per domain).
@@ -200,7 +202,9 @@ class Domain(DomainSource):
         if not isinstance(self.windows, torch.Tensor):
             self.windows = torch.as_tensor(np.asarray(self.windows))
         if self.windows.dim() != 2:
-            raise ValueError(f"domain {self.name!r}: windows must be 2-D (examples, tokens), got {tuple(self.windows.shape)}")
+            raise ValueError(
+                f"domain {self.name!r}: windows must be 2-D (examples, tokens), got {tuple(self.windows.shape)}"
+            )
         if self.windows.shape[0] == 0:
             raise DocumentSplitError(f"domain {self.name!r} is empty (0 examples)")
         if self.windows.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -259,8 +263,10 @@ class TokenFileDomain(DomainSource):
                 raise ValueError(f"{where}: dtype {dt.name} is not a token dtype; use one of {list(_BIN_DTYPES)}")
             nbytes = self.path.stat().st_size
             if nbytes % dt.itemsize:
-                raise ValueError(f"{where}: {nbytes} bytes is not a multiple of the {dt.name} item size "
-                                 f"({dt.itemsize}); wrong dtype or a truncated file")
+                raise ValueError(
+                    f"{where}: {nbytes} bytes is not a multiple of the {dt.name} item size "
+                    f"({dt.itemsize}); wrong dtype or a truncated file"
+                )
             self._dtype, self._shape, self._npy = dt, (nbytes // dt.itemsize,), False
         elif suffix == ".npy":
             try:
@@ -313,8 +319,10 @@ class TokenFileDomain(DomainSource):
             else:
                 mm = np.memmap(self.path, dtype=self._dtype, mode="r", shape=self._shape)
             if mm.dtype != self._dtype or tuple(mm.shape) != self._shape:
-                raise ValueError(f"token file {str(self.path)!r} (domain {self.name!r}) changed since it was opened: "
-                                 f"now {mm.dtype} {tuple(mm.shape)}, was {self._dtype} {self._shape}")
+                raise ValueError(
+                    f"token file {str(self.path)!r} (domain {self.name!r}) changed since it was opened: "
+                    f"now {mm.dtype} {tuple(mm.shape)}, was {self._dtype} {self._shape}"
+                )
             self._mm = mm
         return self._mm
 
@@ -334,8 +342,10 @@ class TokenFileDomain(DomainSource):
         return state
 
     def __repr__(self) -> str:
-        return (f"TokenFileDomain({self.name!r}, {str(self.path)!r}, window={self._window}, dtype={self._dtype.name}, "
-                f"size={self._size})")
+        return (
+            f"TokenFileDomain({self.name!r}, {str(self.path)!r}, window={self._window}, dtype={self._dtype.name}, "
+            f"size={self._size})"
+        )
 
 
 def _parse_dtype(dtype: Any, where: str) -> np.dtype:
@@ -360,8 +370,10 @@ class HFDatasetDomain(DomainSource):
         if isinstance(dataset, hf_datasets.IterableDataset):
             raise TypeError(f"domain {name!r}: an IterableDataset cannot be read by index; use StreamDomain")
         if not isinstance(dataset, hf_datasets.Dataset):
-            raise TypeError(f"domain {name!r}: expected a datasets.Dataset (pick a split of a DatasetDict), "
-                            f"got {type(dataset).__name__}")
+            raise TypeError(
+                f"domain {name!r}: expected a datasets.Dataset (pick a split of a DatasetDict), "
+                f"got {type(dataset).__name__}"
+            )
         if column not in dataset.column_names:
             raise ValueError(f"domain {name!r}: dataset has no column {column!r}; it has {dataset.column_names}")
         self.column = column
@@ -371,8 +383,10 @@ class HFDatasetDomain(DomainSource):
             raise DocumentSplitError(f"domain {name!r}: dataset is empty (0 rows)")
         first = np.asarray(self.dataset[0][column])
         if first.ndim != 1 or first.dtype.kind not in "iu":
-            raise ValueError(f"domain {name!r}: column {column!r} row 0 must be a list of integer token ids, "
-                             f"got shape {first.shape} dtype {first.dtype}")
+            raise ValueError(
+                f"domain {name!r}: column {column!r} row 0 must be a list of integer token ids, "
+                f"got shape {first.shape} dtype {first.dtype}"
+            )
         if first.size < 2:
             raise ValueError(f"domain {name!r}: column {column!r} row 0 has {first.size} tokens; a window needs >= 2")
         self._window = int(first.size) - 1
@@ -395,8 +409,10 @@ class HFDatasetDomain(DomainSource):
             # ragged rows come back as an object array of 1-D arrays; name the first row of the wrong length
             lengths = [len(v) for v in values]
             bad = next((k for k, n in enumerate(lengths) if n != width), 0)
-            raise ValueError(f"domain {self.name!r}: column {self.column!r} row {int(rows[bad])} has "
-                             f"{lengths[bad]} tokens; every row must hold window + 1 = {width} (from row 0)")
+            raise ValueError(
+                f"domain {self.name!r}: column {self.column!r} row {int(rows[bad])} has "
+                f"{lengths[bad]} tokens; every row must hold window + 1 = {width} (from row 0)"
+            )
         if values.dtype.kind not in "iu":
             raise ValueError(f"domain {self.name!r}: column {self.column!r} holds {values.dtype}, not token ids")
         return torch.from_numpy(values.astype(np.int64, copy=False))
@@ -426,23 +442,35 @@ class StreamDomain(DomainSource):
 
     shuffle: ClassVar[bool] = False
 
-    def __init__(self, name: str, iterable: Any, window: int, size: int | None = None, column: str = "input_ids",
-                 *, separator: int | None = None, buffer_windows: int = 1024) -> None:
+    def __init__(
+        self,
+        name: str,
+        iterable: Any,
+        window: int,
+        size: int | None = None,
+        column: str = "input_ids",
+        *,
+        separator: int | None = None,
+        buffer_windows: int = 1024,
+    ) -> None:
         self.name = _check_name(name)
         if not isinstance(window, (int, np.integer)) or window < 1:
             raise ValueError(f"domain {name!r}: window must be an integer >= 1, got {window!r}")
         if size is not None and (not isinstance(size, (int, np.integer)) or size < 1):
-            raise ValueError(f"domain {name!r}: size must be a positive integer (windows per pass) or None, "
-                             f"got {size!r}")
+            raise ValueError(
+                f"domain {name!r}: size must be a positive integer (windows per pass) or None, got {size!r}"
+            )
         if not isinstance(buffer_windows, (int, np.integer)) or buffer_windows < 1:
             raise ValueError(f"domain {name!r}: buffer_windows must be an integer >= 1, got {buffer_windows!r}")
         if callable(iterable) and not hasattr(iterable, "__iter__"):
             self._open: Callable[[], Iterator[Any]] = iterable
         elif hasattr(iterable, "__iter__"):
             if iter(iterable) is iterable:
-                raise TypeError(f"domain {name!r}: a one-shot iterator/generator cannot be re-read for a second pass "
-                                f"or a resume; pass a re-iterable (list, IterableDataset) or a callable returning a "
-                                f"fresh iterator")
+                raise TypeError(
+                    f"domain {name!r}: a one-shot iterator/generator cannot be re-read for a second pass "
+                    f"or a resume; pass a re-iterable (list, IterableDataset) or a callable returning a "
+                    f"fresh iterator"
+                )
             self._open = iterable.__iter__
         else:
             raise TypeError(f"domain {name!r}: expected an iterable of documents, got {type(iterable).__name__}")
@@ -516,7 +544,7 @@ class StreamDomain(DomainSource):
             if out is None and available and count - written > self._cap:
                 # skipping ahead: windows that will not be among the ring's last ``buffer_windows`` are never cut
                 skip = min(available, count - written - self._cap)
-                self._carry = self._carry[skip * T:]
+                self._carry = self._carry[skip * T :]
                 self._pos += skip
                 written += skip
                 continue
@@ -525,15 +553,16 @@ class StreamDomain(DomainSource):
                 if doc is None:
                     raise DocumentSplitError(
                         f"stream domain {self.name!r} ended after {self._pos} windows; its size is {self._size} "
-                        f"(pass the true size, or size=None to count)")
+                        f"(pass the true size, or size=None to count)"
+                    )
                 self._carry = np.concatenate([self._carry, *self._doc_tokens(doc)])
                 continue
             m = min(available, count - written, self._cap)
             windows = self._carry[np.arange(m)[:, None] * T + ar]
-            self._carry = self._carry[m * T:]
+            self._carry = self._carry[m * T :]
             self._ring[np.arange(self._pos, self._pos + m) % self._cap] = windows
             if out is not None:
-                out[written: written + m] = torch.from_numpy(windows)
+                out[written : written + m] = torch.from_numpy(windows)
             self._pos += m
             written += m
 
@@ -541,12 +570,14 @@ class StreamDomain(DomainSource):
         """One document as token arrays to append (plus the separator), as ``pack_tokens`` would."""
         if isinstance(doc, Mapping):
             if self.column not in doc:
-                raise ValueError(f"stream domain {self.name!r}: item has no column {self.column!r}; "
-                                 f"it has {sorted(doc)}")
+                raise ValueError(
+                    f"stream domain {self.name!r}: item has no column {self.column!r}; it has {sorted(doc)}"
+                )
             doc = doc[self.column]
         if isinstance(doc, (str, bytes)):
-            raise TypeError(f"stream domain {self.name!r}: items must be token ids, got text; "
-                            f"tokenize the stream first")
+            raise TypeError(
+                f"stream domain {self.name!r}: items must be token ids, got text; tokenize the stream first"
+            )
         if isinstance(doc, torch.Tensor):
             doc = doc.cpu().numpy()
         arr = np.asarray(doc)
@@ -564,8 +595,9 @@ class StreamDomain(DomainSource):
         tokens = sum(part.size for doc in self._open() for part in self._doc_tokens(doc))
         n = (tokens - 1) // self._window if tokens else 0
         if n < 1:
-            raise DocumentSplitError(f"stream domain {self.name!r} has {tokens} tokens; one window needs "
-                                     f"{self._window + 1}")
+            raise DocumentSplitError(
+                f"stream domain {self.name!r} has {tokens} tokens; one window needs {self._window + 1}"
+            )
         return n
 
     def __getstate__(self) -> dict[str, Any]:
@@ -587,8 +619,9 @@ class DomainSet(Dataset):
             raise ValueError("a DomainSet needs at least one domain")
         for d in domains:
             if not isinstance(d, DomainSource):
-                raise TypeError(f"expected domains (Domain, TokenFileDomain, HFDatasetDomain, StreamDomain), "
-                                f"got {type(d).__name__}")
+                raise TypeError(
+                    f"expected domains (Domain, TokenFileDomain, HFDatasetDomain, StreamDomain), got {type(d).__name__}"
+                )
         names = [d.name for d in domains]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -600,8 +633,9 @@ class DomainSet(Dataset):
 
     # -- constructors -------------------------------------------------------------------------------------------
     @classmethod
-    def from_texts(cls, texts: Mapping[str, Sequence[str] | str], tokenizer: Tokenize, window: int,
-                   *, separator: int | None = None) -> "DomainSet":
+    def from_texts(
+        cls, texts: Mapping[str, Sequence[str] | str], tokenizer: Tokenize, window: int, *, separator: int | None = None
+    ) -> DomainSet:
         """Tokenize documents per domain and pack them into windows of ``window`` predicted tokens."""
         domains = []
         for name, docs in texts.items():
@@ -614,31 +648,37 @@ class DomainSet(Dataset):
         return cls(domains)
 
     @classmethod
-    def from_token_sequences(cls, sequences: Mapping[str, Sequence[Sequence[int]]], window: int,
-                             *, separator: int | None = None) -> "DomainSet":
-        return cls([Domain(name, pack_tokens(seqs, window, separator=separator, name=name), len(seqs))
-                    for name, seqs in sequences.items()])
+    def from_token_sequences(
+        cls, sequences: Mapping[str, Sequence[Sequence[int]]], window: int, *, separator: int | None = None
+    ) -> DomainSet:
+        return cls(
+            [
+                Domain(name, pack_tokens(seqs, window, separator=separator, name=name), len(seqs))
+                for name, seqs in sequences.items()
+            ]
+        )
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, Any]) -> "DomainSet":
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> DomainSet:
         """Pre-windowed numpy/torch arrays of shape (n, T + 1) per domain."""
         return cls([Domain(name, torch.as_tensor(np.asarray(arr))) for name, arr in arrays.items()])
 
     @classmethod
-    def from_paths(cls, paths: Mapping[str, str | Path], tokenizer: Tokenize, window: int,
-                   *, separator: int | None = None) -> "DomainSet":
+    def from_paths(
+        cls, paths: Mapping[str, str | Path], tokenizer: Tokenize, window: int, *, separator: int | None = None
+    ) -> DomainSet:
         """Text files or folders (see ``read_documents``), one per domain."""
-        return cls.from_texts({name: read_documents(p) for name, p in paths.items()}, tokenizer, window,
-                              separator=separator)
+        return cls.from_texts(
+            {name: read_documents(p) for name, p in paths.items()}, tokenizer, window, separator=separator
+        )
 
     @classmethod
-    def from_token_files(cls, paths: Mapping[str, str | Path], window: int | None,
-                         dtype: Any = None) -> "DomainSet":
+    def from_token_files(cls, paths: Mapping[str, str | Path], window: int | None, dtype: Any = None) -> DomainSet:
         """Memory-mapped ``.bin`` / ``.npy`` token files, one per domain (see ``TokenFileDomain``)."""
         return cls([TokenFileDomain(name, p, window, dtype) for name, p in paths.items()])
 
     @classmethod
-    def from_hf_datasets(cls, datasets: Mapping[str, Any], column: str = "input_ids") -> "DomainSet":
+    def from_hf_datasets(cls, datasets: Mapping[str, Any], column: str = "input_ids") -> DomainSet:
         """Map-style HF datasets of pre-cut windows, one per domain (see ``HFDatasetDomain``)."""
         return cls([HFDatasetDomain(name, ds, column) for name, ds in datasets.items()])
 
@@ -689,8 +729,7 @@ class DomainSet(Dataset):
                 raise IndexError(f"domain index {int(d)} is out of range for {len(self.domains)} domains")
             where = np.flatnonzero(domains == d)
             rows[torch.from_numpy(where)] = self.domains[int(d)].take(examples[where])
-        return {"input_ids": rows, "domain": torch.from_numpy(domains),
-                "index": torch.from_numpy(examples)}
+        return {"input_ids": rows, "domain": torch.from_numpy(domains), "index": torch.from_numpy(examples)}
 
 
 def collate_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:

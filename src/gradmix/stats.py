@@ -101,8 +101,11 @@ class DomainStats:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, np.ndarray):
-                out[f.name] = [None if not np.isfinite(v) else float(v) for v in value.reshape(-1)] if value.ndim == 1 \
+                out[f.name] = (
+                    [None if not np.isfinite(v) else float(v) for v in value.reshape(-1)]
+                    if value.ndim == 1
                     else [[None if not np.isfinite(v) else float(v) for v in row] for row in value]
+                )
             elif f.name == "extra":
                 continue
             else:
@@ -137,7 +140,7 @@ class Measurement:
     target_loss: float | None = None
 
     @classmethod
-    def from_losses(cls, groups: Any, losses: Any, num_groups: int) -> "Measurement":
+    def from_losses(cls, groups: Any, losses: Any, num_groups: int) -> Measurement:
         """Per-example losses and their group ids -> a losses-only measurement (local; no collectives here)."""
         ids = np.asarray(groups, dtype=np.int64).reshape(-1)
         values = np.asarray(losses, dtype=np.float64).reshape(-1)
@@ -146,11 +149,13 @@ class Measurement:
         if ids.size and (ids.min() < 0 or ids.max() >= num_groups):
             bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
             raise StatsError(f"domain id {bad} is outside 0..{num_groups - 1}")
-        return cls.from_sums(np.bincount(ids, weights=values, minlength=num_groups),
-                             np.bincount(ids, minlength=num_groups).astype(np.float64))
+        return cls.from_sums(
+            np.bincount(ids, weights=values, minlength=num_groups),
+            np.bincount(ids, minlength=num_groups).astype(np.float64),
+        )
 
     @classmethod
-    def from_sums(cls, loss_sums: np.ndarray, counts: np.ndarray) -> "Measurement":
+    def from_sums(cls, loss_sums: np.ndarray, counts: np.ndarray) -> Measurement:
         with np.errstate(invalid="ignore", divide="ignore"):
             loss = np.where(counts > 0, loss_sums / np.where(counts > 0, counts, 1.0), np.nan)
         total = counts.sum()
@@ -174,10 +179,17 @@ class Measurement:
     def to_stats(self, step: int, batch_size: int) -> DomainStats:
         """The record a mixing method consumes (one entry per group)."""
         return DomainStats(
-            step=int(step), num_domains=self.num_groups, loss=self.loss,
-            examples=np.asarray(self.examples, dtype=np.float64), batch_size=int(batch_size),
-            grad_sq_norm=self.grad_sq_norm, grad_var=self.grad_var, target_alignment=self.target_alignment,
-            target_loss=self.target_loss, gram=self.gram, extra={"mean_loss": self.mean_loss},
+            step=int(step),
+            num_domains=self.num_groups,
+            loss=self.loss,
+            examples=np.asarray(self.examples, dtype=np.float64),
+            batch_size=int(batch_size),
+            grad_sq_norm=self.grad_sq_norm,
+            grad_var=self.grad_var,
+            target_alignment=self.target_alignment,
+            target_loss=self.target_loss,
+            gram=self.gram,
+            extra={"mean_loss": self.mean_loss},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,18 +201,27 @@ class Measurement:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Measurement":
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
         def arr(key: str, dtype: Any = np.float64) -> np.ndarray | None:
             value = data.get(key)
             return None if value is None else np.asarray(value, dtype=dtype)
 
         loss, examples = arr("loss"), arr("examples", np.int64)
         if loss is None or examples is None or loss.shape != examples.shape or loss.ndim != 1:
-            raise StatsError(f"malformed measurement in state: loss {None if loss is None else loss.shape}, "
-                             f"examples {None if examples is None else examples.shape}")
-        return cls(loss=loss, examples=examples, mean_loss=float(data.get("mean_loss", float("nan"))),
-                   grad_sq_norm=arr("grad_sq_norm"), grad_var=arr("grad_var"), gram=arr("gram"),
-                   target_alignment=arr("target_alignment"), target_loss=data.get("target_loss"))
+            raise StatsError(
+                f"malformed measurement in state: loss {None if loss is None else loss.shape}, "
+                f"examples {None if examples is None else examples.shape}"
+            )
+        return cls(
+            loss=loss,
+            examples=examples,
+            mean_loss=float(data.get("mean_loss", float("nan"))),
+            grad_sq_norm=arr("grad_sq_norm"),
+            grad_var=arr("grad_var"),
+            gram=arr("gram"),
+            target_alignment=arr("target_alignment"),
+            target_loss=data.get("target_loss"),
+        )
 
 
 def pool_measurements(measurements: list[Measurement], step: int, batch_size: int) -> DomainStats:
@@ -225,5 +246,11 @@ def pool_measurements(measurements: list[Measurement], step: int, batch_size: in
                 n = finite.sum(axis=0)
                 out[key] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
     target_losses = [m.target_loss for m in measurements if m.target_loss is not None]
-    return DomainStats(step=step, num_domains=first.num_groups, batch_size=batch_size, examples=counts,
-                       target_loss=float(np.mean(target_losses)) if target_losses else None, **out)
+    return DomainStats(
+        step=step,
+        num_domains=first.num_groups,
+        batch_size=batch_size,
+        examples=counts,
+        target_loss=float(np.mean(target_losses)) if target_losses else None,
+        **out,
+    )

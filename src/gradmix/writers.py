@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -72,10 +73,9 @@ class JsonlWriter:
         kept = [r for r in records if int(r.get("step", 0)) <= step]
         with self.path.open("rb") as fh:
             raw = fh.read()
-        if len(kept) == len(records) and raw.endswith(b"\n") or not raw:
+        if (len(kept) == len(records) and raw.endswith(b"\n")) or not raw:
             return 0
-        atomic_write(self.path, lambda fh: fh.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept),
-                     mode="w")
+        atomic_write(self.path, lambda fh: fh.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept), mode="w")
         return len(records) - len(kept)
 
     def close(self) -> None:

@@ -13,8 +13,17 @@ from typing import Any
 
 from gradmix.methods.base import MixingMethod, WeightError, validate_weights
 
-__all__ = ["make_method", "available_methods", "method_class", "register_method", "unregister_method",
-           "MethodRegistry", "MixingMethod", "WeightError", "validate_weights"]
+__all__ = [
+    "MethodRegistry",
+    "MixingMethod",
+    "WeightError",
+    "available_methods",
+    "make_method",
+    "method_class",
+    "register_method",
+    "unregister_method",
+    "validate_weights",
+]
 
 # name -> "module:ClassName" for the built-ins (read-only; registered methods live in a registry's own entries).
 _BUILTIN: dict[str, str] = {
@@ -58,8 +67,10 @@ class MethodRegistry:
         if not isinstance(key, str) or not key:
             raise ValueError(f"register_method: a method name must be a non-empty string, got {name!r}")
         if key in self._entries and not overwrite:
-            raise ValueError(f"register_method: a mixing method named {key!r} already exists; pick another name or "
-                             "pass overwrite=True to replace it")
+            raise ValueError(
+                f"register_method: a mixing method named {key!r} already exists; pick another name or "
+                "pass overwrite=True to replace it"
+            )
         self._entries[key] = cls
         return cls
 
@@ -119,8 +130,9 @@ def unregister_method(name: str) -> None:
     _DEFAULT_REGISTRY.unregister(name)
 
 
-def make_method(name: str | type[MixingMethod], num_domains: int, *, registry: MethodRegistry | None = None,
-                **params: Any) -> MixingMethod:
+def make_method(
+    name: str | type[MixingMethod], num_domains: int, *, registry: MethodRegistry | None = None, **params: Any
+) -> MixingMethod:
     """Build a mixing method by name (``make_method("pike", 6, zeta1=1.0)``) or from a MixingMethod subclass."""
     if isinstance(name, type) and issubclass(name, MixingMethod):
         return name(num_domains, **params)

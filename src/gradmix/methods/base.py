@@ -17,9 +17,9 @@ from gradmix.stats import DomainStats
 __all__ = [
     "MixingMethod",
     "WeightError",
-    "validate_weights",
     "normalize_log_weights",
     "uniform_weights",
+    "validate_weights",
 ]
 
 WEIGHT_TOLERANCE = 1e-9
@@ -29,8 +29,9 @@ class WeightError(ValueError):
     """Weights that are not a valid probability vector (or cannot be turned into one)."""
 
 
-def validate_weights(weights: Any, num_domains: int | None = None, *, names: list[str] | None = None,
-                     what: str = "weights") -> np.ndarray:
+def validate_weights(
+    weights: Any, num_domains: int | None = None, *, names: list[str] | None = None, what: str = "weights"
+) -> np.ndarray:
     """Check and normalise a user-given weight vector; raise ``WeightError`` naming the fault.
 
     Accepts any non-negative finite vector with a positive sum (it is rescaled to sum to 1). Individual zeros are

@@ -28,12 +28,12 @@ from gradmix.methods.base import MixingMethod, WeightError, normalize_log_weight
 from gradmix.stats import DomainStats
 
 __all__ = [
-    "DGA",
     "ALIGNMENT_NORMALIZATIONS",
+    "DGA",
     "base_distributions_from_clusters",
     "floor_weights",
-    "usable_alignments",
     "scale_alignments",
+    "usable_alignments",
 ]
 
 ALIGNMENT_NORMALIZATIONS = ("none", "max_abs", "rms")
@@ -146,14 +146,15 @@ def _matrix_entries(matrix: Any) -> tuple[tuple[int, int], np.ndarray, np.ndarra
         dense = np.asarray(matrix, dtype=np.float64)
         shape = tuple(int(s) for s in dense.shape)
         if dense.ndim != 2:
-            raise ValueError(f"base_distributions must be a 2-D (clusters x base distributions) matrix, got shape "
-                             f"{shape}")
+            raise ValueError(
+                f"base_distributions must be a 2-D (clusters x base distributions) matrix, got shape {shape}"
+            )
         rows, cols = np.nonzero(dense)  # NaN counts as non-zero, so it reaches the finiteness check below
         values = dense[rows, cols]
         rows, cols = rows.astype(np.int64), cols.astype(np.int64)
     if len(shape) != 2:
         raise ValueError(f"base_distributions must be a 2-D (clusters x base distributions) matrix, got shape {shape}")
-    return shape, rows, cols, values  # type: ignore[return-value]
+    return shape, rows, cols, values
 
 
 def _parse_base_distributions(matrix: Any, num_clusters: int) -> _DisjointBases:
@@ -174,21 +175,27 @@ def _parse_base_distributions(matrix: Any, num_clusters: int) -> _DisjointBases:
     negative = np.flatnonzero(values < 0)
     if negative.size:
         i = int(negative[0])
-        raise ValueError(f"base_distributions[{rows[i]}, {cols[i]}] = {values[i]} is negative; columns must be "
-                         "probability distributions over the clusters")
+        raise ValueError(
+            f"base_distributions[{rows[i]}, {cols[i]}] = {values[i]} is negative; columns must be "
+            "probability distributions over the clusters"
+        )
     keep = values > 0
     rows, cols, values = rows[keep], cols[keep], values[keep]
 
     column_sums = np.bincount(cols, weights=values, minlength=num_base)
     empty = np.flatnonzero(column_sums <= 0)
     if empty.size:
-        raise ValueError(f"base distribution (column) {int(empty[0])} is all zero"
-                         f"{f' ({empty.size} such columns)' if empty.size > 1 else ''}; every column must sum to 1")
+        raise ValueError(
+            f"base distribution (column) {int(empty[0])} is all zero"
+            f"{f' ({empty.size} such columns)' if empty.size > 1 else ''}; every column must sum to 1"
+        )
     off = np.flatnonzero(np.abs(column_sums - 1.0) > _COLUMN_SUM_TOLERANCE)
     if off.size:
         j = int(off[0])
-        raise ValueError(f"base distribution (column) {j} sums to {column_sums[j]!r}, not 1; normalise each column "
-                         "(base_distributions_from_clusters builds a valid P from cluster sizes)")
+        raise ValueError(
+            f"base distribution (column) {j} sums to {column_sums[j]!r}, not 1; normalise each column "
+            "(base_distributions_from_clusters builds a valid P from cluster sizes)"
+        )
 
     covering = np.bincount(rows, minlength=num_clusters)
     uncovered = np.flatnonzero(covering == 0)
@@ -234,8 +241,10 @@ def base_distributions_from_clusters(fine_to_coarse: Any, fine_sizes: Any, num_b
     if raw_groups.shape[0] == 0:
         raise ValueError("fine_to_coarse is empty")
     if raw_groups.shape != sizes.shape:
-        raise ValueError(f"fine_to_coarse has {raw_groups.shape[0]} entries but fine_sizes has {sizes.shape[0]}; "
-                         "both need one entry per fine cluster")
+        raise ValueError(
+            f"fine_to_coarse has {raw_groups.shape[0]} entries but fine_sizes has {sizes.shape[0]}; "
+            "both need one entry per fine cluster"
+        )
     if not np.issubdtype(raw_groups.dtype, np.integer):
         as_float = raw_groups.astype(np.float64)
         if not np.all(np.isfinite(as_float)) or np.any(as_float != np.round(as_float)):
@@ -244,21 +253,25 @@ def base_distributions_from_clusters(fine_to_coarse: Any, fine_sizes: Any, num_b
     groups = raw_groups.astype(np.int64)
     negative = np.flatnonzero(groups < 0)
     if negative.size:
-        raise ValueError(f"fine cluster {int(negative[0])} maps to coarse cluster {groups[negative[0]]}; "
-                         "ids must be >= 0")
+        raise ValueError(
+            f"fine cluster {int(negative[0])} maps to coarse cluster {groups[negative[0]]}; ids must be >= 0"
+        )
     bad_size = np.flatnonzero(~np.isfinite(sizes) | (sizes <= 0))
     if bad_size.size:
         i = int(bad_size[0])
         raise ValueError(f"fine cluster {i} has size {sizes[i]}; sizes must be finite and > 0 (drop empty clusters)")
     m = int(groups.max()) + 1 if num_base is None else int(num_base)
     if groups.max() >= m:
-        raise ValueError(f"fine cluster {int(np.argmax(groups))} maps to coarse cluster {int(groups.max())} but "
-                         f"num_base is {m}")
+        raise ValueError(
+            f"fine cluster {int(np.argmax(groups))} maps to coarse cluster {int(groups.max())} but num_base is {m}"
+        )
     totals = np.bincount(groups, weights=sizes, minlength=m)
     empty = np.flatnonzero(totals <= 0)
     if empty.size:
-        raise ValueError(f"coarse cluster {int(empty[0])} holds no fine cluster"
-                         f"{f' ({empty.size} such)' if empty.size > 1 else ''}: its base distribution would be empty")
+        raise ValueError(
+            f"coarse cluster {int(empty[0])} holds no fine cluster"
+            f"{f' ({empty.size} such)' if empty.size > 1 else ''}: its base distribution would be empty"
+        )
     k = groups.shape[0]
     return sparse.csc_array((sizes / totals[groups], (np.arange(k), groups)), shape=(k, m))
 
@@ -292,8 +305,16 @@ class DGA(MixingMethod):
     required_stats = frozenset({"target_alignment"})
     needs_target = True
 
-    def __init__(self, num_domains: int, step_size: float = 0.2, ema: float = 0.5, min_weight: float = 0.0,
-                 normalize: str = "max_abs", base_distributions: Any = None, initial_weights: Any = None) -> None:
+    def __init__(
+        self,
+        num_domains: int,
+        step_size: float = 0.2,
+        ema: float = 0.5,
+        min_weight: float = 0.0,
+        normalize: str = "max_abs",
+        base_distributions: Any = None,
+        initial_weights: Any = None,
+    ) -> None:
         if not isinstance(num_domains, (int, np.integer)) or num_domains < 1:
             raise ValueError(f"num_domains must be a positive integer, got {num_domains!r}")
         self.step_size = _check_positive(step_size, "step_size", self.name)
@@ -301,11 +322,12 @@ class DGA(MixingMethod):
         if not (0.0 <= self.ema < 1.0):
             raise ValueError(f"dga: ema (beta) must be in [0, 1), got {ema}")
         self.normalize = _check_normalize(normalize, self.name)
-        self._bases = None if base_distributions is None else _parse_base_distributions(base_distributions,
-                                                                                          int(num_domains))
+        self._bases = (
+            None if base_distributions is None else _parse_base_distributions(base_distributions, int(num_domains))
+        )
         m = int(num_domains) if self._bases is None else self._bases.num_base
         self.min_weight = float(min_weight)
-        if not (np.isfinite(self.min_weight) and 0.0 <= self.min_weight):
+        if not (np.isfinite(self.min_weight) and self.min_weight >= 0.0):
             raise ValueError(f"dga: min_weight must be a finite number >= 0, got {min_weight}")
         if self.min_weight * m > 1 + 1e-12:
             raise ValueError(f"dga: min_weight={min_weight} is infeasible for {m} weights (min_weight * {m} > 1)")
@@ -347,8 +369,10 @@ class DGA(MixingMethod):
         with np.errstate(over="ignore", invalid="ignore"):
             exponent = None if scaled is None else self.step_size * scaled
         if exponent is None or not np.all(np.isfinite(exponent)):
-            self.last_skip_reason = (f"dga: step_size * alignment is not finite (max |a| = "
-                                     f"{np.max(np.abs(alignment[usable])):.3g}); lower step_size or normalize")
+            self.last_skip_reason = (
+                f"dga: step_size * alignment is not finite (max |a| = "
+                f"{np.max(np.abs(alignment[usable])):.3g}); lower step_size or normalize"
+            )
             return None
         log_hat, _ = normalize_log_weights(self._log_base + exponent)
         if self.ema > 0:
@@ -375,8 +399,10 @@ class DGA(MixingMethod):
         if "base_log_weights" not in state:
             raise ValueError("dga state has no 'base_log_weights' (not a DGA checkpoint?)")
         if int(state.get("num_base", -1)) != self.num_base:
-            raise ValueError(f"dga state optimises {state.get('num_base')} base weights, this DGA has {self.num_base} "
-                             "(different base_distributions?)")
+            raise ValueError(
+                f"dga state optimises {state.get('num_base')} base weights, this DGA has {self.num_base} "
+                "(different base_distributions?)"
+            )
         raw = state["base_log_weights"]
         if len(raw) != self.num_base:
             raise ValueError(f"dga state has {len(raw)} base log-weights, expected {self.num_base}")
@@ -389,6 +415,8 @@ class DGA(MixingMethod):
         alpha = alpha / alpha.sum()
         if not np.allclose(alpha, self._weights, rtol=0, atol=1e-9):
             i = int(np.argmax(np.abs(alpha - self._weights)))
-            raise ValueError(f"dga state is inconsistent: its base weights give {alpha[i]:.6g} for domain {i} but its "
-                             f"weights say {self._weights[i]:.6g} (checkpoint made with other base_distributions?)")
+            raise ValueError(
+                f"dga state is inconsistent: its base weights give {alpha[i]:.6g} for domain {i} but its "
+                f"weights say {self._weights[i]:.6g} (checkpoint made with other base_distributions?)"
+            )
         self._log_base = log_base  # as saved (already normalised), so a round trip changes nothing

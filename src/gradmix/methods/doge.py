@@ -47,8 +47,15 @@ class DoGE(MixingMethod):
     required_stats = frozenset({"target_alignment"})
     needs_target = True
 
-    def __init__(self, num_domains: int, step_size: float = 1.0, clip: float | None = 1.0, normalize: str = "none",
-                 sample_with_average: bool = False, initial_weights: Any = None) -> None:
+    def __init__(
+        self,
+        num_domains: int,
+        step_size: float = 1.0,
+        clip: float | None = 1.0,
+        normalize: str = "none",
+        sample_with_average: bool = False,
+        initial_weights: Any = None,
+    ) -> None:
         super().__init__(num_domains, initial_weights=initial_weights)
         self.step_size = float(step_size)
         if not (np.isfinite(self.step_size) and self.step_size > 0):

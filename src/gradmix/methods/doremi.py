@@ -11,7 +11,8 @@ reference model; we get one mean loss per domain, so lambda_k = max(L_k - L_ref_
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,8 +64,13 @@ class DoReMi(MixingMethod):
     name = "doremi"
     required_stats = frozenset({"loss"})
 
-    def __init__(self, num_domains: int, reference_loss: Sequence[float] | None = None, step_size: float = 1.0,
-                 smoothing: float = 1e-3) -> None:
+    def __init__(
+        self,
+        num_domains: int,
+        reference_loss: Sequence[float] | None = None,
+        step_size: float = 1.0,
+        smoothing: float = 1e-3,
+    ) -> None:
         super().__init__(num_domains)
         step_size = float(step_size)
         if not np.isfinite(step_size) or step_size < 0:
@@ -75,7 +81,8 @@ class DoReMi(MixingMethod):
         self.step_size = step_size
         self.smoothing = smoothing
         self.reference_loss = (
-            None if reference_loss is None
+            None
+            if reference_loss is None
             else _loss_vector(reference_loss, self.num_domains, "reference_loss", allow_nan=False)
         )
         self._average = self._weights.copy()
@@ -140,7 +147,8 @@ class DoReMi(MixingMethod):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         average = np.asarray(state["average_weights"], dtype=np.float64)
         if average.shape != (self.num_domains,):
-            raise ValueError(f"doremi: checkpointed average_weights has shape {average.shape}, "
-                             f"expected ({self.num_domains},)")
+            raise ValueError(
+                f"doremi: checkpointed average_weights has shape {average.shape}, expected ({self.num_domains},)"
+            )
         self._average = average
         self._averaged_updates = int(state["averaged_updates"])

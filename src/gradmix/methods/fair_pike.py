@@ -41,8 +41,15 @@ class FairPiKE(PiKE):
     name: ClassVar[str] = "fair_pike"
     required_stats: ClassVar[frozenset[str]] = frozenset({"grad_sq_norm", "grad_var", "loss"})
 
-    def __init__(self, num_domains: int, *, tau: float = 3.0, tilt_power: int = 1, tilt_variance: bool = False,
-                 **pike_params: Any) -> None:
+    def __init__(
+        self,
+        num_domains: int,
+        *,
+        tau: float = 3.0,
+        tilt_power: int = 1,
+        tilt_variance: bool = False,
+        **pike_params: Any,
+    ) -> None:
         tau_value = float(tau)
         if not math.isfinite(tau_value) or tau_value < 0:
             raise ValueError(f"fair_pike: tau must be a finite number >= 0, got {tau!r}")
@@ -54,12 +61,14 @@ class FairPiKE(PiKE):
         self.tilt_variance = bool(tilt_variance)
 
     def _valid_domains(self, stats: DomainStats) -> np.ndarray:
+        assert stats.loss is not None  # update() has already run stats.require(required_stats)
         return super()._valid_domains(stats) & np.isfinite(stats.loss)
 
     def _domain_tilt(self, stats: DomainStats, valid: np.ndarray) -> np.ndarray:
         """y_k / mean(y) = n_valid * softmax(tau L)_k over the valid domains (0 elsewhere), raised to tilt_power."""
         if self.tau == 0.0:
             return np.where(valid, 1.0, 0.0)
+        assert stats.loss is not None  # update() has already run stats.require(required_stats)
         with np.errstate(over="ignore", invalid="ignore"):
             below_max = np.where(valid, stats.loss - np.max(stats.loss[valid]), -np.inf)  # <= 0, may be -inf
             exp = np.where(valid, np.exp(self.tau * below_max), 0.0)

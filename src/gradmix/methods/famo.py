@@ -19,7 +19,8 @@ Adaptation, stated plainly:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,9 +73,16 @@ class FAMO(MixingMethod):
     name = "famo"
     required_stats = frozenset({"loss"})
 
-    def __init__(self, num_domains: int, step_size: float = 0.025, weight_decay: float = 0.01,
-                 optimizer: str = "adam", min_loss: float | Sequence[float] = 0.0,
-                 adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        num_domains: int,
+        step_size: float = 0.025,
+        weight_decay: float = 0.01,
+        optimizer: str = "adam",
+        min_loss: float | Sequence[float] = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+    ) -> None:
         super().__init__(num_domains)
         step_size, weight_decay, adam_eps = float(step_size), float(weight_decay), float(adam_eps)
         if not np.isfinite(step_size) or step_size < 0:
@@ -88,8 +96,11 @@ class FAMO(MixingMethod):
             raise ValueError(f"famo: adam_betas must be two numbers in [0, 1), got {adam_betas!r}")
         if not np.isfinite(adam_eps) or adam_eps <= 0:
             raise ValueError(f"famo: adam_eps must be a finite number > 0, got {adam_eps}")
-        floor = np.broadcast_to(np.asarray(min_loss, dtype=np.float64), (self.num_domains,)) \
-            if np.ndim(min_loss) == 0 else np.asarray(min_loss, dtype=np.float64).reshape(-1)
+        floor = (
+            np.broadcast_to(np.asarray(min_loss, dtype=np.float64), (self.num_domains,))
+            if np.ndim(min_loss) == 0
+            else np.asarray(min_loss, dtype=np.float64).reshape(-1)
+        )
         if floor.shape[0] != self.num_domains:
             raise ValueError(f"famo: min_loss has {floor.shape[0]} entries but there are {self.num_domains} domains")
         bad = np.flatnonzero(~np.isfinite(floor))
@@ -119,6 +130,7 @@ class FAMO(MixingMethod):
         return np.where(valid, np.log(np.where(valid, shifted, 1.0)), np.nan)
 
     def _update(self, stats: DomainStats) -> np.ndarray | None:
+        assert stats.loss is not None  # update() has already run stats.require(required_stats)
         log_loss = self._log_loss(stats.loss)
         had_baseline = bool(np.isfinite(self._previous_log_loss).any())
         delta = self._previous_log_loss - log_loss  # NaN where either record lacks the domain
@@ -128,14 +140,17 @@ class FAMO(MixingMethod):
         if not observed.any():
             if not had_baseline and np.isfinite(log_loss).any():
                 return self._weights  # first usable record: stored as the baseline for the next delta
-            self.last_skip_reason = ("famo: no domain has a valid loss (finite, above min_loss) in both this and "
-                                     "the previous record; logits kept")
+            self.last_skip_reason = (
+                "famo: no domain has a valid loss (finite, above min_loss) in both this and "
+                "the previous record; logits kept"
+            )
             return None
 
         _, z = normalize_log_weights(self._logits)
         observed_mass = float(z[observed].sum())
-        mean_delta = (float(z[observed] @ delta[observed]) / observed_mass if observed_mass > 0
-                      else float(delta[observed].mean()))  # z underflowed to 0 there: any finite value works
+        mean_delta = (
+            float(z[observed] @ delta[observed]) / observed_mass if observed_mass > 0 else float(delta[observed].mean())
+        )  # z underflowed to 0 there: any finite value works
         filled = np.where(observed, delta, mean_delta)
         grad = softmax_jacobian_transpose_product(self._logits, filled) + self.weight_decay * self._logits
 
@@ -174,12 +189,14 @@ class FAMO(MixingMethod):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         logits = np.asarray(state["logits"], dtype=np.float64)
         if logits.shape != (self.num_domains,) or not np.all(np.isfinite(logits)):
-            raise ValueError(f"famo: checkpointed logits must be {self.num_domains} finite numbers, "
-                             f"got {state['logits']!r}")
+            raise ValueError(
+                f"famo: checkpointed logits must be {self.num_domains} finite numbers, got {state['logits']!r}"
+            )
         previous = _none_to_nan(state["previous_log_loss"])
         if previous.shape != (self.num_domains,):
-            raise ValueError(f"famo: checkpointed previous_log_loss has {previous.shape[0]} entries, "
-                             f"expected {self.num_domains}")
+            raise ValueError(
+                f"famo: checkpointed previous_log_loss has {previous.shape[0]} entries, expected {self.num_domains}"
+            )
         self._logits = logits
         self._previous_log_loss = previous
         self._adam_mean = np.asarray(state["adam_mean"], dtype=np.float64).reshape(self.num_domains)

@@ -18,8 +18,9 @@ from gradmix.stats import DomainStats
 __all__ = ["Importance", "importance_weights"]
 
 
-def importance_weights(target_counts: Any, num_domains: int, pseudo_count: float = 0.0,
-                       uniform_mix: float = 0.0) -> np.ndarray:
+def importance_weights(
+    target_counts: Any, num_domains: int, pseudo_count: float = 0.0, uniform_mix: float = 0.0
+) -> np.ndarray:
     """(1 - uniform_mix) * (c + pseudo_count) / sum(c + pseudo_count) + uniform_mix / K, validated.
 
     Raises ``WeightError`` naming the cluster for a negative/non-finite count, a wrong length, or all-zero counts.
@@ -28,8 +29,10 @@ def importance_weights(target_counts: Any, num_domains: int, pseudo_count: float
     if counts.ndim != 1:
         raise WeightError(f"importance: target_counts must be a 1-D vector, got shape {counts.shape}")
     if counts.shape[0] != num_domains:
-        raise WeightError(f"importance: target_counts has {counts.shape[0]} entries but there are {num_domains} "
-                          "domains (one count of target examples per cluster)")
+        raise WeightError(
+            f"importance: target_counts has {counts.shape[0]} entries but there are {num_domains} "
+            "domains (one count of target examples per cluster)"
+        )
     bad = np.flatnonzero(~np.isfinite(counts) | (counts < 0))
     if bad.size:
         i = int(bad[0])
@@ -63,11 +66,14 @@ class Importance(MixingMethod):
     name = "importance"
     needs_target_counts = True
 
-    def __init__(self, num_domains: int, target_counts: Any = None, pseudo_count: float = 0.0,
-                 uniform_mix: float = 0.0) -> None:
+    def __init__(
+        self, num_domains: int, target_counts: Any = None, pseudo_count: float = 0.0, uniform_mix: float = 0.0
+    ) -> None:
         if target_counts is None:
-            raise ValueError("method 'importance' needs target_counts=[...] (target examples per cluster, e.g. from "
-                             "`gradmix cluster --target`)")
+            raise ValueError(
+                "method 'importance' needs target_counts=[...] (target examples per cluster, e.g. from "
+                "`gradmix cluster --target`)"
+            )
         if not isinstance(num_domains, (int, np.integer)) or num_domains < 1:
             raise ValueError(f"num_domains must be a positive integer, got {num_domains!r}")
         self.pseudo_count = float(pseudo_count)

@@ -123,7 +123,9 @@ class ODM(MixingMethod):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         estimate = np.asarray(state["estimated_reward"], dtype=np.float64)
         if estimate.shape != (self.num_domains,) or not np.all(np.isfinite(estimate)):
-            raise ValueError(f"odm: checkpointed estimated_reward must be {self.num_domains} finite numbers, "
-                             f"got {state['estimated_reward']!r}")
+            raise ValueError(
+                f"odm: checkpointed estimated_reward must be {self.num_domains} finite numbers, "
+                f"got {state['estimated_reward']!r}"
+            )
         self._estimated_reward = estimate
         self._rounds = int(state["rounds"])

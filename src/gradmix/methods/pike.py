@@ -225,9 +225,7 @@ class PiKE(MixingMethod):
         self.stats_ema = ema
         floor = _positive_float(min_weight, "min_weight", allow_zero=True)
         if floor * self.num_domains > 1.0 + 1e-12:
-            raise ValueError(
-                f"pike: min_weight={min_weight!r} times {self.num_domains} domains exceeds 1; use <= 1/K"
-            )
+            raise ValueError(f"pike: min_weight={min_weight!r} times {self.num_domains} domains exceeds 1; use <= 1/K")
         self.min_weight = min(floor, 1.0 / self.num_domains)
         self.max_log_step = None if max_log_step is None else _positive_float(max_log_step, "max_log_step")
         self.lr = _positive_float(lr, "lr")
@@ -244,6 +242,8 @@ class PiKE(MixingMethod):
     # -- hooks for Fair-PiKE -------------------------------------------------------------------------------------
     def _valid_domains(self, stats: DomainStats) -> np.ndarray:
         """Domains whose statistics can be used this update."""
+        # update() has already run stats.require(required_stats), so both fields are present.
+        assert stats.grad_sq_norm is not None and stats.grad_var is not None
         return np.isfinite(stats.grad_sq_norm) & np.isfinite(stats.grad_var)
 
     tilt_variance: bool = True  # whether _domain_tilt also scales the variance term (moot for PiKE: tilt is 1)
@@ -284,6 +284,7 @@ class PiKE(MixingMethod):
             self.last_skip_reason = f"{self.name}: no domain has finite gradient statistics; update skipped"
             return None
         # Unbiased estimators can dip below 0; a squared norm or a variance cannot.
+        assert stats.grad_sq_norm is not None and stats.grad_var is not None  # checked by update()'s require()
         sq_norm = np.where(valid, np.maximum(np.nan_to_num(stats.grad_sq_norm), 0.0), np.nan)
         var = np.where(valid, np.maximum(np.nan_to_num(stats.grad_var), 0.0), np.nan)
         if not np.any(sq_norm[valid] > 0):
@@ -300,6 +301,7 @@ class PiKE(MixingMethod):
         with np.errstate(over="ignore", invalid="ignore"):
             gain_stat = np.where(valid, tilt * sq_norm / divisor, 0.0)
             var_stat = np.where(valid, (tilt if self.tilt_variance else 1.0) * var / divisor, 0.0)
+        new_log: np.ndarray | None
         if self.mode == "practical":
             new_log = self._practical_step(gain_stat, var_stat, valid, b)
         else:
@@ -308,21 +310,24 @@ class PiKE(MixingMethod):
                 return None
         return self._commit(new_log)
 
-    def _practical_step(self, gain_stat: np.ndarray, var_stat: np.ndarray, valid: np.ndarray,
-                        b: float) -> np.ndarray:
+    def _practical_step(self, gain_stat: np.ndarray, var_stat: np.ndarray, valid: np.ndarray, b: float) -> np.ndarray:
         """Algorithm 1's exponentiated step in log space; invalid domains keep their weight exactly."""
         with np.errstate(over="ignore", invalid="ignore"):
             gain = self.zeta1 * gain_stat
             penalty = (self.zeta2 / (2.0 * b)) * var_stat
             step = gain - penalty
-        step = np.clip(np.nan_to_num(step, nan=0.0, posinf=_HARD_LOG_STEP, neginf=-_HARD_LOG_STEP),
-                       -_HARD_LOG_STEP, _HARD_LOG_STEP)
+        step = np.clip(
+            np.nan_to_num(step, nan=0.0, posinf=_HARD_LOG_STEP, neginf=-_HARD_LOG_STEP), -_HARD_LOG_STEP, _HARD_LOG_STEP
+        )
         step = np.where(valid, step, 0.0)
         if self.max_log_step is not None:
             centre = float(np.mean(step[valid]))
             step = np.where(valid, np.clip(step - centre, -self.max_log_step, self.max_log_step), 0.0)
-        self.last_terms = {"gain": np.where(valid, gain, np.nan), "variance_penalty": np.where(valid, penalty, np.nan),
-                           "log_step": step.copy()}
+        self.last_terms = {
+            "gain": np.where(valid, gain, np.nan),
+            "variance_penalty": np.where(valid, penalty, np.nan),
+            "log_step": step.copy(),
+        }
         log_weights = self._log_weights
         live = valid & np.isfinite(log_weights)
         if not live.any():  # the measured domains hold no mass: nothing for the step to redistribute
@@ -331,8 +336,9 @@ class PiKE(MixingMethod):
         step = np.where(valid, step - _log_mean_exp(log_weights[live], step[live]), 0.0)
         return log_weights + step
 
-    def _conceptual_step(self, gain_stat: np.ndarray, var_stat: np.ndarray, valid: np.ndarray,
-                         b: float) -> np.ndarray | None:
+    def _conceptual_step(
+        self, gain_stat: np.ndarray, var_stat: np.ndarray, valid: np.ndarray, b: float
+    ) -> np.ndarray | None:
         """Exact minimiser of the one-step bound (Thm 3.4) over the valid domains' share of the mass."""
         num = self.num_domains
         shares = np.maximum(b * self._weights, 1.0)  # b_k; an absent domain counts as one example
@@ -386,6 +392,7 @@ class PiKE(MixingMethod):
         else:
             log_weights = _from_json_floats(state["log_weights"], self.num_domains, "log_weights", -np.inf)
             self._log_weights, _ = normalize_log_weights(log_weights)  # keep the checkpointed weights bit-exact
-        self._ema_sq_norm = _from_json_floats(state.get("ema_grad_sq_norm"), self.num_domains,
-                                              "ema_grad_sq_norm", np.nan)
+        self._ema_sq_norm = _from_json_floats(
+            state.get("ema_grad_sq_norm"), self.num_domains, "ema_grad_sq_norm", np.nan
+        )
         self._ema_var = _from_json_floats(state.get("ema_grad_var"), self.num_domains, "ema_grad_var", np.nan)

@@ -5,7 +5,8 @@ step, so they are ``every_step`` methods.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
