@@ -1,0 +1,275 @@
+"""Lightning integration (``pip install 'gradmix[lightning]'``): a Callback and a LightningModule mixin.
+
+    class LitModel(MixingModuleMixin, L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False          # gradient methods: the probe runs the backward passes
+            self.net = ...
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            self.mixing_backward(batch, per_example_loss)  # every backward through self.manual_backward
+            opt.step()
+            opt.zero_grad()
+
+    mixing = MixingCallback(domains, "pike", batch_size=32, update_every=50, run_dir="runs/x")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1000, callbacks=[mixing])
+    trainer.fit(LitModel())           # the mixin's train_dataloader() is gradmix's live sampler
+
+What the callback does:
+
+* ``setup``: builds the ``Mixer`` (rank and world size from the Trainer) - the reference composition of core, sampler,
+  probe and metrics writer; ``callback.mixer`` is it.
+* ``dataloader()`` (returned by the mixin's ``train_dataloader``): an iterable over the live sampler, each rank its
+  share of the same global batch (micro-batches when ``accumulation_steps > 1``). Lightning injects no distributed
+  sampler into it (it is an ``IterableDataset``). Lightning fetches one batch ahead, so a weight change after step t
+  first shows in batch t + 2; checkpoints stay exact (the sampler rolls prefetched batches back).
+* ``on_train_batch_end``: once per optimizer step (every ``accumulation_steps`` batches) ``mixer.step()``: the core's
+  ``end_step`` (method update when due, KPIs, alerts), new weights into the sampler, the record into
+  ``run_dir/metrics.jsonl`` (rank 0), and weights / KPIs / per-domain losses into ``pl_module.log`` (the Trainer's
+  loggers), under ``log_prefix``.
+* ``state_dict`` / ``load_state_dict``: the Mixer's state goes into Lightning's checkpoints (plain Python values); on
+  resume it is restored and ``metrics.jsonl`` is cut back to the checkpoint's step, so ``trainer.fit(ckpt_path=...)``
+  continues exactly (the same batches, the same weights).
+
+Gradient methods (PiKE, DGA, ...) need manual optimization: ``mixing_backward`` runs the step's forward/backward
+passes through the ``GradientProbe`` with ``self.manual_backward`` as its ``backward_fn``; under DDP it blocks DDP's
+own gradient sync (``strategy.block_backward_sync()``) while the probe's per-domain micro-passes run and then
+averages the gradients once itself (``GradientProbe(sync_gradients=True)``), so the per-rank statistics are what the
+probe expects. Loss-only and static methods also work with automatic optimization: call ``mixing_observe(batch,
+per_example_losses)`` in ``training_step`` (or nothing, for static methods).
+
+Supported strategies: single device and DDP (``"ddp"``, ``"ddp_spawn"``). A checkpoint from another run (other
+domains, method, batch geometry) is a ``ValueError`` at restore. One written under another world size is accepted:
+the sampler's global batches are the same and each rank takes its new share (the probe's per-rank statistics then
+follow the new world size), with a ``MixingWarning`` saying so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+except ImportError as exc:  # pragma: no cover
+    raise ImportError("gradmix.integrations.lightning needs Lightning: pip install 'gradmix[lightning]'") from exc
+
+from gradmix.controller import Mixer, MixingWarning
+from gradmix.stats import Measurement
+
+__all__ = ["MixingCallback", "MixingModuleMixin"]
+
+STATE_FORMAT = "gradmix.lightning.MixingCallback/1"
+
+
+class _LiveBatches(torch.utils.data.IterableDataset):
+    """This rank's (micro-)batches from the Mixer's live sampler, forever (until the data is exhausted)."""
+
+    def __init__(self, mixer: Mixer) -> None:
+        self.mixer = mixer
+
+    def __iter__(self):
+        return iter(self.mixer.batches())
+
+
+class MixingCallback(Callback):
+    """Drives a gradmix ``Mixer`` from a Lightning ``Trainer``.
+
+    Args:
+        domains, method, batch_size: as ``Mixer`` (``batch_size`` = examples per optimizer step, all ranks together).
+        run_dir: where rank 0 writes ``metrics.jsonl`` (None: records stay in ``mixer.history``).
+        method_params, probe_params, target: as ``Mixer``; ``probe_params`` defaults to ``sync_gradients=True``
+            (the probe averages gradients itself; see the module docstring).
+        log_prefix: prefix of the names logged through ``pl_module.log`` (None: log nothing).
+        other keyword arguments: ``MixerConfig`` fields (``update_every``, ``accumulation_steps``, ``seed``, ...).
+    """
+
+    def __init__(
+        self,
+        domains: Any,
+        method: Any = "uniform",
+        batch_size: int = 32,
+        *,
+        run_dir: str | Path | None = None,
+        method_params: Mapping[str, Any] | None = None,
+        probe_params: Mapping[str, Any] | None = None,
+        target: Any = None,
+        log_prefix: str | None = "gradmix/",
+        **config: Any,
+    ) -> None:
+        super().__init__()
+        self._spec = dict(
+            domains=domains,
+            method=method,
+            batch_size=batch_size,
+            run_dir=run_dir,
+            method_params=method_params,
+            target=target,
+            **config,
+        )
+        self._probe_params = {"sync_gradients": True, **dict(probe_params or {})}
+        self.log_prefix = log_prefix
+        self.mixer: Mixer | None = None
+        self._pending: Mapping[str, Any] | None = None
+        self._micro = 0  # batches of the current optimizer step
+
+    @property
+    def state_key(self) -> str:
+        return "gradmix.MixingCallback"
+
+    # -- building -------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.mixer is not None:
+            return
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "ModelParallel" in strategy or "DeepSpeed" in strategy:
+            raise NotImplementedError(
+                f"MixingCallback supports single-device and DDP strategies, not {strategy}; "
+                "for FSDP2 use a torchrun loop with gradmix.integrations.fsdp"
+            )
+        self.mixer = Mixer(
+            model=pl_module,
+            probe_params=self._probe_params,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            **self._spec,
+        )
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self._restore(state)
+
+    def _require(self) -> Mixer:
+        if self.mixer is None:
+            raise RuntimeError("the MixingCallback has no Mixer yet: it is built in setup(), when trainer.fit starts")
+        return self.mixer
+
+    def dataloader(self, **kwargs: Any) -> torch.utils.data.DataLoader:
+        """The train dataloader: this rank's share of the live sampler's batches (no workers: the sampler must see
+        every weight change; the batches are gathered from in-memory or memory-mapped windows)."""
+        return torch.utils.data.DataLoader(_LiveBatches(self._require()), batch_size=None, **kwargs)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        mixer = self._require()
+        accumulation = mixer.accumulation_steps
+        if pl_module.automatic_optimization and trainer.accumulate_grad_batches != accumulation:
+            raise ValueError(
+                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) but the Mixer has "
+                f"accumulation_steps={accumulation}: pass the same number to both"
+            )
+        if mixer.needs_gradients and pl_module.automatic_optimization:
+            raise ValueError(
+                f"method {mixer.method.name!r} needs gradient statistics: set "
+                "self.automatic_optimization = False and call self.mixing_backward(batch, loss_fn) "
+                "(MixingModuleMixin) in training_step"
+            )
+
+    # -- per step -------------------------------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        mixer = self._require()
+        self._micro += 1
+        if self._micro < mixer.accumulation_steps:
+            return
+        self._micro = 0
+        weights = mixer.step()  # the core's end_step, new weights into the sampler, metrics.jsonl on rank 0
+        if self.log_prefix is None:
+            return
+        p = self.log_prefix
+        values = {f"{p}weight/{name}": float(w) for name, w in zip(mixer.names, weights)}
+        record = mixer.history[-1] if mixer.history and mixer.history[-1].get("step") == mixer.step_count else None
+        if record is not None:
+            for key in ("weight_entropy", "effective_domains", "max_weight"):
+                if isinstance(record.get(key), (int, float)):
+                    values[f"{p}{key}"] = float(record[key])
+            for name, loss in (record.get("train_loss") or {}).items():
+                if loss is not None:
+                    values[f"{p}train_loss/{name}"] = float(loss)
+        # identical on every rank: no sync needed
+        pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False, batch_size=mixer.config.batch_size)
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.mixer is None:
+            return {}
+        if self._micro:
+            raise RuntimeError(
+                f"checkpoint in the middle of an optimizer step ({self._micro} of "
+                f"{self.mixer.accumulation_steps} batches): save on optimizer-step boundaries"
+            )
+        return {
+            "format": STATE_FORMAT,
+            "world_size": self.mixer.world_size,
+            "mixer": copy.deepcopy(self.mixer.state_dict()),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.mixer is None:
+            self._pending = state_dict
+        else:
+            self._restore(state_dict)
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a {STATE_FORMAT} state in this checkpoint (format={state.get('format')!r})")
+        mixer = self._require()
+        mixer.load_state_dict(state["mixer"])  # refuses another run's state (domains, method, sizes, seed, batch)
+        saved_world = int(state.get("world_size", mixer.world_size))
+        if saved_world != mixer.world_size and mixer.rank == 0:
+            warnings.warn(
+                f"resuming a run checkpointed with {saved_world} ranks on {mixer.world_size}: the global "
+                "batches stay the same, each rank takes its new share",
+                MixingWarning,
+                stacklevel=2,
+            )
+        mixer.truncate_metrics()  # rank 0: drop records after the checkpoint's step (they are logged again)
+        self._micro = 0
+
+
+class MixingModuleMixin:
+    """For a ``LightningModule`` (list it first among the bases): the train dataloader and the backward of gradmix.
+
+    Needs a ``MixingCallback`` among the Trainer's callbacks.
+    """
+
+    @property
+    def mixing_callback(self) -> MixingCallback:
+        trainer = self.trainer  # type: ignore[attr-defined]
+        found = [cb for cb in trainer.callbacks if isinstance(cb, MixingCallback)]
+        if len(found) != 1:
+            raise RuntimeError(f"expected one MixingCallback among the Trainer's callbacks, found {len(found)}")
+        return found[0]
+
+    @property
+    def mixer(self) -> Mixer:
+        return self.mixing_callback._require()
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.mixing_callback.dataloader()
+
+    def mixing_backward(self, batch: Mapping[str, torch.Tensor], loss_fn: Any) -> Measurement | None:
+        """Forward + backward of one (micro-)batch through gradmix's probe (``loss_fn(model, batch)`` returns
+        per-example losses), every backward by ``self.manual_backward``. Manual optimization only. Returns the
+        step's measurement (global losses per domain; gradient statistics on measuring steps) after its last
+        micro-batch, None before."""
+        if self.automatic_optimization:  # type: ignore[attr-defined]
+            raise RuntimeError("mixing_backward needs manual optimization: set self.automatic_optimization = False")
+        strategy = self.trainer.strategy  # type: ignore[attr-defined]
+        block = getattr(strategy, "block_backward_sync", None)
+        context = block() if callable(block) else contextlib.nullcontext()
+        with context:  # DDP must not sync the probe's micro-passes; the probe averages the gradients once
+            return self.mixer.backward(self, batch, loss_fn, backward_fn=self.manual_backward)  # type: ignore
+
+    def mixing_observe(self, batch: Mapping[str, torch.Tensor], losses: torch.Tensor) -> None:
+        """Record the batch's per-example losses (loss-based methods under automatic optimization)."""
+        self.mixer.observe(batch["domain"], losses)
