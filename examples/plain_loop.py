@@ -1,6 +1,6 @@
 """A plain PyTorch training loop over three domains, with gradmix changing the mix while it trains.
 
-    python examples/plain_loop.py [--method pike] [--steps 150]
+    python examples/plain_loop.py [--method pike] [--steps 150] [--accumulation 2] [--out DIR] [--resume]
 
 Uses the tiny built-in corpus (real text: Python docs, Python code, license texts), a byte-level BPE tokenizer
 and the small GPT from gradmix_kit.experiment. Any model works: the Mixer only needs a function that returns
@@ -10,6 +10,7 @@ per-example losses.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +26,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="pike")
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--run-dir", default=None, help="write metrics.jsonl here")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--out", default="runs/plain_loop", help="metrics.jsonl and checkpoint.pt go here")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -40,10 +43,20 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     params = {"min_weight": 0.05} if args.method in ("pike", "fair_pike") else {}
     mixer = Mixer(domains, args.method, batch_size=16, method_params=params, model=model, update_every=10,
-                  run_dir=args.run_dir)
+                  accumulation_steps=args.accumulation, run_dir=args.out)
+    checkpoint = Path(args.out) / "checkpoint.pt"
+    if args.resume and checkpoint.exists():
+        mixer.resume(checkpoint, model=model, optimizer=optimizer)  # load everything, drop rows logged after it
+        print(f"resumed at step {mixer.step_count}")
 
-    for batch in mixer.batches(args.steps):
-        mixer.backward(model, batch, per_example_loss)  # forward + backward (+ gradient statistics when due)
+    def backward(loss: torch.Tensor) -> None:  # your loop's backward: a GradScaler, accelerator.backward, ...
+        loss.backward()
+
+    remaining = max(args.steps - mixer.step_count, 0)
+    for i, micro in enumerate(mixer.batches(remaining)):
+        mixer.backward(model, micro, per_example_loss, backward_fn=backward)  # (+ gradient statistics when due)
+        if (i + 1) % args.accumulation:
+            continue  # more micro-batches of this optimizer step to come
         optimizer.step()
         optimizer.zero_grad()
         weights = mixer.step()  # updates the mix on schedule
@@ -51,8 +64,10 @@ def main() -> None:
             last = mixer.history[-1]["train_loss"] if mixer.history else {}
             print(f"step {mixer.step_count:4d} weights {np.round(weights, 3).tolist()} train loss "
                   + ", ".join(f"{k}={v:.2f}" for k, v in last.items() if v is not None))
-    mixer.save_checkpoint("mixer_checkpoint.pt", model=model, optimizer=optimizer)
-    print("checkpoint written to mixer_checkpoint.pt (Mixer.load_checkpoint restores model, optimizer and mix)")
+        if mixer.step_count % 50 == 0:
+            mixer.save_checkpoint(checkpoint, model=model, optimizer=optimizer)
+    mixer.save_checkpoint(checkpoint, model=model, optimizer=optimizer)
+    print(f"checkpoint written to {checkpoint} (--resume continues from it exactly)")
 
 
 if __name__ == "__main__":
