@@ -1,0 +1,463 @@
+"""Hugging Face integration: ``datasets`` Datasets as domains and a ``transformers.Trainer`` whose data mix changes
+while it trains (``pip install gradmix[hf]``).
+
+    from gradmix.integrations.hf import MixingTrainer, hf_domains
+
+    domains = hf_domains({"code": code_ds, "docs": docs_ds, "legal": legal_ds})   # rows of T + 1 token ids
+    trainer = MixingTrainer(model=model, args=TrainingArguments(output_dir="out", max_steps=1000, ...),
+                            domains=domains, method="pike", mixer_options={"update_every": 50})
+    trainer.train()                                   # or trainer.train(resume_from_checkpoint=True)
+
+What it does, on top of the Trainer:
+
+- **Data**: the Trainer's train dataloader is gradmix's live sampler. Each optimizer step draws ONE global batch of
+  ``per_device_train_batch_size x gradient_accumulation_steps x world_size`` examples from the current weights and
+  feeds it as ``gradient_accumulation_steps`` strided micro-batches (exactly what ``gradmix.Mixer`` does).
+- **Training step**: ``training_step`` runs each micro-batch through ``Mixer.backward`` with
+  ``backward_fn=self.accelerator.backward``: loss-only methods see per-example losses; gradient methods (PiKE, DGA,
+  ...) get their statistics from the probe on the steps that measure. The loss is the mean per-example loss
+  (``per_example_loss``, default: token-mean next-token cross entropy of a causal LM on windows of T + 1 ids).
+- **Live weights**: a ``MixingCallback`` calls ``Mixer.step()`` (the core's ``end_step``) after every optimizer step,
+  which pushes new weights to the sampler; the next batch is drawn from them.
+- **Metrics**: the Mixer's ``metrics.jsonl`` (``step``, ``weights``, ``train_loss``, ``weight_entropy``,
+  ``effective_domains``, ``max_weight``, ...) goes to ``output_dir``; the same KPIs reach the Trainer's loggers
+  (``gradmix/weight/<domain>``, ``gradmix/train_loss/<domain>``, ``gradmix/weight_entropy``, ...) on the Mixer's log
+  steps (default ``log_every = logging_steps``).
+- **Checkpoints**: every Trainer checkpoint folder gets ``gradmix_state.pt`` (the Mixer's state, written last: its
+  presence marks a complete checkpoint). ``train(resume_from_checkpoint=...)`` restores the Mixer first (a checkpoint
+  of another run - other domains, method, batch geometry - is a ``ValueError`` before anything else changes), drops
+  metrics records after the checkpoint's step, and lets the Trainer restore model, optimizer, scheduler and RNG.
+  The Trainer does not skip batches on resume (``ignore_data_skip`` is forced on): the sampler state already
+  continues exactly where the checkpoint was taken, so a resumed run draws exactly the batches and weights of an
+  uninterrupted one. ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint (``last_checkpoint``).
+
+Not supported: ``torch.nn.DataParallel`` (n_gpu > 1 in one process; use DDP via torchrun/accelerate), DeepSpeed,
+hyperparameter search (checkpoint folders under ``run-*``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+
+from gradmix.checkpoint import load_checkpoint_file, save_checkpoint_file
+from gradmix.controller import Mixer
+from gradmix.methods.base import MixingMethod
+from gradmix.sources import DomainSet, DomainSource, HFDatasetDomain
+
+__all__ = [
+    "GRADMIX_STATE_NAME",
+    "MixingCallback",
+    "MixingTrainer",
+    "MixingTrainerMixin",
+    "causal_lm_loss",
+    "hf_domains",
+    "last_checkpoint",
+    "windows_dataset",
+]
+
+GRADMIX_STATE_NAME = "gradmix_state.pt"
+"""File in each Trainer checkpoint folder that holds the Mixer's state (written after the Trainer's own files)."""
+STATE_FORMAT = "gradmix.hf.MixingTrainer/1"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+PerExampleLoss = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+
+
+def hf_domains(datasets: Mapping[str, Any], column: str = "input_ids") -> DomainSet:
+    """A ``DomainSet`` from map-style ``datasets.Dataset`` objects, one per domain, each row one window of T + 1 token
+    ids in ``column`` (read by index from the Arrow table; nothing is loaded into RAM up front)."""
+    return DomainSet([HFDatasetDomain(name, ds, column) for name, ds in datasets.items()])
+
+
+def windows_dataset(token_ids: Sequence[int] | np.ndarray, window: int, column: str = "input_ids") -> Any:
+    """A ``datasets.Dataset`` of windows of ``window + 1`` tokens (stride ``window``) cut from one token stream."""
+    import datasets as hf_datasets
+
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window must be a positive integer, got {window!r}")
+    count = (ids.size - 1) // window
+    if count < 1:
+        raise ValueError(f"{ids.size} tokens make no window of {window} + 1 tokens")
+    rows = np.lib.stride_tricks.sliding_window_view(ids, window + 1)[::window][:count]
+    return hf_datasets.Dataset.from_dict({column: rows.tolist()})
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example loss of a causal LM on windows of T + 1 token ids: the token mean of the next-token cross entropy
+    of ``model(input_ids=ids[:, :-1])`` against ``ids[:, 1:]`` (positions with target -100 are ignored)."""
+    ids = batch["input_ids"]
+    inner = getattr(model, "module", model)
+    try:
+        device = next(inner.parameters()).device
+    except StopIteration:
+        device = ids.device
+    ids = ids.to(device)  # target batches (DGA) come from the CPU
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    out = model(input_ids=inputs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    n, t = targets.shape
+    losses = F.cross_entropy(
+        logits.float().reshape(n * t, -1), targets.reshape(-1), reduction="none", ignore_index=-100
+    ).view(n, t)
+    valid = (targets != -100).to(losses.dtype)
+    return (losses * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    m = _CHECKPOINT_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete Trainer checkpoint folder in ``output_dir`` (one holding both ``trainer_state.json`` and
+    the gradmix state, which is written last), or None. A folder left half-written by a crash is passed over."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for child in folder.iterdir():
+        step = _checkpoint_step(child)
+        if step is None or not child.is_dir():
+            continue
+        if not (child / GRADMIX_STATE_NAME).is_file() or not (child / "trainer_state.json").is_file():
+            continue
+        if best is None or step > best[0]:
+            best = (step, child)
+    return None if best is None else str(best[1])
+
+
+def _trainer_step(checkpoint: Path) -> int | None:
+    try:
+        with (checkpoint / "trainer_state.json").open(encoding="utf-8") as fh:
+            return int(json.load(fh)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# -- logging -------------------------------------------------------------------------------------------------------
+
+
+def _flatten_record(record: Mapping[str, Any]) -> dict[str, float]:
+    """The KPIs of one metrics record as flat scalars for the Trainer's loggers."""
+    out: dict[str, float] = {}
+    for name, value in (record.get("weights") or {}).items():
+        out[f"gradmix/weight/{name}"] = float(value)
+    for name, value in (record.get("train_loss") or {}).items():
+        if value is not None:
+            out[f"gradmix/train_loss/{name}"] = float(value)
+    for key in ("weight_entropy", "effective_domains", "max_weight"):
+        if record.get(key) is not None:
+            out[f"gradmix/{key}"] = float(record[key])
+    if record.get("events"):
+        out["gradmix/events"] = float(len(record["events"]))
+    return out
+
+
+# -- the callback --------------------------------------------------------------------------------------------------
+
+
+class MixingCallback(TrainerCallback):
+    """Drives the Mixer from the Trainer's events: ``Mixer.step()`` (the core's ``end_step``, which also pushes new
+    weights to the sampler and writes ``metrics.jsonl``) after every optimizer step, the KPIs to the Trainer's
+    loggers, and the Mixer's state into every checkpoint folder. ``MixingTrainer`` installs it (first in the list,
+    so that other callbacks' ``on_save`` see a complete checkpoint)."""
+
+    def __init__(self, trainer: MixingTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        mixer = self.trainer.mixer
+        before = mixer.history[-1] if mixer.history else None
+        mixer.step()
+        if mixer.step_count != state.global_step:
+            raise RuntimeError(
+                f"gradmix: the Mixer is at step {mixer.step_count} but the Trainer at "
+                f"{state.global_step}; the Mixer's state does not belong to this training run"
+            )
+        after = mixer.history[-1] if mixer.history else None
+        if after is not None and after is not before:
+            self.trainer._gradmix_pending_logs.update(_flatten_record(after))
+            control.should_log = True  # the KPIs reach the loggers on the step they describe
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer.save_mixer_state(state.global_step)
+        return control
+
+
+# -- the Trainer ---------------------------------------------------------------------------------------------------
+
+if TYPE_CHECKING:  # type the mixin as the Trainer it is combined with
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+
+class MixingTrainerMixin(_TrainerBase):
+    """Makes a ``transformers.Trainer`` (sub)class train on a gradmix mix: combine it as
+    ``class MyTrainer(MixingTrainerMixin, SomeTrainer)`` (``MixingTrainer`` is the mixin on ``Trainer``).
+
+    Keyword arguments (besides the Trainer's own; ``train_dataset`` is the domains):
+        domains: a ``DomainSet``, a list of gradmix domains, or ``{name: datasets.Dataset}`` (rows of T + 1 ids in
+            ``column``).
+        method: a gradmix method name or a ``MixingMethod``; method_params: its parameters.
+        mixer_options: further ``Mixer`` keyword arguments (``update_every``, ``warmup_steps``, ``probe_every``,
+            ``seed`` (default ``args.seed``), ``mode``, ``max_repeats``, ``log_every`` (default
+            ``args.logging_steps``), ``target``, ``probe_params``, ``alert_min_weight``, ...). ``batch_size``,
+            ``accumulation_steps``, ``rank``, ``world_size`` and ``run_dir`` come from the ``TrainingArguments``.
+        mixer: a ready ``Mixer`` instead (it must match the arguments' batch geometry; its writers are kept).
+        per_example_loss: ``(model, batch) -> (n,)`` losses (default ``causal_lm_loss``); batches hold
+            ``input_ids`` (n, T + 1), ``domain`` and ``index``.
+        column: the token column of ``{name: Dataset}`` domains.
+
+    ``args.max_steps`` must be set (the mix is an endless stream; epochs do not apply).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        domains: DomainSet | Sequence[DomainSource] | Mapping[str, Any] | None = None,
+        method: str | MixingMethod = "uniform",
+        method_params: Mapping[str, Any] | None = None,
+        mixer_options: Mapping[str, Any] | None = None,
+        mixer: Mixer | None = None,
+        per_example_loss: PerExampleLoss | None = None,
+        column: str = "input_ids",
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("train_dataset") is not None:
+            raise ValueError("MixingTrainer draws its training data from domains=...; do not pass train_dataset")
+        if (domains is None) == (mixer is None):
+            raise ValueError("MixingTrainer needs exactly one of domains=... or mixer=...")
+        super().__init__(*args, **kwargs)
+        targs = self.args
+        if targs.max_steps is None or targs.max_steps <= 0:
+            raise ValueError(
+                "MixingTrainer needs TrainingArguments(max_steps=N > 0): the mix is an endless stream of "
+                "batches, so epochs do not end it"
+            )
+        if getattr(targs, "n_gpu", 1) > 1:
+            raise ValueError(
+                f"MixingTrainer does not support torch.nn.DataParallel (n_gpu={targs.n_gpu} in one "
+                "process); launch one process per device (torchrun / accelerate launch)"
+            )
+        # The sampler's state resumes exactly; the Trainer must not skip already-seen batches a second time.
+        targs.ignore_data_skip = True
+        accumulation = int(targs.gradient_accumulation_steps)
+        world_size, rank = int(targs.world_size), int(targs.process_index)
+        batch_size = int(targs.per_device_train_batch_size) * accumulation * world_size
+
+        if mixer is None:
+            if isinstance(domains, Mapping):
+                domains = hf_domains(domains, column=column)
+            options = dict(mixer_options or {})
+            for key in ("batch_size", "accumulation_steps", "rank", "world_size", "run_dir"):
+                if key in options:
+                    raise ValueError(
+                        f"mixer_options[{key!r}] is set by MixingTrainer from the TrainingArguments "
+                        "(per_device_train_batch_size, gradient_accumulation_steps, world size, "
+                        "output_dir)"
+                    )
+            assert domains is not None  # checked above: exactly one of domains / mixer
+            options.setdefault("seed", int(targs.seed))
+            if "log_every" not in options:
+                logging_steps = targs.logging_steps
+                options["log_every"] = (
+                    int(logging_steps) if isinstance(logging_steps, int) and logging_steps >= 1 else 10
+                )
+            mixer = Mixer(
+                domains,
+                method,
+                batch_size,
+                method_params=method_params,
+                model=self.model,
+                accumulation_steps=accumulation,
+                rank=rank,
+                world_size=world_size,
+                run_dir=targs.output_dir,
+                **options,
+            )
+        else:
+            if mixer_options or method_params:
+                raise ValueError("pass mixer_options/method_params to the Mixer you build, not with mixer=...")
+            found = (mixer.config.batch_size, mixer.accumulation_steps, mixer.world_size, mixer.rank)
+            wanted = (batch_size, accumulation, world_size, rank)
+            if found != wanted:
+                raise ValueError(
+                    f"the Mixer has (batch_size, accumulation_steps, world_size, rank) = {found}, the "
+                    f"TrainingArguments give {wanted} (batch_size = per_device_train_batch_size x "
+                    "gradient_accumulation_steps x world size)"
+                )
+        self.mixer = mixer
+        self.per_example_loss = per_example_loss if per_example_loss is not None else causal_lm_loss
+        self.train_dataset = mixer.domains
+        self._gradmix_pending_logs: dict[str, float] = {}
+        self.gradmix_callback = MixingCallback(self)
+        self.callback_handler.callbacks.insert(0, self.gradmix_callback)
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """A DataLoader over the Mixer's live sampler: one global batch per optimizer step, as
+        ``gradient_accumulation_steps`` micro-batches. Not wrapped by accelerate (the sampler shards by rank itself)."""
+        args = self.args
+        kwargs: dict[str, Any] = {
+            "num_workers": args.dataloader_num_workers,
+            "pin_memory": bool(args.dataloader_pin_memory) and self.args.device.type == "cuda",
+        }
+        if args.dataloader_num_workers > 0:
+            kwargs["persistent_workers"] = bool(args.dataloader_persistent_workers)
+            if args.dataloader_prefetch_factor is not None:
+                kwargs["prefetch_factor"] = args.dataloader_prefetch_factor
+        return self.mixer.dataloader(**kwargs)
+
+    def get_resumed_dataloader(self, dataloader, num_batches):
+        """Never skip: the sampler's restored state already continues after the checkpoint's last batch."""
+        return dataloader
+
+    # -- training step ---------------------------------------------------------------------------------------------
+    def _ensure_probe(self, model: torch.nn.Module) -> None:
+        """Under DDP the probe must drive the DistributedDataParallel wrapper the Trainer builds after __init__: rebuild
+        it there once, with the same settings (probed parameters, splits, Gram, preconditioner)."""
+        probe = self.mixer.probe
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if probe is None or probe.model is model or probe.accumulating or not ddp or model.module is not probe.module:
+            return
+        from gradmix.probe import GradientProbe
+
+        self.mixer.probe = GradientProbe(
+            model,
+            parameters=[name for name, _ in probe.named_parameters],
+            num_splits=probe.num_splits,
+            gram=probe.gram,
+            preconditioner=probe.preconditioner,
+            eps=probe.eps,
+            sync_gradients=probe.sync_gradients,
+            bias_correction=probe.bias_correction,
+        )
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """Forward + backward of one micro-batch through the Mixer (and its probe on measuring steps); every backward
+        goes through ``self.accelerator.backward``. ``.grad`` ends as the gradient of the mean per-example loss over
+        the step's global batch. Returns the step's mean loss on its last micro-batch (0 before), so the Trainer's
+        logged ``loss`` is the mean loss per optimizer step."""
+        model.train()
+        optimizer_train = getattr(self.optimizer, "train", None)  # schedule-free optimizers
+        if callable(optimizer_train):
+            optimizer_train()
+        inputs = self._prepare_inputs(inputs)
+        self._ensure_probe(model)
+        with self.compute_loss_context_manager():
+            result = self.mixer.backward(model, inputs, self.per_example_loss, backward_fn=self.accelerator.backward)
+        if result is None:
+            return torch.zeros((), device=self.args.device)
+        loss_sum, counts = result.loss_sums()
+        total = float(np.sum(counts))
+        value = float(np.sum(loss_sum)) / total if total > 0 else float("nan")
+        return torch.tensor(value, dtype=torch.float32, device=self.args.device)
+
+    # -- logging ---------------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, with the Mixer's KPIs of the step merged in when it produced a record."""
+        if self._gradmix_pending_logs:
+            logs = {**logs, **self._gradmix_pending_logs}
+            self._gradmix_pending_logs = {}
+        super().log(logs, *args, **kwargs)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def _checkpoint_folder(self, step: int) -> Path:
+        return Path(str(self.args.output_dir)) / f"checkpoint-{step}"
+
+    def save_mixer_state(self, step: int | None = None) -> Path | None:
+        """Write the Mixer's state into the Trainer checkpoint folder of ``step`` (default: the current step);
+        world process zero only. Called by ``MixingCallback.on_save``."""
+        step = self.state.global_step if step is None else int(step)
+        if not self.state.is_world_process_zero:
+            return None
+        folder = self._checkpoint_folder(step)
+        if not folder.is_dir():
+            warnings.warn(
+                f"gradmix: Trainer checkpoint folder {str(folder)!r} is missing; the Mixer state is written "
+                "there anyway",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "format": STATE_FORMAT,
+            "global_step": step,
+            "method": self.mixer.method.name,
+            "gradmix": self.mixer.state_dict(),
+        }
+        return save_checkpoint_file(state, folder / GRADMIX_STATE_NAME)
+
+    def load_mixer_state(self, checkpoint: str | os.PathLike) -> None:
+        """Restore the Mixer from a Trainer checkpoint folder (all-or-nothing); ``ValueError`` naming the folder if
+        it holds no gradmix state or one from another run (domains, method, batch geometry, seed)."""
+        folder = Path(checkpoint)
+        path = folder / GRADMIX_STATE_NAME
+        if not path.is_file():
+            newest = last_checkpoint(folder.parent)
+            hint = f"; the newest complete checkpoint there is {newest!r}" if newest else ""
+            raise ValueError(
+                f"checkpoint {str(folder)!r} holds no gradmix state ({GRADMIX_STATE_NAME}): it was not "
+                f"written by a MixingTrainer, or the run stopped while saving it{hint}"
+            )
+        state = load_checkpoint_file(path)
+        if state.get("format") != STATE_FORMAT or not isinstance(state.get("gradmix"), Mapping):
+            raise ValueError(f"{str(path)!r} is not a {STATE_FORMAT} state (format={state.get('format')!r})")
+        trainer_step = _trainer_step(folder)
+        if trainer_step is not None and trainer_step != int(state["global_step"]):
+            raise ValueError(
+                f"checkpoint {str(folder)!r}: the Trainer state is at step {trainer_step} but the gradmix "
+                f"state at step {state['global_step']}; the folder mixes two runs"
+            )
+        try:
+            self.mixer.load_state_dict(state["gradmix"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"checkpoint {str(folder)!r} does not fit this run: {exc}") from exc
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train`` that first restores the Mixer from the checkpoint (``True``: the newest complete one in
+        ``output_dir``) and drops metrics records after the step it continues from."""
+        if resume_from_checkpoint is True:
+            found = last_checkpoint(str(self.args.output_dir))
+            if found is None:
+                raise ValueError(
+                    f"no complete checkpoint (with {GRADMIX_STATE_NAME}) in output directory {self.args.output_dir!r}"
+                )
+            resume_from_checkpoint = found
+        elif resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        if resume_from_checkpoint is not None:
+            self.load_mixer_state(resume_from_checkpoint)
+        elif self.mixer.step_count:
+            raise ValueError(
+                f"this MixingTrainer's Mixer has already trained {self.mixer.step_count} steps; build a "
+                "new trainer (and Mixer) for a new run, or pass resume_from_checkpoint=..."
+            )
+        self.mixer.truncate_metrics()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+class MixingTrainer(MixingTrainerMixin, Trainer):
+    """``transformers.Trainer`` training on a gradmix mix that changes while it trains (see the module docstring)."""

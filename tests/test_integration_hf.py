@@ -1,0 +1,177 @@
+"""The HF Trainer integration end to end: examples/hf_trainer.py (a random-init GPT-2 on three domains) run in
+subprocesses; a run stopped after a checkpoint (or killed with SIGKILL) and resumed must log exactly the weights
+of an uninterrupted run, with gradient (pike) and loss-only (odm) methods and with gradient accumulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytest.importorskip("datasets")
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "hf_trainer.py"
+STEPS = 30
+TIMEOUT = 300
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(EXAMPLE), "--out", str(out), "--steps", str(STEPS), *extra]
+
+
+def _run(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(_cmd(out, *extra), capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=ROOT)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(extra)} exited with {done.returncode}:\n{done.stderr[-4000:]}")
+    return done
+
+
+def _records(out: Path) -> list[dict]:
+    with (out / "metrics.jsonl").open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _assert_same_weights(reference: list[dict], resumed: list[dict]) -> None:
+    assert [r["step"] for r in reference] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # no duplicated or missing step
+    for a, b in zip(reference, resumed):
+        assert a["weights"] == b["weights"], (a["step"], a["weights"], b["weights"])  # exactly, not approximately
+        assert a["train_loss"] == b["train_loss"], a["step"]
+
+
+_REFERENCES: dict[tuple[str, int], list[dict]] = {}
+
+
+def _reference(tmp_path_factory, method: str, accum: int) -> list[dict]:
+    """An uninterrupted run (once per configuration and session; in this process, to save a start-up: the stopped
+    and resumed runs it is compared with are separate processes)."""
+    key = (method, accum)
+    if key not in _REFERENCES:
+        out = tmp_path_factory.mktemp(f"ref_{method}_{accum}")
+        _example_module().main(["--out", str(out), "--steps", str(STEPS), "--method", method,
+                                "--grad-accum", str(accum)])
+        records = _records(out)
+        for field in ("step", "weights", "train_loss", "weight_entropy", "effective_domains", "max_weight"):
+            assert all(field in r for r in records), field
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+        # the KPIs reached the Trainer's loggers (its log history, saved with every checkpoint)
+        history = json.loads((out / "checkpoint-30" / "trainer_state.json").read_text())["log_history"]
+        logged = [h for h in history if "gradmix/weight/code" in h]
+        assert [h["step"] for h in logged] == list(range(1, STEPS + 1))
+        assert logged[-1]["gradmix/weight/code"] == pytest.approx(records[-1]["weights"]["code"])
+        assert {"gradmix/weight_entropy", "gradmix/effective_domains", "gradmix/max_weight",
+                "gradmix/train_loss/legal", "loss"} <= set(logged[-1])
+        _REFERENCES[key] = records
+    return _REFERENCES[key]
+
+
+@pytest.mark.parametrize("method,accum", [("pike", 1), ("pike", 2), ("odm", 2)])
+def test_stop_and_resume_logs_the_weights_of_an_uninterrupted_run(tmp_path, tmp_path_factory, method, accum):
+    reference = _reference(tmp_path_factory, method, accum)
+    if method == "pike":  # the mix really changed while training (else the comparison would prove little)
+        assert len({json.dumps(r["weights"]) for r in reference}) >= 4
+    out = tmp_path / "run"
+    stopped = _run(out, "--method", method, "--grad-accum", str(accum), "--stop-at", "20")
+    assert "stopping right after the checkpoint at step 20" in stopped.stdout
+    assert [r["step"] for r in _records(out)] == list(range(1, 21))
+    assert not (out / "checkpoint-30").exists()
+    resumed = _run(out, "--method", method, "--grad-accum", str(accum), "--resume")
+    assert "checkpoint-20" in resumed.stdout
+    _assert_same_weights(reference, _records(out))
+
+
+def test_sigkill_and_resume_logs_the_weights_of_an_uninterrupted_run(tmp_path, tmp_path_factory):
+    reference = _reference(tmp_path_factory, "pike", 1)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(out, "--step-delay", "0.1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=_env(), cwd=ROOT)
+    try:
+        marker = out / "checkpoint-10" / "gradmix_state.pt"
+        deadline = time.monotonic() + TIMEOUT
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"the run ended before its first checkpoint:\n{proc.stderr.read()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError("no checkpoint-10 within the timeout")
+            time.sleep(0.02)
+        time.sleep(0.35)  # a few steps past the checkpoint
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    written = [r["step"] for r in _records(out)]
+    assert 10 <= len(written) < STEPS, written  # killed mid-run, after checkpoint 10
+    resumed = _run(out, "--resume")
+    assert "resume from" in resumed.stdout and "scratch" not in resumed.stdout
+    _assert_same_weights(reference, _records(out))
+
+
+def _example_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gradmix_hf_trainer_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_resume_of_another_run_is_a_clear_error(tmp_path):
+    """In-process (no subprocess start-up): a run of 10 steps, then resumes with other domains / another method."""
+    example = _example_module()
+    out = tmp_path / "run"
+    example.main(["--out", str(out), "--steps", "10"])
+    assert (out / "checkpoint-10" / "gradmix_state.pt").is_file()
+    with pytest.raises(ValueError, match=r"checkpoint-10.*other domains"):
+        example.main(["--out", str(out), "--steps", "20", "--resume", "--domains", "code,docs,changelog"])
+    with pytest.raises(ValueError, match=r"checkpoint-10.*method 'pike'.*'odm'"):
+        example.main(["--out", str(out), "--steps", "20", "--resume", "--method", "odm"])
+    # the refused resumes changed nothing: no step past the checkpoint was trained or logged
+    assert [r["step"] for r in _records(out)] == list(range(1, 11))
+    assert not (out / "checkpoint-20").exists()
+    # a folder without gradmix state (another trainer's, or one a crash left half-written) is named in the error,
+    # and resume_from_checkpoint=True passes over it
+    (out / "checkpoint-10" / "gradmix_state.pt").unlink()
+    trainer = _small_trainer(example, out)
+    with pytest.raises(ValueError, match=r"checkpoint-10.*holds no gradmix state"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-10"))
+    with pytest.raises(ValueError, match=r"no complete checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def _small_trainer(example, out: Path):
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from gradmix.integrations.hf import MixingTrainer
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=None, eos_token_id=None))
+    args = TrainingArguments(output_dir=str(out), max_steps=20, per_device_train_batch_size=16, report_to="none",
+                             use_cpu=True, disable_tqdm=True)
+    return MixingTrainer(model=model, args=args, domains=example.load_domains(["code", "docs", "legal"]),
+                         method="pike")
