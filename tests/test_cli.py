@@ -163,3 +163,14 @@ def test_a_diverging_run_stops_with_a_message_and_valid_json(tmp_path):
     assert "diverged" in summary["stopped_early"]
     for line in (out / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
+
+
+def test_resume_of_a_run_killed_after_its_final_checkpoint_still_writes_the_summary(tmp_path):
+    """Found by the crash sweep: the final checkpoint was written, the kill came before summary.json."""
+    out = tmp_path / "run"
+    assert main(["run", str(SMOKE), "--out", str(out), "--no-progress", "--set", "steps=10"]) == 0
+    first = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").unlink()
+    assert main(["run", str(SMOKE), "--out", str(out), "--no-progress", "--set", "steps=10", "--resume"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["final_val_loss"] == first["final_val_loss"]

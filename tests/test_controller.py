@@ -192,12 +192,13 @@ def test_alerts_for_starved_and_over_repeated_domains(tmp_path):
         warnings.simplefilter("always")
         # the starting weights already starve domain d2
         mixer = Mixer(make_domains((5, 40, 40)), "fixed", 12, method_params={"weights": [0.9, 0.09, 0.01]},
-                      run_dir=tmp_path, log_every=1, alert_repeats=3)
+                      run_dir=tmp_path, log_every=1, alert_repeats=3, update_every=1)
         for batch in mixer.batches(3):
             mixer.observe(batch["domain"], torch.ones(len(batch["domain"])))
             mixer.step()
     messages = [str(w.message) for w in caught if issubclass(w.category, MixingWarning)]
-    assert sum("domain 'd2' (0.0100) is below" in m for m in messages) == 1
+    # starved for 3 consecutive checks (the start and 2 updates): reported once
+    assert sum("domain 'd2' is starved: weight 0.0100" in m for m in messages) == 1
     assert sum("domain 'd0' started pass 3" in m for m in messages) == 1  # once, not at every later pass
 
 

@@ -214,5 +214,5 @@ def test_core_is_driven_without_a_mixer():
 
 
 def test_warnings_still_reach_the_user():
-    with pytest.warns(MixingWarning, match="below"):
+    with pytest.warns(MixingWarning, match="collapsed"):
         Mixer(make_domains(), "fixed", 12, method_params={"weights": [0.999, 0.0005, 0.0005]})

@@ -19,6 +19,8 @@ Framework integrations drive ``MixingCore`` directly; the Mixer is the reference
 from __future__ import annotations
 
 import copy
+import math
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradmix.alerts import AlertCallback, AlertConfig, MixingWarning
 from gradmix.checkpoint import capture_rng_state, load_checkpoint_file, restore_rng_state, save_checkpoint_file
 from gradmix.core import GRADIENT_STATS, MixingCore, Schedule
 from gradmix.methods import method_class
@@ -36,7 +39,7 @@ from gradmix.probe import BackwardFn
 from gradmix.sampler import DataExhaustedError, MixtureSampler
 from gradmix.sources import Domain, DomainSet, DomainSource, collate_examples
 from gradmix.stats import Measurement
-from gradmix.writers import JsonlWriter
+from gradmix.writers import JsonlWriter, make_writers
 
 __all__ = ["GRADIENT_STATS", "Mixer", "MixerConfig", "MixingWarning"]
 
@@ -44,8 +47,9 @@ LossFn = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
 CHECKPOINT_FORMAT = "gradmix.Mixer/2"
 
 
-class MixingWarning(UserWarning):
-    """A skipped update, an exhausted domain, or another event worth a user's attention."""
+EvalMetric = Callable[..., Any]
+"""A user metric: called with whatever the loop passes to ``Mixer.evaluate_metrics``; returns a number or a
+{domain: number} mapping."""
 
 
 @dataclass
@@ -68,8 +72,9 @@ class MixerConfig:
     max_repeats: int | None = None
     target_batch_size: int = 32
     log_every: int = 10
+    alerts: AlertConfig | Mapping[str, Any] | None = None
     alert_min_weight: float | None = None
-    alert_repeats: int | None = 4
+    alert_repeats: int | None = None
     history_size: int = 1000
 
     def __post_init__(self) -> None:
@@ -86,6 +91,16 @@ class MixerConfig:
             log_every=self.log_every,
             accumulation_steps=self.accumulation_steps,
         )
+
+
+def _metric_number(name: str, value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"eval metric {name!r} returned {value!r}; return a number or a {{domain: number}} mapping"
+        ) from None
+    return number if math.isfinite(number) else None
 
 
 def _dist_info() -> tuple[int, int]:
@@ -118,9 +133,15 @@ class Mixer:
         probe: a ready ``GradientProbe`` (overrides ``model``); probe_params: arguments for the one built here.
         target: the target set for DGA-style methods: a domain, or a tensor of token windows.
         run_dir: where ``metrics.jsonl`` goes (rank 0 only); None = keep records in memory only (``history``).
-        writers: metrics writers (objects with ``write(record)``); default a ``JsonlWriter`` in ``run_dir``.
+        writers: metrics writers: objects with ``write(record)`` and/or names ``"jsonl"``, ``"csv"``,
+            ``"tensorboard"``, ``"wandb"`` (built in ``run_dir`` by ``gradmix.writers.make_writers``); default a
+            ``JsonlWriter`` in ``run_dir``. Rank 0 writes; ``close()`` flushes and closes them.
+        on_alert: called with every ``gradmix.alerts.Alert`` (collapse, starved, overfitting, repetition) on rank 0;
+            alerts are also ``MixingWarning``s and the records' ``alerts``. Thresholds: ``alerts=AlertConfig(...)``.
+        eval_metrics: {name: callable}: your own metrics, computed by ``evaluate_metrics(...)`` at evaluations and
+            recorded as ``eval_metrics`` {name: value} beside the losses.
         rank, world_size: default from torch.distributed when it is initialised.
-        other keyword arguments: see ``MixerConfig``.
+        other keyword arguments: see ``MixerConfig`` (``alerts``, ``alert_min_weight``, ``alert_repeats``, ...).
     """
 
     def __init__(
@@ -136,6 +157,8 @@ class Mixer:
         target: DomainSource | torch.Tensor | None = None,
         run_dir: str | Path | None = None,
         writers: Sequence[Any] | None = None,
+        on_alert: AlertCallback | None = None,
+        eval_metrics: Mapping[str, EvalMetric] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         **config: Any,
@@ -170,10 +193,17 @@ class Mixer:
             batch_size=self.config.batch_size,
             schedule=self.config.schedule(),
             tokens_per_example=self.domains.window_tokens,
+            alerts=self.config.alerts,
+            on_alert=on_alert if self.rank == 0 else None,
             alert_min_weight=self.config.alert_min_weight,
             alert_repeats=self.config.alert_repeats,
             history_size=self.config.history_size,
         )
+        self.eval_metrics: dict[str, EvalMetric] = {}
+        for name, fn in dict(eval_metrics or {}).items():
+            if not callable(fn):
+                raise TypeError(f"eval_metrics[{name!r}] must be callable, got {type(fn).__name__}")
+            self.eval_metrics[str(name)] = fn
 
         self.sampler = MixtureSampler(
             self.domains.sizes,
@@ -244,7 +274,7 @@ class Mixer:
         self.exhausted_message: str | None = None  # set when ``batches()`` ended because the data ran out
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if writers is not None:
-            self.writers = list(writers)
+            self.writers = make_writers(writers, self.run_dir) if self.rank == 0 else []
         else:
             self.writers = [JsonlWriter(self.run_dir / "metrics.jsonl")] if self.run_dir is not None else []
         self._emit(self.core.take_messages())
@@ -352,6 +382,10 @@ class Mixer:
             self._local_counts += np.bincount(domains.cpu().numpy(), minlength=len(self.names))
         groups = domains if self._groups is None else self._groups[domains.cpu()].to(domains.device)
         target_batch = self.next_target_batch() if (plan.needs_target and first) else None
+        if target_batch is not None:  # to the device the training batch lives on
+            device = batch["input_ids"].device if "input_ids" in batch else domains.device
+            target_batch = {key: value.to(device) for key, value in target_batch.items()}
+        started = time.perf_counter()
         try:
             result = self.probe.backward(
                 batch,
@@ -367,6 +401,8 @@ class Mixer:
         except BaseException:
             self._micro -= 1
             raise
+        # time in the probe: the measuring backward passes (0 for a plain backward), summed per record
+        self.core.add_probe_seconds(time.perf_counter() - started if plan.measure else 0.0)
         if final:
             self._step_result = result
         return result
@@ -450,6 +486,27 @@ class Mixer:
         """Attach fields (e.g. ``val_loss``) to the record logged at the end of the current step."""
         self.core.add_metrics(metrics)
 
+    def compute_eval_metrics(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Call every ``eval_metrics`` function with these arguments and return {name: value} (a number, or a
+        {domain: number} mapping; non-finite numbers become None) without recording anything."""
+        values: dict[str, Any] = {}
+        for name, fn in self.eval_metrics.items():
+            value = fn(*args, **kwargs)
+            if isinstance(value, Mapping):
+                values[name] = {str(k): _metric_number(name, v) for k, v in value.items()}
+            else:
+                values[name] = _metric_number(name, value)
+        return values
+
+    def evaluate_metrics(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``compute_eval_metrics`` and attach the results to the current step's record as ``eval_metrics``
+        {name: value} (beside ``val_loss`` when you add that too); returns them. Call it at your evaluations,
+        before ``step()``."""
+        values = self.compute_eval_metrics(*args, **kwargs)
+        if values:
+            self.core.add_metrics({"eval_metrics": values})
+        return values
+
     def log(self, record: Mapping[str, Any]) -> None:
         """Write one metrics record yourself (rank 0 writes)."""
         record = dict(record)
@@ -460,6 +517,13 @@ class Mixer:
         if self.rank == 0:
             for writer in self.writers:
                 writer.write(record)
+
+    def close(self) -> None:
+        """Flush and close the writers (a W&B run is finished, TensorBoard files are closed). Idempotent."""
+        for writer in self.writers:
+            close = getattr(writer, "close", None)
+            if close is not None:
+                close()
 
     def truncate_metrics(self) -> int:
         """Drop metrics records after the current step (and a half-written last line): the explicit step a resumed

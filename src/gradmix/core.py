@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from gradmix.alerts import Alert, AlertCallback, AlertConfig, AlertMonitor
 from gradmix.methods.base import MixingMethod
 from gradmix.stats import DomainStats, Measurement, pool_measurements
 
@@ -105,6 +106,7 @@ class StepOutcome:
     weights_changed: bool
     record: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
 
 
 def weight_kpis(weights: np.ndarray) -> dict[str, float]:
@@ -152,9 +154,22 @@ class MixingCore:
         batch_size: global examples per optimizer step (PiKE's b).
         schedule: a ``Schedule`` (or pass its fields as keyword arguments).
         tokens_per_example: for the ``tokens`` KPI (None: not reported).
-        alert_min_weight: a domain whose weight falls below it is reported once as barely sampled (default 0.1/K).
-        alert_repeats: report a domain once when it starts this many passes (None: never).
+        alerts: thresholds of the ``collapse`` / ``starved`` / ``overfitting`` / ``repetition`` alerts
+            (``gradmix.alerts.AlertConfig`` or a mapping of its fields; default ``AlertConfig()``).
+        on_alert: called with each ``gradmix.alerts.Alert`` when it is raised (after the core's state is updated).
+        alert_min_weight: shortcut for ``alerts.starved_weight`` (None: keep the config's).
+        alert_repeats: shortcut: a ``repetition`` alert when a domain starts this many passes, i.e.
+            ``alerts.max_passes = alert_repeats - 1`` (None: keep the config's).
         history_size: records kept in memory (``history``); older ones are dropped (the writers have them all).
+
+    KPIs in every record: ``weights`` (what was sampled), ``requested_weights``, ``train_loss`` (mean per domain since
+    the last record), ``weight_entropy``, ``effective_domains``, ``max_weight``, ``tokens`` and ``repeats`` (when
+    the loop reports counts/passes), ``update_seconds`` (time in the method's updates since the last record),
+    ``probe_seconds`` (time the loop reported with ``add_probe_seconds``), ``update_terms`` (after an update: the
+    method's ``last_terms``, {term: {domain: value}}, with ``update_step``), ``alerts`` and ``events`` when any. On
+    evaluation steps (``add_metrics`` with a ``val_loss`` mapping) also ``train_val_gap`` {domain: validation loss -
+    mean training loss since the previous evaluation}, and ``target_train_val_gap`` with a ``target_val_loss`` when
+    the measurements carried target losses.
     """
 
     def __init__(
@@ -165,8 +180,10 @@ class MixingCore:
         batch_size: int,
         schedule: Schedule | None = None,
         tokens_per_example: int | None = None,
+        alerts: AlertConfig | Mapping[str, Any] | None = None,
+        on_alert: AlertCallback | None = None,
         alert_min_weight: float | None = None,
-        alert_repeats: int | None = 4,
+        alert_repeats: int | None = None,
         history_size: int = 1000,
         **schedule_fields: Any,
     ) -> None:
@@ -190,8 +207,19 @@ class MixingCore:
             )
         if alert_min_weight is not None and not (math.isfinite(alert_min_weight) and 0 <= alert_min_weight < 1):
             raise ValueError(f"alert_min_weight must be in [0, 1), got {alert_min_weight!r}")
-        self.alert_min_weight = alert_min_weight
-        self.alert_repeats = alert_repeats
+        if alert_repeats is not None:
+            _positive_int("alert_repeats", alert_repeats)
+        config = alerts if isinstance(alerts, AlertConfig) else AlertConfig.from_mapping(alerts)
+        if alert_min_weight is not None or alert_repeats is not None:
+            config = AlertConfig(**config.to_dict())  # a copy: the caller's object is left as it was
+            if alert_min_weight is not None:
+                config.starved_weight = float(alert_min_weight)
+            if alert_repeats is not None:
+                config.max_passes = int(alert_repeats) - 1
+        if on_alert is not None and not callable(on_alert):
+            raise TypeError(f"on_alert must be callable, got {type(on_alert).__name__}")
+        self.alert_config = config
+        self.on_alert = on_alert
         self.tokens_per_example = tokens_per_example
         self.needs_gradients = bool(method.required_stats & GRADIENT_STATS)
         self.step_count = 0
@@ -205,11 +233,16 @@ class MixingCore:
         self._pending_metrics: dict[str, Any] = {}
         self._messages: list[str] = []  # new since the last outcome
         self._events: list[str] = []  # since the last record
-        self._starved: set[int] = set()
-        self._repeat_alerted: set[int] = set()
+        self._monitor = AlertMonitor(self.names, config)
+        self._alerts: list[Alert] = []  # raised since the last record
+        self._new_alerts: list[Alert] = []  # raised since the last outcome
+        self._eval_losses = _Sums(k)  # since the last evaluation (train_val_gap)
+        self._target_train = np.zeros(2)  # target-batch loss sum and count since the last evaluation
         self._update_seconds = 0.0
+        self._probe_seconds: float | None = None  # None until the loop reports probe time
+        self._update_terms: dict[str, Any] | None = None  # the last update's terms, for the next record
         self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
-        self._check_low_weights(method.weights)  # a starting mix can already starve a domain
+        self._raise(self._monitor.check_weights(0, method.weights))  # a starting mix can already be collapsed
 
     # -- driving ------------------------------------------------------------------------------------------------
     @property
@@ -235,6 +268,9 @@ class MixingCore:
             loss_sum, counts = measurement.loss_sums()
             self._log_losses.add(loss_sum, counts)
             self._update_losses.add(loss_sum, counts)
+            self._eval_losses.add(loss_sum, counts)
+        if measurement.target_loss is not None and math.isfinite(measurement.target_loss):
+            self._target_train += (float(measurement.target_loss), 1.0)
         if measurement.has_gradients:
             self._measurements.append(measurement)
         self._observed_this_step = True
@@ -250,8 +286,31 @@ class MixingCore:
         return messages
 
     def add_metrics(self, metrics: Mapping[str, Any]) -> None:
-        """Fields (e.g. ``val_loss``) for the record of the current step; forces a record on this step."""
+        """Fields (e.g. ``val_loss``) for the record of the current step; forces a record on this step.
+
+        A ``val_loss`` mapping {domain: loss} marks an evaluation: the record also gets ``train_val_gap`` (validation
+        minus the mean training loss since the previous evaluation, this step included) and the ``overfitting``
+        alert is checked; with ``target_val_loss`` and target losses in the measurements, ``target_train_val_gap``."""
         self._pending_metrics.update(metrics)
+
+    def add_probe_seconds(self, seconds: float) -> None:
+        """Report time spent in the gradient probe (the loop times its measuring backward passes); the sum since
+        the last record is its ``probe_seconds``."""
+        self._probe_seconds = (self._probe_seconds or 0.0) + float(seconds)
+
+    @property
+    def alert_monitor(self) -> AlertMonitor:
+        return self._monitor
+
+    def _raise(self, alerts: list[Alert]) -> None:
+        """Record alerts for the next record and outcome, then tell the user's callback."""
+        for alert in alerts:
+            self._alerts.append(alert)
+            self._new_alerts.append(alert)
+            self._messages.append(alert.message)
+        if self.on_alert is not None:
+            for alert in alerts:
+                self.on_alert(alert)
 
     def end_step(
         self,
@@ -275,34 +334,40 @@ class MixingCore:
             self._examples += arr
         old = self.method.weights
         changed = False
+        updated = False
         started = time.perf_counter()
         if self.method.every_step:
             new = self.method.update(
                 DomainStats(step=step, num_domains=self.method.num_stat_groups, batch_size=self.batch_size)
             )
             changed = not np.array_equal(new, old)
+            updated = True
         elif self.schedule.update_due(step):
             stats = self._interval_stats(step)
             if stats is not None:
                 new = self.method.update(stats)
                 if self.method.last_skip_reason:
                     self.warn(f"step {step}: {self.method.last_skip_reason}")
+                else:
+                    self._take_update_terms(step)
                 changed = not np.array_equal(new, old)
             self._measurements = []
             self._update_losses = _Sums(k)
+            updated = True
         self._update_seconds += time.perf_counter() - started
-        if changed:
-            self._check_low_weights(self.method.weights)
+        if updated:
+            self._raise(self._monitor.check_weights(step, self.method.weights))
         if passes is not None:
-            self._check_repeats(np.asarray(passes))
+            self._raise(self._monitor.check_passes(step, np.asarray(passes)))
         self._observed_this_step = False
 
         record = None
-        if step % self.schedule.log_every == 0 or self._pending_metrics:
+        if step % self.schedule.log_every == 0 or self._pending_metrics or self._alerts:
             record = self._record(step, sampled_weights, passes)
             self.history.append(record)
         messages, self._messages = self._messages, []
-        return StepOutcome(step, self.method.weights, changed, record, messages)
+        alerts, self._new_alerts = self._new_alerts, []
+        return StepOutcome(step, self.method.weights, changed, record, messages, alerts)
 
     # -- internals ----------------------------------------------------------------------------------------------
     def _interval_stats(self, step: int) -> DomainStats | None:
@@ -325,29 +390,48 @@ class MixingCore:
             return None
         return pool_measurements(self._measurements, step, self.batch_size)
 
-    def _check_low_weights(self, weights: np.ndarray) -> None:
-        """One message per change of the set of barely sampled domains (a domain that recovers may alert again)."""
-        floor = 0.1 / len(weights) if self.alert_min_weight is None else self.alert_min_weight
-        low = set(np.flatnonzero(weights < floor).tolist())
-        new = sorted(low - self._starved)
-        self._starved = low
-        if new:
-            shown = ", ".join(f"{self.names[i]!r} ({weights[i]:.4f})" for i in new[:5])
-            more = f" and {len(new) - 5} more" if len(new) > 5 else ""
-            self.warn(
-                f"step {self.step_count}: weight of domain {shown}{more} is below {floor:.4f}; barely sampled now"
-            )
-
-    def _check_repeats(self, passes: np.ndarray) -> None:
-        if self.alert_repeats is None:
+    def _take_update_terms(self, step: int) -> None:
+        """The method's ``last_terms`` ({term: per-domain values}) as {term: {domain: value}} for the next record."""
+        terms = getattr(self.method, "last_terms", None)
+        if not isinstance(terms, Mapping) or not terms:
             return
-        for i in np.flatnonzero(passes >= self.alert_repeats):
-            if int(i) not in self._repeat_alerted:
-                self._repeat_alerted.add(int(i))
-                self.warn(
-                    f"step {self.step_count}: domain {self.names[i]!r} started pass {int(passes[i])} over its "
-                    "examples; consider max_repeats to cap repetition"
-                )
+        out: dict[str, Any] = {}
+        for term, values in terms.items():
+            arr = np.atleast_1d(np.asarray(values, dtype=np.float64))
+            keys = self.names if arr.shape == (len(self.names),) else [f"group{i}" for i in range(arr.size)]
+            out[str(term)] = {key: (float(v) if math.isfinite(v) else None) for key, v in zip(keys, arr.ravel())}
+        self._update_terms = {"step": step, "terms": out}
+
+    def _evaluation(self, step: int) -> dict[str, Any]:
+        """train_val_gap (and the target's) for an evaluation record; checks the overfitting alert."""
+        out: dict[str, Any] = {}
+        val = self._pending_metrics.get("val_loss")
+        if not isinstance(val, Mapping):
+            return out
+        train = self._eval_losses.mean()
+        gaps: dict[str, float | None] = {}
+        for name, mean in zip(self.names, train):
+            value = val.get(name)
+            try:
+                number = float(value) if value is not None else math.nan
+            except (TypeError, ValueError):
+                number = math.nan
+            gap = number - float(mean)
+            gaps[name] = gap if math.isfinite(gap) else None
+        out["train_val_gap"] = gaps
+        check = dict(gaps)
+        target_val = self._pending_metrics.get("target_val_loss")
+        if target_val is not None and self._target_train[1] > 0:
+            try:
+                gap = float(target_val) - float(self._target_train[0] / self._target_train[1])
+            except (TypeError, ValueError):
+                gap = math.nan
+            out["target_train_val_gap"] = gap if math.isfinite(gap) else None
+            check["target"] = out["target_train_val_gap"]
+        self._eval_losses = _Sums(len(self.names))
+        self._target_train = np.zeros(2)
+        self._raise(self._monitor.check_gaps(step, check))
+        return out
 
     def _record(self, step: int, sampled: np.ndarray | None, passes: np.ndarray | None) -> dict[str, Any]:
         mix = self.method.weights if sampled is None else np.asarray(sampled, dtype=np.float64)
@@ -363,14 +447,26 @@ class MixingCore:
             **weight_kpis(mix),
             "update_seconds": self._update_seconds,
         }
+        if self._probe_seconds is not None:
+            record["probe_seconds"] = self._probe_seconds
+            self._probe_seconds = 0.0
+        if self._update_terms is not None:
+            record["update_step"] = self._update_terms["step"]
+            record["update_terms"] = self._update_terms["terms"]
+            self._update_terms = None
         if self.tokens_per_example is not None:
             record["tokens"] = dict(zip(self.names, (int(x) * self.tokens_per_example for x in self._examples)))
         if passes is not None:
             record["repeats"] = dict(zip(self.names, (int(p) - 1 for p in passes)))
+        evaluation = self._evaluation(step)  # may raise overfitting alerts: before the alerts are attached
         if self._events:
             record["events"] = self._events
             self._events = []
         record.update(self._pending_metrics)
+        record.update(evaluation)
+        if self._alerts:
+            record["alerts"] = [a.to_dict() for a in self._alerts]
+            self._alerts = []
         self._pending_metrics = {}
         self._log_losses = _Sums(len(self.names))
         self._update_seconds = 0.0
@@ -389,8 +485,9 @@ class MixingCore:
             "log_losses": self._log_losses.to_dict(),
             "update_losses": self._update_losses.to_dict(),
             "measurements": [m.to_dict() for m in self._measurements],
-            "starved": sorted(self._starved),
-            "repeat_alerted": sorted(self._repeat_alerted),
+            "alerts": self._monitor.state_dict(),
+            "eval_losses": self._eval_losses.to_dict(),
+            "target_train": self._target_train.tolist(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -415,6 +512,19 @@ class MixingCore:
         update_losses = _Sums.from_dict(state["update_losses"], k, "update_losses")
         measurements = [Measurement.from_dict(m) for m in state["measurements"]]
         step = int(state["step"])
+        eval_losses = _Sums.from_dict(state["eval_losses"], k, "eval_losses") if "eval_losses" in state else _Sums(k)
+        target_train = np.asarray(state.get("target_train", [0.0, 0.0]), dtype=np.float64)
+        if target_train.shape != (2,):
+            raise ValueError(f"core state field 'target_train' has shape {target_train.shape}, expected (2,)")
+        monitor = AlertMonitor(self.names, self.alert_config)
+        if "alerts" in state:
+            monitor.load_state_dict(state["alerts"])
+        else:  # a state written before alerts had their own state: what was already reported
+            flags = np.zeros(k, dtype=bool)
+            flags[[int(i) for i in state.get("repeat_alerted", [])]] = True
+            legacy = monitor.state_dict()
+            legacy["repeat_alerted"] = flags.tolist()
+            monitor.load_state_dict(legacy)
         # the method last: its own checks run before anything here changes, and it changes nothing if they fail
         method_state = state["method"]
         backup = self.method.state_dict()
@@ -426,6 +536,6 @@ class MixingCore:
         self.step_count = step
         self._examples, self._log_losses, self._update_losses = examples, log_losses, update_losses
         self._measurements = measurements
-        self._starved = set(int(i) for i in state.get("starved", []))
-        self._repeat_alerted = set(int(i) for i in state.get("repeat_alerted", []))
+        self._monitor, self._eval_losses, self._target_train = monitor, eval_losses, target_train
         self._pending_metrics, self._messages, self._events = {}, [], []
+        self._alerts, self._new_alerts, self._update_terms = [], [], None

@@ -11,29 +11,32 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "SUMMARY_METRICS",
     "Run",
     "RunFolderError",
-    "SUMMARY_METRICS",
+    "Table",
+    "compare_runs",
+    "comparison_markdown",
+    "comparison_table",
+    "eval_series",
+    "expand_run_dirs",
     "load_run",
     "load_runs",
-    "expand_run_dirs",
     "mean_ci",
-    "t_quantile",
-    "eval_series",
-    "steps_to_reach",
-    "compare_runs",
-    "Table",
-    "comparison_table",
-    "comparison_markdown",
-    "render_markdown",
+    "metric_label",
     "render_html",
+    "render_markdown",
+    "steps_to_reach",
+    "summary_value",
+    "t_quantile",
 ]
 
 # Summary metrics compared across methods: key -> (label for tables, lower is better).
@@ -43,6 +46,38 @@ SUMMARY_METRICS: dict[str, tuple[str, bool]] = {
     "avg_val_accuracy": ("avg val accuracy", False),
     "target_val_loss": ("target val loss", True),
 }
+
+
+def summary_value(summary: dict[str, Any], key: str) -> Any:
+    """A summary metric by key: a top-level field, or ``eval_metrics/<name>`` (your own metric's final value)."""
+    if key.startswith("eval_metrics/"):
+        return (summary.get("eval_metrics") or {}).get(key[len("eval_metrics/"):])
+    return summary.get(key)
+
+
+def metric_label(key: str, result: dict[str, Any] | None = None) -> tuple[str, bool]:
+    """(label for tables, lower is better) of a summary metric key; own metrics are higher-is-better unless their
+    run listed them in ``eval.lower_is_better``."""
+    if key in SUMMARY_METRICS:
+        return SUMMARY_METRICS[key]
+    labels = (result or {}).get("labels") or {}
+    if key in labels:
+        label, lower = labels[key]
+        return str(label), bool(lower)
+    if key.startswith("eval_metrics/"):
+        return key[len("eval_metrics/"):], False
+    return key, True
+
+
+def _own_metric_keys(runs: Sequence[Run]) -> dict[str, tuple[str, bool]]:
+    keys: dict[str, tuple[str, bool]] = {}
+    for run in runs:
+        lower = set(run.summary.get("eval_metrics_lower_is_better") or [])
+        for name in run.summary.get("eval_metrics") or {}:
+            key = f"eval_metrics/{name}"
+            previous = keys.get(key, (name, False))
+            keys[key] = (name, previous[1] or name in lower)
+    return keys
 
 
 class RunFolderError(ValueError):
@@ -195,7 +230,20 @@ def _summary_from_metrics(metrics: list[dict[str, Any]], config: dict[str, Any])
     targets = [r for r in metrics if r.get("target_val_loss") is not None]
     if targets:
         summary["target_val_loss"] = targets[-1]["target_val_loss"]
+    own = [r for r in metrics if isinstance(r.get("eval_metrics"), dict) and r["eval_metrics"]]
+    if own:
+        summary["eval_metrics"] = {name: _scalar_metric(value) for name, value in own[-1]["eval_metrics"].items()}
     return summary
+
+
+def _scalar_metric(value: Any) -> float | None:
+    """One number from a metric value: itself, or the mean of a {domain: value} mapping (None if any is missing)."""
+    if isinstance(value, dict):
+        numbers = [_finite(v) for v in value.values()]
+        if not numbers or any(v is None for v in numbers):
+            return None
+        return float(np.mean(numbers))
+    return _finite(value)
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -243,6 +291,8 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
 def _eval_value(record: dict[str, Any], key: str) -> float | None:
     if key == "target_val_loss":
         return _finite(record.get("target_val_loss"))
+    if key.startswith("eval_metrics/"):
+        return _scalar_metric((record.get("eval_metrics") or {}).get(key[len("eval_metrics/"):]))
     if key.startswith("val_loss/"):
         return _finite((record.get("val_loss") or {}).get(key[len("val_loss/"):]))
     if key.startswith("val_accuracy/"):
@@ -347,13 +397,15 @@ def compare_runs(runs: Sequence[Run | str | Path], baseline: str | None = "unifo
             )
         group[seed] = run
 
-    metric_keys = [k for k in SUMMARY_METRICS if any(r.summary.get(k) is not None for r in loaded)]
+    own = _own_metric_keys(loaded)
+    metric_keys = [k for k in [*SUMMARY_METRICS, *own] if any(summary_value(r.summary, k) is not None for r in loaded)]
     baseline_runs = groups.get(baseline) if baseline is not None else None
     result: dict[str, Any] = {
         "baseline": baseline if baseline_runs else None,
         "requested_baseline": baseline,
         "confidence": confidence,
         "metrics": metric_keys,
+        "labels": {k: list(own[k] if k in own else SUMMARY_METRICS[k]) for k in metric_keys},
         "methods": {},
     }
     for method, by_seed in groups.items():
@@ -363,14 +415,14 @@ def compare_runs(runs: Sequence[Run | str | Path], baseline: str | None = "unifo
             "runs": [str(by_seed[s].path) for s in seeds],
         }
         for key in metric_keys:
-            values = [by_seed[s].summary.get(key) for s in seeds]
+            values = [summary_value(by_seed[s].summary, key) for s in seeds]
             present = [math.nan if _finite(v) is None else float(v) for v in values if v is not None]
             if present:
                 entry[key] = _interval(present, confidence)
         if baseline_runs:
             entry["relative"] = {}
             for key in metric_keys:
-                pairs = [(by_seed[s].summary.get(key), baseline_runs[s].summary.get(key))
+                pairs = [(summary_value(by_seed[s].summary, key), summary_value(baseline_runs[s].summary, key))
                          for s in seeds if s in baseline_runs]
                 diffs = []
                 for value, reference in pairs:
@@ -430,9 +482,10 @@ def comparison_table(result: dict[str, Any]) -> Table:
     metric_keys = result["metrics"]
     baseline = result.get("baseline")
     methods = result["methods"]
-    header = ["method", "seeds"] + [SUMMARY_METRICS[k][0] for k in metric_keys]
+    labels = [metric_label(k, result)[0] for k in metric_keys]
+    header = ["method", "seeds", *labels]
     if baseline:
-        header += [f"Δ {SUMMARY_METRICS[k][0]} vs {baseline}" for k in metric_keys]
+        header += [f"Δ {label} vs {baseline}" for label in labels]
         header.append(f"steps to {baseline}'s final loss (ratio)")
     rows = []
     for method, entry in methods.items():
@@ -447,7 +500,7 @@ def comparison_table(result: dict[str, Any]) -> Table:
                 text = _format_interval(ratio, digits=2) if ratio.get("mean") is not None else "never"
                 row.append(f"{text} ({ratio['reached']}/{ratio['n']} reached)")
         rows.append(row)
-    confidence = int(round(float(result.get("confidence", 0.95)) * 100))
+    confidence = round(float(result.get("confidence", 0.95)) * 100)
     note = f"Mean ± {confidence}% confidence half-width (Student t over seeds; none with one seed)."
     if baseline:
         note += (f" Δ: relative difference to {baseline}, paired by seed. Steps ratio: step at which the method's"

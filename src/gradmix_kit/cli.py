@@ -1,12 +1,13 @@
-"""The ``gradmix`` command: run, compare, report, cluster, methods."""
+"""The ``gradmix`` command: run, compare, report, diagnose, cluster, methods."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -37,7 +38,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out(cfg, cfg["mixing"]["method"])
     summary = run_experiment(cfg, out, progress=not args.no_progress, resume=args.resume)
     print(f"run folder: {out}")
-    line = f"avg val loss {summary['avg_val_loss']:.4f}, worst {summary['worst_val_loss']:.4f} ({summary['worst_domain']})"
+    line = (f"avg val loss {summary['avg_val_loss']:.4f}, worst {summary['worst_val_loss']:.4f} "
+            f"({summary['worst_domain']})")
     if "avg_val_accuracy" in summary:
         line += f", continuation accuracy {summary['avg_val_accuracy']:.3f}"
     if "target_val_loss" in summary:
@@ -78,6 +80,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (Path(args.runs[0]) if len(args.runs) == 1 else Path("report"))
     path = write_report(runs, out, title=args.title, baseline=args.baseline)
     print(f"report: {path}")
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from gradmix_kit.experiment.config import load_config
+    from gradmix_kit.experiment.runner import run_diagnosis
+
+    cfg = load_config(args.config, _overrides(args.set))
+    out = Path(args.out) if args.out else _default_out(cfg, "diagnose")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
+    result = run_diagnosis(cfg, out, steps=args.steps, checkpoint=args.checkpoint, threshold=args.threshold,
+                           progress=not args.no_progress)
+
+    def show(value: Any, digits: int = 3) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    print(f"gradient conflict between {len(result['domains'])} domains over {result['usable_measurements']} "
+          f"measured steps: {result['verdict']}")
+    print(f"c = {show(result['c'])}, c_bar = {show(result['c_bar'])}, conflicting pairs: "
+          f"{show(result['conflict_fraction'], 2)} (below -{result['threshold']:g}: "
+          f"{show(result['conflict_fraction_threshold'], 2)})")
+    print(result["recommendation"])
+    print(f"diagnosis: {out / 'diagnosis.json'}")
+    page = out / "diagnosis.html"
+    if page.exists():
+        print(f"report: {page}")
     return 0
 
 
@@ -122,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title")
     p.add_argument("--baseline", default="uniform")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("diagnose", help="do the domains' gradients conflict? (PiKE's assumption) -> diagnosis.json")
+    p.add_argument("config", help="a .toml or .json experiment config: its model, data and probe settings are used")
+    p.add_argument("--steps", type=int, default=30, help="measured steps (default 30)")
+    p.add_argument("--checkpoint", help="probe this model checkpoint without training (default: train from scratch)")
+    p.add_argument("--threshold", type=float, default=0.1,
+                   help="a cosine below -THRESHOLD counts as clear conflict (default 0.1)")
+    p.add_argument("--out", help="output folder (default runs/<name>-diagnose-<time>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("methods", help="list the mixing methods")
     p.set_defaults(func=cmd_methods)

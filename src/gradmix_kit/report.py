@@ -12,9 +12,10 @@ from __future__ import annotations
 import html
 import math
 import re
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,11 +28,13 @@ from gradmix_kit.analysis import (
     comparison_table,
     eval_series,
     load_runs,
+    metric_label,
     render_html,
     render_markdown,
+    summary_value,
 )
 
-__all__ = ["write_report", "MAX_DOMAIN_PANELS"]
+__all__ = ["MAX_DOMAIN_PANELS", "write_diagnosis_report", "write_report"]
 
 # Beyond this many domains (e.g. DGA's fine clusters) the per-domain grids show only the average / worst panels.
 MAX_DOMAIN_PANELS = 12
@@ -147,6 +150,49 @@ def _average_gap(run: Run, domains: Sequence[str]) -> tuple[np.ndarray, np.ndarr
 
 # -- figures ---------------------------------------------------------------------------------------------------
 
+_ALERT_COLORS = {"collapse": "crimson", "starved": "darkorange", "overfitting": "purple", "repetition": "teal"}
+
+
+def _alerts(run: Run) -> list[dict[str, Any]]:
+    """Every alert the run's records hold, in step order (a step logged twice keeps its latest record)."""
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for record in run.metrics:
+        entries = record.get("alerts")
+        if isinstance(entries, list) and entries:
+            by_step[int(record.get("step", 0))] = [a for a in entries if isinstance(a, dict)]
+    return [a for step in sorted(by_step) for a in by_step[step]]
+
+
+def _record_series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of a top-level numeric record field (a KPI such as ``weight_entropy``)."""
+    by_step: dict[int, float] = {}
+    for record in run.metrics:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            by_step[int(record["step"])] = float(value)
+    steps = np.array(sorted(by_step), dtype=np.int64)
+    return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+
+
+KPI_PANELS = [
+    ("weight_entropy", "entropy of the mix (nats)"),
+    ("effective_domains", "effective domains (exp entropy)"),
+    ("max_weight", "largest weight"),
+    ("probe_seconds", "time in the probe (s per record)"),
+    ("update_seconds", "time in updates (s per record)"),
+]
+
+
+def _eval_metric_names(runs: Sequence[Run]) -> list[str]:
+    names: list[str] = []
+    for run in runs:
+        for record in run.metrics:
+            for name in record.get("eval_metrics") or {}:
+                if name not in names:
+                    names.append(name)
+    return names
+
+
 def _plot_weights(run: Run, path: Path) -> Path | None:
     records = [r for r in run.metrics if isinstance(r.get("weights"), dict) and r["weights"]]
     if not records:
@@ -163,6 +209,20 @@ def _plot_weights(run: Run, path: Path) -> Path | None:
     axes.set_ylabel("sampling weight")
     seed = "" if run.seed is None else f", seed {run.seed}"
     axes.set_title(f"Mixing weights: {run.method}{seed}")
+    # alerts: a dashed line at the step, labelled with the kind (and domain) at the top
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for alert in _alerts(run):
+        if isinstance(alert.get("step"), (int, float)):
+            by_step.setdefault(int(alert["step"]), []).append(alert)
+    for step, alerts in list(by_step.items())[:30]:  # one line per step, its alerts in one label
+        color = _ALERT_COLORS.get(str(alerts[0].get("kind")), "black")
+        axes.axvline(step, color=color, linestyle="--", linewidth=1.0, alpha=0.8)
+        kinds: dict[str, list[str]] = {}
+        for alert in alerts:
+            kinds.setdefault(str(alert.get("kind")), []).append(str(alert.get("domain") or ""))
+        label = "; ".join(f"{kind}: {', '.join(d for d in ds if d)}".rstrip(": ") for kind, ds in kinds.items())
+        axes.text(step, 0.98, label, rotation=90, va="top", ha="right", fontsize="x-small", color=color,
+                  bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0, "pad": 1})
     if len(domains) <= 20:
         axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     return _save(figure, path)
@@ -225,7 +285,7 @@ def _plot_comparison(result: dict[str, Any], colors: dict[str, Any], path: Path)
             axes.bar(position, mean, color=colors[method], yerr=error, capsize=5, alpha=0.85)
             seeds = [v for v in record["values"] if v is not None]
             axes.scatter([position] * len(seeds), seeds, color="black", s=10, zorder=3)
-            extremes += seeds + [mean]
+            extremes += [*seeds, mean]
         baseline = result.get("baseline")
         base_record = (result["methods"].get(baseline, {}) if baseline else {}).get(key) or {}
         if base_record.get("mean") is not None:
@@ -235,10 +295,10 @@ def _plot_comparison(result: dict[str, Any], colors: dict[str, Any], path: Path)
         margin = 0.15 * (high - low) if high > low else 0.05 * max(abs(high), 1e-3)
         axes.set_ylim(low - margin, high + margin)
         axes.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
-        label, lower_better = SUMMARY_METRICS[key]
+        label, lower_better = metric_label(key, result)
         axes.set_title(f"{label} ({'lower' if lower_better else 'higher'} is better)", fontsize="medium")
         axes.grid(axis="y", alpha=0.3)
-    confidence = int(round(float(result.get("confidence", 0.95)) * 100))
+    confidence = round(float(result.get("confidence", 0.95)) * 100)
     figure.suptitle(f"Method comparison: mean and {confidence}% CI over seeds (dots: seeds)")
     return _save(figure, path)
 
@@ -261,9 +321,13 @@ def _runs_table(runs: Sequence[Run], out_dir: Path) -> str:
         ("seed", lambda r: "" if r.seed is None else str(r.seed)),
         ("steps", lambda r: str(r.summary.get("steps", r.metrics[-1]["step"] if r.metrics else ""))),
     ]
-    for key, (label, _) in SUMMARY_METRICS.items():
-        if any(r.summary.get(key) is not None for r in runs):
-            columns.append((label, lambda r, key=key: _format_number(r.summary.get(key))))
+    own_names = dict.fromkeys(n for r in runs for n in (r.summary.get("eval_metrics") or {}))
+    own = [f"eval_metrics/{name}" for name in own_names]
+    for key in [*SUMMARY_METRICS, *own]:
+        if any(summary_value(r.summary, key) is not None for r in runs):
+            columns.append((metric_label(key)[0], lambda r, key=key: _format_number(summary_value(r.summary, key))))
+    if any(r.summary.get("alerts") is not None for r in runs):
+        columns.append(("alerts", lambda r: "" if r.summary.get("alerts") is None else str(r.summary["alerts"])))
     if any(r.summary.get("wall_time_s") is not None for r in runs):
         columns.append(("wall time (s)", lambda r: _format_number(r.summary.get("wall_time_s"), 1)))
     if any(r.summary.get("step_time_s") is not None for r in runs):
@@ -355,11 +419,24 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str
                                       "Generalisation gap: validation minus recent training loss",
                                       out / "train_val_gap.png", zero_line=True),
                     "Train/validation gap per domain (training loss averaged since the previous evaluation)"))
+    metric_names = _eval_metric_names(runs)
+    if metric_names:
+        metric_panels = [(name, lambda r, name=name: eval_series(r, f"eval_metrics/{name}")) for name in metric_names]
+        figures.append((_plot_metric_grid(groups, metric_panels, colors, "value",
+                                          "Your own evaluation metrics (eval.metrics; mean over seeds, band: min-max)",
+                                          out / "eval_metrics.png"),
+                        "Your own metrics at each evaluation"))
+    kpi_panels = [(label, lambda r, key=key: _record_series(r, key)) for key, label in KPI_PANELS
+                  if any(_record_series(r, key)[0].size for r in runs)]
+    if kpi_panels:
+        figures.append((_plot_metric_grid(groups, kpi_panels, colors, "value",
+                                          "Mixing KPIs (mean over seeds, band: min-max)", out / "kpis.png"),
+                        "KPIs of the mix and cost of the probe and updates over steps"))
     for index, (method, members) in enumerate(groups.items()):
         representative = members[0]
         seed = "" if representative.seed is None else f" (seed {representative.seed})"
         figures.append((_plot_weights(representative, out / f"weights_{index:02d}_{_slug(method)}.png"),
-                        f"Mixing weights over steps: {method}{seed}"))
+                        f"Mixing weights over steps: {method}{seed} (dashed lines: alerts)"))
 
     page_title = title or f"gradmix report: {', '.join(groups)}"
     notes = []
@@ -374,9 +451,12 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str
         render_html(table),
         "<h2>Runs</h2>",
         _runs_table(runs, out),
+        "<h2>Alerts</h2>",
+        _alerts_html(runs, out),
         "<h2>Plots</h2>",
         *[f'<p class="note">{html.escape(n)}</p>' for n in notes],
         *[_figure_html(path, out, caption) for path, caption in figures if path is not None],
+        *_diagnosis_sections(runs, out),
     ]
     document = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
                 f"<title>{html.escape(page_title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
@@ -384,3 +464,152 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str
     report_path = out / "report.html"
     atomic_write(report_path, lambda fh: fh.write(document), mode="w")
     return report_path
+
+
+# -- alerts and diagnosis ---------------------------------------------------------------------------------------
+
+def _alerts_html(runs: Sequence[Run], out_dir: Path) -> str:
+    rows = []
+    for run in runs:
+        for alert in _alerts(run):
+            rows.append([_relative(run.path, out_dir), str(alert.get("step", "")), str(alert.get("kind", "")),
+                         str(alert.get("domain") or ""), str(alert.get("message", ""))])
+    if not rows:
+        return '<p class="note">No alerts (collapse, starved, overfitting, repetition) were raised.</p>'
+    shown = rows[:200]
+    note = f"{len(rows)} alert(s)" + (f"; the first {len(shown)} are listed" if len(rows) > len(shown) else "") + "."
+    return render_html(Table(header=["run", "step", "kind", "domain", "why"], rows=shown, note=note))
+
+
+def _find_diagnoses(runs: Sequence[Run], out_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    import json
+
+    seen: list[Path] = []
+    for folder in [out_dir, *(r.path for r in runs), *(r.path.parent for r in runs)]:
+        for candidate in (folder / "diagnosis.json", folder / "diagnosis" / "diagnosis.json"):
+            if candidate.is_file() and candidate.resolve() not in [p.resolve() for p in seen]:
+                seen.append(candidate)
+    found = []
+    for path in seen:
+        try:
+            found.append((path, json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _diagnosis_sections(runs: Sequence[Run], out_dir: Path) -> list[str]:
+    sections = []
+    for index, (path, diagnosis) in enumerate(_find_diagnoses(runs, out_dir)):
+        heatmap = _plot_cosine_heatmap(diagnosis, out_dir / f"diagnosis_{index:02d}_heatmap.png")
+        sections.append(f"<h2>Gradient conflict diagnosis ({html.escape(_relative(path, out_dir))})</h2>")
+        sections.append(_diagnosis_summary_html(diagnosis))
+        sections.append(_figure_html(heatmap, out_dir, "Mean cosine between the domains' gradients"))
+    return sections
+
+
+def _diagnosis_summary_html(diagnosis: dict[str, Any]) -> str:
+    rows = [
+        ["verdict", str(diagnosis.get("verdict", ""))],
+        ["c (max conflict: max over pairs of -cosine, floored at 0)", _format_number(diagnosis.get("c"), 3)],
+        ["c-bar (max positive cosine)", _format_number(diagnosis.get("c_bar"), 3)],
+        ["share of pairs with cosine < 0", _format_number(diagnosis.get("conflict_fraction"), 3)],
+        [f"share of pairs with cosine < -{diagnosis.get('threshold', 0.1)}",
+         _format_number(diagnosis.get("conflict_fraction_threshold"), 3)],
+        ["beta at the uniform mix (PiKE's bound needs > 0)", _format_number(diagnosis.get("beta_uniform"), 3)],
+        ["measurements (usable)",
+         f"{diagnosis.get('num_measurements', '')} ({diagnosis.get('usable_measurements', '')})"],
+    ]
+    table = render_html(Table(header=["quantity", "value"], rows=rows))
+    pairs = diagnosis.get("conflicting_pairs") or []
+    pair_rows = [[" / ".join(p.get("domains", [])), _format_number(p.get("cosine"), 3)] for p in pairs[:20]]
+    pair_table = render_html(Table(header=["conflicting pair", "cosine"], rows=pair_rows)) if pair_rows else ""
+    return (f"<p><strong>Recommendation.</strong> {html.escape(str(diagnosis.get('recommendation', '')))}</p>"
+            + table + pair_table)
+
+
+def _plot_cosine_heatmap(diagnosis: dict[str, Any], path: Path) -> Path | None:
+    """Two panels: the mean cosine over the run, and each pair's worst stretch (lowest rolling mean: what c is)."""
+    names = diagnosis.get("domains") or []
+    cosine = diagnosis.get("cosine")
+    if not names or not cosine:
+        return None
+    panels = [("mean over the run", cosine)]
+    if diagnosis.get("cosine_min_window"):
+        window = diagnosis.get("window")
+        panels.append((f"worst stretch ({window}-step rolling mean)", diagnosis["cosine_min_window"]))
+    size = max(4.0, 0.6 * len(names) + 2.5)
+    figure = _new_figure(size * len(panels) + 1.0, size)
+    image = None
+    for index, (title, values) in enumerate(panels):
+        matrix = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=np.float64)
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        image = axes.imshow(np.ma.masked_invalid(matrix), cmap="RdBu", vmin=-1.0, vmax=1.0)
+        axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        axes.set_yticks(range(len(names)), names)
+        if len(names) <= 16:
+            for i in range(len(names)):
+                for j in range(len(names)):
+                    if np.isfinite(matrix[i, j]):
+                        axes.text(j, i, f"{matrix[i, j]:+.2f}", ha="center", va="center", fontsize="small",
+                                  color="white" if abs(matrix[i, j]) > 0.6 else "black")
+        axes.set_title(title, fontsize="medium")
+    figure.colorbar(image, ax=figure.axes, label="cosine of the gradients")
+    figure.suptitle(f"Gradient cosines between domains (c = {_format_number(diagnosis.get('c'), 2)}, "
+                    f"c-bar = {_format_number(diagnosis.get('c_bar'), 2)})")
+    return _save(figure, path)
+
+
+def _plot_cosine_over_time(diagnosis: dict[str, Any], path: Path) -> Path | None:
+    series = diagnosis.get("cosine_over_time") or {}
+    steps = diagnosis.get("steps") or []
+    if not series or not steps:
+        return None
+    figure = _new_figure(8, 4.2)
+    axes = figure.add_subplot()
+    for pair, values in list(series.items())[:20]:
+        arr = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+        axes.plot(steps[: arr.size], arr, label=pair.replace("|", " / "), marker="." if len(steps) < 40 else None)
+    axes.axhline(0.0, color="gray", linewidth=0.8)
+    threshold = diagnosis.get("threshold")
+    if isinstance(threshold, (int, float)):
+        axes.axhline(-float(threshold), color="crimson", linewidth=0.8, linestyle="--")
+    axes.set_ylim(-1.05, 1.05)
+    axes.set_xlabel("step")
+    axes.set_ylabel("cosine (per step)")
+    axes.set_title("Per-step gradient cosines between domains (dashed: conflict threshold)")
+    axes.grid(alpha=0.3)
+    if len(series) <= 20:
+        axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    return _save(figure, path)
+
+
+def write_diagnosis_report(diagnosis: dict[str, Any], out_dir: str | Path, title: str | None = None) -> Path:
+    """``diagnosis.html`` with ``cosine_heatmap.png`` and ``cosine_over_time.png`` for a ``gradmix diagnose``
+    result (the dict written to ``diagnosis.json``). Returns the HTML path."""
+    _require_matplotlib()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    heatmap = _plot_cosine_heatmap(diagnosis, out / "cosine_heatmap.png")
+    over_time = _plot_cosine_over_time(diagnosis, out / "cosine_over_time.png")
+    page_title = title or "gradmix: gradient conflict diagnosis"
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    domains = ", ".join(str(d) for d in diagnosis.get("domains") or [])
+    body = [
+        f"<h1>{html.escape(page_title)}</h1>",
+        f'<p class="note">Domains: {html.escape(domains)}. Source: {html.escape(str(diagnosis.get("source", "")))}. '
+        f"Generated {generated}.</p>",
+        _diagnosis_summary_html(diagnosis),
+        _figure_html(heatmap, out, "Cosine between the domains' gradients: mean over the run, and each pair's worst "
+                     "stretch (the basis of c)"),
+        _figure_html(over_time, out, "Per-step cosines (noisy: few examples per domain per step)"),
+        '<p class="note">c and c-bar are the constants of PiKE\'s low gradient conflict assumption '
+        "(arXiv 2502.06244): every pairwise cosine lies in [-c, c-bar]. Estimated from the mean scale-normalised "
+        "Gramian of the run; see gradmix.diagnostics for the exact estimators.</p>",
+    ]
+    document = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+                f"<title>{html.escape(page_title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
+                + "\n".join(body) + "\n</body>\n</html>\n")
+    path = out / "diagnosis.html"
+    atomic_write(path, lambda fh: fh.write(document), mode="w")
+    return path

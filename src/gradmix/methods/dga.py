@@ -337,6 +337,8 @@ class DGA(MixingMethod):
         with np.errstate(divide="ignore"):
             self._log_base, w0 = normalize_log_weights(np.log(w0))
         super().__init__(num_domains, initial_weights=self._alpha(w0))
+        # Diagnostics of the last applied update (not state): {term: one value per weight}, None after a skip.
+        self.last_terms: dict[str, np.ndarray] | None = None
 
     # -- views -----------------------------------------------------------------------------------------------------
     @property
@@ -358,6 +360,7 @@ class DGA(MixingMethod):
 
     # -- the update ------------------------------------------------------------------------------------------------
     def _update(self, stats: DomainStats) -> np.ndarray | None:
+        self.last_terms = None
         alignment, usable = usable_alignments(stats)
         if not usable.any():
             self.last_skip_reason = "dga: no usable target alignment (all NaN/Inf or no probed examples)"
@@ -385,6 +388,13 @@ class DGA(MixingMethod):
             weights = floor_weights(weights, self.min_weight)
             log_new, weights = normalize_log_weights(np.log(weights))
         self._log_base = log_new
+        # per weight (domain, or base distribution): raw alignment <g_i, g_target>, scaled alignment, log step
+        assert scaled is not None  # exponent is finite, so scaled was not None
+        self.last_terms = {
+            "alignment": np.where(usable, alignment, np.nan),
+            "scaled_alignment": np.where(usable, scaled, np.nan),
+            "log_step": np.asarray(exponent, dtype=np.float64).copy(),
+        }
         return self._alpha(weights)
 
     # -- state -----------------------------------------------------------------------------------------------------

@@ -60,6 +60,12 @@ class FairPiKE(PiKE):
         self.tilt_power = int(tilt_power)
         self.tilt_variance = bool(tilt_variance)
 
+    def _update(self, stats: DomainStats) -> np.ndarray | None:
+        new = super()._update(stats)
+        if self.last_terms is not None:  # the tilt y_k / mean(y) behind this update (diagnostics)
+            self.last_terms["tilt"] = self._last_tilt
+        return new
+
     def _valid_domains(self, stats: DomainStats) -> np.ndarray:
         assert stats.loss is not None  # update() has already run stats.require(required_stats)
         return super()._valid_domains(stats) & np.isfinite(stats.loss)

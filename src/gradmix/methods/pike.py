@@ -236,8 +236,9 @@ class PiKE(MixingMethod):
             self._log_weights = np.log(self._weights)
         self._ema_sq_norm = np.full(self.num_domains, np.nan)
         self._ema_var = np.full(self.num_domains, np.nan)
-        # Diagnostics of the last applied update (not state): the two terms of the step, normalised.
+        # Diagnostics of the last applied update (not state): {term: per-domain values}, None after a skip.
         self.last_terms: dict[str, np.ndarray] | None = None
+        self._last_tilt: np.ndarray = np.ones(self.num_domains)
 
     # -- hooks for Fair-PiKE -------------------------------------------------------------------------------------
     def _valid_domains(self, stats: DomainStats) -> np.ndarray:
@@ -308,6 +309,12 @@ class PiKE(MixingMethod):
             new_log = self._conceptual_step(gain_stat, var_stat, valid, b)
             if new_log is None:
                 return None
+        # The terms behind the change (diagnostics, recorded by the core as ``update_terms``): the normalised
+        # ||grad L_k||^2 and sigma_k^2 / (2b) (both after the EMA and, for Fair-PiKE, the tilt) and the tilt itself.
+        assert self.last_terms is not None
+        self.last_terms["grad_sq_norm"] = np.where(valid, gain_stat, np.nan)
+        self.last_terms["variance_2b"] = np.where(valid, var_stat / (2.0 * b), np.nan)
+        self._last_tilt = np.where(valid, tilt, np.nan)
         return self._commit(new_log)
 
     def _practical_step(self, gain_stat: np.ndarray, var_stat: np.ndarray, valid: np.ndarray, b: float) -> np.ndarray:

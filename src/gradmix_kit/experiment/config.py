@@ -10,10 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["DEFAULTS", "FIELD_RULES", "load_config", "resolve_config", "parse_overrides", "ConfigError"]
+__all__ = ["DEFAULTS", "FIELD_RULES", "ConfigError", "load_config", "parse_overrides", "resolve_config"]
 
 
 class ConfigError(ValueError):
@@ -65,10 +66,20 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,
     },
     # sized so that the defaults run on the default (tiny) corpus; real corpora set their own (configs/main.toml)
-    "eval": {"continuation_items": 16, "context_tokens": 16, "continuation_tokens": 8, "num_choices": 4},
+    # metrics: your own evaluation metrics, "module:function" called as function(model, context) at every evaluation
+    # (see gradmix_kit.experiment.runner.MetricContext); lower_is_better: their names where lower is better
+    "eval": {"continuation_items": 16, "context_tokens": 16, "continuation_tokens": 8, "num_choices": 4,
+             "metrics": [], "lower_is_better": []},
+    # writers: where metrics go besides metrics.jsonl (always written: reports read it): csv, tensorboard, wandb;
+    # alerts: gradmix.alerts.AlertConfig fields; wandb / tensorboard: keyword arguments of those writers
+    "logging": {"writers": ["jsonl"], "alerts": {}, "wandb": {}, "tensorboard": {}},
     # `gradmix compare`: which methods and seeds, and per-method config overrides ({method: {section: {...}}})
     "compare": {"methods": None, "seeds": [0], "overrides": {}},
 }
+
+
+# tables whose keys are not config keys (passed on as keyword arguments; checked where they are used)
+_OPAQUE_TABLES = ("params", "probe", "overrides", "alerts", "wandb", "tensorboard")
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dict[str, Any]:
@@ -77,7 +88,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any], path: str = "") -> di
         where = f"{path}{key}"
         if key not in base:
             raise ConfigError(f"unknown config key {where!r}; known here: {sorted(base)}")
-        if isinstance(base[key], dict) and key not in ("params", "probe", "overrides"):
+        if isinstance(base[key], dict) and key not in _OPAQUE_TABLES:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {where!r} must be a table/object, got {value!r}")
             out[key] = _merge(base[key], value, where + ".")
@@ -154,6 +165,24 @@ def _table(value: Any) -> str | None:
     return None if isinstance(value, dict) else "a table / object"
 
 
+def _metric_spec(value: Any) -> str | None:
+    if isinstance(value, str) and value.count(":") == 1 and all(part.strip() for part in value.split(":")):
+        return None
+    return '"module:function"'
+
+
+def _alerts_table(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return "a table / object"
+    from gradmix.alerts import AlertConfig
+
+    try:
+        AlertConfig.from_mapping(value)
+    except (TypeError, ValueError) as exc:
+        return f"a table of alert thresholds ({exc})"
+    return None
+
+
 # dotted field -> rule; every leaf of DEFAULTS has one (checked by a test)
 FIELD_RULES: dict[str, Rule] = {
     "name": _string(),
@@ -200,6 +229,13 @@ FIELD_RULES: dict[str, Rule] = {
     "eval.context_tokens": _int(1),
     "eval.continuation_tokens": _int(1),
     "eval.num_choices": _int(2),
+    "eval.metrics": _list_of(_metric_spec, "\"module:function\" names"),
+    "eval.lower_is_better": _list_of(_string(), "metric names"),
+    "logging.writers": _list_of(_string(choices=("jsonl", "csv", "tensorboard", "wandb")),
+                                "writer names (jsonl, csv, tensorboard, wandb)"),
+    "logging.alerts": _alerts_table,
+    "logging.wandb": _table,
+    "logging.tensorboard": _table,
     "compare.methods": _list_of(_string(), "method names", optional=True),
     "compare.seeds": _list_of(_int(0), "integers >= 0"),
     "compare.overrides": _table,
@@ -272,7 +308,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
             try:
                 import tomli as tomllib  # type: ignore[no-redef]
             except ModuleNotFoundError as exc:
-                raise ConfigError("reading TOML on Python 3.10 needs `pip install tomli` (or use a .json config)") from exc
+                raise ConfigError("reading TOML on Python 3.10 needs `pip install tomli` "
+                                  "(or use a .json config)") from exc
         with path.open("rb") as fh:
             raw = tomllib.load(fh)
     elif path.suffix == ".json":
@@ -287,7 +324,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
 def _merge_raw(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(raw)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("params", "probe", "overrides"):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in _OPAQUE_TABLES:
             out[key] = _merge_raw(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -13,9 +13,10 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,15 @@ from gradmix.writers import json_safe
 from gradmix_kit.corpora.store import resolve_data_dir
 from gradmix_kit.experiment.config import ConfigError
 
-__all__ = ["PreparedData", "prepare_data", "run_experiment", "run_comparison"]
+__all__ = [
+    "MetricContext",
+    "PreparedData",
+    "load_eval_metrics",
+    "prepare_data",
+    "run_comparison",
+    "run_diagnosis",
+    "run_experiment",
+]
 
 
 @dataclass
@@ -55,6 +64,56 @@ def _import_plugins(cfg: dict[str, Any]) -> None:
             importlib.import_module(module)
         except ImportError as exc:
             raise ConfigError(f"mixing.plugins: cannot import {module!r} ({exc})") from exc
+
+
+@dataclass
+class MetricContext:
+    """What a config's own metric (``[eval] metrics = ["module:function"]``) is called with, besides the model:
+    ``function(model, context)`` returns a number or a {domain: number} mapping. The model is in eval mode and
+    gradients are off while it runs."""
+
+    step: int
+    domains: list[str]
+    tokenizer: Any
+    val_windows: dict[str, torch.Tensor]
+    val_docs: dict[str, list[list[int]]]
+    target_val: torch.Tensor | None
+    config: dict[str, Any]
+
+
+def load_eval_metrics(cfg: dict[str, Any]) -> dict[str, Callable[..., Any]]:
+    """``eval.metrics`` ("module:function") -> {function name: function}; a clear ``ConfigError`` when one cannot
+    be imported."""
+    import importlib
+
+    out: dict[str, Callable[..., Any]] = {}
+    for spec in cfg["eval"].get("metrics") or []:
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name.strip())
+        except ImportError as exc:
+            raise ConfigError(f"eval.metrics: cannot import {module_name!r} ({exc})") from exc
+        fn = getattr(module, attr.strip(), None)
+        if not callable(fn):
+            raise ConfigError(f"eval.metrics: {spec!r}: module {module_name!r} has no function {attr!r}")
+        name = attr.strip()
+        if name in out:
+            raise ConfigError(f"eval.metrics: two metrics are named {name!r}")
+        out[name] = fn
+    unknown = sorted(set(cfg["eval"].get("lower_is_better") or []) - set(out))
+    if unknown:
+        raise ConfigError(f"eval.lower_is_better names {unknown}, which are not in eval.metrics")
+    return out
+
+
+def _scalar(value: Any) -> float | None:
+    """A metric value as one number: itself, or the mean over domains of a {domain: value} mapping."""
+    if isinstance(value, dict):
+        numbers = [v for v in value.values() if isinstance(v, (int, float)) and math.isfinite(v)]
+        return float(np.mean(numbers)) if numbers and len(numbers) == len(value) else None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def _load_corpus_texts(data_cfg: dict[str, Any]) -> tuple[dict[str, list[str]], dict[str, Any]]:
@@ -114,7 +173,7 @@ def _split_docs(docs: list[str], fraction: float, seed: int, name: str) -> tuple
     if len(docs) < 2:
         raise ValueError(f"domain {name!r} has {len(docs)} document(s); a train/validation split needs >= 2")
     order = np.random.default_rng([seed, int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)]).permutation(len(docs))
-    n_val = min(len(docs) - 1, max(1, int(round(fraction * len(docs)))))
+    n_val = min(len(docs) - 1, max(1, round(fraction * len(docs))))
     val = [docs[i] for i in order[:n_val]]
     train = [docs[i] for i in order[n_val:]]
     return train, val
@@ -178,13 +237,15 @@ def prepare_data(cfg: dict[str, Any]) -> PreparedData:
         domains.append(Domain(name, windows, len(train_texts[name])))
         v_ids = encode_documents(tokenizer, val_texts[name])
         val_docs[name] = v_ids
-        val_windows[name] = pack_tokens(v_ids, window, name=f"{name} (validation)")[: cfg["train"]["eval_windows_per_domain"]]
+        val_windows[name] = pack_tokens(v_ids, window,
+                                        name=f"{name} (validation)")[: cfg["train"]["eval_windows_per_domain"]]
     train = DomainSet(domains)
 
     target_train = target_val = None
     if target_docs is not None:
         t_train, t_val = _split_docs(target_docs, 1.0 - float(data_cfg["target_train_fraction"]), split_seed, "target")
-        target_train = Domain("target", pack_tokens(encode_documents(tokenizer, t_train), window, name="target (train)"))
+        target_train = Domain("target", pack_tokens(encode_documents(tokenizer, t_train), window,
+                                                    name="target (train)"))
         target_val = pack_tokens(encode_documents(tokenizer, t_val), window,
                                  name="target (validation)")[: cfg["train"]["eval_windows_per_domain"]]
     info.update({
@@ -203,10 +264,12 @@ def prepare_data(cfg: dict[str, Any]) -> PreparedData:
 def _continuation_task(data: PreparedData, eval_cfg: dict[str, Any]) -> Any:
     from gradmix_kit.experiment.evaluation import build_continuation_task
 
-    key = tuple(sorted(eval_cfg.items()))
+    fields = ("continuation_items", "context_tokens", "continuation_tokens", "num_choices")
+    key = tuple((name, eval_cfg[name]) for name in fields)
     if key not in data._task_cache:
         data._task_cache[key] = build_continuation_task(
-            data.val_docs, num_items=int(eval_cfg["continuation_items"]), context_tokens=int(eval_cfg["context_tokens"]),
+            data.val_docs, num_items=int(eval_cfg["continuation_items"]),
+            context_tokens=int(eval_cfg["context_tokens"]),
             continuation_tokens=int(eval_cfg["continuation_tokens"]), num_choices=int(eval_cfg["num_choices"]),
             seed=0, tokenizer=data.tokenizer,
         )
@@ -276,15 +339,30 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         probe_params["preconditioner"] = optimizer
     metrics_path = run_dir / "metrics.jsonl"
     ckpt_path = run_dir / "checkpoint.pt"
-    if metrics_path.exists() and not (resume and ckpt_path.exists()):
-        metrics_path.unlink()  # a fresh start (also a resume killed before its first checkpoint): no old rows
-    mixer = Mixer(
-        data.train, mix_cfg["method"], train_cfg["batch_size"], method_params=method_params,
-        model=model, probe_params=probe_params, target=data.target_train, run_dir=run_dir,
-        update_every=mix_cfg["update_every"], warmup_steps=mix_cfg["warmup_steps"], probe_every=mix_cfg["probe_every"],
-        seed=seed, mode=mix_cfg["mode"], max_repeats=mix_cfg["max_repeats"],
-        target_batch_size=mix_cfg["target_batch_size"], log_every=mix_cfg["log_every"],
-    )
+    log_cfg = cfg.get("logging") or {"writers": ["jsonl"], "alerts": {}, "wandb": {}, "tensorboard": {}}
+    writer_names = ["jsonl"] + [w for w in log_cfg["writers"] if w != "jsonl"]  # reports read metrics.jsonl
+    fresh = not (resume and ckpt_path.exists())
+    if fresh:  # a fresh start (also a resume killed before its first checkpoint): no old rows
+        import shutil
+
+        for old in (metrics_path, run_dir / "metrics.csv"):
+            if old.exists():
+                old.unlink()
+        if (run_dir / "tensorboard").is_dir():
+            shutil.rmtree(run_dir / "tensorboard")
+    eval_metrics = load_eval_metrics(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MixingWarning)  # alerts at the start are recorded in metrics.jsonl instead
+        mixer = Mixer(
+            data.train, mix_cfg["method"], train_cfg["batch_size"], method_params=method_params,
+            model=model, probe_params=probe_params, target=data.target_train, run_dir=run_dir,
+            writers=[w for w in writer_names if w in ("jsonl", "csv")], eval_metrics=eval_metrics,
+            alerts=log_cfg.get("alerts") or None,
+            update_every=mix_cfg["update_every"], warmup_steps=mix_cfg["warmup_steps"],
+            probe_every=mix_cfg["probe_every"],
+            seed=seed, mode=mix_cfg["mode"], max_repeats=mix_cfg["max_repeats"],
+            target_batch_size=mix_cfg["target_batch_size"], log_every=mix_cfg["log_every"],
+        )
     resolved = dict(cfg)
     resolved["method"] = mix_cfg["method"]
     resolved["method_params"] = mix_cfg.get("params") or {}
@@ -300,6 +378,17 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
     if resume and ckpt_path.exists():
         mixer.resume(ckpt_path, model=model, optimizer=optimizer)  # load, then drop rows logged after it
         start = mixer.step_count
+    # writers that cannot truncate files are built after the resume: TensorBoard purges the steps after it
+    from gradmix.writers import make_writers
+
+    options: dict[str, dict[str, Any]] = {
+        "tensorboard": dict(log_cfg.get("tensorboard") or {}),
+        "wandb": {"config": json_safe(resolved), "name": f"{cfg['name']}-{mix_cfg['method']}-s{seed}",
+                  **dict(log_cfg.get("wandb") or {})},
+    }
+    if start:
+        options["tensorboard"].setdefault("purge_step", start + 1)
+    mixer.writers.extend(make_writers([w for w in writer_names if w in ("tensorboard", "wandb")], run_dir, options))
 
     steps = int(cfg["steps"])
     eval_every = int(train_cfg["eval_every"])
@@ -320,6 +409,16 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
             out["target_val_loss"] = evaluate_loss(model, {"target": data.target_val})["target"]
         if step == steps and cfg["eval"]["continuation_items"]:
             out["val_accuracy"] = evaluate_continuation(model, _continuation_task(data, cfg["eval"]))
+        if eval_metrics:
+            context = MetricContext(step, list(data.train.names), data.tokenizer, data.val_windows, data.val_docs,
+                                    data.target_val, cfg)
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    out["eval_metrics"] = mixer.compute_eval_metrics(model, context)
+            finally:
+                model.train(was_training)
         return out
 
     step_times: list[float] = []
@@ -376,10 +475,13 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
     if bar is not None:
         bar.close()
     mixer.save_checkpoint(ckpt_path, model=model, optimizer=optimizer)
+    mixer.close()
 
     if stopped_early is not None and mixer.step_count not in (0, start) and \
             mixer.step_count % eval_every != 0:  # evaluate the model as the data left it
         last_eval = evaluate(mixer.step_count)
+    if "val_loss" not in last_eval:  # resumed from a checkpoint at (or after the last evaluation before) the end
+        last_eval = evaluate(mixer.step_count)  # found by scripts/crash_sweep.py: a kill before summary.json
     if "val_accuracy" not in last_eval and cfg["eval"]["continuation_items"]:  # resumed after the last step
         last_eval["val_accuracy"] = evaluate_continuation(model, _continuation_task(data, cfg["eval"]))
     accuracy = last_eval.get("val_accuracy", {})
@@ -398,6 +500,16 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         "events": len([r for r in mixer.history if r.get("events")]),
         "steps_done": mixer.step_count,
     }
+    alerts = [a for r in _read_records(metrics_path) for a in (r.get("alerts") or [])]
+    summary["alerts"] = len(alerts)
+    if alerts:
+        kinds: dict[str, int] = {}
+        for alert in alerts:
+            kinds[str(alert.get("kind"))] = kinds.get(str(alert.get("kind")), 0) + 1
+        summary["alert_kinds"] = kinds
+    if "eval_metrics" in last_eval:
+        summary["eval_metrics"] = {name: _scalar(value) for name, value in last_eval["eval_metrics"].items()}
+        summary["eval_metrics_lower_is_better"] = list(cfg["eval"].get("lower_is_better") or [])
     if stopped_early is not None:
         summary["stopped_early"] = stopped_early
     if accuracy:
@@ -412,8 +524,14 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
 
             write_report([run_dir], run_dir, title=f"{cfg['name']} - {mix_cfg['method']} (seed {seed})")
         except ImportError as exc:  # matplotlib is optional
-            warnings.warn(f"no plots written: {exc}")
+            warnings.warn(f"no plots written: {exc}", stacklevel=2)
     return summary
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    from gradmix.writers import JsonlWriter
+
+    return JsonlWriter(path).read()
 
 
 def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[int], out_dir: str | Path, *,
@@ -459,3 +577,109 @@ def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[
     from gradmix_kit.report import write_report
 
     return write_report([out_dir / r for r in runs], out_dir, title=f"{cfg['name']}: method comparison")
+
+
+def run_diagnosis(cfg: dict[str, Any], out_dir: str | Path, *, steps: int = 30, checkpoint: str | Path | None = None,
+                  threshold: float = 0.1, data: PreparedData | None = None, progress: bool = True,
+                  write_page: bool = True) -> dict[str, Any]:
+    """``gradmix diagnose``: measure the Gramian of the domains' gradients on ``steps`` steps of the config's model
+    and data, then ``gradmix.diagnostics.diagnose`` it.
+
+    Without ``checkpoint``: a short training run from scratch (the config's optimizer settings and learning-rate
+    schedule over ``steps`` steps, a uniform mix so every domain is measured alike) whose every step goes through a
+    ``GradientProbe(gram=True)`` (the config's ``mixing.probe`` settings apply, e.g. ``parameters = "last:4"``).
+    With ``checkpoint`` (a ``checkpoint.pt`` of ``gradmix run`` with the same model config, or any file
+    ``gradmix.checkpoint`` wrote with a ``model`` entry): the model is loaded and probed on ``steps`` batches
+    without training. Writes ``diagnosis.json``, ``cosine_heatmap.png``, ``cosine_over_time.png`` and
+    ``diagnosis.html`` into ``out_dir``; returns the diagnosis as a dict.
+    """
+    from gradmix.checkpoint import load_checkpoint_file
+    from gradmix.diagnostics import diagnose
+    from gradmix.probe import GradientProbe
+    from gradmix.sampler import MixtureSampler
+    from gradmix_kit.experiment.model import GPT, GPTConfig, per_example_loss
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"diagnose: --steps must be a positive integer, got {steps!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    data = data or prepare_data(cfg)
+    names = list(data.train.names)
+    if len(names) < 2:
+        raise ValueError(f"diagnose needs at least 2 domains; the config has {names}")
+    seed = int(cfg["seed"])
+    torch.manual_seed(seed)
+    train_cfg, mix_cfg = cfg["train"], cfg["mixing"]
+    model = GPT(GPTConfig(vocab_size=data.vocab_size, context_length=data.train.window_tokens, **cfg["model"]))
+    source = "training from scratch"
+    if checkpoint is not None:
+        state = load_checkpoint_file(checkpoint)
+        if "model" not in state:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} holds no model state")
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit the config's model: {exc}") from None
+        source = f"checkpoint {checkpoint} (no training)"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"],
+                                  betas=(0.9, 0.95))
+    probe_params = dict(mix_cfg.get("probe") or {})
+    probe_params.pop("precondition_with_adam", None)
+    probe_params.pop("preconditioner", None)
+    probe_params["gram"] = True
+    probe = GradientProbe(model, **probe_params)
+    k = len(names)
+    sampler = MixtureSampler(data.train.sizes, train_cfg["batch_size"], np.full(k, 1.0 / k), seed=seed,
+                             domain_names=names, shuffle=data.train.shuffle)
+    grams, measured_steps, losses = [], [], []
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, desc=f"{cfg['name']}:diagnose", leave=False, dynamic_ncols=True)
+        except ImportError:
+            bar = None
+    started = time.perf_counter()
+    for step in range(steps):
+        domains, examples = sampler.next_arrays()
+        batch = data.train.gather(domains, examples)
+        result = probe.backward(batch, batch["domain"].long(), k, per_example_loss, measure=True)
+        if checkpoint is None:
+            lr = _lr_at(step, steps, train_cfg["lr"], train_cfg["warmup_steps"], train_cfg["min_lr_ratio"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if train_cfg.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if result is not None and result.gram is not None:
+            grams.append(result.gram)
+            measured_steps.append(step + 1)
+            losses.append(result.mean_loss)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    diagnosis = diagnose(grams, names, steps=measured_steps, threshold=threshold)
+    record = json_safe(diagnosis.to_dict())
+    record.update({
+        "source": source,
+        "config": cfg.get("name"),
+        "batch_size": int(train_cfg["batch_size"]),
+        "probe": json_safe({k_: v for k_, v in probe_params.items()}),
+        "probed_parameters": probe.num_probed,
+        "train_loss": [None if not math.isfinite(v) else float(v) for v in losses],
+        "wall_time_s": time.perf_counter() - started,
+    })
+    write_json_atomic(out / "diagnosis.json", record)
+    if write_page:
+        try:
+            from gradmix_kit.report import write_diagnosis_report
+
+            write_diagnosis_report(record, out, title=f"{cfg['name']}: gradient conflict diagnosis")
+        except ImportError as exc:  # matplotlib is optional
+            warnings.warn(f"no diagnosis page written: {exc}", stacklevel=2)
+    return record
