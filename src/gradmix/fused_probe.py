@@ -76,7 +76,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, TypeGuard, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -84,7 +84,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gradmix.probe import BackwardFn, GradientProbe, LossFn, ParameterSpec, select_parameters
+from gradmix.probe import (
+    BackwardFn,
+    GradientProbe,
+    LossFn,
+    ParameterSpec,
+    _default_backward,
+    _distributed_active,
+    _is_ddp,
+    average_gradients,
+    select_parameters,
+)
 from gradmix.stats import Measurement
 
 __all__ = ["FusedGradientProbe", "fused_coverage", "make_probe"]
@@ -102,18 +112,6 @@ if _RMSNorm is not None:
 
 _BUCKET_BYTES = 32 * 1024 * 1024
 _UNCOVERED = ("auto", "skip", "fallback", "error")
-
-
-def _default_backward(loss: torch.Tensor) -> None:
-    loss.backward()
-
-
-def _distributed_active() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _is_ddp(model: nn.Module) -> TypeGuard[nn.parallel.DistributedDataParallel]:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
 def _module_roles(module: nn.Module) -> tuple[dict[str, str] | None, str | None]:
@@ -1109,36 +1107,7 @@ class FusedGradientProbe:
             view.div_(second.sqrt().add_(self.eps))
 
     def _average_gradients(self, world: int) -> None:
-        """All-reduce-average every trainable parameter's ``.grad`` (bucketed), as DDP would."""
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
-        dist.all_reduce(has_grad, group=self.process_group)
-        with torch.no_grad():
-            for p, flag in zip(params, has_grad.tolist()):
-                if flag > 0 and p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in params if p.grad is not None]
-            buckets: list[list[torch.Tensor]] = []
-            size = 0
-            for grad in grads:
-                if (
-                    not buckets
-                    or size + grad.numel() * grad.element_size() > _BUCKET_BYTES
-                    or buckets[-1][0].dtype != grad.dtype
-                    or buckets[-1][0].device != grad.device
-                ):
-                    buckets.append([])
-                    size = 0
-                buckets[-1].append(grad)
-                size += grad.numel() * grad.element_size()
-            for bucket in buckets:
-                flat = torch.cat([grad.reshape(-1) for grad in bucket])
-                dist.all_reduce(flat, group=self.process_group)
-                flat.div_(world)
-                offset = 0
-                for grad in bucket:
-                    grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-                    offset += grad.numel()
+        average_gradients(self.module, world, self.device, self.process_group)
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
@@ -1184,26 +1153,4 @@ def _per_example_losses(loss_fn: LossFn, model: nn.Module, batch: Mapping, n: in
     return losses
 
 
-def _check_inputs(batch, groups, num_groups) -> int:
-    if not isinstance(batch, Mapping):
-        raise TypeError(f"batch must be a mapping of tensors, got {type(batch).__name__}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
-        raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
-    if not isinstance(groups, torch.Tensor) or groups.dim() != 1:
-        raise ValueError(
-            f"groups must be a 1-D tensor of group ids, got {getattr(groups, 'shape', type(groups).__name__)}"
-        )
-    if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
-        raise ValueError(f"groups must hold integer group ids, got dtype {groups.dtype}")
-    n = int(groups.shape[0])
-    if n == 0:
-        raise ValueError("empty batch: groups has no entries")
-    low, high = int(groups.min()), int(groups.max())
-    if low < 0 or high >= num_groups:
-        bad = low if low < 0 else high
-        raise ValueError(f"groups contains id {bad}, outside 0..{num_groups - 1} (num_groups={num_groups})")
-    if not any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for v in batch.values()):
-        raise ValueError(
-            f"no tensor in the batch has leading dimension {n} (= len(groups)); keys: {sorted(map(str, batch.keys()))}"
-        )
-    return n
+_check_inputs = GradientProbe._check_inputs  # the same input checks as the micro-batch probe

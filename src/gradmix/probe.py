@@ -663,38 +663,7 @@ class GradientProbe:
             offset += p.numel()
 
     def _average_gradients(self, world: int) -> None:
-        """All-reduce-average every trainable parameter's ``.grad`` (bucketed), as DDP would."""
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        if any(p.grad is not None and p.grad.is_sparse for p in params):
-            raise NotImplementedError("GradientProbe cannot average sparse gradients")
-        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
-        dist.all_reduce(has_grad, group=self.process_group)
-        with torch.no_grad():
-            for p, flag in zip(params, has_grad.tolist()):
-                if flag > 0 and p.grad is None:
-                    p.grad = torch.zeros_like(p)  # another rank has a gradient here: contribute zero
-            grads = [p.grad for p in params if p.grad is not None]
-            buckets: list[list[torch.Tensor]] = []
-            size = 0
-            for grad in grads:
-                if (
-                    not buckets
-                    or size + grad.numel() * grad.element_size() > _BUCKET_BYTES
-                    or buckets[-1][0].dtype != grad.dtype
-                    or buckets[-1][0].device != grad.device
-                ):
-                    buckets.append([])
-                    size = 0
-                buckets[-1].append(grad)
-                size += grad.numel() * grad.element_size()
-            for bucket in buckets:
-                flat = torch.cat([grad.reshape(-1) for grad in bucket])
-                dist.all_reduce(flat, group=self.process_group)
-                flat.div_(world)
-                offset = 0
-                for grad in bucket:
-                    grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-                    offset += grad.numel()
+        average_gradients(self.module, world, self.device, self.process_group)
 
     # -- checks ---------------------------------------------------------------------------------------------------
     @staticmethod
@@ -738,3 +707,38 @@ def _per_example_losses(loss_fn: LossFn, model: nn.Module, batch: Mapping, n: in
 
 def _loss_result(loss_sums: np.ndarray, counts: np.ndarray) -> ProbeResult:
     return Measurement.from_sums(loss_sums, counts)
+
+
+def average_gradients(module: nn.Module, world: int, device: torch.device, process_group: Any = None) -> None:
+    """All-reduce-average every trainable parameter's ``.grad`` (bucketed), as DDP would."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if any(p.grad is not None and p.grad.is_sparse for p in params):
+        raise NotImplementedError("gradmix cannot average sparse gradients")
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(has_grad, group=process_group)
+    with torch.no_grad():
+        for p, flag in zip(params, has_grad.tolist()):
+            if flag > 0 and p.grad is None:
+                p.grad = torch.zeros_like(p)  # another rank has a gradient here: contribute zero
+        grads = [p.grad for p in params if p.grad is not None]
+        buckets: list[list[torch.Tensor]] = []
+        size = 0
+        for grad in grads:
+            if (
+                not buckets
+                or size + grad.numel() * grad.element_size() > _BUCKET_BYTES
+                or buckets[-1][0].dtype != grad.dtype
+                or buckets[-1][0].device != grad.device
+            ):
+                buckets.append([])
+                size = 0
+            buckets[-1].append(grad)
+            size += grad.numel() * grad.element_size()
+        for bucket in buckets:
+            flat = torch.cat([grad.reshape(-1) for grad in bucket])
+            dist.all_reduce(flat, group=process_group)
+            flat.div_(world)
+            offset = 0
+            for grad in bucket:
+                grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
