@@ -12,8 +12,9 @@ import json
 import os
 import sys
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -149,7 +150,7 @@ class TransformerEmbedder:
         if self._model is not None:
             return
         try:
-            import torch  # noqa: F401
+            import torch
             from transformers import AutoModel, AutoTokenizer
         except ImportError as exc:
             raise ModelUnavailableError(

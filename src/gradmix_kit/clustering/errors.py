@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ClusterError", "ModelUnavailableError", "INSTALL_HINT"]
+__all__ = ["INSTALL_HINT", "ClusterError", "ModelUnavailableError"]
 
 INSTALL_HINT = "pip install gradmix[cluster]"
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,10 +24,10 @@ from gradmix_kit.clustering.errors import INSTALL_HINT as _INSTALL_HINT
 from gradmix_kit.clustering.errors import ClusterError, ModelUnavailableError
 
 __all__ = [
-    "KMEANS_METHODS",
     "COARSE_METHODS",
-    "Clustering",
+    "KMEANS_METHODS",
     "ClusterResult",
+    "Clustering",
     "assign_to_clusters",
     "check_embeddings",
     "check_k",
@@ -125,7 +126,7 @@ def cluster_embeddings(emb: Any, k: int, seed: int = 0, method: str = "kmeans", 
     # Predict with the final centres, then recompute exact means: scikit-learn's labels come from the last
     # assignment step, its centres from the one before, and coarse clustering relies on centroid == member mean.
     labels = estimator.predict(points).astype(np.int64)
-    centroids, sizes = _means(points, labels, k, weights)
+    centroids, _sizes = _means(points, labels, k, weights)
     counts = np.bincount(labels, minlength=k)
     diffs = points - np.nan_to_num(centroids)[labels]
     w = np.ones(points.shape[0]) if weights is None else weights
@@ -186,7 +187,8 @@ def _drop_empty(clustering: Clustering, level: str, warn: list[str]) -> tuple[np
         return clustering.labels, clustering.centroids
     warn.append(
         f"{level}: {clustering.k - keep.size} of {clustering.k} clusters came out empty (fewer distinct points "
-        f"than k, e.g. duplicate texts, or centres mini-batch k-means left unused) and were dropped; {keep.size} {level} clusters remain "
+        f"than k, e.g. duplicate texts, or centres mini-batch k-means left unused) and were dropped; "
+        f"{keep.size} {level} clusters remain "
         f"(dropped original ids {clustering.empty_clusters[:20]})"
     )
     new_id = np.full(clustering.k, -1, dtype=np.int64)

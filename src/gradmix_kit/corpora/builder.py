@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from gradmix_kit.corpora.errors import CorpusError
 from gradmix_kit.corpora.fetch import (
@@ -32,10 +33,10 @@ from gradmix_kit.corpora.store import (
     MANIFEST_NAME,
     DomainRecord,
     Manifest,
+    default_data_dir,
     find_corrupt_files,
     read_jsonl,
     read_manifest,
-    default_data_dir,
     resolve_data_dir,
     write_jsonl,
     write_manifest,
@@ -130,7 +131,7 @@ class SourceFetcher:
                 close()
         self._opened.clear()
 
-    def __enter__(self) -> "SourceFetcher":
+    def __enter__(self) -> SourceFetcher:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

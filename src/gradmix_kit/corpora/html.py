@@ -9,8 +9,8 @@ topic-sized documents.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from html.parser import HTMLParser
-from typing import Iterable
 
 __all__ = ["html_to_sections"]
 

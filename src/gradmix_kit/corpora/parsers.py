@@ -10,9 +10,10 @@ from __future__ import annotations
 import html as html_lib
 import re
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
+
 from gradmix_kit.corpora.text import group_units, normalize_text
 
 __all__ = [
@@ -219,7 +220,7 @@ def parse_gcide(dict_text: str) -> list[GcideEntry]:
         for m in _GCIDE_ENTRY_START.finditer(dict_text)
         if m.start() == 0 or not _previous_line(dict_text, m.start()).strip()
     ]
-    for begin, end in zip(starts, starts[1:] + [len(dict_text)]):
+    for begin, end in zip(starts, [*starts[1:], len(dict_text)]):
         raw = dict_text[begin:end]
         headword = raw.split("\\", 1)[0].strip()
         if not headword or headword.startswith("00-database"):

@@ -23,9 +23,9 @@ import bz2
 import gzip
 import platform
 import sysconfig
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping, Sequence
 
 from gradmix_kit.corpora.errors import CorpusError
 from gradmix_kit.corpora.fetch import FetchedSource
@@ -43,13 +43,13 @@ from gradmix_kit.corpora.parsers import (
 from gradmix_kit.corpora.text import DEFAULT_MAX_DOC_CHARS, chunk_text
 
 __all__ = [
-    "CorpusSpec",
-    "DomainSpec",
-    "PackageSource",
     "CORPORA",
     "DASHER_LANGUAGES",
     "DEBIAN_REFERENCE_LANGUAGES",
     "TARGET_LABELS",
+    "CorpusSpec",
+    "DomainSpec",
+    "PackageSource",
 ]
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from gradmix_kit.corpora.errors import CorpusError
 
@@ -89,7 +90,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "manifest") -> "Manifest":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "manifest") -> Manifest:
         try:
             version = int(data["format_version"])
             if version != MANIFEST_FORMAT_VERSION:

@@ -2,7 +2,8 @@
 each), for smoke runs, examples and tests that must work without network.
 
 Files: ``gradmix_kit/data/tiny/<domain>.txt``, documents separated by a line holding only ``<|doc|>``, read by
-``gradmix.sources.read_documents`` like any other text source; the folder's README.txt names sources and licenses. ``write_tiny_corpus`` regenerates the files from the registry packages
+``gradmix.sources.read_documents`` like any other text source; the folder's README.txt names sources and licenses.
+``write_tiny_corpus`` regenerates the files from the registry packages
 (deterministic for the same package versions and Python version).
 """
 

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 __all__ = [
+    "NORMALIZATIONS",
     "ContinuationItems",
     "ContinuationTask",
-    "NORMALIZATIONS",
     "build_continuation_task",
     "evaluate_continuation",
     "evaluate_loss",
@@ -193,7 +193,7 @@ def _build_domain_items(
             )
         distractors = picked[1:]
         answer = int(answers[item])
-        ordered = distractors[:answer] + [picked[0]] + distractors[answer:]
+        ordered = [*distractors[:answer], picked[0], *distractors[answer:]]
         choices[item] = np.stack(ordered)
 
     num_chars = None

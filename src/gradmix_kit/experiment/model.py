@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPTConfig", "GPT", "per_example_loss"]
+__all__ = ["GPT", "GPTConfig", "per_example_loss"]
 
 
 @dataclass

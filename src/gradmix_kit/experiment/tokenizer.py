@@ -16,10 +16,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 __all__ = [
     "END_OF_TEXT",
-    "train_bpe_tokenizer",
-    "save_tokenizer",
-    "load_tokenizer",
     "encode_documents",
+    "load_tokenizer",
+    "save_tokenizer",
+    "train_bpe_tokenizer",
 ]
 
 END_OF_TEXT = "<|endoftext|>"
@@ -117,4 +117,4 @@ def encode_documents(
     encodings = tokenizer.encode_batch(docs, add_special_tokens=False)
     if eot_id is None:
         return [list(enc.ids) for enc in encodings]
-    return [list(enc.ids) + [eot_id] for enc in encodings]
+    return [[*list(enc.ids), eot_id] for enc in encodings]
