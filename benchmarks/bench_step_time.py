@@ -24,17 +24,26 @@ import time
 CONFIGS = {
     # name: (method, K, update_every, probe_params, method_params)
     "uniform": ("uniform", 6, 20, {}, {}),
-    "pike T0=20 (default probe: micro_batches, all params)": ("pike", 6, 20, {}, {}),
-    "fair_pike T0=20 (default probe)": ("fair_pike", 6, 20, {}, {}),
+    "pike T0=20 (default probe: fused)": ("pike", 6, 20, {}, {}),
+    "pike T0=20 (micro-batch probe)": ("pike", 6, 20, {"fused": False}, {}),
+    "fair_pike T0=20 (default probe: fused)": ("fair_pike", 6, 20, {}, {}),
+    "fair_pike T0=20 (micro-batch probe)": ("fair_pike", 6, 20, {"fused": False}, {}),
     "uniform K=16": ("uniform", 16, 20, {}, {}),
-    "dga K=16 T_r=20 (default probe)": ("dga", 16, 20, {}, {}),
+    "dga K=16 T_r=20 (default probe: fused)": ("dga", 16, 20, {}, {}),
+    "dga K=16 T_r=20 (micro-batch probe)": ("dga", 16, 20, {"fused": False}, {}),
+    "uniform K=64": ("uniform", 64, 20, {}, {}),
+    "dga K=64 T_r=20 (default probe: fused)": ("dga", 64, 20, {}, {}),
 }
 
 
 PAIRS = {
-    "pike K=6 T0=20": ("uniform", "pike T0=20 (default probe: micro_batches, all params)"),
-    "fair_pike K=6 T0=20": ("uniform", "fair_pike T0=20 (default probe)"),
-    "dga K=16 T_r=20": ("uniform K=16", "dga K=16 T_r=20 (default probe)"),
+    "pike K=6 T0=20": ("uniform", "pike T0=20 (default probe: fused)"),
+    "pike K=6 T0=20 micro": ("uniform", "pike T0=20 (micro-batch probe)"),
+    "fair_pike K=6 T0=20": ("uniform", "fair_pike T0=20 (default probe: fused)"),
+    "fair_pike K=6 T0=20 micro": ("uniform", "fair_pike T0=20 (micro-batch probe)"),
+    "dga K=16 T_r=20": ("uniform K=16", "dga K=16 T_r=20 (default probe: fused)"),
+    "dga K=16 T_r=20 micro": ("uniform K=16", "dga K=16 T_r=20 (micro-batch probe)"),
+    "dga K=64 T_r=20": ("uniform K=64", "dga K=64 T_r=20 (default probe: fused)"),
 }
 
 

@@ -129,8 +129,11 @@ class Mixer:
         method: a method name from the registry (``gradmix.register_method`` adds yours) or a ``MixingMethod``.
         batch_size: global batch size (examples per optimizer step, all ranks and micro-batches together).
         method_params: keyword arguments for the method (``sizes`` is filled in for methods that need it).
-        model: the model, needed when the method uses gradient statistics (a ``GradientProbe`` is built for it).
-        probe: a ready ``GradientProbe`` (overrides ``model``); probe_params: arguments for the one built here.
+        model: the model, needed when the method uses gradient statistics: the probe built for it is
+            ``gradmix.fused_probe.make_probe(model, **probe_params)`` - the one-backward ``FusedGradientProbe``
+            where the model's layers allow it (cost flat in the number of domains), else the micro-batch
+            ``GradientProbe``; ``probe_params={"fused": False}`` asks for the micro-batch probe.
+        probe: a ready probe (overrides ``model``); probe_params: arguments for the one built here.
         target: the target set for DGA-style methods: a domain, or a tensor of token windows.
         run_dir: where ``metrics.jsonl`` goes (rank 0 only); None = keep records in memory only (``history``).
         writers: metrics writers: objects with ``write(record)`` and/or names ``"jsonl"``, ``"csv"``,
@@ -259,9 +262,9 @@ class Mixer:
                 raise ValueError(
                     f"method {self.method.name!r} needs gradient statistics: pass model=... (or probe=...)"
                 )
-            from gradmix.probe import GradientProbe
+            from gradmix.fused_probe import make_probe
 
-            self.probe = GradientProbe(model, **dict(probe_params or {}))
+            self.probe = make_probe(model, **dict(probe_params or {}))
 
         groups = self.method.probe_groups()
         self._groups = None if groups is None else torch.as_tensor(np.asarray(groups), dtype=torch.long)
@@ -371,9 +374,9 @@ class Mixer:
         if self._observed:
             raise RuntimeError("mixer.observe() and mixer.backward() cannot be mixed within one optimizer step")
         if self.probe is None:
-            from gradmix.probe import GradientProbe
+            from gradmix.fused_probe import make_probe
 
-            self.probe = GradientProbe(model)
+            self.probe = make_probe(model)
         first = self._micro == 0
         final = self._begin_micro("mixer.backward()")
         plan = self._plan

@@ -382,6 +382,21 @@ class FusedGradientProbe:
         self._session = None
         self._delegate.reset()
 
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this probe (``rebind``)."""
+        return {
+            **self._delegate.settings(),
+            "parameters": [name for name, _ in self.selected],
+            "uncovered": self.uncovered,
+            "max_skipped_fraction": self.max_skipped_fraction,
+            "exact_global": self.exact_global,
+            "chunk_bytes": self.chunk_bytes,
+        }
+
+    def rebind(self, model: nn.Module) -> FusedGradientProbe:
+        """The same probe for another wrapper of the same module (a framework's DDP wrapper built after the probe)."""
+        return FusedGradientProbe(model, **self.settings())
+
     # -- coverage policy ------------------------------------------------------------------------------------------
     def _apply_policy(self, reasons: dict[str, str], at_runtime: bool) -> None:
         if not reasons:

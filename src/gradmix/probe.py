@@ -370,6 +370,23 @@ class GradientProbe:
         """Drop a half-done accumulation (e.g. after skipping a step)."""
         self._session = None
 
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this probe (``rebind``)."""
+        return {
+            "parameters": [name for name, _ in self.named_parameters],
+            "num_splits": self.num_splits,
+            "gram": self.gram,
+            "preconditioner": self.preconditioner,
+            "eps": self.eps,
+            "sync_gradients": self.sync_gradients,
+            "process_group": self.process_group,
+            "bias_correction": self.bias_correction,
+        }
+
+    def rebind(self, model: nn.Module) -> GradientProbe:
+        """The same probe for another wrapper of the same module (a framework's DDP wrapper built after the probe)."""
+        return type(self)(model, **self.settings())
+
     @property
     def accumulating(self) -> bool:
         """True between a non-final call and the final one."""

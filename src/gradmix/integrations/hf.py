@@ -340,18 +340,7 @@ class MixingTrainerMixin(_TrainerBase):
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         if probe is None or probe.model is model or probe.accumulating or not ddp or model.module is not probe.module:
             return
-        from gradmix.probe import GradientProbe
-
-        self.mixer.probe = GradientProbe(
-            model,
-            parameters=[name for name, _ in probe.named_parameters],
-            num_splits=probe.num_splits,
-            gram=probe.gram,
-            preconditioner=probe.preconditioner,
-            eps=probe.eps,
-            sync_gradients=probe.sync_gradients,
-            bias_correction=probe.bias_correction,
-        )
+        self.mixer.probe = probe.rebind(model)
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None

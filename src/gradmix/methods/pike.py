@@ -398,7 +398,12 @@ class PiKE(MixingMethod):
                 self._log_weights = np.log(self._weights)
         else:
             log_weights = _from_json_floats(state["log_weights"], self.num_domains, "log_weights", -np.inf)
-            self._log_weights, _ = normalize_log_weights(log_weights)  # keep the checkpointed weights bit-exact
+            with np.errstate(over="ignore"):
+                total = float(np.exp(log_weights).sum())
+            if abs(total - 1.0) <= 1e-12:  # saved normalised: load as is (renormalising again moves the last bit)
+                self._log_weights = log_weights
+            else:  # a hand-made state: renormalise
+                self._log_weights, _ = normalize_log_weights(log_weights)
         self._ema_sq_norm = _from_json_floats(
             state.get("ema_grad_sq_norm"), self.num_domains, "ema_grad_sq_norm", np.nan
         )
