@@ -15,7 +15,7 @@ from gradmix_kit.corpora import build_corpus, build_target, load_corpus
 build_corpus("domains", max_docs_per_domain=1500)
 Path("runs").mkdir(exist_ok=True)
 with open("runs/generic_domains.jsonl", "w") as fh:
-    for domain, texts in load_corpus("domains").items():
+    for domain, texts in load_corpus("domains", max_docs_per_domain=1500).items():
         for t in texts[:$DOCS]:
             fh.write(json.dumps({"text": t}) + "\n")
 docs = build_target("medical")

@@ -228,3 +228,25 @@ def test_missing_plugin_is_one_line(tmp_path, capsys):
     cfg = write(tmp_path, 'steps = 3\n[mixing]\nplugins = ["no_such_plugin_module"]\n')
     assert main(["run", str(cfg), "--out", str(tmp_path / "r")]) == 2
     assert "mixing.plugins: cannot import 'no_such_plugin_module'" in one_line_error(capsys)
+
+
+def test_compare_runs_named_variants_of_one_method_side_by_side(tmp_path):
+    cfg = write(tmp_path, """
+steps = 4
+[mixing]
+update_every = 2
+[compare]
+methods = ["pike", "pike_big_step"]
+seeds = [0]
+[compare.overrides.pike_big_step.mixing]
+method = "pike"
+params = {zeta1 = 1.0, zeta2 = 1.0}
+""", "variants.toml")
+    out = tmp_path / "cmp"
+    assert main(["compare", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    variant = json.loads((out / "pike_big_step-seed0" / "config.json").read_text())
+    assert variant["method"] == "pike" and variant["label"] == "pike_big_step"
+    assert variant["method_params"]["zeta1"] == 1.0
+    plain = json.loads((out / "pike-seed0" / "config.json").read_text())
+    assert plain["label"] == "pike" and plain["method_params"].get("zeta1") != 1.0
+    assert "pike_big_step" in (out / "comparison.md").read_text()

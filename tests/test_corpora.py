@@ -29,6 +29,7 @@ from gradmix_kit.corpora import (
     available_targets,
     build_corpus,
     build_target,
+    corpus_folder,
     default_data_dir,
     load_corpus,
     load_manifest,
@@ -440,14 +441,14 @@ def test_build_multilingual_from_synthetic_package(tmp_path: Path) -> None:
     fetcher = FakeFetcher({"dasher-data": _dasher_package(tmp_path)})
     data = tmp_path / "data"
     manifest = build_corpus("multilingual", data, languages=["en", "el", "zh"], fetcher=fetcher)
-    docs = load_corpus("multilingual", data)
+    docs = load_corpus("multilingual", data, languages=["en", "el", "zh"])
     assert list(docs) == ["en", "el", "zh"] == list(manifest.domains)
     english_lines = [f"English sentence number {i} talks about the weather and tea." for i in range(120)]
     assert "\n".join(docs["en"]) == "\n".join(english_lines)  # chunks at line breaks, nothing lost or added
     assert all(len(d) <= manifest.params["max_doc_chars"] for d in docs["en"])
     assert len(docs["el"]) == 1 and "<" not in docs["zh"][0]
     for name, record in manifest.domains.items():
-        path = data / "multilingual" / record.file
+        path = corpus_folder("multilingual", data, languages=["en", "el", "zh"]) / record.file
         assert record.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
         assert record.num_docs == len(docs[name]) and record.num_chars == sum(map(len, docs[name]))
         assert (record.source_package, record.source_version) == ("dasher-data", "5.0-test")
@@ -462,28 +463,50 @@ def test_build_fast_path_rebuild_on_corruption_and_parameter_change(tmp_path: Pa
     again = build_corpus("multilingual", data, languages=["en", "el"], fetcher=fetcher)
     assert again == first and len(fetcher.calls) == 2  # valid cache: nothing fetched, same manifest
 
-    en_file = data / "multilingual" / "en.jsonl"
+    folder = corpus_folder("multilingual", data, languages=["en", "el"])
+    assert folder.parent == data and folder.name.startswith("multilingual-")  # not the default languages
+    en_file = folder / "en.jsonl"
     en_file.write_text('{"text": "tampered"}\n', encoding="utf-8")
     with pytest.raises(CorpusError, match="damaged"):
-        load_corpus("multilingual", data)
-    assert load_corpus("multilingual", data, verify=False)["en"] == ["tampered"]
+        load_corpus(folder)
+    assert load_corpus(folder, verify=False)["en"] == ["tampered"]
     rebuilt = build_corpus("multilingual", data, languages=["en", "el"], fetcher=fetcher)
     assert len(fetcher.calls) == 4
     assert rebuilt.domains == first.domains  # deterministic: same files, same checksums
 
+    # other parameters build beside the first build: nothing of it is replaced or deleted
     capped = build_corpus("multilingual", data, languages=["en"], max_docs_per_domain=1, fetcher=fetcher)
     assert capped.num_docs == {"en": 1}
-    assert not (data / "multilingual" / "el.jsonl").exists()  # stale domain file removed
-    assert sorted(p.name for p in (data / "multilingual").iterdir()) == ["en.jsonl", MANIFEST_NAME]
+    capped_folder = corpus_folder("multilingual", data, languages=["en"], max_docs_per_domain=1)
+    assert capped_folder != folder
+    assert sorted(p.name for p in capped_folder.iterdir() if not p.name.startswith(".")) == ["en.jsonl", MANIFEST_NAME]
+    assert load_corpus(folder) == load_corpus(folder, verify=True) and set(load_corpus(folder)) == {"en", "el"}
 
 
 def test_build_rebuilds_when_manifest_is_garbage(tmp_path: Path) -> None:
     fetcher = FakeFetcher({"dasher-data": _dasher_package(tmp_path)})
     data = tmp_path / "data"
     build_corpus("multilingual", data, languages=["el"], fetcher=fetcher)
-    (data / "multilingual" / MANIFEST_NAME).write_text("garbage", encoding="utf-8")
+    (corpus_folder("multilingual", data, languages=["el"]) / MANIFEST_NAME).write_text("garbage", encoding="utf-8")
     manifest = build_corpus("multilingual", data, languages=["el"], fetcher=fetcher)
     assert len(fetcher.calls) == 2 and manifest.num_docs == {"el": 1}
+
+
+@pytest.mark.parametrize("manifest", [None, "other", "garbage"])
+def test_a_custom_folder_under_a_corpus_name_is_never_rebuilt_or_deleted(tmp_path: Path, manifest) -> None:
+    fetcher = FakeFetcher({"dasher-data": _dasher_package(tmp_path)})
+    data = tmp_path / "data"
+    folder = corpus_folder("multilingual", data, languages=["el"])
+    folder.mkdir(parents=True)
+    (folder / "mine.jsonl").write_text('{"text": "my own data"}\n', encoding="utf-8")
+    if manifest == "other":
+        (folder / MANIFEST_NAME).write_text(json.dumps({"corpus": "my_corpus", "domains": {}, "params": {}}))
+    elif manifest == "garbage":
+        (folder / MANIFEST_NAME).write_text("garbage", encoding="utf-8")
+    before = sorted((p.name, p.read_bytes()) for p in folder.iterdir())
+    with pytest.raises(CorpusError, match="did not|not made"):
+        build_corpus("multilingual", data, languages=["el"], fetcher=fetcher)
+    assert sorted((p.name, p.read_bytes()) for p in folder.iterdir()) == before and fetcher.calls == []
 
 
 def _zip(path: Path, members: dict[str, bytes]) -> Path:
@@ -604,8 +627,8 @@ def test_load_corpus_errors_and_paths(tmp_path: Path) -> None:
         load_corpus(str(tmp_path / "nowhere"), tmp_path)
     fetcher = FakeFetcher({"dasher-data": _dasher_package(tmp_path)})
     build_corpus("multilingual", tmp_path / "d", languages=["el"], fetcher=fetcher)
-    folder = tmp_path / "d" / "multilingual"
-    by_name = load_corpus("multilingual", tmp_path / "d")
+    folder = corpus_folder("multilingual", tmp_path / "d", languages=["el"])
+    by_name = load_corpus("multilingual", tmp_path / "d", languages=["el"])
     assert load_corpus(folder) == by_name == load_corpus(folder / MANIFEST_NAME)
     assert load_manifest(folder).corpus == "multilingual"
 

@@ -140,7 +140,9 @@ class Run:
 
     @property
     def method(self) -> str:
-        return str(self.config.get("method") or self.summary.get("method") or _parse_folder_name(self.path)[0])
+        """The name runs are grouped by: the config's label (a named variant of a method), else the method."""
+        return str(self.config.get("label") or self.config.get("method") or self.summary.get("method")
+                   or _parse_folder_name(self.path)[0])
 
     @property
     def seed(self) -> int | None:

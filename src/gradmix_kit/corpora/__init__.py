@@ -2,7 +2,7 @@
 
     >>> from gradmix_kit.corpora import build_corpus, load_corpus
     >>> manifest = build_corpus("domains", max_docs_per_domain=500)   # fetches once, then cached
-    >>> docs = load_corpus("domains")                                  # {"encyclopedia": [...], "news": [...], ...}
+    >>> docs = load_corpus("domains", max_docs_per_domain=500)         # {"encyclopedia": [...], "news": [...], ...}
 
 Corpora (``available_corpora()``): ``multilingual`` (Dasher texts, uneven language sizes), ``multilingual_ref``
 (the Debian Reference in 8 languages), ``domains`` (encyclopedia, news, legal, technical, code, dictionary,
@@ -20,6 +20,7 @@ from gradmix_kit.corpora.builder import (
     available_targets,
     build_corpus,
     build_target,
+    corpus_folder,
     default_data_dir,
     load_corpus,
     load_manifest,
@@ -41,6 +42,7 @@ __all__ = [
     "available_targets",
     "build_corpus",
     "build_target",
+    "corpus_folder",
     "default_data_dir",
     "load_corpus",
     "load_manifest",

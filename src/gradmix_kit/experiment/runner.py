@@ -28,6 +28,7 @@ from gradmix.sources import Domain, DomainSet, pack_tokens, read_documents
 from gradmix.writers import json_safe
 from gradmix_kit.corpora.store import resolve_data_dir
 from gradmix_kit.experiment.config import ConfigError
+from gradmix_kit.experiment.provenance import corpus_record, record_differences
 
 __all__ = [
     "MetricContext",
@@ -123,6 +124,9 @@ def _load_corpus_texts(data_cfg: dict[str, Any]) -> tuple[dict[str, list[str]], 
 
     corpus = data_cfg["corpus"]
     data_dir = resolve_data_dir(data_cfg.get("data_dir"))
+    if data_cfg.get("languages") is not None and corpus not in corpora.available_corpora():
+        raise ConfigError(f"data.languages is set, but data.corpus {corpus!r} is not a multilingual corpus built by "
+                          "gradmix (choose a custom folder's domains with data.domains)")
     if corpus == "tiny":
         return corpora.load_tiny_corpus(), {"corpus": "tiny (built in)"}
     path = Path(str(corpus)).expanduser()
@@ -137,9 +141,17 @@ def _load_corpus_texts(data_cfg: dict[str, Any]) -> tuple[dict[str, list[str]], 
     if corpus not in known:
         raise ConfigError(f"data.corpus {corpus!r} is neither a known corpus nor an existing folder; known corpora: "
                           f"{', '.join(known)}")
-    manifest = corpora.build_corpus(corpus, data_dir, max_docs_per_domain=data_cfg.get("max_docs_per_domain"))
-    texts = corpora.load_corpus(corpus, data_dir)
-    return texts, {"corpus": corpus, "data_dir": str(data_dir), "manifest": _jsonable(manifest)}
+    build = {"max_docs_per_domain": data_cfg.get("max_docs_per_domain"), "languages": data_cfg.get("languages")}
+    if build["languages"] is not None and not corpora.available_languages(corpus):
+        raise ConfigError(f"data.languages is set, but corpus {corpus!r} has no languages to choose (the multilingual "
+                          "corpora have)")
+    try:
+        manifest = corpora.build_corpus(corpus, data_dir, **build)
+    except corpora.CorpusError as exc:
+        raise ConfigError(f"data.corpus {corpus!r}: {exc}") from exc
+    texts = corpora.load_corpus(corpus, data_dir, **build)
+    return texts, {"corpus": corpus, "data_dir": str(data_dir), "folder": str(corpora.corpus_folder(corpus, data_dir,
+                   **build)), "manifest": _jsonable(manifest)}
 
 
 def _load_target_texts(data_cfg: dict[str, Any]) -> list[str]:
@@ -248,6 +260,9 @@ def prepare_data(cfg: dict[str, Any]) -> PreparedData:
                                                     name="target (train)"))
         target_val = pack_tokens(encode_documents(tokenizer, t_val), window,
                                  name="target (validation)")[: cfg["train"]["eval_windows_per_domain"]]
+    info["corpus_record"] = corpus_record(
+        train_texts, val_texts, corpus=str(data_cfg["corpus"]), manifest=info.get("manifest"), target=target_docs,
+        target_name=None if data_cfg.get("target") is None else str(data_cfg["target"]), threads=cfg.get("threads"))
     info.update({
         "domains": train.names,
         "train_windows": dict(zip(train.names, train.sizes)),
@@ -365,6 +380,7 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         )
     resolved = dict(cfg)
     resolved["method"] = mix_cfg["method"]
+    resolved["label"] = mix_cfg.get("label") or mix_cfg["method"]
     resolved["method_params"] = mix_cfg.get("params") or {}
     resolved["domains"] = data.train.names
     resolved["batch_size"] = train_cfg["batch_size"]
@@ -542,23 +558,32 @@ def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[
 
     out_dir = Path(out_dir)
     _import_plugins(cfg)
+    def method_of(label: str) -> str:
+        """A compared name is a method, or a label whose ``compare.overrides.<label>.mixing.method`` names one
+        (variants of one method side by side, e.g. PiKE at two step sizes)."""
+        return str(((method_overrides or {}).get(label, {}).get("mixing") or {}).get("method", label))
+
     for method in methods:
-        method_class(method)  # an unknown name fails before any training
+        method_class(method_of(method))  # an unknown name fails before any training
     out_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg)
     log(f"data: {json.dumps(data.info.get('train_windows'))} train windows per domain")
+    record = data.info["corpus_record"]
+    write_json_atomic(out_dir / "corpus_record.json", record)
+    check_corpus_record(cfg, record, log)
     runs = []
     for method in methods:
         for seed in seeds:
             run_cfg = copy.deepcopy(cfg)
             run_cfg["seed"] = int(seed)
-            run_cfg["mixing"]["method"] = method
+            run_cfg["mixing"]["method"] = method_of(method)
+            run_cfg["mixing"]["label"] = None if method_of(method) == method else method
             overrides = (method_overrides or {}).get(method, {})
             if overrides:
                 from gradmix_kit.experiment.config import _merge_raw, resolve_config
 
                 run_cfg = resolve_config(_merge_raw(run_cfg, overrides))
-            elif method != cfg["mixing"]["method"]:
+            elif method_of(method) != cfg["mixing"]["method"]:
                 run_cfg["mixing"]["params"] = {}
             if method_class(run_cfg["mixing"]["method"]).needs_target and data.target_train is None:
                 raise ValueError(f"method {method!r} needs a target set: set data.target in the config")
@@ -577,6 +602,30 @@ def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[
     from gradmix_kit.report import write_report
 
     return write_report([out_dir / r for r in runs], out_dir, title=f"{cfg['name']}: method comparison")
+
+
+def check_corpus_record(cfg: dict[str, Any], record: dict[str, Any], log: Callable[[str], None] = print) -> list[str]:
+    """Compare this run's corpus record with ``data.expected_corpus`` (a ``corpus_record.json`` stored beside a
+    results table); warn, naming each difference, when they differ. Returns the differences."""
+    path = cfg["data"].get("expected_corpus")
+    if not path:
+        return []
+    recorded_path = Path(str(path)).expanduser()
+    if not recorded_path.is_file():
+        message = (f"data.expected_corpus {str(path)!r} does not exist (relative paths are read from the current "
+                   "folder): nothing to compare this run's corpus with")
+        warnings.warn(message, stacklevel=2)
+        log(f"WARNING: {message}")
+        return [message]
+    differences = record_differences(json.loads(recorded_path.read_text()), record)
+    if differences:
+        message = (f"this corpus or software differs from the one recorded in {path}, so the numbers will not "
+                   "match the recorded table exactly: " + "; ".join(differences))
+        warnings.warn(message, stacklevel=2)
+        log(f"WARNING: {message}")
+    else:
+        log(f"corpus and software match the record in {path}")
+    return differences
 
 
 def run_diagnosis(cfg: dict[str, Any], out_dir: str | Path, *, steps: int = 30, checkpoint: str | Path | None = None,
