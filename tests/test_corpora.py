@@ -751,11 +751,13 @@ def test_real_multilingual_slice_and_uneven_full_sizes(real_data_dir: Path) -> N
     assert list(manifest.domains) == ["en", "es", "de", "fr", "ru", "fi", "tr", "el"]
     assert manifest.num_docs == {lang: 5 for lang in manifest.domains}
     assert all(r.source_package == "dasher-data" and r.source_version for r in manifest.domains.values())
-    docs = load_corpus("multilingual", real_data_dir)
+    docs = load_corpus("multilingual", real_data_dir, max_docs_per_domain=5)
     assert re.search(r"[\u0391-\u03c9]", docs["el"][0]) and re.search(r"[\u0430-\u044f]", docs["ru"][0])
     assert build_corpus("multilingual", real_data_dir, max_docs_per_domain=5) == manifest  # cached
 
     full = build_corpus("multilingual", real_data_dir)
+    assert corpus_folder("multilingual", real_data_dir).name == "multilingual"  # defaults: the plain name
+    assert load_corpus("multilingual", real_data_dir)["el"] != docs["el"]  # both builds kept, side by side
     chars = full.num_chars
     assert max(chars.values()) > 10 * min(chars.values())  # uneven on purpose
     assert chars["es"] > chars["de"] > chars["en"] > chars["el"]
@@ -765,7 +767,7 @@ def test_real_multilingual_slice_and_uneven_full_sizes(real_data_dir: Path) -> N
 def test_real_multilingual_ref_slice(real_data_dir: Path) -> None:
     manifest = build_corpus("multilingual_ref", real_data_dir, max_docs_per_domain=8, languages=["en", "ja"])
     assert manifest.num_docs == {"en": 8, "ja": 8}
-    docs = load_corpus("multilingual_ref", real_data_dir)
+    docs = load_corpus("multilingual_ref", real_data_dir, max_docs_per_domain=8, languages=["en", "ja"])
     assert any("Debian" in d for d in docs["en"])
     assert any(re.search(r"[\u3040-\u30ff]", d) for d in docs["ja"])
 
@@ -778,7 +780,7 @@ def test_real_domains_slice_and_medical_target(real_data_dir: Path) -> None:
         "gensim", "licensedcode-data", "python3.11-doc", "python", "dict-gcide", "fortunes",
     }  # fmt: skip
     assert manifest.domains["legal"].source_version == "32.1.0"
-    docs = load_corpus("domains", real_data_dir)
+    docs = load_corpus("domains", real_data_dir, max_docs_per_domain=10)
     assert any("def " in d or "import " in d for d in docs["code"])
     medical = build_target("medical", real_data_dir, max_docs=20)
     assert len(medical) == 20

@@ -85,3 +85,15 @@ def test_languages_on_a_corpus_without_languages_is_a_clear_error(tmp_path, caps
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "data.languages" in err and "domains" in err
+
+
+@pytest.mark.integration
+def test_data_languages_choose_the_languages_of_a_real_multilingual_corpus():
+    cfg = load_config(SMOKE, {"data": {"corpus": "multilingual", "languages": ["fi", "tr"], "max_docs_per_domain": 6,
+                                       "tokenizer_docs_per_domain": 6}})
+    data = prepare_data(cfg)
+    assert data.train.names == ["fi", "tr"]
+    record = data.info["corpus_record"]
+    assert set(record["domains"]) == {"fi", "tr"}
+    assert all(d["source"].startswith("dasher-data ") for d in record["domains"].values())
+    assert data.info["folder"].endswith(tuple("0123456789abcdef"))  # its own folder, beside the default build

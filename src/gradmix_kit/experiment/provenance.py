@@ -37,6 +37,18 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _cpu_model() -> str | None:
+    """The CPU model (its vector units decide which kernels torch runs, hence the float rounding)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def corpus_record(
     train: Mapping[str, Sequence[str]],
     val: Mapping[str, Sequence[str]],
@@ -69,6 +81,7 @@ def corpus_record(
         **{package: _version(package) for package in _PACKAGES},
         "torch_threads": threads if threads else torch.get_num_threads(),
         "machine": platform.machine(),
+        "cpu": _cpu_model(),
     }
     return record
 
