@@ -803,3 +803,14 @@ def test_real_build_is_deterministic(tmp_path: Path, real_data_dir: Path) -> Non
 def test_real_fetch_wheel_unknown_package_names_it(tmp_path: Path) -> None:
     with pytest.raises(FetchError, match="gradmix-no-such-package-xyz==1.0.0"):
         fetch_wheel("gradmix-no-such-package-xyz", "1.0.0", tmp_path)
+
+
+def test_read_documents_normalises_separators_and_rejects_non_string_text(tmp_path: Path) -> None:
+    sep = TINY_DOC_SEPARATOR
+    (tmp_path / "crlf.txt").write_bytes(f"one\r\n  {sep}  \r\ntwo\r\nlines\r\n{sep}\r\nthree\r\n".encode())
+    assert read_documents(tmp_path / "crlf.txt") == ["one", "two\nlines", "three"]
+    (tmp_path / "blank.txt").write_bytes(b"first\r\n\r\nsecond\r\n")
+    assert read_documents(tmp_path / "blank.txt") == ["first", "second"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": 42}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'text' must be a string, got int"):
+        read_documents(tmp_path / "bad.jsonl")

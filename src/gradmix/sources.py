@@ -127,13 +127,24 @@ def read_documents(path: str | Path) -> list[str]:
                     text = record["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as exc:
                     raise DocumentSplitError(f"{path}:{line_no}: expected a JSON object with a 'text' field") from exc
+                if not isinstance(text, str):
+                    raise DocumentSplitError(
+                        f"{path}:{line_no}: field 'text' must be a string, got {type(text).__name__} {text!r:.60}"
+                    )
                 if text.strip():
                     docs.append(text)
         return docs
-    text = path.read_text(encoding="utf-8")
-    if any(line.strip() == DOC_SEPARATOR for line in text.splitlines()):
-        parts = [p.strip("\n") for p in text.split(f"\n{DOC_SEPARATOR}\n")]
-        parts = [p.replace(DOC_SEPARATOR, "") for p in parts]
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")  # Windows line ends split like Unix ones
+    lines = text.split("\n")
+    if any(line.strip() == DOC_SEPARATOR for line in lines):
+        parts, current = [], []
+        for line in lines:  # a separator line may carry surrounding spaces
+            if line.strip() == DOC_SEPARATOR:
+                parts.append("\n".join(current).strip("\n"))
+                current = []
+            else:
+                current.append(line)
+        parts.append("\n".join(current).strip("\n"))
     else:
         parts = [p.strip() for p in text.split("\n\n")]
     return [p for p in parts if p.strip()]
