@@ -4,8 +4,8 @@
     torchrun --standalone --nproc_per_node 2 examples/torchrun_fsdp.py --out runs/fsdp --steps 30 --resume
 
 Every rank draws its share of the same global batch from the Mixer's sampler; on measuring steps the
-``ShardedGradientProbe`` reads per-domain statistics from the local gradient shards and all-reduces a few scalars, so
-every rank computes the same weights. Every 10 steps a checkpoint folder ``OUT/checkpoints/step-NNNNNN`` holds the
+``ShardedGradientProbe`` (the probe a Mixer builds for an FSDP2 model) reads per-domain statistics from the local
+gradient shards and all-reduces a few scalars, so every rank computes the same weights. Every 10 steps a checkpoint folder ``OUT/checkpoints/step-NNNNNN`` holds the
 model and optimizer shards (torch.distributed.checkpoint) and the Mixer state; ``--resume`` continues from the newest
 complete one (it may be written by another number of ranks: DCP re-shards, the sampler keeps the global batches).
 ``--stop-at M`` leaves right after the checkpoint of step M as if killed. Metrics: ``OUT/metrics.jsonl`` (rank 0).
@@ -28,7 +28,6 @@ from torch.distributed.fsdp import fully_shard
 
 from gradmix import Mixer
 from gradmix.integrations.fsdp import (
-    ShardedGradientProbe,
     latest_checkpoint,
     load_sharded_checkpoint,
     save_sharded_checkpoint,
@@ -72,7 +71,8 @@ def main() -> None:
 
     domains = byte_domains(args.domains.split(","), args.data_dir)
     mixer = Mixer(domains, "pike", batch_size=args.batch_size, method_params={"min_weight": 0.05},
-                  probe=ShardedGradientProbe(model, num_splits=args.num_splits), update_every=5, log_every=1,
+                  model=model, probe_params={"num_splits": args.num_splits},  # FSDP2 model: a ShardedGradientProbe
+                  update_every=5, log_every=1,
                   seed=0, run_dir=out)
     if args.resume:
         folder = latest_checkpoint(out)

@@ -181,7 +181,8 @@ def _sharded(model: nn.Module) -> bool:
 def make_probe(model: nn.Module, *, fused: bool | str = "auto", **params: Any):
     """The probe a Mixer builds: ``FusedGradientProbe`` where the model allows it, else ``GradientProbe``.
 
-    ``fused``: ``"auto"`` (default) - the fused probe unless the model is sharded (FSDP / DTensor parameters) or
+    ``fused``: ``"auto"`` (default) - the fused probe unless the model is sharded (FSDP2 / DTensor parameters: the
+    ``ShardedGradientProbe``; FSDP1 flat parameters: the micro-batch probe) or
     its hooks statically cover too little of the selected parameters (more than ``max_skipped_fraction`` of the
     scalars uncovered), in which case the micro-batch probe; ``True`` - always the fused probe (which still falls back
     at run time according to ``uncovered``); ``False`` - always the micro-batch probe. ``params`` go to the probe
@@ -199,6 +200,10 @@ def make_probe(model: nn.Module, *, fused: bool | str = "auto", **params: Any):
     if fused == "auto":
         module: nn.Module = cast(nn.Module, model.module) if _is_ddp(model) else model
         if _sharded(module):
+            if any(type(p).__name__ == "DTensor" for p in module.parameters()):  # FSDP2: statistics from shards
+                from gradmix.integrations.fsdp import ShardedGradientProbe
+
+                return ShardedGradientProbe(model, **params)
             return GradientProbe(model, **params)
         named = select_parameters(module, params.get("parameters"))
         _, reasons = _static_coverage(module, named)

@@ -137,7 +137,8 @@ def read_documents(path: str | Path) -> list[str]:
     text = path.read_text(encoding="utf-8").replace("\r\n", "\n")  # Windows line ends split like Unix ones
     lines = text.split("\n")
     if any(line.strip() == DOC_SEPARATOR for line in lines):
-        parts, current = [], []
+        parts: list[str] = []
+        current: list[str] = []
         for line in lines:  # a separator line may carry surrounding spaces
             if line.strip() == DOC_SEPARATOR:
                 parts.append("\n".join(current).strip("\n"))
