@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from gradmix import Mixer
+from gradmix.sources import DomainSet
 from gradmix_kit.corpora import load_tiny_corpus
 from gradmix_kit.experiment.model import GPT, GPTConfig, per_example_loss
 from gradmix_kit.experiment.tokenizer import train_bpe_tokenizer
-from gradmix.sources import DomainSet
 
 
 def main() -> None:
