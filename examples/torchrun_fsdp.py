@@ -6,9 +6,10 @@
 Every rank draws its share of the same global batch from the Mixer's sampler; on measuring steps the
 ``ShardedGradientProbe`` (the probe a Mixer builds for an FSDP2 model) reads per-domain statistics from the local
 gradient shards and all-reduces a few scalars, so every rank computes the same weights. Every 10 steps a checkpoint
-folder ``OUT/checkpoints/step-NNNNNN`` holds the model and optimizer shards (torch.distributed.checkpoint) and the Mixer state; ``--resume`` continues from the newest
-complete one (it may be written by another number of ranks: DCP re-shards, the sampler keeps the global batches).
-``--stop-at M`` leaves right after the checkpoint of step M as if killed. Metrics: ``OUT/metrics.jsonl`` (rank 0).
+folder ``OUT/checkpoints/step-NNNNNN`` holds the model and optimizer shards (torch.distributed.checkpoint) and the
+Mixer state; ``--resume`` continues from the newest complete one (it may be written by another number of ranks: DCP
+re-shards, the sampler keeps the global batches). ``--stop-at M`` leaves right after the checkpoint of step M as if
+killed. Metrics: ``OUT/metrics.jsonl`` (rank 0).
 """
 
 from __future__ import annotations
