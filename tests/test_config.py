@@ -250,3 +250,11 @@ params = {zeta1 = 1.0, zeta2 = 1.0}
     plain = json.loads((out / "pike-seed0" / "config.json").read_text())
     assert plain["label"] == "pike" and plain["method_params"].get("zeta1") != 1.0
     assert "pike_big_step" in (out / "comparison.md").read_text()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_a_device_the_machine_lacks_is_one_line(tmp_path, capsys):
+    assert main(["run", str(SMOKE), "--out", str(tmp_path / "r"), "--set", 'device="cuda"']) == 2
+    assert "CUDA is not available" in one_line_error(capsys)
+    assert main(["run", str(SMOKE), "--out", str(tmp_path / "r"), "--set", 'device="toaster"']) == 2
+    assert "not a torch device" in one_line_error(capsys)

@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "steps": 200,
     "threads": 0,  # torch threads; 0 = torch's default
+    "device": "cpu",  # where the model trains: "cpu", "cuda", "cuda:1", "mps"
     "data": {
         "corpus": "tiny",  # tiny | multilingual | domains | ... (gradmix_kit.corpora) | a folder of <domain>.jsonl/.txt
         "data_dir": None,  # where corpora are built/cached (default: $GRADMIX_DATA or ~/.cache/gradmix)
@@ -192,6 +193,7 @@ FIELD_RULES: dict[str, Rule] = {
     "seed": _int(0),
     "steps": _int(1),
     "threads": _int(0),
+    "device": _string(),
     "data.corpus": _string(),
     "data.data_dir": _string(optional=True),
     "data.domains": _list_of(_string(), "domain names", optional=True),

@@ -154,6 +154,21 @@ def _load_corpus_texts(data_cfg: dict[str, Any]) -> tuple[dict[str, list[str]], 
                    **build)), "manifest": _jsonable(manifest)}
 
 
+def _device(cfg: dict[str, Any]) -> torch.device:
+    """The config's ``device``, checked before any training: a clear error when it is not there."""
+    try:
+        device = torch.device(str(cfg.get("device") or "cpu"))
+    except RuntimeError as exc:
+        raise ConfigError(f"device {cfg.get('device')!r} is not a torch device ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r}: CUDA is not available on this machine (use device = \"cpu\")")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {str(device)!r}: MPS is not available on this machine")
+    return device
+
+
 def _load_target_texts(data_cfg: dict[str, Any]) -> list[str]:
     target = data_cfg["target"]
     path = Path(str(target)).expanduser()
@@ -345,7 +360,8 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
     train_cfg, mix_cfg = cfg["train"], cfg["mixing"]
     window = data.train.window_tokens
 
-    model = GPT(GPTConfig(vocab_size=data.vocab_size, context_length=window, **cfg["model"]))
+    device = _device(cfg)
+    model = GPT(GPTConfig(vocab_size=data.vocab_size, context_length=window, **cfg["model"])).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"],
                                   betas=(0.9, 0.95))
     method_params = _method_params(mix_cfg, cfg["data"], data)
@@ -460,6 +476,8 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
                 log_stop = f"{cfg['name']}:{mix_cfg['method']}:s{seed}: {stopped_early}"
                 warnings.warn(log_stop, RuntimeWarning, stacklevel=1)
                 break
+            if device.type != "cpu":
+                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             measured = mixer.backward(model, batch, per_example_loss)
             if measured is not None and not math.isfinite(measured.mean_loss):
                 stopped_early = diverged = f"step {step + 1}: the run diverged (training loss {measured.mean_loss})"
