@@ -795,13 +795,17 @@ class FusedGradientProbe:
             step = max(1, self.chunk_bytes // max(1, n * cols * _size(dtype)))
             for start in range(0, rows_total, step):
                 stop = min(rows_total, start + step)
-                block = torch.zeros(n, stop - start, cols, dtype=dtype, device=self.device)
+                rows_block: torch.Tensor | None = None  # the first batched matmul allocates it (no zero fill)
                 for kind, x, g in terms:
+                    if kind == "linear" and x.shape[1] > 1:
+                        product = g[:, :, start:stop].transpose(1, 2)
+                        rows_block = torch.bmm(product, x) if rows_block is None else rows_block.baddbmm_(product, x)
+                        continue
+                    if rows_block is None:
+                        rows_block = torch.zeros(n, stop - start, cols, dtype=dtype, device=self.device)
+                    block = rows_block
                     if kind == "linear":
-                        if x.shape[1] == 1:
-                            block.add_(g[:, 0, start:stop, None] * x[:, 0, None, :])
-                        else:
-                            block.baddbmm_(g[:, :, start:stop].transpose(1, 2), x)
+                        block.add_(g[:, 0, start:stop, None] * x[:, 0, None, :])
                     else:
                         ex = torch.arange(n, device=x.device).repeat_interleave(x.shape[1])
                         ids = x.reshape(-1)
@@ -809,7 +813,8 @@ class FusedGradientProbe:
                         block.view(-1, cols).index_add_(
                             0, ex[keep] * (stop - start) + (ids[keep] - start), g.reshape(-1, cols)[keep]
                         )
-                self._sink(call, session, p, offset, block.view(n, -1), slice(start, stop), gt)
+                assert rows_block is not None  # terms is never empty
+                self._sink(call, session, p, offset, rows_block.reshape(n, -1), slice(start, stop), gt)
 
     def _blocks(self, call: _Call) -> torch.Tensor:
         """(B, b_max) example indices of the sets whose pairwise products the single-call statistics need - one row
