@@ -206,6 +206,25 @@ def _split_docs(docs: list[str], fraction: float, seed: int, name: str) -> tuple
     return train, val
 
 
+def _top_up_validation(name: str, train_texts: dict[str, list[str]], val_texts: dict[str, list[str]], tokenizer: Any,
+                       window: int) -> None:
+    """Every domain needs one validation window: when its held-out documents are shorter than that (small clusters
+    of short documents), move training documents to validation, last of the split first, until they fill one; a
+    domain too small for one training and one validation window stays an error (raised by ``pack_tokens``)."""
+    from gradmix_kit.experiment.tokenizer import encode_documents
+
+    def tokens(docs: list[str]) -> int:
+        return sum(len(ids) for ids in encode_documents(tokenizer, docs))
+
+    moved = 0
+    while tokens(val_texts[name]) < window + 1 and len(train_texts[name]) > 1:
+        val_texts[name] = [train_texts[name].pop(), *val_texts[name]]
+        moved += 1
+    if moved:
+        warnings.warn(f"domain {name!r}: {moved} training document(s) moved to validation so that it holds one "
+                      f"validation window of {window + 1} tokens", stacklevel=2)
+
+
 def _tokenizer_for(train_texts: dict[str, list[str]], data_cfg: dict[str, Any], cache_root: Path) -> Any:
     from gradmix_kit.experiment.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 
@@ -257,6 +276,7 @@ def prepare_data(cfg: dict[str, Any]) -> PreparedData:
     val_docs: dict[str, list[list[int]]] = {}
     cap = data_cfg.get("max_train_windows_per_domain")
     for name in texts:
+        _top_up_validation(name, train_texts, val_texts, tokenizer, window)
         ids = encode_documents(tokenizer, train_texts[name])
         windows = pack_tokens(ids, window, name=name)
         if cap:
@@ -329,6 +349,20 @@ def _method_params(mix_cfg: dict[str, Any], data_cfg: dict[str, Any], data: Prep
         if missing:
             raise ValueError(f"{found} has no target count for domains {missing}")
         params["target_counts"] = [by_name[d] for d in data.train.names]
+    reference_run = params.pop("reference_run", None)
+    if method == "doremi" and "reference_loss" not in params:
+        if reference_run is None:
+            raise ValueError("method 'doremi' needs reference losses: set mixing.params.reference_loss = [...] (one "
+                             "per domain) or mixing.params.reference_run = a finished run folder (its final "
+                             "validation losses; gradmix compare uses its uniform run of the same seed)")
+        summary_path = Path(str(reference_run)) / "summary.json"
+        if not summary_path.is_file():
+            raise ValueError(f"mixing.params.reference_run {str(reference_run)!r} has no summary.json (not finished?)")
+        reference = json.loads(summary_path.read_text()).get("final_val_loss") or {}
+        missing = [d for d in data.train.names if not isinstance(reference.get(d), (int, float))]
+        if missing:
+            raise ValueError(f"reference run {str(reference_run)!r} has no validation loss for domains {missing}")
+        params["reference_loss"] = [float(reference[d]) for d in data.train.names]
     return params
 
 
@@ -603,6 +637,13 @@ def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[
                 run_cfg = resolve_config(_merge_raw(run_cfg, overrides))
             elif method_of(method) != cfg["mixing"]["method"]:
                 run_cfg["mixing"]["params"] = {}
+            params = run_cfg["mixing"]["params"]
+            if run_cfg["mixing"]["method"] == "doremi" and not {"reference_loss", "reference_run"} & set(params):
+                # DoReMi's reference model: the uniform run of the same seed (Xie et al. train it on the uniform mix)
+                if "uniform" not in methods or list(methods).index("uniform") > list(methods).index(method):
+                    raise ValueError(f"{method!r} (DoReMi) needs a reference: compare 'uniform' before it, or set "
+                                     "mixing.params.reference_loss / reference_run")
+                params["reference_run"] = str(out_dir / f"uniform-seed{seed}")
             if method_class(run_cfg["mixing"]["method"]).needs_target and data.target_train is None:
                 raise ValueError(f"method {method!r} needs a target set: set data.target in the config")
             name = f"{method}-seed{seed}"
