@@ -258,3 +258,30 @@ def test_a_device_the_machine_lacks_is_one_line(tmp_path, capsys):
     assert "CUDA is not available" in one_line_error(capsys)
     assert main(["run", str(SMOKE), "--out", str(tmp_path / "r"), "--set", 'device="toaster"']) == 2
     assert "not a torch device" in one_line_error(capsys)
+
+
+def test_doremi_takes_its_reference_from_the_uniform_run_of_the_same_seed(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", str(SMOKE), "--methods", "uniform,doremi", "--seeds", "0", "--set", "steps=4",
+            "--set", "mixing.update_every=2", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    config = json.loads((out / "doremi-seed0" / "config.json").read_text())
+    assert config["method_params"]["reference_run"] == str(out / "uniform-seed0")
+    args[3] = "doremi"  # no uniform run to take the reference from
+    assert main(args) == 2
+    assert "needs a reference" in one_line_error(capsys)
+
+
+def test_a_domain_too_short_for_a_validation_window_borrows_training_documents(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    long_docs = [" ".join(f"word{i} and more words here" for i in range(40)) for _ in range(12)]
+    (corpus / "long.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in long_docs))
+    short_docs = [f"tiny note number {i} is short." for i in range(40)]
+    (corpus / "short.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in short_docs))
+    cfg = load_config(SMOKE, {"data": {"corpus": str(corpus), "holdout_fraction": 0.05}})
+    from gradmix_kit.experiment.runner import prepare_data
+
+    with pytest.warns(UserWarning, match="domain 'short': .* moved to validation"):
+        data = prepare_data(cfg)
+    assert data.val_windows["short"].shape[0] >= 1 and data.train.sizes[data.train.names.index("short")] >= 1
