@@ -8,7 +8,8 @@
 #   literature  every document of the literature source (fortunes; held out)
 # For each k and target: MiniLM + k-means clusters with the target's histogram (`gradmix cluster --target`, the
 # embeddings are cached, so the clustering is the same for every target at one k), then uniform / importance / DGA
-# over seeds 0-2 (`configs/bench_dga.toml`). Extra arguments after `--` go to every `gradmix compare`.
+# over seeds 0-2 (`configs/bench_dga.toml`). Extra arguments after `--` go to every `gradmix compare`; the comparison
+# folders are runs/bench_dga_<target>_k<K> (prefix: $DGA_RUNS).
 set -euo pipefail
 KS=()
 EXTRA=()
@@ -38,11 +39,11 @@ for name, texts in targets.items():
 PY
 for K in "${KS[@]}"; do
   for TARGET in medical news literature; do
-    OUT="runs/dga_${TARGET}_k${K}"
+    OUT="runs/dga_${TARGET}_k${K}"  # clusters (the same on CPU and GPU)
     gradmix cluster runs/dga_generic.jsonl --k "$K" --coarse-k 4 --target "runs/dga_target_${TARGET}.jsonl" \
       --out "$OUT" --overwrite --quiet
     gradmix compare configs/bench_dga.toml --set "data.corpus=\"$OUT/fine\"" \
-      --set "data.target=\"runs/dga_target_${TARGET}.jsonl\"" --out "runs/bench_dga_${TARGET}_k${K}" \
+      --set "data.target=\"runs/dga_target_${TARGET}.jsonl\"" --out "${DGA_RUNS:-runs/bench_dga}_${TARGET}_k${K}" \
       --no-progress "${EXTRA[@]}"
   done
 done

@@ -25,7 +25,7 @@ gradmix compare configs/bench_pike_regime.toml "${SCALE[@]}" --set train.batch_s
   --out runs/gpu_pike_regime --no-progress "${LIMIT[@]}"
 python benchmarks/noisy_domain.py --out runs/gpu_noisy "${SCALE[@]}" --set train.batch_size=256 --set steps=1000 \
   $( [ "$DEVICE" = cpu ] && echo "--set steps=3 --set train.eval_every=3 --seeds 0" )
-bash benchmarks/dga_targets.sh 16 64 -- "${SCALE[@]}" --set train.batch_size=64 --set mixing.target_batch_size=64 \
+DGA_RUNS=runs/gpu_dga bash benchmarks/dga_targets.sh 16 64 -- "${SCALE[@]}" --set train.batch_size=64 --set mixing.target_batch_size=64 \
   --set steps=2000 "${LIMIT[@]}"
 if [ "$DEVICE" = cuda ]; then
   python benchmarks/bench_probe_cost.py --device cuda --json benchmarks/results/probe_cost_cuda.json
