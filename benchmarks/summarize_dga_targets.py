@@ -5,8 +5,8 @@
 For each target and k, over the seeds: the target validation loss of uniform / importance / DGA / DoGE, its
 relative change (paired by seed) against uniform and against importance sampling, the average validation loss over
 the generic clusters against uniform, and how many clusters the target's documents fall into (clusters.json).
-Reads every run folder under ``runs/bench_dga_<target>_k<k>*`` (a method run separately, e.g. ``..._doge``, is
-picked up too). Writes ``benchmarks/results/dga_targets.json`` and ``.md``.
+Reads every finished run under ``runs/bench_dga_<target>_k<k>*`` (a method or seeds run separately, e.g. ``..._doge``,
+are picked up too; the same method and seed twice is an error). Writes ``benchmarks/results/dga_targets.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,18 @@ from pathlib import Path
 from gradmix_kit.analysis import compare_runs, expand_run_dirs
 
 METHODS = ("uniform", "importance", "dga", "doge")
+
+
+def _finished_runs(folder: Path) -> list[Path]:
+    """The finished runs of a comparison folder, also of one whose compare was cut off (no comparison.json)."""
+    if (folder / "comparison.json").is_file():
+        runs = expand_run_dirs([folder])
+    else:
+        runs = sorted(p for p in folder.iterdir() if p.is_dir() and "-seed" in p.name)
+    unfinished = [r for r in runs if not (r / "summary.json").is_file()]
+    if unfinished:
+        print(f"skipping unfinished runs: {', '.join(str(r) for r in unfinished)}")
+    return [r for r in runs if r not in unfinished]
 
 
 def _fmt(record: dict | None, pct: bool = False) -> str:
@@ -42,7 +54,10 @@ def main() -> None:
     for target in args.targets.split(","):
         for k in (int(v) for v in args.ks.split(",")):
             folders = sorted(root.glob(f"bench_dga_{target}_k{k}")) + sorted(root.glob(f"bench_dga_{target}_k{k}_*"))
-            runs = [r for r in expand_run_dirs(folders) if r.name.split("-seed")[0] in METHODS]
+            runs = [r for f in folders for r in _finished_runs(f) if r.name.split("-seed")[0] in METHODS]
+            pairs = [r.name for r in runs]
+            if len(pairs) != len(set(pairs)):
+                raise SystemExit(f"{target} k={k}: the same method and seed in two folders: {sorted(pairs)}")
             if not runs:
                 continue
             vs_uniform = compare_runs(runs, baseline="uniform")
