@@ -5,8 +5,9 @@
 For each target and k, over the seeds: the target validation loss of uniform / importance / DGA / DoGE, its
 relative change (paired by seed) against uniform and against importance sampling, the average validation loss over
 the generic clusters against uniform, and how many clusters the target's documents fall into (clusters.json).
-Reads every finished run under ``runs/bench_dga_<target>_k<k>*`` (a method or seeds run separately, e.g. ``..._doge``,
-are picked up too; the same method and seed twice is an error). Writes ``benchmarks/results/dga_targets.json`` and ``.md``.
+Reads every finished run under ``runs/bench_dga_<target>_k<k>*`` (a method or seeds run separately, e.g.
+``..._doge``, are picked up too; the same method and seed twice is an error).
+Writes ``benchmarks/results/dga_targets.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def main() -> None:
                     continue
                 rel_u = entry.get("relative", {})
                 rel_i = vs_importance["methods"].get(method, {}).get("relative", {})
+                where = f"| {target} | {k} | {spread} ({100 * top:.0f}%) | {method} |"
                 rows.append(
-                    f"| {target} | {k} | {spread} ({100 * top:.0f}%) | {method} | {_fmt(entry.get('target_val_loss'))} | "
+                    f"{where} {_fmt(entry.get('target_val_loss'))} | "
                     f"{_fmt(rel_u.get('target_val_loss'), True) if method != 'uniform' else '-'} | "
                     f"{_fmt(rel_i.get('target_val_loss'), True) if method != 'importance' else '-'} | "
                     f"{_fmt(rel_u.get('avg_val_loss'), True) if method != 'uniform' else '-'} |"
