@@ -8,7 +8,7 @@
 #   literature  every document of the literature source (fortunes; held out)
 # For each k and target: MiniLM + k-means clusters with the target's histogram (`gradmix cluster --target`, the
 # embeddings are cached, so the clustering is the same for every target at one k), then uniform / importance / DGA
-# over seeds 0-2 (`configs/bench_dga.toml`). Extra arguments after `--` go to every `gradmix compare`; the comparison
+# over the config's seeds, 0-4 (`configs/bench_dga.toml`). Extra arguments after `--` go to every `gradmix compare`; the comparison
 # folders are runs/bench_dga_<target>_k<K> (prefix: $DGA_RUNS).
 set -euo pipefail
 KS=()

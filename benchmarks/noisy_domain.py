@@ -10,7 +10,7 @@
    PiKE, conceptual PiKE, Fair-PiKE; config ``configs/bench_noisy.toml``).
 3. Summarises what matters here: the validation loss averaged over the *clean* languages (the noise's own loss is
    not a goal), paired by seed against uniform and against ``clean_only``, and the share of the batch each method
-   gave the noise (final weight, and the average realised share over training from ``metrics.jsonl``).
+   gave the noise (final weight, and the realised share of all training tokens from ``metrics.jsonl``).
 Writes ``benchmarks/results/noisy_domain.json`` and ``.md``.
 """
 
@@ -55,6 +55,19 @@ def _half_width(values: np.ndarray) -> float:
     return float(scipy_stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
 
 
+def realised_share(metrics: Path, domain: str) -> float:
+    """The share of all training tokens that came from ``domain``: what the sampler delivered, read from the last
+    record's cumulative per-domain ``tokens`` (not the weights the method asked for)."""
+    tokens = None
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if isinstance(record.get("tokens"), dict):
+            tokens = record["tokens"]
+    if not tokens:
+        raise ValueError(f"{metrics}: no record with per-domain 'tokens'")
+    return float(tokens.get(domain, 0)) / float(sum(tokens.values()))
+
+
 def summarise(out: Path, labels: list[str], seeds: list[int]) -> dict:
     rows: dict[str, dict] = {}
     for label in labels:
@@ -66,14 +79,9 @@ def summarise(out: Path, labels: list[str], seeds: list[int]) -> dict:
             clean.append(float(np.mean([val[d] for d in CLEAN])))
             noise_loss.append(float(val["noise"]))
             noise_w.append(float(summary["final_weights"]["noise"]))
-            shares = []
-            for line in (run / "metrics.jsonl").read_text().splitlines():
-                record = json.loads(line)
-                if isinstance(record.get("weights"), dict) and "noise" in record["weights"]:
-                    shares.append(float(record["weights"]["noise"]))  # the sampled share of the logged steps
-            noise_share.append(float(np.mean(shares)) if shares else float("nan"))
+            noise_share.append(realised_share(run / "metrics.jsonl", "noise"))
         rows[label] = {"clean_val_loss": clean, "noise_val_loss": noise_loss, "final_noise_weight": noise_w,
-                       "mean_noise_share": noise_share}
+                       "realised_noise_share": noise_share}
     for base in ("uniform", "clean_only"):
         for label in labels:
             if base in rows:
@@ -83,15 +91,15 @@ def summarise(out: Path, labels: list[str], seeds: list[int]) -> dict:
 
 
 def markdown(rows: dict, seeds: list[int]) -> str:
-    lines = ["| method | clean-language val loss | Δ vs uniform | Δ vs clean_only (oracle) | noise share "
-             "(mean over training) | final noise weight | noise val loss |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | clean-language val loss | Δ vs uniform | Δ vs clean_only (oracle) | noise share of "
+             "training tokens (realised) | final noise weight | noise val loss |", "|---|---|---|---|---|---|---|"]
     for label, row in rows.items():
         clean = np.array(row["clean_val_loss"])
         du = row.get("delta_vs_uniform_pct", [np.nan, np.nan])
         do = row.get("delta_vs_clean_only_pct", [np.nan, np.nan])
         lines.append(
             f"| {label} | {clean.mean():.4f} ± {_half_width(clean):.4f} | {du[0]:+.2f}% ± {du[1]:.2f}% | "
-            f"{do[0]:+.2f}% ± {do[1]:.2f}% | {np.mean(row['mean_noise_share']):.3f} | "
+            f"{do[0]:+.2f}% ± {do[1]:.2f}% | {np.mean(row['realised_noise_share']):.3f} | "
             f"{np.mean(row['final_noise_weight']):.3f} | {np.mean(row['noise_val_loss']):.3f} |")
     lines.append(f"\nMean ± 95% half-width over seeds {seeds} (Student t); Δ paired by seed; clean = mean of "
                  f"{', '.join(CLEAN)}.")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every comparison of BENCHMARKS.md "Evidence" (issue #14), as two lanes of one-thread runs side by side on 2 cores
-# (~75 min on an idle 2-core machine). Run from the repo root inside the project venv (scripts/setup_env.sh).
+# (about 2-3 hours on an idle 2-core machine, estimated from the per-run times: BENCHMARKS.md's runs were made in
+# pieces). Run from the repo root inside the project venv (scripts/setup_env.sh).
 # Logs: runs/evidence_lane_a.log, runs/evidence_lane_b.log.
 set -euo pipefail
 mkdir -p runs
@@ -8,7 +9,7 @@ lane_a() {
   gradmix compare configs/bench_multilingual.toml --out runs/bench_multilingual --no-progress
   gradmix compare configs/bench_pike_regime.toml --out runs/pike_regime --no-progress
   gradmix compare configs/bench_pike_regime.toml --out runs/pike_regime_sweep \
-    --methods pike_z03,pike_t50 --seeds 0 --no-progress  # one seed each (what BENCHMARKS.md reports)
+    --methods pike_z03,pike_t50,pike_z003,pike_t10 --seeds 0,1 --no-progress
 }
 lane_b() {
   bash benchmarks/dga_targets.sh 16 64
