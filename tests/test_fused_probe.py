@@ -506,12 +506,14 @@ def _dist_worker(rank: int, port: int, mode: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
-        model = TinyTransformer(tied=True)
         batch, target = _dist_batches()
         mine, my_target = _local(batch, SHARES[rank]), _local(target, TARGET_SHARES[rank])
         groups = torch.tensor(DIST_GROUPS[SHARES[rank]])
         outputs = {}
         for exact in (False, True):
+            # A fresh model per pass: a second DDP wrapper over the same parameters would leave the first one's
+            # reducer hooks firing with unfinished buckets, which aborts the process at exit.
+            model = TinyTransformer(tied=True)
             if mode == "ddp":
                 wrapped = nn.parallel.DistributedDataParallel(model)
                 probe = FusedGradientProbe(wrapped, gram=exact, exact_global=exact)
@@ -524,6 +526,8 @@ def _dist_worker(rank: int, port: int, mode: str, out_dir: str) -> None:
             )
             outputs[exact] = {"result": result.__dict__, "grads": [p.grad.clone() for p in model.parameters()]}
         torch.save(outputs, os.path.join(out_dir, f"rank{rank}.pt"))
+        del wrapped, probe
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
