@@ -154,7 +154,7 @@ def test_water_filling_kkt_property(pairs):
 
 # -- practical PiKE ------------------------------------------------------------------------------------------------
 def test_practical_step_matches_hand_computation():
-    method = PiKE(3, zeta1=0.5, zeta2=1.0, stats_ema=0.0, max_log_step=None)
+    method = PiKE(variant="gradmix_v1", num_domains=3, zeta1=0.5, zeta2=1.0, stats_ema=0.0, max_log_step=None)
     # D = mean(1, 2, 3) = 2: G = (0.5, 1, 1.5), S = (5, 10, 30); zeta2/(2b) = 1/20
     # step = 0.5 G - S/20 = (0.25 - 0.25, 0.5 - 0.5, 0.75 - 1.5) = (0, 0, -0.75)
     w = method.update(stats([1.0, 2.0, 3.0], [10.0, 20.0, 60.0], batch_size=10))
@@ -167,18 +167,18 @@ def test_practical_step_matches_hand_computation():
 
 
 def test_stats_ema_matches_hand_computation():
-    method = PiKE(2, zeta1=1.0, zeta2=0.0, stats_ema=0.5, max_log_step=None)
+    method = PiKE(variant="gradmix_v1", num_domains=2, zeta1=1.0, zeta2=0.0, stats_ema=0.5, max_log_step=None)
     method.update(stats([1.0, 3.0], [0.0, 0.0]))   # EMA = (1, 3): G = (0.5, 1.5), step = (0.5, 1.5)
     w = method.update(stats([3.0, 1.0], [0.0, 0.0]))  # EMA = (2, 2): G = (1, 1), step = (1, 1)
     expected = np.exp([0.5 + 1.0, 1.5 + 1.0])
     np.testing.assert_allclose(w, expected / expected.sum(), rtol=1e-12)
-    raw = PiKE(2, zeta1=1.0, zeta2=0.0, stats_ema=0.0, max_log_step=None)
+    raw = PiKE(variant="gradmix_v1", num_domains=2, zeta1=1.0, zeta2=0.0, stats_ema=0.0, max_log_step=None)
     raw.update(stats([1.0, 3.0], [0.0, 0.0]))
     assert not np.allclose(raw.update(stats([3.0, 1.0], [0.0, 0.0])), w)
 
 
 def test_max_log_step_clips_centred_steps():
-    method = PiKE(3, zeta1=0.5, zeta2=1.0, stats_ema=0.0, max_log_step=0.3)
+    method = PiKE(variant="gradmix_v1", num_domains=3, zeta1=0.5, zeta2=1.0, stats_ema=0.0, max_log_step=0.3)
     # raw step (0, 0, -0.75), centred on its mean -0.25: (0.25, 0.25, -0.5) -> clipped (0.25, 0.25, -0.3)
     w = method.update(stats([1.0, 2.0, 3.0], [10.0, 20.0, 60.0], batch_size=10))
     expected = np.exp([0.25, 0.25, -0.3])
@@ -186,7 +186,7 @@ def test_max_log_step_clips_centred_steps():
 
 
 def test_min_weight_mixes_with_uniform_and_feeds_back():
-    method = PiKE(3, zeta1=0.5, zeta2=1.0, stats_ema=0.0, max_log_step=None, min_weight=0.05)
+    method = PiKE(variant="gradmix_v1", num_domains=3, zeta1=0.5, zeta2=1.0, stats_ema=0.0, max_log_step=None, min_weight=0.05)
     w = method.update(stats([1.0, 2.0, 3.0], [10.0, 20.0, 60.0], batch_size=10))
     base = np.array([1.0, 1.0, math.exp(-0.75)])
     base /= base.sum()
@@ -197,7 +197,7 @@ def test_min_weight_mixes_with_uniform_and_feeds_back():
     nxt = floored * np.exp([0.75, 0.25, 0.5])
     np.testing.assert_allclose(w2, 0.85 * nxt / nxt.sum() + 0.05, rtol=1e-12)
     # A domain with a hopeless gradient never drops below the floor.
-    starving = PiKE(3, zeta1=1.0, min_weight=0.05, max_log_step=None, stats_ema=0.0)
+    starving = PiKE(variant="gradmix_v1", num_domains=3, zeta1=1.0, min_weight=0.05, max_log_step=None, stats_ema=0.0)
     for _ in range(200):
         w = starving.update(stats([5.0, 5.0, 0.0], [0.0, 0.0, 1e6]))
     assert w[2] >= 0.05 - 1e-12
@@ -212,7 +212,7 @@ def test_normalisation_makes_update_scale_invariant():
             w_large = large.update(stats(np.array(g) * 1e6, np.array(v) * 1e6, batch_size=8))
             np.testing.assert_allclose(w_small, w_large, rtol=1e-10, atol=1e-12)
         assert not np.allclose(w_small, 0.25)
-    raw_small, raw_large = PiKE(4, normalize="none"), PiKE(4, normalize="none")
+    raw_small, raw_large = PiKE(variant="gradmix_v1", num_domains=4, normalize="none"), PiKE(variant="gradmix_v1", num_domains=4, normalize="none")
     g, v = records[0]
     w_small = raw_small.update(stats(g, v, batch_size=8))
     w_large = raw_large.update(stats(np.array(g) * 1e6, np.array(v) * 1e6, batch_size=8))
@@ -220,7 +220,7 @@ def test_normalisation_makes_update_scale_invariant():
 
 
 def test_variance_term_penalises_noisy_domain():
-    method = PiKE(2, stats_ema=0.0, max_log_step=None)
+    method = PiKE(variant="gradmix_v1", num_domains=2, stats_ema=0.0, max_log_step=None)
     w = method.update(stats([1.0, 1.0], [10.0, 200.0], batch_size=16))
     # step difference = -(0.1 / 32) * (200 - 10) / 1 -> w1/w0 = exp(-0.59375)
     assert w[1] / w[0] == pytest.approx(math.exp(-0.1 / 32 * 190), rel=1e-12)
@@ -363,7 +363,7 @@ def test_fair_pike_matches_hand_computation():
     for power in (1, 2):
         for tilt_variance in (False, True):
             fair = FairPiKE(3, tau=tau, tilt_power=power, tilt_variance=tilt_variance, zeta1=0.5, zeta2=1.0,
-                            stats_ema=0.0, max_log_step=None)
+                            stats_ema=0.0, max_log_step=None, variant="gradmix_v1")
             y = (3 * softmax(tau * loss)) ** power
             step = 0.5 * y * g / 2.0 - (1.0 / 20) * (y if tilt_variance else 1.0) * v / 2.0
             expected = np.exp(step) / np.exp(step).sum()

@@ -22,20 +22,24 @@ __all__ = ["FairPiKE"]
 class FairPiKE(PiKE):
     """PiKE with each domain's gradient terms scaled by its loss weight y_k (Fair / Balanced-PiKE).
 
-    Under low gradient conflict the first-order decrease of sum_j y_j L_j after a step on the mixed gradient
-    sum_k w_k grad L_k is eta sum_k w_k y_k ||grad L_k||^2 (cross terms dropped), so y_k multiplies task k's
-    squared-norm term. The variance term is NOT tilted by default (``tilt_variance=False``): the mixture only
-    changes what is sampled, the model still trains on the unweighted batch mean, so the noise of the step is
-    that of the untilted batch. Tilting it too (``tilt_variance=True``, the literal "scale every term of task k by
-    y_k") was measured to backfire: the worst language of the multilingual benchmark has a large sigma^2, its net
-    PiKE step is negative, and multiplying that step by its large y_k pushed its weight DOWN (BENCHMARKS.md).
-    ``tilt_power=2`` treats y_k grad L_k as task k's gradient, a stronger tilt toward high-loss tasks.
+    This is gradmix's reading of Balanced-PiKE (the paper states the tilted objective and its dual, not the terms of
+    the update): under low gradient conflict the first-order decrease of sum_j y_j L_j after a step on the mixed
+    gradient sum_k w_k grad L_k is eta sum_k w_k y_k ||grad L_k||^2 (cross terms dropped), so y_k multiplies task k's
+    squared-norm statistic G_k wherever PiKE uses it: in the default (bound) form both the linear term
+    lam_k = -y_k G_k + (L eta / 2b) S_k and the self-limiting term kappa_k = L eta y_k G_k (the quadratic term of the
+    tilted objective is bounded the same way); in Algorithm 1's step the gain zeta1 y_k G_k. The variance term S_k is
+    NOT tilted by default (``tilt_variance=False``): the mixture only changes what is sampled, the model still
+    trains on the unweighted batch mean, so the noise of the step is that of the untilted batch. Tilting it too
+    (``tilt_variance=True``, the literal "scale every term of task k by y_k") was measured to backfire: the worst
+    language of the multilingual benchmark has a large sigma^2, its net step is negative, and multiplying that step
+    by its large y_k pushed its weight DOWN (BENCHMARKS.md). ``tilt_power=2`` treats y_k grad L_k as task k's
+    gradient, a stronger tilt toward high-loss tasks.
 
-    Because PiKE normalises its statistics, the overall scale of y cancels: we use
+    Because the bound's minimiser (and PiKE's normalised step) is invariant to the overall scale of y, we use
     y_k / mean(y) = K softmax(tau L)_k over the domains with valid statistics, so tau -> 0 is exactly PiKE and a
     large tau puts the whole gain on the highest-loss domain. ``tau = 3`` is the paper's best fairness/average
     trade-off. ``loss`` is the current per-domain training loss; a NaN/Inf loss makes the domain invalid for the
-    update (its weight is kept, as in PiKE). Every other parameter is PiKE's.
+    update (its weight is kept, as in PiKE). Every other parameter is PiKE's, ``variant`` included.
     """
 
     name: ClassVar[str] = "fair_pike"

@@ -1,26 +1,34 @@
 """PiKE: adaptive data mixing under low gradient conflicts (Li et al., arXiv 2502.06244).
 
-Two forms of the same idea, both built on the paper's one-step bound (Thm 3.4): with per-task batch shares
-w_k = b_k / b, the expected decrease of the average loss after one SGD step is bounded by
-``sum_k (w_k lam_k + 0.5 w_k^2 kappa_k)`` with
+All forms are built on the paper's one-step bound (Thm 3.4): with per-task batch shares w_k = b_k / b, the expected
+change of the average loss after one SGD step is bounded by ``sum_k (w_k lam_k + 0.5 w_k^2 kappa_k)`` with
 
     lam_k   = -eta beta ||grad L_k||^2 + (L eta^2 / 2b) sigma_k^2
     kappa_k =  L eta^2 gamma ||grad L_k||^2
     beta    = min_k (1 + c (2 - K - b / b_k)),   gamma = 1 + c_bar (K - 1)
 
-- ``mode="conceptual"`` minimises that bound exactly on the simplex (``water_filling``).
-- ``mode="practical"`` (default) is the paper's Algorithm 1: an exponentiated step
-  ``w_k <- w_k exp(zeta1 ||grad L_k||^2 - (zeta2 / 2b) sigma_k^2)``, renormalised, kept in log space.
+Three named variants (``variant=``), each a set of defaults for the parameters below:
 
-Raw squared gradient norms change by orders of magnitude across models and training time, so the statistics are
-divided by the mean squared norm over domains before use (``normalize``); both terms share that divisor, which keeps
-the paper's ratio between them. The controller calls ``update`` every T0 optimizer steps
-(``recommended_update_interval``).
+- ``"gradmix"`` (default): the bound itself, minimised on the simplex (``water_filling``, the conceptual form, so the
+  self-limiting term kappa_k is kept), fed statistics pooled over updates and shrunk by their standard errors, with
+  the unknown L*eta averaged over a range, and mixed with uniform. See ``PiKE`` for each piece and why.
+- ``"paper"``: Algorithm 1 literally: ``w_k <- w_k exp(zeta1 ||grad L_k||^2 - (zeta2 / 2b) sigma_k^2)`` on the raw
+  statistics, renormalised; no normaliser, EMA, clip, floor or shrinkage.
+- ``"conceptual"``: the paper's conceptual PiKE: the bound minimised with known constants ``lr`` and ``smoothness``
+  on the raw statistics (fed exact statistics every step, the greedy per-step optimum).
+- ``"gradmix_v1"``: gradmix's default before 0.2 (kept for comparison): Algorithm 1's step on statistics divided by
+  D_t = mean_k ||grad L_k||^2, smoothed by an EMA and clipped. As D_t shrinks the variance term grows without bound,
+  and nothing but a floor stops the drift onto one task (BENCHMARKS.md, "PiKE on its own toy problem").
+
+``mode=`` alone (no ``variant``) keeps its old meaning: ``"practical"`` = ``gradmix_v1``, ``"conceptual"`` =
+``conceptual``. The controller calls ``update`` every T0
+optimizer steps (``recommended_update_interval``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,7 +36,7 @@ import numpy as np
 from gradmix.methods.base import MixingMethod, normalize_log_weights
 from gradmix.stats import DomainStats, StatsError
 
-__all__ = ["PiKE", "water_filling"]
+__all__ = ["PiKE", "shrink_to_mean", "water_filling"]
 
 # kappa below this fraction of the problem's scale is treated as exactly 0 (its reciprocal would overflow).
 _KAPPA_ZERO = 1e-280
@@ -146,47 +154,108 @@ def _from_json_floats(values: Any, num_domains: int, what: str, missing: float) 
     return arr
 
 
+_VARIANTS: dict[str, dict[str, Any]] = {
+    "gradmix": {
+        "mode": "conceptual",
+        "stats_ema": 0.7,
+        "normalize": "none",
+        "max_log_step": None,
+        "shrinkage": True,
+        "uniform_mix": 0.65,
+        "lr_smoothness": (0.5, 1.0, 2.0),
+    },
+    "paper": {
+        "mode": "practical",
+        "stats_ema": 0.0,
+        "normalize": "none",
+        "max_log_step": None,
+        "shrinkage": False,
+        "uniform_mix": 0.0,
+        "lr_smoothness": None,
+    },
+    "conceptual": {
+        "mode": "conceptual",
+        "stats_ema": 0.0,
+        "normalize": "none",
+        "max_log_step": None,
+        "shrinkage": False,
+        "uniform_mix": 0.0,
+        "lr_smoothness": None,
+    },
+    "gradmix_v1": {
+        "mode": "practical",
+        "stats_ema": 0.5,
+        "normalize": "mean_sq_norm",
+        "max_log_step": 0.5,
+        "shrinkage": False,
+        "uniform_mix": 0.0,
+        "lr_smoothness": None,
+    },
+}
+_UNSET: Any = object()
+
+
+def shrink_to_mean(values: np.ndarray, variances: np.ndarray) -> np.ndarray:
+    """Pull each entry toward the mean of all entries by its sampling noise (a positive-part James-Stein rule per
+    entry): ``m + max(0, 1 - v_k / (x_k - m)^2) (x_k - m)``. A deviation smaller than its standard error is noise and
+    vanishes; a large one is kept almost whole. Equal estimates stay equal; NaN variances mean "no shrinkage"."""
+    centre = float(np.mean(values))
+    deviation = values - centre
+    with np.errstate(divide="ignore", invalid="ignore"):
+        keep = np.maximum(0.0, 1.0 - np.nan_to_num(variances, nan=0.0) / (deviation * deviation))
+    keep = np.where(deviation == 0, 0.0, np.nan_to_num(keep, nan=0.0))
+    return centre + keep * deviation
+
+
 class PiKE(MixingMethod):
     """PiKE: per-domain sampling weights from squared gradient norms and gradient variances.
 
+    ``variant="gradmix"`` (the default), per update:
+
+    1. **Pooled statistics**: an EMA over updates (``stats_ema = 0.7``, ~6 measurements) of the probe's unbiased
+       ||grad L_k||^2 and sigma_k^2, together with the EMA's sampling variance, from the examples each estimate used:
+       Var ||g||^2-hat ~ 2 s^2 / (n (n-1)) + 4 ||g||^2 s / n and Var s-hat ~ 2 s^2 / (n - 1) (s = sigma^2; exact for
+       Gaussian gradients of rank one, an upper bound otherwise, so the method errs toward uniform).
+    2. **Shrinkage** (``shrinkage=True``): each statistic is pulled toward its mean over the domains by its standard
+       error (``shrink_to_mean``). A measuring batch with a few examples per domain gives estimates whose noise is
+       larger than the differences between domains; without this, noise alone moved the mix (and a positive noise
+       draw of a noisy domain's ||g||^2 gave it most of the batch).
+    3. **The bound, minimised** (``mode="conceptual"``): water-filling of Thm 3.4 with the self-limiting term
+       kappa_k, which Algorithm 1 drops (without it, nothing but a floor stops the drift onto one task). Only the
+       product L*eta matters; it is unknown in real training, so the solution is averaged over
+       ``lr_smoothness = (0.5, 1, 2)`` (eta = 1/L and a factor 2 either way; a single value if you know it).
+       No normaliser: the minimiser is invariant to scaling both statistics, so nothing grows as gradients shrink.
+    4. **Mixed with uniform** (``uniform_mix = 0.65``): w = 0.35 w_bound + 0.65 / K. Every domain keeps at least
+       0.65 / K of the batch, so it is measured at every measuring step (>= 2 examples when b >= 3.1 K) and regains
+       weight as soon as its statistics call for it; a starved domain cannot be forgotten. 0.65 is the share at which
+       the held-out settings of the toy family stayed at parity with uniform while the suite kept its gains
+       (BENCHMARKS.md, "PiKE on its own toy problem"); 0 gives the bound's mix alone.
+
+    ``variant="paper"``: Algorithm 1 literally (``mode="practical"``, raw statistics, constant zeta, no EMA, clip,
+    floor, shrinkage or normaliser). ``variant="conceptual"``: the bound with the given ``lr`` and ``smoothness`` on
+    raw statistics. ``variant="gradmix_v1"``: the pre-0.2 default (practical step on statistics divided by the mean
+    squared norm, ``stats_ema = 0.5``, ``max_log_step = 0.5``). Any parameter given explicitly overrides the
+    variant's value.
+
     Practical mode (Algorithm 1), per update::
 
-        G_k = ||grad L_k||^2 / D,  S_k = sigma_k^2 / D,  D = mean_j ||grad L_j||^2   (normalize="mean_sq_norm")
+        G_k = ||grad L_k||^2 / D,  S_k = sigma_k^2 / D    (D = mean_j ||grad L_j||^2 with normalize="mean_sq_norm",
+                                                           D = 1 with normalize="none")
         s_k = zeta1 G_k - (zeta2 / 2b) S_k,   log w_k <- log w_k + s_k,   renormalise
 
-    Robustness (the paper's estimates are noisy; a field trial collapsed onto one language):
-      * ``stats_ema``: EMA of the raw statistics across updates, ``m <- stats_ema m + (1 - stats_ema) x``
-        (first observation initialises; domains without a valid observation keep their average).
-      * ``max_log_step``: the steps, centred on their mean, are clipped to +-max_log_step, so one update changes
-        any ratio w_i / w_j by at most exp(2 max_log_step). Practical mode only.
-      * ``min_weight``: after each update ``w <- (1 - K min_weight) w + min_weight`` (mix with uniform), applied to
-        the state as well (fixed share), so a starved domain's log-weight stays bounded and it can recover in a
-        bounded number of updates. Use >= 2/b to keep every domain measurable by the probe.
+    with ``max_log_step`` clipping the centred steps and ``min_weight`` mixing with uniform after each update (fed
+    back into the state). zeta1 = zeta2 = 0.1 (the paper's appendix leaves them to the user; with normalised G one
+    update moves a log-ratio by ~0.1 x the spread of G).
 
-    Degenerate statistics: entries with NaN/Inf (a domain absent from the batch) make that domain *invalid* for
-    this update: in practical mode its weight is kept exactly (the valid domains' steps are shifted so their total
-    mass is unchanged); in conceptual mode the valid domains re-split their own mass. No valid domain, or all valid
-    squared norms zero (nothing to compare) -> the update is skipped (``last_skip_reason``). Negative estimates
-    (unbiased estimators can go below 0) are clipped at 0. One domain: the weight stays 1.
-
-    Defaults (provisional; sweep them on real data):
-      * zeta1 = 0.1: with G normalised to mean 1, one update moves a log-ratio by ~0.1 x the spread of G, so a
-        weight needs ~10 consistent updates to move by a factor e - slow compared with estimator noise.
-      * zeta2 = zeta1: the bound's ratio of the variance to the norm term is L eta / beta <= 1 for a stable step
-        (eta <= 1/L), so zeta2 = zeta1 is the largest variance weight it justifies (the term that protects noisy
-        tasks).
-      * stats_ema = 0.5: averages over ~3 updates, cutting estimator variance ~3x at a lag of one update.
-      * max_log_step = 0.5: no single (possibly outlying) estimate moves a weight ratio by more than e^1.
-      * min_weight = 0.0: the paper's algorithm; set it when domains may starve.
-      * T0 (controller's update interval) = 20 steps: often enough to follow training, rare enough that the
-        probe's extra cost is small.
-
-    Conceptual mode minimises the one-step bound exactly (``water_filling``) with b_k = b w_k from the current
-    weights (b_k < 1 counts as 1 so beta stays finite). Only L eta matters (the minimiser is invariant to scaling the
-    statistics), so ``lr`` and ``smoothness`` default to 1 (eta = 1/L, the classic step for an L-smooth loss).
+    Conceptual mode minimises the bound exactly with b_k = b w_k from the current weights (b_k < 1 counts as 1 so
+    beta stays finite); ``lr`` and ``smoothness`` give L*eta = lr * smoothness when ``lr_smoothness`` is not set.
     ``c`` (bound on negative cosine between task gradients) defaults to 0, the low-conflict regime the paper
-    targets; ``c_bar`` (bound on positive cosine) to 0.1, small positive interaction. beta <= 0 means the bound
-    promises no decrease: the update is skipped.
+    targets; ``c_bar`` (bound on positive cosine) to 0.1. beta <= 0 means the bound promises no decrease: skipped.
+
+    Degenerate statistics: entries with NaN/Inf (a domain absent from the batch, or with fewer than 2 examples)
+    make that domain *invalid* for this update: its weight is kept exactly and the valid domains share the rest.
+    No valid domain, or all valid squared norms zero -> the update is skipped (``last_skip_reason``). Negative
+    estimates (unbiased estimators can go below 0) are clipped at 0. One domain: the weight stays 1.
     """
 
     name: ClassVar[str] = "pike"
@@ -197,13 +266,17 @@ class PiKE(MixingMethod):
         self,
         num_domains: int,
         *,
-        mode: str = "practical",
+        variant: str = _UNSET,
+        mode: str = _UNSET,
         zeta1: float = 0.1,
         zeta2: float = 0.1,
-        normalize: str = "mean_sq_norm",
-        stats_ema: float = 0.5,
+        normalize: str = _UNSET,
+        stats_ema: float = _UNSET,
         min_weight: float = 0.0,
-        max_log_step: float | None = 0.5,
+        max_log_step: float | None = _UNSET,
+        shrinkage: bool = _UNSET,
+        uniform_mix: float = _UNSET,
+        lr_smoothness: float | Sequence[float] | None = _UNSET,
         lr: float = 1.0,
         smoothness: float = 1.0,
         c: float = 0.0,
@@ -211,6 +284,18 @@ class PiKE(MixingMethod):
         initial_weights: Any = None,
     ) -> None:
         super().__init__(num_domains, initial_weights=initial_weights)
+        if variant is _UNSET:  # ``mode`` alone keeps its meaning from before variants existed
+            variant = {"practical": "gradmix_v1", "conceptual": "conceptual"}.get(mode, "gradmix")
+        if variant not in _VARIANTS:
+            raise ValueError(f"pike: variant must be one of {tuple(_VARIANTS)}, got {variant!r}")
+        defaults = _VARIANTS[variant]
+        self.variant = variant
+
+        def pick(name: str, value: Any) -> Any:
+            return defaults[name] if value is _UNSET else value
+
+        mode = pick("mode", mode)
+        normalize = pick("normalize", normalize)
         if mode not in _MODES:
             raise ValueError(f"pike: mode must be one of {_MODES}, got {mode!r}")
         if normalize not in _NORMALIZERS:
@@ -219,7 +304,7 @@ class PiKE(MixingMethod):
         self.normalize = normalize
         self.zeta1 = _positive_float(zeta1, "zeta1", allow_zero=True)
         self.zeta2 = _positive_float(zeta2, "zeta2", allow_zero=True)
-        ema = float(stats_ema)
+        ema = float(pick("stats_ema", stats_ema))
         if not (0.0 <= ema < 1.0):
             raise ValueError(f"pike: stats_ema must be in [0, 1), got {stats_ema!r}")
         self.stats_ema = ema
@@ -227,15 +312,34 @@ class PiKE(MixingMethod):
         if floor * self.num_domains > 1.0 + 1e-12:
             raise ValueError(f"pike: min_weight={min_weight!r} times {self.num_domains} domains exceeds 1; use <= 1/K")
         self.min_weight = min(floor, 1.0 / self.num_domains)
-        self.max_log_step = None if max_log_step is None else _positive_float(max_log_step, "max_log_step")
+        step_cap = pick("max_log_step", max_log_step)
+        self.max_log_step = None if step_cap is None else _positive_float(step_cap, "max_log_step")
+        self.shrinkage = bool(pick("shrinkage", shrinkage))
+        mix = float(pick("uniform_mix", uniform_mix))
+        if not (math.isfinite(mix) and 0.0 <= mix <= 1.0):
+            raise ValueError(f"pike: uniform_mix must be in [0, 1], got {uniform_mix!r}")
+        if mix > 0 and mode == "practical":
+            raise ValueError("pike: uniform_mix applies to the bound's mix (mode='conceptual'); use min_weight")
+        self.uniform_mix = mix
         self.lr = _positive_float(lr, "lr")
         self.smoothness = _positive_float(smoothness, "smoothness")
+        explicit_constants = lr != 1.0 or smoothness != 1.0
+        products = pick("lr_smoothness", lr_smoothness)
+        if products is None or (lr_smoothness is _UNSET and explicit_constants):
+            products = (self.lr * self.smoothness,)
+        values = np.atleast_1d(np.asarray(products, dtype=np.float64))
+        if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 0):
+            raise ValueError(f"pike: lr_smoothness must be a positive number or a list of them, got {products!r}")
+        self.lr_smoothness = tuple(float(v) for v in values)
         self.c = _positive_float(c, "c", allow_zero=True)
         self.c_bar = _positive_float(c_bar, "c_bar", allow_zero=True)
         with np.errstate(divide="ignore"):
             self._log_weights = np.log(self._weights)
         self._ema_sq_norm = np.full(self.num_domains, np.nan)
         self._ema_var = np.full(self.num_domains, np.nan)
+        # sampling variance of the EMAs above (sum of squared EMA weights x one estimate's variance)
+        self._ema_sq_norm_noise = np.full(self.num_domains, np.nan)
+        self._ema_var_noise = np.full(self.num_domains, np.nan)
         # Diagnostics of the last applied update (not state): {term: per-domain values}, None after a skip.
         self.last_terms: dict[str, np.ndarray] | None = None
         self._last_tilt: np.ndarray = np.ones(self.num_domains)
@@ -262,18 +366,48 @@ class PiKE(MixingMethod):
             raise StatsError(f"method {self.name!r}: DomainStats.batch_size must be positive, got {stats.batch_size}")
         return b
 
-    def _smoothed(self, sq_norm: np.ndarray, var: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Fold this record into the EMA state and return the statistics to use (EMA or raw)."""
-        if self.stats_ema == 0.0:
-            self._ema_sq_norm = np.where(valid, sq_norm, self._ema_sq_norm)
-            self._ema_var = np.where(valid, var, self._ema_var)
-            return sq_norm, var
+    def _estimate_noise(
+        self, sq_norm: np.ndarray, var: np.ndarray, examples: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Sampling variances of one record's unbiased ||g||^2 and sigma^2 from n examples (see the class docstring);
+        NaN where unknown (no example counts: no shrinkage)."""
+        if examples is None:
+            nan = np.full(self.num_domains, np.nan)
+            return nan, nan.copy()
+        n = np.asarray(examples, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            pairs = np.where(n >= 2, n * (n - 1.0), np.nan)
+            sq_noise = 2.0 * var * var / pairs + 4.0 * np.maximum(sq_norm, 0.0) * var / np.where(n >= 2, n, np.nan)
+            var_noise = 2.0 * var * var / np.where(n >= 2, n - 1.0, np.nan)
+        return sq_noise, var_noise
+
+    def _smoothed(
+        self, sq_norm: np.ndarray, var: np.ndarray, valid: np.ndarray, examples: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Fold this record into the EMA state (and the EMA's sampling variance) and return the statistics to use:
+        EMA or raw, shrunk toward their mean over the valid domains when ``shrinkage`` is on."""
+        sq_noise, var_noise = self._estimate_noise(sq_norm, var, examples)
         beta = self.stats_ema
-        for ema, new in ((self._ema_sq_norm, sq_norm), (self._ema_var, var)):
+        pairs = (
+            (self._ema_sq_norm, sq_norm, 1.0 - beta),
+            (self._ema_var, var, 1.0 - beta),
+            (self._ema_sq_norm_noise, sq_noise, (1.0 - beta) ** 2),
+            (self._ema_var_noise, var_noise, (1.0 - beta) ** 2),
+        )
+        for index, (ema, new, new_share) in enumerate(pairs):
+            old_share = beta if index < 2 else beta * beta
             seen = np.isfinite(ema)
-            blended = np.where(seen, beta * ema + (1.0 - beta) * new, new)
+            with np.errstate(invalid="ignore", over="ignore"):
+                blended = np.where(seen, old_share * ema + new_share * new, new)
             ema[valid] = blended[valid]
-        return self._ema_sq_norm.copy(), self._ema_var.copy()
+        sq_out = self._ema_sq_norm.copy() if beta > 0 else sq_norm.copy()
+        var_out = self._ema_var.copy() if beta > 0 else var.copy()
+        if self.shrinkage and int(valid.sum()) > 1:
+            sq_noise_out = self._ema_sq_norm_noise if beta > 0 else sq_noise
+            var_noise_out = self._ema_var_noise if beta > 0 else var_noise
+            sq_out[valid] = np.maximum(shrink_to_mean(sq_out[valid], sq_noise_out[valid]), 0.0)
+            var_out[valid] = np.maximum(shrink_to_mean(var_out[valid], var_noise_out[valid]), 0.0)
+        return sq_out, var_out
 
     def _update(self, stats: DomainStats) -> np.ndarray | None:
         self.last_terms = None
@@ -284,16 +418,28 @@ class PiKE(MixingMethod):
         if not valid.any():
             self.last_skip_reason = f"{self.name}: no domain has finite gradient statistics; update skipped"
             return None
-        # Unbiased estimators can dip below 0; a squared norm or a variance cannot.
+        # Unbiased estimators can dip below 0; a squared norm or a variance cannot. The estimates are pooled as they
+        # are and clipped afterwards (clipping first would bias a noisy domain's average upward); gradmix_v1 clipped
+        # first and keeps doing so.
         assert stats.grad_sq_norm is not None and stats.grad_var is not None  # checked by update()'s require()
-        sq_norm = np.where(valid, np.maximum(np.nan_to_num(stats.grad_sq_norm), 0.0), np.nan)
+        clip_first = self.variant == "gradmix_v1"
+        floor = 0.0 if clip_first else -np.inf
+        sq_norm = np.where(valid, np.maximum(np.nan_to_num(stats.grad_sq_norm), floor), np.nan)
         var = np.where(valid, np.maximum(np.nan_to_num(stats.grad_var), 0.0), np.nan)
-        if not np.any(sq_norm[valid] > 0):
+        if clip_first and not np.any(sq_norm[valid] > 0):
             self.last_skip_reason = (
                 f"{self.name}: every measured squared gradient norm is zero; nothing to compare, update skipped"
             )
             return None
-        sq_norm, var = self._smoothed(sq_norm, var, valid)
+        sq_norm, var = self._smoothed(sq_norm, var, valid, stats.examples)
+        sq_norm = np.where(valid, np.maximum(sq_norm, 0.0), np.nan)
+        if not np.any(sq_norm[valid] > 0):
+            measured = np.asarray(stats.grad_sq_norm)[valid]
+            why = "zero" if np.all(measured == 0) else "at or below 0 (the estimates are dominated by noise)"
+            self.last_skip_reason = (
+                f"{self.name}: every domain's pooled squared gradient norm is {why}; nothing to compare, update skipped"
+            )
+            return None
         tilt = self._domain_tilt(stats, valid)
         divisor = float(np.mean(sq_norm[valid])) if self.normalize == "mean_sq_norm" else 1.0
         if not divisor > 0:  # the EMA of a domain may still be 0 while its current value is not
@@ -357,19 +503,34 @@ class PiKE(MixingMethod):
             )
             return None
         gamma = 1.0 + self.c_bar * (num - 1)
-        eta, smooth = self.lr, self.smoothness
-        with np.errstate(over="ignore", invalid="ignore"):
-            lam = -eta * beta * gain_stat + (smooth * eta**2 / (2.0 * b)) * var_stat
-            kappa = smooth * eta**2 * gamma * gain_stat
-        if not (np.all(np.isfinite(lam[valid])) and np.all(np.isfinite(kappa[valid]))):
-            self.last_skip_reason = f"{self.name}: statistics overflow the one-step bound; update skipped"
-            return None
+        # Divided by eta, the bound reads lam_k = -beta G_k + (L eta / 2b) S_k, kappa_k = L eta gamma G_k: the same
+        # minimiser, and only the product L*eta is left. Unknown, it is averaged over ``lr_smoothness``.
         mass = float(np.sum(self._weights[valid]))
+        bound_mix = np.zeros(int(valid.sum()))
+        lams, kappas = [], []
+        for product in self.lr_smoothness:
+            with np.errstate(over="ignore", invalid="ignore"):
+                lam = -beta * gain_stat + (product / (2.0 * b)) * var_stat
+                kappa = product * gamma * gain_stat
+            if not (np.all(np.isfinite(lam[valid])) and np.all(np.isfinite(kappa[valid]))):
+                self.last_skip_reason = f"{self.name}: statistics overflow the one-step bound; update skipped"
+                return None
+            lams.append(lam)
+            kappas.append(kappa)
+            if mass > 0:
+                # min over w_valid summing to m  ==  m * water_filling(m lam, m^2 kappa)
+                bound_mix += water_filling(mass * lam[valid], mass**2 * kappa[valid]) / len(self.lr_smoothness)
         weights = self._weights.copy()
         if mass > 0:
-            # min over w_valid summing to m  ==  m * water_filling(m lam, m^2 kappa)
-            weights[valid] = mass * water_filling(mass * lam[valid], mass**2 * kappa[valid])
-        self.last_terms = {"lam": np.where(valid, lam, np.nan), "kappa": np.where(valid, kappa, np.nan)}
+            mixed = (1.0 - self.uniform_mix) * bound_mix + self.uniform_mix / bound_mix.size
+            weights[valid] = mass * mixed / mixed.sum()
+        self.last_terms = {
+            "lam": np.where(valid, np.mean(lams, axis=0), np.nan),
+            "kappa": np.where(valid, np.mean(kappas, axis=0), np.nan),
+        }
+        if mass > 0:
+            self.last_terms["bound_weights"] = np.where(valid, 0.0, np.nan)
+            self.last_terms["bound_weights"][valid] = bound_mix
         with np.errstate(divide="ignore"):
             return np.log(weights)
 
@@ -390,6 +551,8 @@ class PiKE(MixingMethod):
             "log_weights": _json_floats(self._log_weights),
             "ema_grad_sq_norm": _json_floats(self._ema_sq_norm),
             "ema_grad_var": _json_floats(self._ema_var),
+            "ema_grad_sq_norm_noise": _json_floats(self._ema_sq_norm_noise),
+            "ema_grad_var_noise": _json_floats(self._ema_var_noise),
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
@@ -408,3 +571,9 @@ class PiKE(MixingMethod):
             state.get("ema_grad_sq_norm"), self.num_domains, "ema_grad_sq_norm", np.nan
         )
         self._ema_var = _from_json_floats(state.get("ema_grad_var"), self.num_domains, "ema_grad_var", np.nan)
+        self._ema_sq_norm_noise = _from_json_floats(
+            state.get("ema_grad_sq_norm_noise"), self.num_domains, "ema_grad_sq_norm_noise", np.nan
+        )
+        self._ema_var_noise = _from_json_floats(
+            state.get("ema_grad_var_noise"), self.num_domains, "ema_grad_var_noise", np.nan
+        )

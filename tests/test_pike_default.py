@@ -1,0 +1,168 @@
+"""PiKE's default (variant "gradmix") and its named variants, against the toy problem where the answer is known
+(Example 2.1 of arXiv 2502.06244): eq. 4, Algorithm 1 literally, shrinkage, recovery from the floor."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from gradmix.methods import make_method
+from gradmix.methods.pike import PiKE, shrink_to_mean, water_filling
+from gradmix.stats import DomainStats
+from gradmix_kit.pike_toy import ToyProblem, ToySetting, example_2_1_weights, run_exact, run_mixer, suite
+
+
+def record(grad_sq_norm, grad_var, examples, batch_size=16, step=0):
+    return DomainStats(
+        step=step,
+        num_domains=len(grad_sq_norm),
+        batch_size=batch_size,
+        grad_sq_norm=np.asarray(grad_sq_norm, dtype=float),
+        grad_var=np.asarray(grad_var, dtype=float),
+        examples=np.asarray(examples, dtype=float),
+    )
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_water_filling_is_eq_4_of_example_2_1(seed):
+    """The bound's minimiser (lam, kappa of Thm 3.4 with L = 1, c = c_bar = 0, d = 2) equals the minimiser of the
+    exact expected loss after one SGD step, derived independently in ``example_2_1_weights``."""
+    rng = np.random.default_rng(seed)
+    theta, noise = rng.normal(size=2) * rng.uniform(0.1, 3), rng.uniform(0.05, 3.0, size=2)
+    lr, b = rng.uniform(0.05, 1.0), int(rng.integers(1, 64))
+    grad_sq = theta**2
+    lam = -lr * grad_sq + (lr**2 / (2 * b)) * 2 * noise**2
+    kappa = lr**2 * grad_sq
+    np.testing.assert_allclose(water_filling(lam, kappa), example_2_1_weights(theta, noise, lr, b), atol=1e-12)
+
+
+def test_example_2_1_weights_minimise_the_simulated_expected_loss():
+    """eq. 4 is the argmin of E[L(theta+)], checked against a Monte-Carlo average over a grid of mixes."""
+    theta, noise, lr, b = np.array([1.0, 0.3]), np.array([0.5, 2.0]), 0.5, 8
+    w_star = example_2_1_weights(theta, noise, lr, b)[0]
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(200_000, 2))
+
+    def expected(w):
+        step = np.array([w, 1 - w]) * theta
+        var = (w * noise[0] ** 2 + (1 - w) * noise[1] ** 2) / b
+        after = theta - lr * (step + math.sqrt(var) * z)
+        return float(np.mean(0.5 * np.sum(after**2, axis=1)))
+
+    grid = np.linspace(0, 1, 21)
+    values = [expected(w) for w in grid]
+    assert abs(grid[int(np.argmin(values))] - w_star) <= 0.05 + 1e-12
+
+
+def test_paper_variant_is_algorithm_1_literally():
+    """Raw statistics, constant zeta, no normaliser, EMA, clip or floor."""
+    method = make_method("pike", 3, variant="paper", zeta1=0.5, zeta2=2.0)
+    g, v, b = np.array([1.0, 4.0, 0.25]), np.array([10.0, 80.0, 3.0]), 8
+    w = method.update(record(g, v, [8, 8, 8], batch_size=b))
+    expected = np.exp(0.5 * g - (2.0 / (2 * b)) * v)
+    np.testing.assert_allclose(w, expected / expected.sum(), rtol=1e-12)
+    w2 = method.update(record(g, v, [8, 8, 8], batch_size=b))
+    expected2 = expected * np.exp(0.5 * g - (2.0 / (2 * b)) * v)
+    np.testing.assert_allclose(w2, expected2 / expected2.sum(), rtol=1e-12)
+    assert method.mode == "practical" and method.stats_ema == 0 and not method.shrinkage
+
+
+def test_variants_and_old_mode_spelling():
+    assert PiKE(3).variant == "gradmix" and PiKE(3).mode == "conceptual"
+    assert PiKE(3, mode="practical").variant == "gradmix_v1"
+    assert PiKE(3, mode="conceptual").variant == "conceptual"
+    with pytest.raises(ValueError, match="variant"):
+        PiKE(3, variant="nope")
+    with pytest.raises(ValueError, match="uniform_mix"):
+        PiKE(3, variant="paper", uniform_mix=0.5)
+    with pytest.raises(ValueError, match="lr_smoothness"):
+        PiKE(3, lr_smoothness=[1.0, -1.0])
+
+
+def test_shrink_to_mean():
+    values = np.array([1.0, 2.0, 9.0])
+    np.testing.assert_allclose(shrink_to_mean(values, np.zeros(3)), values)  # no noise: unchanged
+    np.testing.assert_allclose(shrink_to_mean(values, np.full(3, 1e6)), np.full(3, 4.0))  # all noise: the mean
+    shrunk = shrink_to_mean(values, np.array([0.0, 0.0, 1.0]))
+    assert shrunk[2] == pytest.approx(4.0 + (1 - 1 / 25) * 5.0)
+
+
+def test_default_stays_uniform_when_differences_are_within_noise():
+    """Two domains measured on 4 examples each, true statistics equal: the estimates differ by noise only, and the
+    default must not move (gradmix_v1 and the paper's step move on noise)."""
+    rng = np.random.default_rng(0)
+    default, v1 = make_method("pike", 2), make_method("pike", 2, variant="gradmix_v1")
+    for step in range(30):
+        g = 1.0 + rng.normal(scale=3.0, size=2)  # ||g||^2 estimates with standard error ~3
+        v = 10.0 * rng.chisquare(6, size=2) / 6
+        w_default = default.update(record(g, v, [4, 4], batch_size=8, step=step))
+        w_v1 = v1.update(record(g, v, [4, 4], batch_size=8, step=step))
+    assert abs(w_default[0] - 0.5) < 0.05
+    assert abs(w_v1[0] - 0.5) > abs(w_default[0] - 0.5)
+
+
+def test_a_starved_domain_is_measured_again_and_recovers():
+    """Domain 2's gradient is tiny and noisy: the default gives it its floor, 0.65/K of the batch, which at b = 16,
+    K = 3 is >= 2 examples, so it is measured at every measuring step; when its loss grows (a large ||g||^2), it
+    regains more than its uniform share within a few updates."""
+    method = make_method("pike", 3)
+    b = 16
+    for step in range(20):
+        w = method.update(record([4.0, 4.0, 0.0], [1.0, 1.0, 400.0], b * method.weights, batch_size=b, step=step))
+    floor = 0.65 / 3
+    assert w[2] == pytest.approx(floor, abs=1e-9)
+    assert b * w[2] >= 2  # measurable: the probe needs 2 examples for its U-statistics
+    for step in range(20, 40):
+        w = method.update(record([4.0, 4.0, 60.0], [1.0, 1.0, 400.0], b * method.weights, batch_size=b, step=step))
+        if w[2] > 1 / 3:
+            break
+    assert w[2] > 1 / 3, w
+    assert step - 20 <= 6
+
+
+def test_toy_problem_exact_statistics_match_the_dynamics():
+    problem = ToyProblem(ToySetting("t", (1.0, 4.0, 9.0), (0.5, 1.0, 2.0), batch_size=8, cosine=0.2))
+    theta = np.array([0.3, -0.7, 1.1])
+    u = problem.directions
+    np.testing.assert_allclose(np.linalg.norm(u, axis=1), 1.0)
+    np.testing.assert_allclose(u @ u.T - np.eye(3), 0.2 * (1 - np.eye(3)), atol=1e-12)
+    np.testing.assert_allclose(problem.task_losses(problem.theta0), 1.0)
+    grads = problem.curvature[:, None] * (u @ theta)[:, None] * u
+    np.testing.assert_allclose(problem.grad_sq_norms(theta), np.sum(grads**2, axis=1))
+
+
+def test_expected_loss_propagation_matches_monte_carlo():
+    problem = ToyProblem(ToySetting("t", (1.0, 10.0), (1.0, 3.0), batch_size=4, lr_fraction=0.5, steps=30))
+    counts = np.tile([3.0, 1.0], (30, 1))
+    exact = problem.expected_losses(counts)
+    rng = np.random.default_rng(0)
+    thetas = np.tile(problem.theta0, (20_000, 1))
+    for n in counts:
+        drift = (n * problem.curvature * (thetas @ problem.directions.T)) @ problem.directions
+        noise = rng.normal(size=thetas.shape) * math.sqrt(float(n @ problem.noise_var))
+        thetas = thetas - problem.lr / 4 * (drift + noise)
+    mc = np.mean([problem.task_losses(t).mean() for t in thetas[:5000]])
+    assert mc == pytest.approx(exact[-1], rel=0.05)
+
+
+@pytest.mark.integration
+def test_default_beats_uniform_through_the_mixer_where_the_bound_is_informative():
+    """'K4 small lr' of the suite (noise 8x apart, curvatures 30x): the default through the Mixer, with nothing but
+    update_every set, ends below uniform on every seed; Algorithm 1 literally does not."""
+    warnings.simplefilter("ignore")
+    problem = ToyProblem(next(s for s in suite() if s.name == "K4 small lr"))
+    for seed in range(3):
+        uniform = run_mixer(problem, "uniform", seed=seed).expected[-1]
+        default = run_mixer(problem, "pike", seed=seed).expected[-1]
+        assert default < 0.9 * uniform, (seed, default / uniform)
+
+
+def test_run_exact_counts_follow_the_method():
+    problem = ToyProblem(ToySetting("t", (1.0, 1.0), (0.1, 10.0), batch_size=16, steps=200))
+    run = run_exact(problem, make_method("pike", 2), seed=0, update_every=10)
+    assert run.counts.sum() == 16 * 200
+    assert run.counts[0] > run.counts[1]  # the noisy task gets less
+    assert run.weights[-1][1] >= 0.65 / 2 - 1e-12  # never below the floor
