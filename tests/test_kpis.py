@@ -46,7 +46,9 @@ def train(mixer, model, steps, eval_every=None):
 
 
 @pytest.mark.parametrize("method, params, terms", [
-    ("pike", {"min_weight": 0.05}, {"gain", "variance_penalty", "log_step", "grad_sq_norm", "variance_2b"}),
+    ("pike", {"variant": "gradmix_v1", "min_weight": 0.05},
+     {"gain", "variance_penalty", "log_step", "grad_sq_norm", "variance_2b"}),
+    ("pike", {}, {"lam", "kappa", "bound_weights", "grad_sq_norm", "variance_2b"}),
     ("fair_pike", {}, {"grad_sq_norm", "variance_2b", "tilt"}),
 ])
 def test_pike_records_its_terms_timing_and_gaps(method, params, terms):
@@ -67,7 +69,10 @@ def test_pike_records_its_terms_timing_and_gaps(method, params, terms):
     assert terms <= set(updates[0]["update_terms"])
     g = updates[0]["update_terms"]["grad_sq_norm"]
     assert set(g) == {"d0", "d1", "d2"}
-    assert np.mean(list(g.values())) == pytest.approx(1.0 if method == "pike" else np.mean(list(g.values())))
+    if params.get("variant") == "gradmix_v1":  # statistics divided by their mean
+        assert np.mean(list(g.values())) == pytest.approx(1.0)
+    if "bound_weights" in terms:  # the bound's own mix, before the uniform share: a probability vector
+        assert sum(updates[0]["update_terms"]["bound_weights"].values()) == pytest.approx(1.0)
     var = updates[0]["update_terms"]["variance_2b"]
     assert all(v >= 0 for v in var.values())
     if method == "fair_pike":
