@@ -1,13 +1,13 @@
 """PiKE's new default on text, paired by seed against uniform and the old default (issue #19, item 4).
 
-    python benchmarks/summarize_pike_text.py --runs runs/pike_regime_v2 \
-        --recorded benchmarks/results/pike_regime_comparison.json [--new pike] [--json PATH]
+    python benchmarks/summarize_pike_text.py --runs runs/pike_regime_v2,runs/pike_regime_v2_old [--json PATH]
 
-Reads the new default's run folders (``<runs>/<new>-seed<S>/``) and, for uniform and the old default, the per-seed
-values recorded in ``--recorded`` (a ``gradmix compare`` JSON; the runs are deterministic per seed, and any uniform
-runs found in ``--runs`` are checked against the record). Prints, paired by seed with 95% t intervals: the change of
-the final average and worst-domain validation loss against uniform (in %), the step at which the new default's
-average validation loss first reaches uniform's final value, and the realised share of training tokens per domain.
+Reads run folders ``<dir>/<label>-seed<S>/`` from the given comparison folders: the new default (``--new``, default
+``pike``), the old default (``--old``, default ``pike_v1``: ``variant = "gradmix_v1"``) and ``uniform``, all made
+on this machine (runs are deterministic per machine, not across CPUs: see BENCHMARKS.md). Prints, paired by seed
+with 95% t intervals: the change of the final average and worst-domain validation loss against uniform (in %), the
+first evaluation step at which each method's average validation loss reaches uniform's final value of the same seed,
+and the realised share of training tokens per domain (from the runs' cumulative ``tokens``).
 """
 
 from __future__ import annotations
@@ -47,62 +47,51 @@ def read_run(folder: Path) -> dict[str, Any]:
     }
 
 
+def collect(folders: list[Path], label: str) -> dict[int, dict[str, Any]]:
+    runs: dict[int, dict[str, Any]] = {}
+    for folder in folders:
+        for run in sorted(folder.glob(f"{label}-seed*")):
+            if (run / "summary.json").exists():
+                seed = int(run.name.rsplit("-seed", 1)[1])
+                if seed in runs:
+                    raise SystemExit(f"{label} seed {seed} appears twice: {run}")
+                runs[seed] = read_run(run)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", required=True)
-    parser.add_argument("--recorded", required=True)
-    parser.add_argument("--new", default="pike", help="label of the new default's runs in --runs")
-    parser.add_argument("--old", default="pike", help="label of the old default in --recorded")
+    parser.add_argument("--runs", required=True, help="comma-separated comparison folders")
+    parser.add_argument("--new", default="pike")
+    parser.add_argument("--old", default="pike_v1")
     parser.add_argument("--json")
     args = parser.parse_args()
-    recorded = json.loads(Path(args.recorded).read_text())["methods"]
-    seeds = recorded["uniform"]["seeds"]
-    uniform = {
-        s: (recorded["uniform"]["avg_val_loss"]["values"][i], recorded["uniform"]["worst_val_loss"]["values"][i])
-        for i, s in enumerate(seeds)
-    }
-    old = {
-        s: (recorded[args.old]["avg_val_loss"]["values"][i], recorded[args.old]["worst_val_loss"]["values"][i])
-        for i, s in enumerate(recorded[args.old]["seeds"])
-    }
-    runs = Path(args.runs)
-    new: dict[int, dict[str, Any]] = {}
-    for seed in seeds:
-        folder = runs / f"{args.new}-seed{seed}"
-        if (folder / "summary.json").exists():
-            new[seed] = read_run(folder)
-        check = runs / f"uniform-seed{seed}"
-        if (check / "summary.json").exists():
-            again = read_run(check)["avg"]
-            same = "identical" if again == uniform[seed][0] else f"DIFFERS ({again} vs {uniform[seed][0]})"
-            print(f"uniform seed {seed} re-run: {same} to the recorded value")
-    paired = sorted(new)
-    if not paired:
-        raise SystemExit(f"no {args.new}-seed*/summary.json in {runs}")
-    out: dict[str, Any] = {"seeds": paired, "runs": str(runs), "recorded": args.recorded}
-    for label, values in (("new default", {s: (new[s]["avg"], new[s]["worst"]) for s in paired}), ("old default", old)):
-        common = [s for s in paired if s in values]
-        avg = [100 * (values[s][0] / uniform[s][0] - 1) for s in common]
-        worst = [100 * (values[s][1] / uniform[s][1] - 1) for s in common]
-        out[label] = {"avg_pct": avg, "worst_pct": worst}
-        print(f"{label:12s} vs uniform ({len(common)} seeds): average {interval(avg)}, worst domain {interval(worst)}")
-    common = [s for s in paired if s in old]
-    avg = [100 * (new[s]["avg"] / old[s][0] - 1) for s in common]
-    print(f"new vs old   ({len(common)} seeds): average {interval(avg)}")
-    out["new_vs_old_avg_pct"] = avg
-    reach = []
-    for s in paired:
-        target = uniform[s][0]
-        hit = [step for step, value in new[s]["evals"] if value <= target]
-        reach.append(hit[0] if hit else None)
-    final_step = new[paired[0]]["evals"][-1][0]
-    print(f"steps to uniform's final average loss (new default, per seed; {final_step} = the last evaluation): {reach}")
-    shares = {k: float(np.mean([new[s]["shares"].get(k, 0.0) for s in paired])) for k in new[paired[0]]["shares"]}
-    print(
-        "realised token shares (new default, mean over seeds): " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items())
-    )
-    out["steps_to_uniform_final"] = reach
-    out["realised_shares"] = shares
+    folders = [Path(p) for p in args.runs.split(",")]
+    uniform = collect(folders, "uniform")
+    out: dict[str, Any] = {"runs": args.runs, "methods": {}}
+    for label, name in ((args.new, "new default"), (args.old, "old default (gradmix_v1)")):
+        runs = collect(folders, label)
+        seeds = sorted(set(runs) & set(uniform))
+        if not seeds:
+            print(f"{name}: no runs paired with uniform")
+            continue
+        avg = [100 * (runs[s]["avg"] / uniform[s]["avg"] - 1) for s in seeds]
+        worst = [100 * (runs[s]["worst"] / uniform[s]["worst"] - 1) for s in seeds]
+        reach = []
+        for s in seeds:
+            hit = [step for step, value in runs[s]["evals"] if value <= uniform[s]["avg"]]
+            reach.append(hit[0] if hit else None)
+        shares = {k: float(np.mean([runs[s]["shares"].get(k, 0.0) for s in seeds])) for k in runs[seeds[0]]["shares"]}
+        out["methods"][label] = {
+            "seeds": seeds,
+            "avg_pct": avg,
+            "worst_pct": worst,
+            "steps_to_uniform_final": reach,
+            "realised_shares": shares,
+        }
+        print(f"{name} vs uniform, seeds {seeds}: average {interval(avg)}, worst domain {interval(worst)}")
+        print(f"   steps to uniform's final average loss per seed (None = not reached): {reach}")
+        print("   realised token shares: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

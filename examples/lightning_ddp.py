@@ -27,7 +27,9 @@ import torch
 from _tiny_gpt import DATA_DIR, DEFAULT_DOMAINS, TinyGPT, byte_domains, per_example_loss
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
 
+from gradmix.distributed import default_timeout
 from gradmix.integrations.lightning import MixingCallback, MixingModuleMixin
 
 CHECKPOINT_EVERY = 10
@@ -93,6 +95,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(DATA_DIR))
     parser.add_argument("--batch-size", type=int, default=12, help="global examples per step")
     parser.add_argument("--trace", action="store_true", help="each rank writes OUT/trace.rank{R}.jsonl (tests)")
+    parser.add_argument("--pike-variant", default="gradmix", choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
+                        help="PiKE's variant (the tests use gradmix_v1, whose weights move within a few steps here)")
     args = parser.parse_args()
     out = Path(args.out)
     for noise in ("does not have many workers", "resuming from a checkpoint that ended before the epoch ended",
@@ -100,15 +104,19 @@ def main() -> None:
         warnings.filterwarnings("ignore", message=f".*{noise}")
 
     torch.manual_seed(0)
+    ckpt_path = newest_checkpoint(out / "checkpoints") if args.resume else None
+    # a used --out without --resume is refused (on every rank) by the callback; --resume before the first
+    # checkpoint starts over
     mixing = MixingCallback(byte_domains(args.domains.split(","), args.data_dir), "pike", args.batch_size,
-                            method_params={"min_weight": 0.05}, update_every=5, log_every=1, seed=0, run_dir=out)
+                            method_params={"variant": args.pike_variant, "min_weight": 0.05}, update_every=5,
+                            log_every=1, seed=0, run_dir=out,
+                            overwrite=args.resume and ckpt_path is None)
     checkpoints = CheckpointEvery(args.stop_at, dirpath=out / "checkpoints", filename="step-{step:06d}",
                                   auto_insert_metric_name=False, every_n_train_steps=CHECKPOINT_EVERY,
                                   save_top_k=-1, save_last=False)
-    ckpt_path = newest_checkpoint(out / "checkpoints") if args.resume else None
-    if not args.resume and (out / "metrics.jsonl").exists() and os.environ.get("LOCAL_RANK", "0") == "0":
-        sys.exit(f"{out} already holds a run: pass --resume or another --out")
-    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+    # gradmix's process-group timeout (10 min, $GRADMIX_DIST_TIMEOUT): a hung rank does not block the other for 30
+    strategy = DDPStrategy(timeout=default_timeout()) if args.devices > 1 else "auto"
+    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy,
                         max_steps=args.steps, callbacks=[mixing, checkpoints], logger=CSVLogger(out, name="logs"),
                         log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)

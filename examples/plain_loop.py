@@ -1,10 +1,10 @@
 """A plain PyTorch training loop over three domains, with gradmix changing the mix while it trains.
 
-    python examples/plain_loop.py [--method pike] [--steps 150] [--accumulation 2] [--out DIR] [--resume]
+    python examples/plain_loop.py [--method pike] [--steps 150] [--accumulation 2] [--out DIR] [--resume | --overwrite]
 
 Uses the tiny built-in corpus (real text: Python docs, Python code, license texts), a byte-level BPE tokenizer
 and the small GPT from gradmix_kit.experiment. Any model works: the Mixer only needs a function that returns
-per-example losses.
+per-example losses. A second run on a used --out is refused unless --resume or --overwrite says what to do with it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--out", default="runs/plain_loop", help="metrics.jsonl and checkpoint.pt go here")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true", help="start over, deleting the run already in OUT")
     args = parser.parse_args()
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
     torch.manual_seed(0)
 
     texts = load_tiny_corpus()  # {domain: [documents]}
@@ -42,9 +45,12 @@ def main() -> None:
     model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), context_length=32, d_model=64, n_layers=2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     params = {"min_weight": 0.05} if args.method in ("pike", "fair_pike") else {}
+    # the Mixer locks OUT; a used OUT needs resume=True (records kept, cut back by mixer.resume) or overwrite=True
     mixer = Mixer(domains, args.method, batch_size=16, method_params=params, model=model, update_every=10,
-                  accumulation_steps=args.accumulation, run_dir=args.out)
+                  accumulation_steps=args.accumulation, run_dir=args.out, resume=args.resume, overwrite=args.overwrite)
     checkpoint = Path(args.out) / "checkpoint.pt"
+    if args.overwrite:
+        checkpoint.unlink(missing_ok=True)  # the checkpoint is ours to delete (the Mixer deleted its records)
     if args.resume and checkpoint.exists():
         mixer.resume(checkpoint, model=model, optimizer=optimizer)  # load everything, drop rows logged after it
         print(f"resumed at step {mixer.step_count}")
@@ -67,6 +73,7 @@ def main() -> None:
         if mixer.step_count % 50 == 0:
             mixer.save_checkpoint(checkpoint, model=model, optimizer=optimizer)
     mixer.save_checkpoint(checkpoint, model=model, optimizer=optimizer)
+    mixer.close()  # flushes the writers and releases the run folder's lock
     print(f"checkpoint written to {checkpoint} (--resume continues from it exactly)")
 
 

@@ -9,7 +9,10 @@ gradient shards and all-reduces a few scalars, so every rank computes the same w
 folder ``OUT/checkpoints/step-NNNNNN`` holds the model and optimizer shards (torch.distributed.checkpoint) and the
 Mixer state; ``--resume`` continues from the newest complete one (it may be written by another number of ranks: DCP
 re-shards, the sampler keeps the global batches). ``--stop-at M`` leaves right after the checkpoint of step M as if
-killed. Metrics: ``OUT/metrics.jsonl`` (rank 0).
+killed. Metrics: ``OUT/metrics.jsonl`` (rank 0). A used ``--out`` without ``--resume`` is refused on every rank, and
+so are ranks that disagree (domains, batch size, method, seed: the Mixer checks at construction). The process group
+has gradmix's timeout (``gradmix.distributed.init_process_group``: 10 minutes, or ``$GRADMIX_DIST_TIMEOUT``
+seconds), so a hung rank fails its peer instead of blocking it for torch's 30 minutes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from gradmix import Mixer
+from gradmix.distributed import init_process_group
 from gradmix.integrations.fsdp import (
     latest_checkpoint,
     load_sharded_checkpoint,
@@ -55,11 +59,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=12, help="global examples per step")
     parser.add_argument("--num-splits", type=int, default=2, help="global parts per domain on measuring steps")
     parser.add_argument("--trace", action="store_true", help="each rank writes OUT/trace.rank{R}.jsonl (tests)")
+    parser.add_argument("--pike-variant", default="gradmix", choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
+                        help="PiKE's variant (the tests use gradmix_v1, whose weights move within a few steps here)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    dist.init_process_group("gloo")
+    init_process_group("gloo")  # torch's, with gradmix's timeout
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # every rank builds the same full model, then keeps its shards
     model = TinyGPT()
@@ -71,10 +77,14 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     domains = byte_domains(args.domains.split(","), args.data_dir)
-    mixer = Mixer(domains, "pike", batch_size=args.batch_size, method_params={"min_weight": 0.05},
-                  model=model, probe_params={"num_splits": args.num_splits},  # FSDP2 model: a ShardedGradientProbe
-                  update_every=5, log_every=1,
-                  seed=0, run_dir=out)
+    try:  # a used --out without --resume, or ranks that disagree: the same one-line error on every rank
+        mixer = Mixer(domains, "pike", batch_size=args.batch_size,
+                      method_params={"variant": args.pike_variant, "min_weight": 0.05},
+                      model=model, probe_params={"num_splits": args.num_splits},  # FSDP2: a ShardedGradientProbe
+                      update_every=5, log_every=1, seed=0, run_dir=out, resume=args.resume)
+    except ValueError as exc:
+        print(f"rank {rank}: cannot start: {exc}", file=sys.stderr)
+        leave(2)
     if args.resume:
         folder = latest_checkpoint(out)
         if folder is not None:
@@ -87,9 +97,6 @@ def main() -> None:
                 print(f"resumed from {folder} at step {mixer.step_count} ({world} ranks)")
         else:
             mixer.truncate_metrics()
-    elif rank == 0 and (out / "metrics.jsonl").exists():
-        print(f"{out} already holds a run: pass --resume or another --out", file=sys.stderr)
-        leave(2)
 
     trace = open(out / f"trace.rank{rank}.jsonl", "a") if args.trace else None  # noqa: SIM115 (closed by exit)
     for batch in mixer.batches(max(args.steps - mixer.step_count, 0)):
@@ -109,6 +116,7 @@ def main() -> None:
         if args.stop_at is not None and step == args.stop_at:
             leave(0)  # as if killed right after the checkpoint
     dist.barrier()
+    mixer.close()  # releases the run folder's lock (leave() skips the interpreter's own clean-up)
     if rank == 0:
         print(f"done: {mixer.step_count} steps, weights {dict(zip(mixer.names, mixer.weights.round(4).tolist()))}")
     leave(0)

@@ -174,3 +174,50 @@ def test_resume_of_a_run_killed_after_its_final_checkpoint_still_writes_the_summ
     assert main(["run", str(SMOKE), "--out", str(out), "--no-progress", "--set", "steps=10", "--resume"]) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["final_val_loss"] == first["final_val_loss"]
+
+
+def test_run_on_a_used_folder_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
+    """Issue 22 item 2: a second `gradmix run` without --resume used to replace a finished run without a word."""
+    out = tmp_path / "run"
+    short = ["--no-progress", "--method", "uniform", "--set", "steps=4", "--set", "train.eval_every=2"]
+    assert main(["run", str(SMOKE), "--out", str(out), *short]) == 0
+    kept = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "summary.json", "checkpoint.pt")}
+    capsys.readouterr()
+    assert main(["run", str(SMOKE), "--out", str(out), *short, "--set", "seed=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds a started or finished run" in err, err
+    assert "metrics.jsonl" in err and "pass --resume to continue it or --overwrite to replace it" in err
+    assert {name: (out / name).read_bytes() for name in kept} == kept  # nothing was touched
+    assert main(["run", str(SMOKE), "--out", str(out), *short, "--resume", "--overwrite"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert main(["run", str(SMOKE), "--out", str(out), *short, "--set", "steps=3", "--set", "seed=1",
+                 "--overwrite"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["seed"] == 1
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 0 and steps[-1] == 3 and steps == sorted(set(steps))  # one run's rows, not two
+    assert not (out / ".gradmix.lock").exists()  # released at the end
+
+
+def test_run_on_a_folder_another_process_owns_is_refused(tmp_path, capsys):
+    """Issue 22 item 1: a second `gradmix run --out X` while the first runs used to delete the first's metrics and
+    then both appended. The owner here is another process holding the folder's lock."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    code = ("import sys, time; from gradmix.runlock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(600)")
+    owner = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "locked"
+        (out / "metrics.jsonl").write_text('{"step": 0}\n')  # the owner's rows so far
+        for flag in ("--resume", "--overwrite"):
+            assert main(["run", str(SMOKE), "--out", str(out), "--no-progress", flag]) == 2
+            err = capsys.readouterr().err.strip()
+            assert f"is in use by pid {owner.pid} on host" in err and err.count("\n") == 0, err
+        assert (out / "metrics.jsonl").read_text() == '{"step": 0}\n'
+        assert sorted(p.name for p in out.iterdir()) == [".gradmix.lock", "metrics.jsonl"]
+    finally:
+        owner.kill()
+        owner.communicate(timeout=60)

@@ -29,3 +29,18 @@ def test_plain_loop_example_with_accumulation_resumes_exactly(tmp_path):
     run("--steps", "40", "--accumulation", "2", "--out", str(part), "--resume")  # ... continue to 40
     assert weights_rows(part) == weights_rows(full)
     assert [s for s, _ in weights_rows(full)] == [10, 20, 30, 40]
+
+
+@pytest.mark.integration
+def test_plain_loop_twice_on_one_folder_is_refused_unless_resume_or_overwrite(tmp_path):
+    """Issue 22 item 2: running the example twice used to append to the first run's metrics (steps 10, 20, 10, 20)."""
+    out = tmp_path / "run"
+    run("--steps", "20", "--out", str(out))
+    before = (out / "metrics.jsonl").read_text()
+    again = subprocess.run([sys.executable, str(ROOT / "examples" / "plain_loop.py"), "--steps", "20", "--out",
+                            str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode != 0
+    assert "holds a started or finished run (metrics.jsonl): pass resume=True" in again.stderr.splitlines()[-1]
+    assert (out / "metrics.jsonl").read_text() == before
+    run("--steps", "10", "--out", str(out), "--overwrite")
+    assert [s for s, _ in weights_rows(out)] == [10]

@@ -1,6 +1,9 @@
 """The HF Trainer integration end to end: examples/hf_trainer.py (a random-init GPT-2 on three domains) run in
 subprocesses; a run stopped after a checkpoint (or killed with SIGKILL) and resumed must log exactly the weights
-of an uninterrupted run, with gradient (pike) and loss-only (odm) methods and with gradient accumulation."""
+and losses of an uninterrupted run, with gradient (pike) and loss-only (odm) methods, with gradient accumulation
+and with GPT-2's dropout 0.1 on (issue 22 item 9: building the data iterator after the Trainer restored the RNG
+drew from it, and a resumed run's dropout masks differed from step 21 on). A used output folder is refused unless
+the run resumes or overwrites, and a folder another process owns is refused (items 1 and 2)."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "hf_trainer.py"
 STEPS = 30
 TIMEOUT = 300
+DROPOUT = "0.1"  # GPT-2's default: dropout draws from the RNG the Trainer checkpoints and restores
 
 
 def _env() -> dict[str, str]:
@@ -36,7 +40,7 @@ def _env() -> dict[str, str]:
 
 
 def _cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(EXAMPLE), "--out", str(out), "--steps", str(STEPS), *extra]
+    return [sys.executable, str(EXAMPLE), "--out", str(out), "--steps", str(STEPS), "--dropout", DROPOUT, *extra]
 
 
 def _run(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -69,7 +73,7 @@ def _reference(tmp_path_factory, method: str, accum: int) -> list[dict]:
     if key not in _REFERENCES:
         out = tmp_path_factory.mktemp(f"ref_{method}_{accum}")
         _example_module().main(["--out", str(out), "--steps", str(STEPS), "--method", method,
-                                "--grad-accum", str(accum)])
+                                "--grad-accum", str(accum), "--dropout", DROPOUT])
         records = _records(out)
         for field in ("step", "weights", "train_loss", "weight_entropy", "effective_domains", "max_weight"):
             assert all(field in r for r in records), field
@@ -175,3 +179,33 @@ def _small_trainer(example, out: Path):
                              use_cpu=True, disable_tqdm=True)
     return MixingTrainer(model=model, args=args, domains=example.load_domains(["code", "docs", "legal"]),
                          method="pike")
+
+
+def test_a_used_output_dir_needs_resume_or_overwrite_and_a_live_owner_is_refused(tmp_path):
+    """The Trainer used to drop the old rows of a reused output_dir and write checkpoints beside the old run's."""
+    from gradmix.runlock import RunDirError
+
+    example = _example_module()
+    out = tmp_path / "run"
+    example.main(["--out", str(out), "--steps", "20"])
+    before = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunDirError, match=r"holds a started or finished run \(metrics.jsonl, checkpoint-10, "
+                                          r"checkpoint-20\): pass train\(resume_from_checkpoint=...\) to continue it "
+                                          r"or MixingTrainer\(overwrite=True\) to replace it"):
+        example.main(["--out", str(out), "--steps", "10"])
+    assert (out / "metrics.jsonl").read_bytes() == before
+    example.main(["--out", str(out), "--steps", "10", "--overwrite"])
+    assert [r["step"] for r in _records(out)] == list(range(1, 11))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10"]  # the old run's 20 is gone
+
+    code = ("import sys, time; from gradmix.runlock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(600)")
+    owner = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError, match=rf"is in use by pid {owner.pid} on host"):
+            example.main(["--out", str(out), "--steps", "20", "--resume"])
+    finally:
+        owner.kill()
+        owner.communicate(timeout=60)
+    assert [r["step"] for r in _records(out)] == list(range(1, 11))

@@ -31,7 +31,9 @@ STEPS = 20
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, str(EXAMPLE), *args]
+    # gradmix_v1: its weights move within these few steps, so equal weights after a resume prove something (the
+    # default keeps this tiny run's mix uniform: its statistics differ by less than their noise)
+    return [sys.executable, str(EXAMPLE), *args, "--pike-variant", "gradmix_v1"]
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -134,3 +136,61 @@ def test_resume_on_one_device_reshards(uninterrupted, stopped, tmp_path) -> None
     for r in resumed[14:]:
         w = np.array(list(r["requested_weights"].values()))
         assert np.all(w >= 0) and abs(w.sum() - 1) < 1e-9
+
+
+def test_callback_refuses_a_used_run_dir_unless_resumed_or_overwritten(tmp_path) -> None:
+    """Issue 22 items 1 and 2, in process on one device: a second fit on a used run_dir used to append to the old
+    metrics.jsonl (steps 1, 2, 3, 1, 2, 3); now it is refused unless it resumes or overwrites, and a folder another
+    process owns is refused at setup."""
+    import lightning.pytorch as L
+    import torch
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from _tiny_gpt import TinyGPT, byte_domains, per_example_loss
+
+    from gradmix.integrations.lightning import MixingCallback, MixingModuleMixin
+    from gradmix.runlock import LOCK_NAME, RunDirError
+
+    class Lit(MixingModuleMixin, L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyGPT()
+
+        def training_step(self, batch, batch_idx):
+            losses = per_example_loss(self.net, batch)
+            self.mixing_observe(batch, losses.detach())
+            return losses.mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def fit(**options) -> None:
+        callback = MixingCallback(byte_domains(), "uniform", 4, run_dir=run_dir, log_every=1, **options)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, callbacks=[callback], logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path, num_sanity_val_steps=0)
+        trainer.fit(Lit())
+
+    run_dir = tmp_path / "run"
+    fit()
+    assert [r["step"] for r in rows(run_dir)] == [1, 2, 3]
+    assert not (run_dir / LOCK_NAME).exists()  # released at teardown
+    with pytest.raises(RunDirError, match=r"holds a started or finished run \(metrics.jsonl\): pass "
+                                          r"trainer.fit\(ckpt_path=...\) to continue it or "
+                                          r"MixingCallback\(overwrite=True\) to replace it"):
+        fit()
+    assert [r["step"] for r in rows(run_dir)] == [1, 2, 3]
+    fit(overwrite=True)
+    assert [r["step"] for r in rows(run_dir)] == [1, 2, 3]
+
+    code = ("import sys, time; from gradmix.runlock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(600)")
+    owner = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError, match=rf"is in use by pid {owner.pid} on host"):
+            fit(overwrite=True)
+    finally:
+        owner.kill()
+        owner.communicate(timeout=60)
+    assert [r["step"] for r in rows(run_dir)] == [1, 2, 3]

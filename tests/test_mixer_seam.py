@@ -57,7 +57,9 @@ def test_accumulation_trades_memory_never_data(method):
 
 
 def test_accumulation_with_pike_measures_pooled_statistics():
-    mixer, _, _ = run_steps(3, steps=8, method="pike", method_params={"min_weight": 0.01}, log_every=2)
+    # gradmix_v1: its weights move on this tiny data (the default's shrinkage leaves them uniform here)
+    mixer, _, _ = run_steps(3, steps=8, method="pike", method_params={"variant": "gradmix_v1", "min_weight": 0.01},
+                            log_every=2)
     assert not np.allclose(mixer.weights, 1 / 3)  # the pooled statistics moved the weights
     records = list(mixer.history)
     assert [r["step"] for r in records] == [2, 4, 6, 8]

@@ -254,9 +254,9 @@ def test_all_zero_gradients_skip_update():
     after = method.update(stats([0.0, 0.0, np.nan], [1.0, 2.0, 3.0]))
     np.testing.assert_array_equal(after, np.full(3, 1 / 3))
     assert "zero" in method.last_skip_reason
-    # negative estimates clip to zero, so they count as zero gradients too
+    # negative estimates: nothing to compare either, and the message says they are noise, not zero gradients
     method.update(stats([-1.0, 0.0, -0.5], [1.0, 2.0, 3.0]))
-    assert "zero" in method.last_skip_reason
+    assert "at or below 0 (the estimates are dominated by noise)" in method.last_skip_reason
 
 
 def test_negative_estimates_clip_at_zero():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -66,6 +67,7 @@ RNG_FORMAT = "gradmix.rng/1"
 _ACTIVE_TEMPS: set[str] = set()  # temp files this process is writing right now (other threads must not remove them)
 _ACTIVE_LOCK = threading.Lock()
 _LEGACY_TEMP_MAX_AGE_S = 3600.0
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space left; disk quota exceeded
 
 
 def _host_tag() -> str:
@@ -167,10 +169,17 @@ def atomic_write(
     """Call ``write(file_object)`` on a temp file next to ``path``, fsync it and atomically move it into place.
 
     The file gets the permissions of a normally created file (``0o666 & ~umask``). Text mode defaults to UTF-8.
+
+    A ``path`` that is a symlink is written through: the file it points to is replaced (atomically, by a temp file in
+    that file's folder) and the link stays. The link says where the data lives (a checkpoint kept on a bigger disk, a
+    name pointing into a shared store): replacing the link by a regular file would move the data beside the link
+    and leave the file it points to silently stale. A disk that fills up (ENOSPC, EDQUOT) is an ``OSError`` saying
+    "disk full" and naming the file. Returns ``path`` as given.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
+    given = Path(path)
+    path = Path(os.path.realpath(given)) if given.is_symlink() else given
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -182,6 +191,8 @@ def atomic_write(
                 fd = os.open(tmp, flags, 0o666)  # the mode passes through the umask, unlike mkstemp's 0600
             except FileExistsError:
                 continue
+            except OSError as exc:  # a read-only folder, no permission: name the file being written, not the temp
+                raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
             _ACTIVE_TEMPS.add(str(tmp))
         break
     try:
@@ -196,14 +207,19 @@ def atomic_write(
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            kept = "the previous file is intact" if path.exists() else "nothing was written"
+            raise OSError(
+                exc.errno, f"disk full: cannot write {path} ({os.strerror(exc.errno or errno.ENOSPC)}); {kept}"
+            ) from exc
         raise
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE_TEMPS.discard(str(tmp))
-    return path
+    return given
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
@@ -289,10 +305,15 @@ class _HashingWriter:
         self._fh = fh
         self.sha256 = hashlib.sha256()
         self.length = 0
+        self.error: OSError | None = None  # torch.save turns a failed write into a RuntimeError without the cause
 
     def write(self, data: Any) -> int:
         view = memoryview(data)
-        self._fh.write(view)
+        try:
+            self._fh.write(view)
+        except OSError as exc:
+            self.error = exc
+            raise
         self.sha256.update(view)
         self.length += view.nbytes
         return view.nbytes
@@ -308,8 +329,13 @@ def save_checkpoint_file(state: dict[str, Any], path: str | Path) -> Path:
     def write(fh: Any) -> None:
         fh.write(b"\0" * HEADER_SIZE)  # placeholder until the payload's length and hash are known
         sink = _HashingWriter(fh)
-        # torch.save only needs write()/flush() (documented), but its stub demands IO[bytes]
-        torch.save(state, sink)  # type: ignore[arg-type]
+        try:
+            # torch.save only needs write()/flush() (documented), but its stub demands IO[bytes]
+            torch.save(state, sink)  # type: ignore[arg-type]
+        except RuntimeError:
+            if sink.error is not None:  # "[enforce fail at inline_container.cc] unexpected pos": the real cause
+                raise sink.error from None
+            raise
         fh.flush()
         fh.seek(0)
         fh.write(_HEADER.pack(MAGIC, FORMAT_VERSION, sink.length, sink.sha256.digest()))

@@ -33,9 +33,11 @@ import torch
 from gradmix.alerts import AlertCallback, AlertConfig, MixingWarning
 from gradmix.checkpoint import capture_rng_state, load_checkpoint_file, restore_rng_state, save_checkpoint_file
 from gradmix.core import GRADIENT_STATS, MixingCore, Schedule
-from gradmix.methods import method_class
+from gradmix.distributed import check_agreement, is_distributed
+from gradmix.methods import make_method, method_class
 from gradmix.methods.base import MixingMethod
 from gradmix.probe import BackwardFn
+from gradmix.runlock import RunDirError, RunLock, check_run_dir
 from gradmix.sampler import DataExhaustedError, MixtureSampler
 from gradmix.sources import Domain, DomainSet, DomainSource, collate_examples
 from gradmix.stats import Measurement
@@ -136,6 +138,16 @@ class Mixer:
         probe: a ready probe (overrides ``model``); probe_params: arguments for the one built here.
         target: the target set for DGA-style methods: a domain, or a tensor of token windows.
         run_dir: where ``metrics.jsonl`` goes (rank 0 only); None = keep records in memory only (``history``).
+            The Mixer locks it (``gradmix.runlock.RunLock``, rank 0) until ``close()`` or the end of the process: a
+            second process on the same folder is refused while this one lives. A folder that already holds a run
+            (non-empty ``metrics.jsonl``, ``metrics.csv`` or ``tensorboard/``) is refused unless ``resume`` or
+            ``overwrite`` says what to do with it.
+        resume: continue the run in ``run_dir``: its records are kept; ``mixer.resume(checkpoint)`` then drops the
+            records after the checkpoint's step (without a checkpoint, the first record written drops them all:
+            the run starts over).
+        overwrite: replace the run in ``run_dir``: its metrics files are deleted now (your own checkpoint files
+            are yours to delete).
+        lock: False when the caller already holds the folder's ``RunLock`` (``gradmix run`` does).
         writers: metrics writers: objects with ``write(record)`` and/or names ``"jsonl"``, ``"csv"``,
             ``"tensorboard"``, ``"wandb"`` (built in ``run_dir`` by ``gradmix.writers.make_writers``); default a
             ``JsonlWriter`` in ``run_dir``. Rank 0 writes; ``close()`` flushes and closes them.
@@ -145,6 +157,11 @@ class Mixer:
             recorded as ``eval_metrics`` {name: value} beside the losses.
         rank, world_size: default from torch.distributed when it is initialised.
         other keyword arguments: see ``MixerConfig`` (``alerts``, ``alert_min_weight``, ``alert_repeats``, ...).
+
+    Under torch.distributed (world_size > 1) construction is a collective: one all-gather checks that every rank
+    has the same domains and sizes, batch size, accumulation steps, method and parameters, initial weights, seed,
+    schedule, probe and checkpoint format (``gradmix.distributed.check_agreement``); a mismatch, or rank 0 refusing
+    its run folder, is a ``ValueError`` on every rank.
     """
 
     def __init__(
@@ -164,6 +181,9 @@ class Mixer:
         eval_metrics: Mapping[str, EvalMetric] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        lock: bool = True,
         **config: Any,
     ) -> None:
         self.domains = domains if isinstance(domains, DomainSet) else DomainSet(domains)
@@ -189,7 +209,7 @@ class Mixer:
             cls = method_class(method)
             if cls.needs_sizes and "sizes" not in params:
                 params["sizes"] = self.domains.sizes
-            self.method = cls(k, **params)
+            self.method = make_method(cls, k, **params)  # an unknown parameter: a ValueError naming it
         self.core = MixingCore(
             self.method,
             self.names,
@@ -276,11 +296,87 @@ class Mixer:
         self._num_sampler_events = 0
         self.exhausted_message: str | None = None  # set when ``batches()`` ended because the data ran out
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        if writers is not None:
-            self.writers = make_writers(writers, self.run_dir) if self.rank == 0 else []
-        else:
-            self.writers = [JsonlWriter(self.run_dir / "metrics.jsonl")] if self.run_dir is not None else []
+        self._lock, claim_error = self._claim_run_dir(resume, overwrite, lock)
+        try:
+            if self.world_size > 1 and is_distributed():  # one all-gather: what every rank must share
+                check_agreement(
+                    self._agreement_fields(method, method_params), what="Mixer", rank=self.rank, error=claim_error
+                )
+            elif claim_error is not None:
+                raise claim_error
+            if writers is not None:
+                self.writers = make_writers(writers, self.run_dir) if self.rank == 0 else []
+            else:
+                self.writers = [JsonlWriter(self.run_dir / "metrics.jsonl")] if self.run_dir is not None else []
+        except BaseException:
+            self._release_lock()  # a Mixer that was not built holds no folder
+            raise
+        # resume=True: the folder's records wait for mixer.resume(); if none comes, the first write drops them
+        self._reconcile_records = bool(resume) and self.run_dir is not None
+        self._loaded_step = -1  # the step of the last state loaded (records up to it belong to this run)
         self._emit(self.core.take_messages())
+
+    # -- run folder and ranks -----------------------------------------------------------------------------------
+    def _claim_run_dir(self, resume: bool, overwrite: bool, lock: bool) -> tuple[RunLock | None, RunDirError | None]:
+        """Rank 0: lock ``run_dir`` and apply the used-folder rule; the error is returned, not raised, so that
+        every rank raises it together (a rank that left alone would leave its peers waiting in a collective)."""
+        if self.run_dir is None or self.rank != 0:
+            return None, None
+        held: RunLock | None = None
+        try:
+            if lock:
+                held = RunLock(self.run_dir).acquire()
+            check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+        except RunDirError as exc:
+            if held is not None:
+                held.release()
+            return None, exc
+        return held, None
+
+    @property
+    def run_lock(self) -> RunLock | None:
+        """The lock this Mixer holds on ``run_dir`` (rank 0; None elsewhere, after ``close()`` or with
+        ``lock=False``). An integration releases it when its fit ends and ``acquire()``s it again for the next."""
+        return self._lock
+
+    def _release_lock(self) -> None:
+        held: RunLock | None = getattr(self, "_lock", None)
+        if held is not None:
+            held.release()
+            self._lock = None
+
+    def _agreement_fields(self, method: str | MixingMethod, method_params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """What every rank's Mixer must share: a difference means duplicated examples, weights drifting apart or
+        one domain's statistics pooled into another's."""
+        from gradmix import __version__
+
+        if isinstance(method, MixingMethod):
+            params: Any = self.method.state_dict()  # a ready method: its whole state must agree
+        else:
+            params = dict(method_params or {})
+        target = None
+        if self.target is not None and self._target_sampler is not None:
+            target = [self.target.name, int(self.target.size), int(self._target_sampler.batch_size)]
+        return {
+            "world_size": self.world_size,
+            "format": f"{CHECKPOINT_FORMAT} (gradmix {__version__})",
+            "domain_names": list(self.names),
+            "domain_sizes": [int(n) for n in self.domains.sizes],
+            "window_tokens": self.domains.window_tokens,
+            "batch_size": int(self.config.batch_size),
+            "accumulation_steps": int(self.config.accumulation_steps),
+            "seed": int(self.config.seed),
+            "mode": self.config.mode,
+            "max_repeats": self.config.max_repeats,
+            "update_every": self.config.update_every,
+            "warmup_steps": self.config.warmup_steps,
+            "probe_every": self.config.probe_every,
+            "method": self.method.name,
+            "method_params": params,
+            "initial_weights": [float(w) for w in self.method.weights],
+            "target": target,
+            "probe": None if self.probe is None else type(self.probe).__name__,
+        }
 
     # -- views --------------------------------------------------------------------------------------------------
     @property
@@ -326,8 +422,14 @@ class Mixer:
     def dataloader(self, **kwargs: Any) -> torch.utils.data.DataLoader:
         """A DataLoader over the live sampler (micro-batches when accumulating). With ``num_workers > 0`` a weight
         change reaches batches after the prefetch depth (see ``MixtureSampler``); checkpoints stay exact because the
-        Mixer checkpoints the sampler at the consumed step."""
+        Mixer checkpoints the sampler at the consumed step.
+
+        Its ``generator`` (default: a private one seeded from the Mixer's seed and rank) draws the workers' base seed
+        each time an iterator is built; a DataLoader without one draws it from the global torch RNG, which would
+        shift dropout and every other random draw of a resumed run (the HF Trainer restores the RNG, then builds the
+        iterator) against an uninterrupted one."""
         kwargs.setdefault("collate_fn", collate_examples)
+        kwargs.setdefault("generator", torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.rank))
         batch_sampler: Any = self.sampler
         if self.config.accumulation_steps > 1:
             batch_sampler = _MicroBatchSampler(self.sampler, self.config.accumulation_steps)
@@ -517,21 +619,30 @@ class Mixer:
         self._write(record)
 
     def _write(self, record: Mapping[str, Any]) -> None:
+        if self._reconcile_records:  # resume=True and never cut back by resume(): the run starts over
+            self._reconcile_records = False
+            if self.rank == 0:
+                for writer in self.writers:
+                    if hasattr(writer, "truncate_after"):
+                        writer.truncate_after(self._loaded_step)
         if self.rank == 0:
             for writer in self.writers:
                 writer.write(record)
 
     def close(self) -> None:
-        """Flush and close the writers (a W&B run is finished, TensorBoard files are closed). Idempotent."""
+        """Flush and close the writers (a W&B run is finished, TensorBoard files are closed) and release the run
+        folder's lock. Idempotent."""
         for writer in self.writers:
             close = getattr(writer, "close", None)
             if close is not None:
                 close()
+        self._release_lock()
 
     def truncate_metrics(self) -> int:
         """Drop metrics records after the current step (and a half-written last line): the explicit step a resumed
         run takes after loading a checkpoint, so the records it logs again are not duplicated. Rank 0 only."""
         dropped = 0
+        self._reconcile_records = False
         if self.rank == 0:
             for writer in self.writers:
                 if hasattr(writer, "truncate_after"):
@@ -587,6 +698,7 @@ class Mixer:
             self.core.load_state_dict(backup[0])
             raise
         self._num_sampler_events = int(state.get("sampler_events_seen", len(self.sampler.events)))
+        self._loaded_step = self.core.step_count
         self._micro, self._observed, self._step_result = 0, [], None
         if self.probe is not None and hasattr(self.probe, "reset"):
             self.probe.reset()

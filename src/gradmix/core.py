@@ -118,30 +118,49 @@ def weight_kpis(weights: np.ndarray) -> dict[str, float]:
 
 
 class _Sums:
-    """Per-domain loss sums and example counts over a span of steps."""
+    """Per-domain loss sums and example counts over a span of steps.
+
+    A step whose loss for a domain is NaN/inf adds its examples to ``missing``, not to the sums: one bad step does not
+    poison the domain's mean over the span, and a domain trained on with no finite loss at all (``count`` 0,
+    ``missing`` > 0) is told apart from one that was not sampled."""
 
     def __init__(self, k: int) -> None:
         self.loss_sum = np.zeros(k)
         self.count = np.zeros(k)
+        self.missing = np.zeros(k)
 
     def add(self, loss_sum: np.ndarray, counts: np.ndarray) -> None:
-        self.loss_sum += np.where(counts > 0, loss_sum, 0.0)
-        self.count += counts
+        finite = (counts > 0) & np.isfinite(loss_sum)
+        self.loss_sum += np.where(finite, loss_sum, 0.0)
+        self.count += np.where(finite, counts, 0.0)
+        self.missing += np.where((counts > 0) & ~finite, counts, 0.0)
+
+    def examples(self) -> np.ndarray:
+        """Examples trained on, with or without a finite loss."""
+        return self.count + self.missing
 
     def mean(self) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.count > 0, self.loss_sum / np.maximum(self.count, 1), np.nan)
 
     def to_dict(self) -> dict[str, list[float]]:
-        return {"loss_sum": self.loss_sum.tolist(), "count": self.count.tolist()}
+        return {"loss_sum": self.loss_sum.tolist(), "count": self.count.tolist(), "missing": self.missing.tolist()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], k: int, what: str) -> _Sums:
         out = cls(k)
         out.loss_sum = np.asarray(data["loss_sum"], dtype=np.float64)
         out.count = np.asarray(data["count"], dtype=np.float64)
-        if out.loss_sum.shape != (k,) or out.count.shape != (k,):
+        out.missing = np.asarray(data.get("missing", np.zeros(k)), dtype=np.float64)
+        if out.loss_sum.shape != (k,) or out.count.shape != (k,) or out.missing.shape != (k,):
             raise ValueError(f"core state field {what!r} has {out.loss_sum.shape} entries, expected ({k},)")
+        if "missing" not in data:  # written before NaN/inf losses were kept apart: a NaN sum means all missing
+            bad = ~np.isfinite(out.loss_sum)
+            out.missing = np.where(bad, out.count, 0.0)
+            out.count = np.where(bad, 0.0, out.count)
+            out.loss_sum = np.where(bad, 0.0, out.loss_sum)
+        if not (np.all(out.count >= 0) and np.all(out.missing >= 0)):  # (a sum of huge losses may overflow: kept)
+            raise ValueError(f"core state field {what!r} holds negative or NaN example counts")
         return out
 
 
@@ -241,6 +260,9 @@ class MixingCore:
         self._update_seconds = 0.0
         self._probe_seconds: float | None = None  # None until the loop reports probe time
         self._update_terms: dict[str, Any] | None = None  # the last update's terms, for the next record
+        groups = method.num_stat_groups
+        self._nonfinite = np.zeros(groups, dtype=np.int64)  # steps with a NaN/inf loss per group, since the record
+        self._nonfinite_warned = np.zeros(groups, dtype=bool)  # said once per domain (the counts go on in records)
         self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
         self._raise(self._monitor.check_weights(0, method.weights))  # a starting mix can already be collapsed
 
@@ -264,6 +286,7 @@ class MixingCore:
                 f"measurement has {measurement.num_groups} groups, method {self.method.name!r} "
                 f"expects {self.method.num_stat_groups}"
             )
+        self._check_losses(measurement)
         if self._per_domain:
             loss_sum, counts = measurement.loss_sums()
             self._log_losses.add(loss_sum, counts)
@@ -274,6 +297,27 @@ class MixingCore:
         if measurement.has_gradients:
             self._measurements.append(measurement)
         self._observed_this_step = True
+
+    def _group_names(self) -> list[str]:
+        return self.names if self._per_domain else [f"group{i}" for i in range(self.method.num_stat_groups)]
+
+    def _check_losses(self, measurement: Measurement) -> None:
+        """The NaN/inf-loss policy, the same for every method: count it per domain (``nonfinite_loss`` in the next
+        record), say it once per domain, leave that loss out of the sums; the method keeps the domain's weight
+        (``MixingMethod.update``), so a domain is never starved because its loss could not be computed."""
+        loss = np.asarray(measurement.loss, dtype=np.float64)
+        bad = (np.asarray(measurement.examples) > 0) & ~np.isfinite(loss)
+        if not bad.any():
+            return
+        self._nonfinite += bad
+        names = self._group_names()
+        for i in np.flatnonzero(bad & ~self._nonfinite_warned):
+            self.warn(
+                f"step {self.step_count + 1}: domain {names[i]!r} has a non-finite training loss ({loss[i]}); it is "
+                "left out of the loss statistics and its weight is kept while its loss cannot be computed "
+                "(steps counted per record in 'nonfinite_loss'; this is said once per domain)"
+            )
+        self._nonfinite_warned |= bad
 
     def warn(self, message: str) -> None:
         """Queue a message for the next outcome (and the next metrics record's ``events``)."""
@@ -379,7 +423,7 @@ class MixingCore:
                 step=step,
                 num_domains=g,
                 loss=self._update_losses.mean(),
-                examples=self._update_losses.count.copy(),
+                examples=self._update_losses.examples(),
                 batch_size=self.batch_size,
             )
         if not self._measurements:
@@ -447,6 +491,9 @@ class MixingCore:
             **weight_kpis(mix),
             "update_seconds": self._update_seconds,
         }
+        if self._nonfinite.any():
+            record["nonfinite_loss"] = dict(zip(self._group_names(), map(int, self._nonfinite)))
+            self._nonfinite = np.zeros_like(self._nonfinite)
         if self._probe_seconds is not None:
             record["probe_seconds"] = self._probe_seconds
             self._probe_seconds = 0.0
@@ -488,6 +535,8 @@ class MixingCore:
             "alerts": self._monitor.state_dict(),
             "eval_losses": self._eval_losses.to_dict(),
             "target_train": self._target_train.tolist(),
+            "nonfinite_loss": self._nonfinite.tolist(),
+            "nonfinite_warned": self._nonfinite_warned.tolist(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -516,6 +565,17 @@ class MixingCore:
         target_train = np.asarray(state.get("target_train", [0.0, 0.0]), dtype=np.float64)
         if target_train.shape != (2,):
             raise ValueError(f"core state field 'target_train' has shape {target_train.shape}, expected (2,)")
+        groups = self.method.num_stat_groups
+        nonfinite = np.asarray(state.get("nonfinite_loss", [0] * groups), dtype=np.float64)
+        warned = np.asarray(state.get("nonfinite_warned", [False] * groups))
+        if nonfinite.shape != (groups,) or not np.all(nonfinite >= 0) or np.any(nonfinite != np.round(nonfinite)):
+            raise ValueError(
+                f"core state field 'nonfinite_loss' must be {groups} counts >= 0, got {state.get('nonfinite_loss')!r}"
+            )
+        if warned.shape != (groups,) or warned.dtype != np.bool_:
+            raise ValueError(
+                f"core state field 'nonfinite_warned' must be {groups} booleans, got {state.get('nonfinite_warned')!r}"
+            )
         monitor = AlertMonitor(self.names, self.alert_config)
         if "alerts" in state:
             monitor.load_state_dict(state["alerts"])
@@ -537,5 +597,6 @@ class MixingCore:
         self._examples, self._log_losses, self._update_losses = examples, log_losses, update_losses
         self._measurements = measurements
         self._monitor, self._eval_losses, self._target_train = monitor, eval_losses, target_train
+        self._nonfinite, self._nonfinite_warned = nonfinite.astype(np.int64), warned.astype(bool)
         self._pending_metrics, self._messages, self._events = {}, [], []
         self._alerts, self._new_alerts, self._update_terms = [], [], None

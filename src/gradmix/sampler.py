@@ -39,6 +39,7 @@ each produced batch used, so a checkpoint taken at the consumed step replays the
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -119,6 +120,17 @@ class _Snapshot:
     sampled: np.ndarray | None = None  # the weights the batch was drawn from (filled in once produced)
 
 
+_BATCH_BYTES_PER_EXAMPLE = 32  # int64 domain ids, example ids and the temporaries that draw them: a lower bound
+
+
+def _physical_memory() -> int | None:
+    """Bytes of memory on this machine, or None where the platform does not say."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 class MixtureSampler:
     """Yields batches as lists of ``(domain_index, example_index)`` pairs (this rank's share of a global batch).
 
@@ -181,6 +193,13 @@ class MixtureSampler:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank!r}, world_size={world_size}")
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        memory = _physical_memory()
+        if memory is not None and batch_size * _BATCH_BYTES_PER_EXAMPLE > memory:
+            raise ValueError(
+                f"batch_size {batch_size} is too large for this machine: drawing one batch needs about "
+                f"{batch_size * _BATCH_BYTES_PER_EXAMPLE / 2**30:.0f} GiB for its index arrays alone, and it has "
+                f"{memory / 2**30:.0f} GiB of memory"
+            )
         if mode not in ("quota", "multinomial"):
             raise ValueError(f"mode must be 'quota' or 'multinomial', got {mode!r}")
         if max_repeats is not None and (

@@ -28,6 +28,7 @@ resume the stream is re-read (and discarded) up to that position. Read a stream 
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ __all__ = [
     "collate_examples",
     "pack_tokens",
     "read_documents",
+    "text_files",
 ]
 
 DOC_SEPARATOR = "<|doc|>"
@@ -102,20 +104,62 @@ def pack_tokens(
     return torch.from_numpy(stream[idx])
 
 
+def _not_utf8(path: Path) -> DocumentSplitError:
+    """The error for a text file that is not UTF-8, naming the file, line, offset and byte (found by re-reading the
+    bytes: only on this error path)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return DocumentSplitError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); re-encode the "
+            "file as UTF-8"
+        )
+    return DocumentSplitError(f"{path}: not UTF-8 text")
+
+
+def text_files(folder: Path, entries: Iterable[Path]) -> list[Path]:
+    """The ``.txt`` / ``.jsonl`` files among ``entries`` of ``folder``, sorted. One that cannot be read as a file
+    (a dangling symlink, a FIFO) is a ``DocumentSplitError`` naming it, never skipped: a run must not silently train
+    on the rest. Folders are passed over (a recursive listing walks into them)."""
+    out = []
+    for p in sorted(entries):
+        if p.suffix not in (".txt", ".jsonl") or p.is_dir():
+            continue
+        if p.is_file():
+            out.append(p)
+        elif p.is_symlink() and not p.exists():
+            raise DocumentSplitError(f"{p} in folder {str(folder)!r} is a dangling symlink (to {os.readlink(p)!r})")
+        else:
+            raise DocumentSplitError(f"{p} in folder {str(folder)!r} is not a regular file")
+    return out
+
+
 def read_documents(path: str | Path) -> list[str]:
     """Documents of a text source: ``.jsonl`` ({"text": ...} per line), ``.txt`` (split on lines holding only
-    ``<|doc|>`` if present, else on blank lines), or a folder of those (files in sorted order)."""
+    ``<|doc|>`` if present, else on blank lines), or a folder of those (files in sorted order). Text must be UTF-8:
+    anything else is a ``DocumentSplitError`` naming the file, line and byte."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise FileNotFoundError(f"text source {str(path)!r} is a dangling symlink (to {os.readlink(path)!r})")
         raise FileNotFoundError(f"text source {str(path)!r} does not exist")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+        files = text_files(path, path.rglob("*"))
         if not files:
             raise DocumentSplitError(f"folder {str(path)!r} holds no .txt or .jsonl files")
         docs: list[str] = []
         for f in files:
             docs.extend(read_documents(f))
         return docs
+    try:
+        return _read_text_source(path)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _read_text_source(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
         docs = []
         with path.open(encoding="utf-8") as fh:
@@ -313,6 +357,24 @@ class TokenFileDomain(DomainSource):
         else:
             raise ValueError(f"{where}: expected a 1-D token stream or 2-D windows, got shape {self._shape}")
         self._mm: np.memmap | None = None
+        if self._dtype.kind == "i" or self._dtype.itemsize == 8:
+            self._check_ids(where)
+
+    def _check_ids(self, where: str) -> None:
+        """A negative id (int32/int64 files) or one past int64 (uint64) is an error naming the file, the position
+        and the value: read as an index it would pick the wrong embedding row, or wrap. One streamed pass over the
+        file, in chunks (never the whole file in memory); uint16/uint32 files, the usual ones, need none."""
+        flat = self.data.reshape(-1)
+        chunk = 1 << 24
+        for start in range(0, flat.shape[0], chunk):
+            part = np.asarray(flat[start : start + chunk])
+            bad = np.flatnonzero(part < 0) if self._dtype.kind == "i" else np.flatnonzero(part > np.iinfo(np.int64).max)
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(
+                    f"{where}: token id {part[i]} at position {start + i} is not a valid id (ids must be in "
+                    f"[0, 2^63)); wrong dtype, or a corrupt file"
+                )
 
     @property
     def size(self) -> int:

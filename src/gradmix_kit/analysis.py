@@ -175,9 +175,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``, read as the library reads them (``gradmix.writers.JsonlWriter.read``): a
+    last line without its newline is the half-written append of a killed run and is skipped; any other bad line is
+    an error naming the file and line."""
     records = []
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
+            if not line.endswith("\n"):
+                break  # a kill during the last append
             if not line.strip():
                 continue
             try:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradmix_kit.signals import RunInterrupted, StopSignals
+
 __all__ = ["main"]
 
 
@@ -35,8 +37,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             mixing.setdefault("params", {})  # the file's method parameters do not carry over to another method
         mixing["method"] = args.method
     cfg = load_config(args.config, overrides)
-    out = Path(args.out) if args.out else _default_out(cfg, cfg["mixing"]["method"])
-    summary = run_experiment(cfg, out, progress=not args.no_progress, resume=args.resume)
+    out = _out_folder(Path(args.out) if args.out else _default_out(cfg, cfg["mixing"]["method"]))
+    with StopSignals() as stop:  # SIGTERM / SIGINT: checkpoint at the next step boundary, then one line
+        summary = run_experiment(cfg, out, progress=not args.no_progress, resume=args.resume, stop=stop,
+                                 overwrite=args.overwrite)
     print(f"run folder: {out}")
     line = (f"avg val loss {summary['avg_val_loss']:.4f}, worst {summary['worst_val_loss']:.4f} "
             f"({summary['worst_domain']})")
@@ -60,10 +64,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not methods:
         raise SystemExit("no methods: pass --methods a,b,c or set compare.methods in the config")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(cfg["compare"]["seeds"])
-    out = Path(args.out) if args.out else _default_out(cfg, "compare")
+    out = _out_folder(Path(args.out) if args.out else _default_out(cfg, "compare"))
     t0 = time.perf_counter()
-    report = run_comparison(cfg, methods, seeds, out, method_overrides=cfg["compare"]["overrides"],
-                            progress=not args.no_progress)
+    with StopSignals() as stop:
+        report = run_comparison(cfg, methods, seeds, out, method_overrides=cfg["compare"]["overrides"],
+                                progress=not args.no_progress, resume=args.resume, stop=stop,
+                                overwrite=args.overwrite)
     print(f"comparison of {', '.join(methods)} over seeds {seeds} took {time.perf_counter() - t0:.0f}s")
     md = out / "comparison.md"
     if md.exists():
@@ -133,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="override mixing.method")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the run folder (without it, or --resume, a used folder is refused)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -142,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated (default: compare.seeds of the config)")
     p.add_argument("--out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished runs of --out, continue the ones cut short from their checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs already in --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 
@@ -190,6 +201,21 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line naming the file: ``runs/x/config.json: Read-only file system``."""
+    if exc.filename is not None and exc.strerror:
+        names = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+        return f"{names}: {exc.strerror}"
+    return " ".join((exc.strerror or str(exc) or type(exc).__name__).split())
+
+
+def _out_folder(out: Path) -> Path:
+    """``--out`` must be a folder (or not exist yet): a file there is a clear error, not ``FileExistsError``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a folder for the run (it is created if missing)")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradmix`` command. Bad input ends with ``gradmix: error: <message>`` and exit code 2;
     anything unexpected keeps its traceback."""
@@ -202,9 +228,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except RunInterrupted as exc:  # SIGTERM / SIGINT, handled at a step boundary (gradmix_kit.signals)
+        hint = f"; continue with `gradmix {args.command} ... --resume`" if exc.checkpoint is not None else ""
+        print(f"gradmix: {exc}{hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a run's training (report, cluster, methods)
+        print("gradmix: interrupted (SIGINT)", file=sys.stderr)
+        return 130
     except _expected_errors() as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"gradmix: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system said no (a read-only folder, a full disk): the file and the reason
+        print(f"gradmix: error: {_os_error(exc)}", file=sys.stderr)
         return 2
 
 

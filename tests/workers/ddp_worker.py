@@ -28,7 +28,8 @@ def main() -> None:
     # a DDP-wrapped model, or a plain module whose gradients the probe averages itself
     model = TinyLM() if sync else torch.nn.parallel.DistributedDataParallel(TinyLM())
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    mixer = Mixer(domains(), method, 8, method_params={"min_weight": 0.05}, model=model, update_every=2, seed=3,
+    params = {"min_weight": 0.05, **({"variant": "gradmix_v1"} if method == "pike" else {})}  # v1's weights move here
+    mixer = Mixer(domains(), method, 8, method_params=params, model=model, update_every=2, seed=3,
                   log_every=1000, probe_params={"sync_gradients": sync})
     assert mixer.world_size == 2 and mixer.rank == rank
     with open(f"{out}.rank{rank}.jsonl", "w") as fh:

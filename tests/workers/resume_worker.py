@@ -59,7 +59,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = TinyLM()
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    params = {"min_weight": 0.02} if args.method in ("pike", "fair_pike") else {}
+    params = {"min_weight": 0.02, "variant": "gradmix_v1"} if args.method in ("pike", "fair_pike") else {}
     mixer = Mixer(domains(), args.method, 8, method_params=params, model=model, update_every=3, seed=11,
                   max_repeats=None, log_every=1000)
     if args.resume:

@@ -30,6 +30,17 @@ What it does, on top of the Trainer:
   The Trainer does not skip batches on resume (``ignore_data_skip`` is forced on): the sampler state already
   continues exactly where the checkpoint was taken, so a resumed run draws exactly the batches and weights of an
   uninterrupted one. ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint (``last_checkpoint``).
+  Exact with dropout too: the Trainer restores the global RNG from the checkpoint, and the data iterator it builds
+  next draws nothing from it (the Mixer's DataLoader has its own generator).
+- **One owner, no silent reuse**: the Mixer locks ``output_dir`` (rank 0; ``gradmix.runlock``) from its construction
+  to the end of ``train()``, so a second process on the same folder is refused meanwhile. ``train()`` without
+  ``resume_from_checkpoint`` on a folder that holds a run (``metrics.jsonl``, ``checkpoint-*``) is a ``ValueError``
+  on every rank, unless the trainer was built with ``overwrite=True``: then the old records and ``checkpoint-*``
+  folders are deleted first.
+- **Ranks**: under DDP the Mixer's construction checks that every rank has the same domains, batch geometry, method
+  and seed (``gradmix.distributed.check_agreement``). Set ``TrainingArguments(ddp_timeout=...)`` (gradmix's default:
+  ``int(gradmix.distributed.default_timeout().total_seconds())``) so that a hung rank does not block the others for
+  torch's 30 minutes.
 
 Not supported: ``torch.nn.DataParallel`` (n_gpu > 1 in one process; use DDP via torchrun/accelerate), DeepSpeed,
 hyperparameter search (checkpoint folders under ``run-*``).
@@ -52,7 +63,9 @@ from transformers import Trainer, TrainerCallback
 
 from gradmix.checkpoint import load_checkpoint_file, save_checkpoint_file
 from gradmix.controller import Mixer
+from gradmix.distributed import raise_on_any_rank
 from gradmix.methods.base import MixingMethod
+from gradmix.runlock import RUN_MARKERS, RunDirError, check_run_dir
 from gradmix.sources import DomainSet, DomainSource, HFDatasetDomain
 
 __all__ = [
@@ -227,6 +240,8 @@ class MixingTrainerMixin(_TrainerBase):
         per_example_loss: ``(model, batch) -> (n,)`` losses (default ``causal_lm_loss``); batches hold
             ``input_ids`` (n, T + 1), ``domain`` and ``index``.
         column: the token column of ``{name: Dataset}`` domains.
+        overwrite: let ``train()`` without ``resume_from_checkpoint`` start over a folder that holds a run (its
+            ``metrics.jsonl`` and ``checkpoint-*`` folders are deleted); without it that is a ``ValueError``.
 
     ``args.max_steps`` must be set (the mix is an endless stream; epochs do not apply).
     """
@@ -241,6 +256,7 @@ class MixingTrainerMixin(_TrainerBase):
         mixer: Mixer | None = None,
         per_example_loss: PerExampleLoss | None = None,
         column: str = "input_ids",
+        overwrite: bool = False,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("train_dataset") is not None:
@@ -269,12 +285,12 @@ class MixingTrainerMixin(_TrainerBase):
             if isinstance(domains, Mapping):
                 domains = hf_domains(domains, column=column)
             options = dict(mixer_options or {})
-            for key in ("batch_size", "accumulation_steps", "rank", "world_size", "run_dir"):
+            for key in ("batch_size", "accumulation_steps", "rank", "world_size", "run_dir", "resume", "overwrite"):
                 if key in options:
                     raise ValueError(
                         f"mixer_options[{key!r}] is set by MixingTrainer from the TrainingArguments "
                         "(per_device_train_batch_size, gradient_accumulation_steps, world size, "
-                        "output_dir)"
+                        "output_dir; resume / overwrite: train(resume_from_checkpoint=...) / overwrite=True)"
                     )
             assert domains is not None  # checked above: exactly one of domains / mixer
             options.setdefault("seed", int(targs.seed))
@@ -293,6 +309,7 @@ class MixingTrainerMixin(_TrainerBase):
                 rank=rank,
                 world_size=world_size,
                 run_dir=targs.output_dir,
+                resume=True,  # the folder's records are kept or refused in train(), which knows if it resumes
                 **options,
             )
         else:
@@ -307,6 +324,7 @@ class MixingTrainerMixin(_TrainerBase):
                     "gradient_accumulation_steps x world size)"
                 )
         self.mixer = mixer
+        self.gradmix_overwrite = bool(overwrite)
         self.per_example_loss = per_example_loss if per_example_loss is not None else causal_lm_loss
         self.train_dataset = mixer.domains
         self._gradmix_pending_logs: dict[str, float] = {}
@@ -425,9 +443,28 @@ class MixingTrainerMixin(_TrainerBase):
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"checkpoint {str(folder)!r} does not fit this run: {exc}") from exc
 
+    def _claim_output_dir(self, resuming: bool) -> None:
+        """A fresh start over a folder holding a run is refused (or, with ``overwrite=True``, the old run's records
+        and checkpoint folders are deleted). Rank 0 decides; every rank raises its error together."""
+        error: RunDirError | None = None
+        if not resuming and self.mixer.rank == 0:
+            flags = ("train(resume_from_checkpoint=...)", "MixingTrainer(overwrite=True)")
+            out = Path(str(self.args.output_dir))
+            run_dir = self.mixer.run_dir
+            same = run_dir is not None and run_dir.resolve() == out.resolve()
+            try:
+                if run_dir is not None and not same:
+                    check_run_dir(run_dir, overwrite=self.gradmix_overwrite, flags=flags)
+                markers = (*RUN_MARKERS, "checkpoint-*") if same else ("checkpoint-*",)
+                check_run_dir(out, overwrite=self.gradmix_overwrite, markers=markers, flags=flags)
+            except RunDirError as exc:
+                error = exc
+        raise_on_any_rank(error)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """``Trainer.train`` that first restores the Mixer from the checkpoint (``True``: the newest complete one in
-        ``output_dir``) and drops metrics records after the step it continues from."""
+        ``output_dir``) and drops metrics records after the step it continues from. Without a checkpoint, a folder
+        that holds a run is refused unless the trainer has ``overwrite=True`` (see the module docstring)."""
         if resume_from_checkpoint is True:
             found = last_checkpoint(str(self.args.output_dir))
             if found is None:
@@ -437,15 +474,23 @@ class MixingTrainerMixin(_TrainerBase):
             resume_from_checkpoint = found
         elif resume_from_checkpoint is False:
             resume_from_checkpoint = None
-        if resume_from_checkpoint is not None:
-            self.load_mixer_state(resume_from_checkpoint)
-        elif self.mixer.step_count:
-            raise ValueError(
-                f"this MixingTrainer's Mixer has already trained {self.mixer.step_count} steps; build a "
-                "new trainer (and Mixer) for a new run, or pass resume_from_checkpoint=..."
-            )
-        self.mixer.truncate_metrics()
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        lock = self.mixer.run_lock
+        if lock is not None:
+            lock.acquire()  # again, if an earlier train() of this trainer released it
+        try:
+            self._claim_output_dir(resuming=resume_from_checkpoint is not None)
+            if resume_from_checkpoint is not None:
+                self.load_mixer_state(resume_from_checkpoint)
+            elif self.mixer.step_count:
+                raise ValueError(
+                    f"this MixingTrainer's Mixer has already trained {self.mixer.step_count} steps; build a "
+                    "new trainer (and Mixer) for a new run, or pass resume_from_checkpoint=..."
+                )
+            self.mixer.truncate_metrics()
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if lock is not None:
+                lock.release()  # the folder is free once training ends (or fails)
 
 
 class MixingTrainer(MixingTrainerMixin, Trainer):

@@ -31,6 +31,13 @@ What the callback does:
 * ``state_dict`` / ``load_state_dict``: the Mixer's state goes into Lightning's checkpoints (plain Python values); on
   resume it is restored and ``metrics.jsonl`` is cut back to the checkpoint's step, so ``trainer.fit(ckpt_path=...)``
   continues exactly (the same batches, the same weights).
+* the run folder: the Mixer locks ``run_dir`` (rank 0) from ``setup`` to ``teardown``: a second process on it is
+  refused meanwhile.
+  A fit that does not resume (no ``ckpt_path``, or a checkpoint without gradmix state) on a ``run_dir`` that holds
+  a run is a ``ValueError`` on every rank at ``on_train_start``, unless ``overwrite=True`` (the old records are
+  deleted). Under DDP the Mixer's construction checks that every rank has the same domains, batch geometry, method
+  and seed; pass ``DDPStrategy(timeout=gradmix.distributed.default_timeout())`` so that a hung rank does not block
+  the others for torch's 30 minutes.
 
 Gradient methods (PiKE, DGA, ...) need manual optimization: ``mixing_backward`` runs the step's forward/backward
 passes through the ``GradientProbe`` with ``self.manual_backward`` as its ``backward_fn``; under DDP it blocks DDP's
@@ -63,6 +70,8 @@ except ImportError as exc:  # pragma: no cover
     raise ImportError("gradmix.integrations.lightning needs Lightning: pip install 'gradmix[lightning]'") from exc
 
 from gradmix.controller import Mixer, MixingWarning
+from gradmix.distributed import raise_on_any_rank
+from gradmix.runlock import RunDirError, check_run_dir
 from gradmix.stats import Measurement
 
 __all__ = ["MixingCallback", "MixingModuleMixin"]
@@ -89,6 +98,8 @@ class MixingCallback(Callback):
         method_params, probe_params, target: as ``Mixer``; ``probe_params`` defaults to ``sync_gradients=True``
             (the probe averages gradients itself; see the module docstring).
         log_prefix: prefix of the names logged through ``pl_module.log`` (None: log nothing).
+        overwrite: a fit that does not resume may start over a ``run_dir`` that holds a run (its records are
+            deleted); without it that is a ``ValueError``. Resuming is ``trainer.fit(ckpt_path=...)``.
         other keyword arguments: ``MixerConfig`` fields (``update_every``, ``accumulation_steps``, ``seed``, ...).
     """
 
@@ -103,9 +114,13 @@ class MixingCallback(Callback):
         probe_params: Mapping[str, Any] | None = None,
         target: Any = None,
         log_prefix: str | None = "gradmix/",
+        overwrite: bool = False,
         **config: Any,
     ) -> None:
         super().__init__()
+        for key in ("resume", "lock"):
+            if key in config:
+                raise ValueError(f"MixingCallback sets the Mixer's {key!r} itself (resume: trainer.fit(ckpt_path=...))")
         self._spec = dict(
             domains=domains,
             method=method,
@@ -117,6 +132,8 @@ class MixingCallback(Callback):
         )
         self._probe_params = {"sync_gradients": True, **dict(probe_params or {})}
         self.log_prefix = log_prefix
+        self.overwrite = bool(overwrite)
+        self._restored = False  # a checkpoint's gradmix state was loaded in this fit
         self.mixer: Mixer | None = None
         self._pending: Mapping[str, Any] | None = None
         self._micro = 0  # batches of the current optimizer step
@@ -128,6 +145,8 @@ class MixingCallback(Callback):
     # -- building -------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.mixer is not None:
+            if self.mixer.run_lock is not None:
+                self.mixer.run_lock.acquire()  # a later fit: the folder is ours again (released at teardown)
             return
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy or "ModelParallel" in strategy or "DeepSpeed" in strategy:
@@ -140,6 +159,7 @@ class MixingCallback(Callback):
             probe_params=self._probe_params,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
+            resume=True,  # the folder's records are kept or refused at on_train_start, once a restore is known
             **self._spec,
         )
         if self._pending is not None:
@@ -154,7 +174,10 @@ class MixingCallback(Callback):
     def dataloader(self, **kwargs: Any) -> torch.utils.data.DataLoader:
         """The train dataloader: this rank's share of the live sampler's batches (no workers: the sampler must see
         every weight change; the batches are gathered from in-memory or memory-mapped windows)."""
-        return torch.utils.data.DataLoader(_LiveBatches(self._require()), batch_size=None, **kwargs)
+        mixer = self._require()
+        # its own generator: building the iterator draws nothing from the global RNG (dropout stays exact on resume)
+        kwargs.setdefault("generator", torch.Generator().manual_seed(mixer.config.seed * 1_000_003 + mixer.rank))
+        return torch.utils.data.DataLoader(_LiveBatches(mixer), batch_size=None, **kwargs)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mixer = self._require()
@@ -170,6 +193,31 @@ class MixingCallback(Callback):
                 "self.automatic_optimization = False and call self.mixing_backward(batch, loss_fn) "
                 "(MixingModuleMixin) in training_step"
             )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fit that did not restore gradmix state must not write over a run: refuse (every rank) or, with
+        ``overwrite``, delete its records first."""
+        mixer = self._require()
+        error: RunDirError | None = None
+        fresh = not self._restored and mixer.step_count == 0  # not a restore, nor a second fit continuing in memory
+        if fresh and mixer.rank == 0 and mixer.run_dir is not None:
+            try:
+                check_run_dir(
+                    mixer.run_dir,
+                    overwrite=self.overwrite,
+                    flags=("trainer.fit(ckpt_path=...)", "MixingCallback(overwrite=True)"),
+                )
+            except RunDirError as exc:
+                error = exc
+        raise_on_any_rank(error)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The fit is over: the run folder is free for the next owner."""
+        if self.mixer is not None and self.mixer.run_lock is not None:
+            self.mixer.run_lock.release()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
 
     # -- per step -------------------------------------------------------------------------------------------------
     def on_train_batch_end(
@@ -234,6 +282,7 @@ class MixingCallback(Callback):
             )
         mixer.truncate_metrics()  # rank 0: drop records after the checkpoint's step (they are logged again)
         self._micro = 0
+        self._restored = True
 
 
 class MixingModuleMixin:

@@ -9,6 +9,7 @@ one's own (``make_method(..., registry=...)``) keeps plug-ins isolated instead.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from gradmix.methods.base import MixingMethod, WeightError, validate_weights
@@ -18,6 +19,7 @@ __all__ = [
     "MixingMethod",
     "WeightError",
     "available_methods",
+    "check_method_params",
     "make_method",
     "method_class",
     "register_method",
@@ -102,11 +104,35 @@ class MethodRegistry:
         return entry
 
     def make(self, name: str, num_domains: int, **params: Any) -> MixingMethod:
-        cls = self.get(name)
-        try:
-            return cls(num_domains, **params)
-        except TypeError as exc:
-            raise ValueError(f"bad parameters for mixing method {name!r}: {exc}") from exc
+        return _build(self.get(name), name, num_domains, params)
+
+
+def check_method_params(cls: type[MixingMethod], params: Any, name: str | None = None) -> None:
+    """``ValueError`` naming the parameter and the ones the method takes when ``params`` has a name its constructor
+    does not accept (a typo in a config must not be a ``TypeError`` traceback, nor silently ignored)."""
+    label = name if name is not None else getattr(cls, "name", cls.__name__)
+    try:
+        signature = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):  # no introspectable signature: the constructor itself will judge
+        return
+    parameters = list(signature.parameters.values())[2:]  # self, num_domains
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    accepted = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [str(key) for key in params if key not in accepted]
+    if unknown:
+        takes = ", ".join(accepted) if accepted else "none"
+        raise ValueError(
+            f"bad parameters for mixing method {label!r}: it has no parameter {unknown[0]!r} (its parameters: {takes})"
+        )
+
+
+def _build(cls: type[MixingMethod], name: str, num_domains: int, params: dict[str, Any]) -> MixingMethod:
+    check_method_params(cls, params, name)
+    try:
+        return cls(num_domains, **params)
+    except TypeError as exc:
+        raise ValueError(f"bad parameters for mixing method {name!r}: {exc}") from exc
 
 
 # The registry behind make_method / method_class / available_methods / register_method. The one piece of
@@ -135,7 +161,7 @@ def make_method(
 ) -> MixingMethod:
     """Build a mixing method by name (``make_method("pike", 6, zeta1=1.0)``) or from a MixingMethod subclass."""
     if isinstance(name, type) and issubclass(name, MixingMethod):
-        return name(num_domains, **params)
+        return _build(name, getattr(name, "name", name.__name__), num_domains, params)
     return (registry or _DEFAULT_REGISTRY).make(name, num_domains, **params)
 
 

@@ -7,7 +7,9 @@ problems are reported by raising (bad input) or by returning the previous weight
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,8 +19,12 @@ from gradmix.stats import DomainStats
 __all__ = [
     "MixingMethod",
     "WeightError",
+    "keep_weights",
     "normalize_log_weights",
+    "state_int",
+    "state_vector",
     "uniform_weights",
+    "unmeasurable_domains",
     "validate_weights",
 ]
 
@@ -29,6 +35,17 @@ class WeightError(ValueError):
     """Weights that are not a valid probability vector (or cannot be turned into one)."""
 
 
+def _detached(value: Any) -> Any:
+    """A torch tensor (or a list of them) as numpy / floats, without importing torch: ``np.asarray`` refuses a
+    tensor that requires grad ("Can't call numpy() on Tensor that requires grad") or lives on a GPU."""
+    detach = getattr(value, "detach", None)
+    if callable(detach) and hasattr(value, "cpu"):
+        return detach().cpu().double().numpy()
+    if isinstance(value, (list, tuple)):
+        return [_detached(v) for v in value]
+    return value
+
+
 def validate_weights(
     weights: Any, num_domains: int | None = None, *, names: list[str] | None = None, what: str = "weights"
 ) -> np.ndarray:
@@ -36,8 +53,12 @@ def validate_weights(
 
     Accepts any non-negative finite vector with a positive sum (it is rescaled to sum to 1). Individual zeros are
     allowed (a method may switch a domain off); all zeros, negatives, NaN/Inf and a wrong length are errors.
+    Tensors (also ones that require grad, or live on a GPU) are read as plain numbers.
     """
-    arr = np.asarray(weights, dtype=np.float64)
+    try:
+        arr = np.asarray(_detached(weights), dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise WeightError(f"{what} must be a vector of numbers, got {type(weights).__name__} ({exc})") from None
     if arr.ndim != 1:
         raise WeightError(f"{what} must be a 1-D vector, got shape {arr.shape}")
     if num_domains is not None and arr.shape[0] != num_domains:
@@ -92,6 +113,74 @@ def uniform_weights(num_domains: int) -> np.ndarray:
     return np.full(num_domains, 1.0 / num_domains)
 
 
+def state_int(state: Mapping[str, Any], key: str, method: str, *, low: int = 0) -> int:
+    """An integer field of a checkpointed method state, checked at load (not at the next update): ``ValueError``
+    naming the method, the field and the value when it is missing, not an integer, or below ``low``."""
+    if key not in state:
+        raise ValueError(f"{method}: checkpointed state has no field {key!r}")
+    value = state[key]
+    integral = isinstance(value, (int, np.integer)) or (
+        isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer()
+    )
+    if isinstance(value, (bool, np.bool_)) or not integral or int(value) < low:
+        raise ValueError(f"{method}: checkpointed {key} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def state_vector(
+    state: Mapping[str, Any],
+    key: str,
+    method: str,
+    length: int,
+    *,
+    finite: bool = True,
+    nonnegative: bool = False,
+) -> np.ndarray:
+    """A length-``length`` float vector field of a checkpointed method state (None entries read as NaN, allowed only
+    with ``finite=False``), checked at load: ``ValueError`` naming the method, the field and the fault."""
+    if key not in state:
+        raise ValueError(f"{method}: checkpointed state has no field {key!r}")
+    raw = state[key]
+    try:
+        values = [np.nan if v is None else v for v in raw]
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{method}: checkpointed {key} must be a list of {length} numbers, got {raw!r}") from None
+    if arr.shape != (length,):
+        raise ValueError(f"{method}: checkpointed {key} has shape {arr.shape}, expected ({length},)")
+    bad = np.flatnonzero(np.isinf(arr) | (np.isnan(arr) if finite else False))
+    if bad.size:
+        raise ValueError(f"{method}: checkpointed {key} has a non-finite value {arr[bad[0]]} at index {int(bad[0])}")
+    if nonnegative and np.any(arr < 0):
+        i = int(np.flatnonzero(arr < 0)[0])
+        raise ValueError(f"{method}: checkpointed {key} has a negative value {arr[i]} at index {i}")
+    return arr
+
+
+def unmeasurable_domains(stats: DomainStats) -> np.ndarray:
+    """Domains that were trained on in the interval but whose loss could not be computed (NaN/inf): a mask.
+
+    Such a domain has examples (``stats.examples > 0``) and a non-finite ``stats.loss``. A domain that was simply not
+    sampled (no examples) is not one of them: its absence is information a method may use (a bandit's unplayed arm).
+    """
+    if stats.loss is None or stats.examples is None:
+        return np.zeros(stats.num_domains, dtype=bool)
+    return (np.asarray(stats.examples) > 0) & ~np.isfinite(np.asarray(stats.loss))
+
+
+def keep_weights(old: np.ndarray, new: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """``new`` with the ``held`` domains back at their ``old`` weights; the others share the rest in ``new``'s
+    proportions. The one policy for a domain whose loss could not be computed: it is never starved for it."""
+    if not held.any() or held.all():
+        return old.copy() if held.all() else new
+    rest = 1.0 - float(old[held].sum())
+    free = float(new[~held].sum())
+    if rest <= 0.0 or free <= 0.0:  # the held domains had all the mass, or the method gave the others none
+        return old.copy()
+    out = np.where(held, old, new / free * rest)  # divide first: free may be tiny (1e-300), rest / free overflow
+    return out / out.sum()
+
+
 class MixingMethod(ABC):
     """Base class: holds the current weights and the bookkeeping every method shares.
 
@@ -125,6 +214,7 @@ class MixingMethod(ABC):
         )
         self.num_updates = 0
         self.last_skip_reason: str | None = None
+        self.last_held: list[int] = []  # domains whose weight the last update kept (loss NaN/inf; see update)
 
     @property
     def weights(self) -> np.ndarray:
@@ -146,13 +236,21 @@ class MixingMethod(ABC):
         return self.num_domains if groups is None else int(np.max(groups)) + 1
 
     def update(self, stats: DomainStats) -> np.ndarray:
-        """Consume one statistics record and return the new weights."""
+        """Consume one statistics record and return the new weights.
+
+        A domain that was trained on but whose loss is NaN/inf in ``stats`` (``unmeasurable_domains``) keeps its
+        weight in every method that reads the loss: a loss that could not be computed is no evidence against the
+        domain, and a method must not starve it for that (ODM, an EXP3 bandit, would: the domain earns no reward).
+        The others share the rest of the mass in the proportions the method chose; ``last_held`` lists the kept
+        domains. (Methods that do not read the loss are not moved by it; the gradient methods have their own rule
+        for a domain without gradient statistics.)"""
         if stats.num_domains != self.num_stat_groups:
             raise ValueError(
                 f"{self.name}: statistics for {stats.num_domains} domains, method expects {self.num_stat_groups}"
             )
         stats.require(self.required_stats, self.name)
         self.last_skip_reason = None
+        self.last_held = []
         new = self._update(stats)
         if new is None:  # skipped update: keep the weights, reason in last_skip_reason
             return self.weights
@@ -161,7 +259,12 @@ class MixingMethod(ABC):
             # A method bug must never reach the sampler: keep the old weights and say why.
             self.last_skip_reason = f"{self.name} produced invalid weights {new!r}; update skipped"
             return self.weights
-        self._weights = new / new.sum()
+        new = new / new.sum()
+        if "loss" in self.required_stats and self.probe_groups() is None:  # the loss steers it, per sampled domain
+            held = unmeasurable_domains(stats)
+            new = keep_weights(self._weights, new, held)
+            self.last_held = [int(i) for i in np.flatnonzero(held)]
+        self._weights = new
         self.num_updates += 1
         return self.weights
 
@@ -187,14 +290,23 @@ class MixingMethod(ABC):
             raise ValueError(
                 f"state is for {state.get('num_domains')} domains, this {self.name} has {self.num_domains}"
             )
-        self._weights = validate_weights(state["weights"], self.num_domains, what="checkpointed weights")
-        self.num_updates = int(state.get("num_updates", 0))
-        self._load_extra_state(state)
+        # all or nothing: a state whose method fields fail their checks leaves this method exactly as it was
+        backup = (self._weights, self.num_updates, self._extra_state())
+        try:
+            self._weights = validate_weights(state["weights"], self.num_domains, what="checkpointed weights")
+            self.num_updates = state_int(state, "num_updates", self.name) if "num_updates" in state else 0
+            self._load_extra_state(state)
+        except Exception:
+            self._weights, self.num_updates = backup[0], backup[1]
+            self._load_extra_state(backup[2])
+            raise
 
     def _extra_state(self) -> dict[str, Any]:
         return {}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the fields ``_extra_state`` wrote, checking each (``state_int``, ``state_vector``): a crafted or
+        corrupt state is refused at load, naming the field, instead of failing at the next update."""
         return None
 
     def __repr__(self) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gradmix.methods.base import MixingMethod, normalize_log_weights, validate_weights
+from gradmix.methods.base import MixingMethod, normalize_log_weights, state_int, validate_weights
 from gradmix.methods.dga import ALIGNMENT_NORMALIZATIONS, scale_alignments, usable_alignments
 from gradmix.stats import DomainStats
 
@@ -126,7 +126,4 @@ class DoGE(MixingMethod):
             raise ValueError("doge state has a NaN/+inf log-weight")
         self._log_current, _ = normalize_log_weights(log_current)
         self._average = validate_weights(state["average_weights"], self.num_domains, what="doge average_weights")
-        count = int(state["averaged_count"])
-        if count < 0:
-            raise ValueError(f"doge state has averaged_count {count} < 0")
-        self._averaged_count = count
+        self._averaged_count = state_int(state, "averaged_count", "doge")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gradmix.methods.base import MixingMethod, normalize_log_weights
+from gradmix.methods.base import MixingMethod, normalize_log_weights, state_int, validate_weights
 from gradmix.stats import DomainStats, StatsError
 
 __all__ = ["DoReMi"]
@@ -145,10 +145,11 @@ class DoReMi(MixingMethod):
         return {"average_weights": self._average.tolist(), "averaged_updates": self._averaged_updates}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        average = np.asarray(state["average_weights"], dtype=np.float64)
-        if average.shape != (self.num_domains,):
-            raise ValueError(
-                f"doremi: checkpointed average_weights has shape {average.shape}, expected ({self.num_domains},)"
-            )
+        if "average_weights" not in state:
+            raise ValueError("doremi: checkpointed state has no field 'average_weights'")
+        average = validate_weights(
+            state["average_weights"], self.num_domains, what="doremi: checkpointed average_weights"
+        )
+        updates = state_int(state, "averaged_updates", "doremi")
         self._average = average
-        self._averaged_updates = int(state["averaged_updates"])
+        self._averaged_updates = updates

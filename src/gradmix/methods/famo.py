@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from gradmix.methods.base import MixingMethod, normalize_log_weights
+from gradmix.methods.base import MixingMethod, normalize_log_weights, state_vector
 from gradmix.stats import DomainStats
 
 __all__ = ["FAMO", "softmax_jacobian_transpose_product"]
@@ -41,10 +41,6 @@ def softmax_jacobian_transpose_product(logits: np.ndarray, vector: np.ndarray) -
 
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
     return [None if not np.isfinite(v) else float(v) for v in values]
-
-
-def _none_to_nan(values: Sequence[float | None]) -> np.ndarray:
-    return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
 
 
 class FAMO(MixingMethod):
@@ -187,18 +183,14 @@ class FAMO(MixingMethod):
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        logits = np.asarray(state["logits"], dtype=np.float64)
-        if logits.shape != (self.num_domains,) or not np.all(np.isfinite(logits)):
-            raise ValueError(
-                f"famo: checkpointed logits must be {self.num_domains} finite numbers, got {state['logits']!r}"
-            )
-        previous = _none_to_nan(state["previous_log_loss"])
-        if previous.shape != (self.num_domains,):
-            raise ValueError(
-                f"famo: checkpointed previous_log_loss has {previous.shape[0]} entries, expected {self.num_domains}"
-            )
+        k = self.num_domains
+        logits = state_vector(state, "logits", "famo", k)
+        previous = state_vector(state, "previous_log_loss", "famo", k, finite=False)  # None/NaN: no baseline
+        mean = state_vector(state, "adam_mean", "famo", k)
+        sq_mean = state_vector(state, "adam_sq_mean", "famo", k, nonnegative=True)
+        steps = state_vector(state, "adam_steps", "famo", k, nonnegative=True)
+        if np.any(steps != np.round(steps)):
+            raise ValueError(f"famo: checkpointed adam_steps must be integers >= 0, got {state['adam_steps']!r}")
         self._logits = logits
         self._previous_log_loss = previous
-        self._adam_mean = np.asarray(state["adam_mean"], dtype=np.float64).reshape(self.num_domains)
-        self._adam_sq_mean = np.asarray(state["adam_sq_mean"], dtype=np.float64).reshape(self.num_domains)
-        self._adam_steps = np.asarray(state["adam_steps"], dtype=np.int64).reshape(self.num_domains)
+        self._adam_mean, self._adam_sq_mean, self._adam_steps = mean, sq_mean, steps.astype(np.int64)

@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from gradmix.methods.base import MixingMethod, normalize_log_weights
+from gradmix.methods.base import (
+    MixingMethod,
+    normalize_log_weights,
+    state_int,
+    state_vector,
+    unmeasurable_domains,
+)
 from gradmix.stats import DomainStats
 
 __all__ = ["ODM", "exploration_rate"]
@@ -96,6 +102,12 @@ class ODM(MixingMethod):
         estimate = self._estimated_reward.copy()
         if self.reward_smoothing is None:
             estimate[sampled] += reward[sampled]
+            # A domain trained on whose loss could not be computed (NaN/inf) keeps its weight (MixingMethod.update);
+            # its cumulative estimate keeps its gap to the best of the others, so that it is not starved either
+            # once its loss comes back (without a reward it would fall further behind every round).
+            held = unmeasurable_domains(stats) & ~sampled  # (the others include the sampled ones: never empty)
+            if held.any():
+                estimate[held] += estimate[~held].max() - self._estimated_reward[~held].max()
             # Renormalise (max = 0): the values stay bounded and the policy is unchanged. Gaps wider than
             # _FLOOR already mean a Gibbs weight of exactly 0, so clipping them changes nothing either.
             with np.errstate(over="ignore"):
@@ -121,11 +133,7 @@ class ODM(MixingMethod):
         return {"estimated_reward": self._estimated_reward.tolist(), "rounds": self._rounds}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        estimate = np.asarray(state["estimated_reward"], dtype=np.float64)
-        if estimate.shape != (self.num_domains,) or not np.all(np.isfinite(estimate)):
-            raise ValueError(
-                f"odm: checkpointed estimated_reward must be {self.num_domains} finite numbers, "
-                f"got {state['estimated_reward']!r}"
-            )
+        estimate = state_vector(state, "estimated_reward", "odm", self.num_domains)
+        rounds = state_int(state, "rounds", "odm")  # a negative round index fails exploration_rate at the update
         self._estimated_reward = estimate
-        self._rounds = int(state["rounds"])
+        self._rounds = rounds

@@ -199,12 +199,13 @@ def shrink_to_mean(values: np.ndarray, variances: np.ndarray) -> np.ndarray:
     """Pull each entry toward the mean of all entries by its sampling noise (a positive-part James-Stein rule per
     entry): ``m + max(0, 1 - v_k / (x_k - m)^2) (x_k - m)``. A deviation smaller than its standard error is noise and
     vanishes; a large one is kept almost whole. Equal estimates stay equal; NaN variances mean "no shrinkage"."""
-    centre = float(np.mean(values))
-    deviation = values - centre
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):  # extreme statistics: overflow falls back to the unshrunk values below
+        centre = float(np.mean(values))
+        deviation = values - centre
         keep = np.maximum(0.0, 1.0 - np.nan_to_num(variances, nan=0.0) / (deviation * deviation))
-    keep = np.where(deviation == 0, 0.0, np.nan_to_num(keep, nan=0.0))
-    return centre + keep * deviation
+        keep = np.where(deviation == 0, 0.0, np.nan_to_num(keep, nan=0.0))
+        shrunk = centre + keep * deviation
+    return np.where(np.isfinite(shrunk), shrunk, values)
 
 
 class PiKE(MixingMethod):

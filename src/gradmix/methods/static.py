@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from gradmix.methods.base import MixingMethod, WeightError, validate_weights
+from gradmix.methods.base import MixingMethod, WeightError, state_int, validate_weights
 from gradmix.stats import DomainStats
 
 
@@ -105,7 +105,7 @@ class RoundRobin(MixingMethod):
         return {"next": self._next}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._next = int(state["next"]) % self.num_domains
+        self._next = state_int(state, "next", self.name) % self.num_domains
 
 
 class RandomTask(MixingMethod):
@@ -134,5 +134,5 @@ class RandomTask(MixingMethod):
         return {"draws": self._draws, "seed": self.seed}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._draws = int(state["draws"])
-        self.seed = int(state["seed"])
+        draws, seed = state_int(state, "draws", self.name), state_int(state, "seed", self.name)
+        self._draws, self.seed = draws, seed

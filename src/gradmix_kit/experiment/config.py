@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
         "grad_clip": 1.0,
         "eval_every": 50,
         "eval_windows_per_domain": 64,
-        "checkpoint_every": 0,  # 0 = only at the end
+        "checkpoint_every": 50,  # steps between checkpoints (0 = only at the end); SIGTERM/SIGINT also checkpoint
     },
     "mixing": {
         "method": "uniform",
@@ -276,7 +276,9 @@ def resolve_config(raw: dict[str, Any]) -> dict[str, Any]:
 
 def parse_overrides(pairs: Any) -> dict[str, Any]:
     """``["train.lr=0.001", "mixing.method=pike"]`` -> nested dict; values are JSON when they parse as JSON, else
-    strings. A key that is both a value and a table (``train.lr=0.1`` and ``train.lr.x=1``) is a ``ConfigError``."""
+    strings. A key that is both a value and a table (``train.lr=0.1`` and ``train.lr.x=1``) is a ``ConfigError``, and
+    so is a value that starts like JSON (``[``, ``{``, ``"``) but does not parse (``weights=[1,2``): it was meant
+    as a list, and taking it as a string would fail later, or not at all, far from the typo."""
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
@@ -287,7 +289,10 @@ def parse_overrides(pairs: Any) -> dict[str, Any]:
             raise ConfigError(f"--set {pair!r}: {key!r} is not a dotted config key like train.lr")
         try:
             value = json.loads(text)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
+            if text.strip()[:1] in ("[", "{", '"'):  # meant as a JSON list / table / string: a typo, not a string
+                raise ConfigError(f"--set {key.strip()}: {text!r} is not valid JSON (character {exc.pos}: "
+                                  f"{exc.msg}); a value starting with [, {{ or \" must be JSON") from None
             value = text
         node = out
         for depth, part in enumerate(parts[:-1]):
@@ -307,6 +312,8 @@ def parse_overrides(pairs: Any) -> dict[str, Any]:
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read a .toml or .json config, apply ``overrides`` (nested dict), resolve defaults."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {str(path)!r} is a folder; give a .toml or .json file")
     if not path.is_file():
         raise FileNotFoundError(f"config {str(path)!r} does not exist")
     if path.suffix == ".toml":

@@ -23,14 +23,23 @@ import torch
 
 from gradmix.checkpoint import write_json_atomic
 from gradmix.controller import Mixer, MixingWarning
-from gradmix.methods import method_class
-from gradmix.sources import Domain, DomainSet, pack_tokens, read_documents
+from gradmix.methods import check_method_params, method_class
+from gradmix.runlock import RUN_MARKERS, RunDirError, RunLock, check_run_dir
+from gradmix.sources import Domain, DomainSet, pack_tokens, read_documents, text_files
 from gradmix.writers import json_safe
 from gradmix_kit.corpora.store import resolve_data_dir
 from gradmix_kit.experiment.config import ConfigError
 from gradmix_kit.experiment.provenance import corpus_record, record_differences
+from gradmix_kit.signals import StopSignals
+
+RUN_FOLDER_MARKERS = (*RUN_MARKERS, "checkpoint.pt", "summary.json")
+"""A run folder holding any of these (non-empty) holds a started or finished run."""
+RUN_FOLDER_OUTPUTS = ("config.json", "report.html", "*.png", "comparison.md", "comparison_stats.json", "*.tmp",
+                      ".*.tmp")
+"""Also deleted when ``--overwrite`` replaces a run."""
 
 __all__ = [
+    "RUN_FOLDER_MARKERS",
     "MetricContext",
     "PreparedData",
     "load_eval_metrics",
@@ -133,9 +142,15 @@ def _load_corpus_texts(data_cfg: dict[str, Any]) -> tuple[dict[str, list[str]], 
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"data.corpus {corpus!r} is a file; give a folder holding one <domain>.jsonl/.txt each")
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".txt") and p.is_file())
+        files = text_files(path, path.iterdir())  # a dangling symlink is an error naming it, not skipped
         if not files:
             raise ValueError(f"corpus folder {str(path)!r} holds no <domain>.jsonl or <domain>.txt files")
+        by_domain: dict[str, Path] = {}
+        for file in files:  # docs.txt and docs.jsonl: one domain from two files, neither may be dropped
+            if file.stem in by_domain:
+                raise ValueError(f"corpus folder {str(path)!r} has two files for domain {file.stem!r}: "
+                                 f"{by_domain[file.stem].name} and {file.name}; keep one (or rename one)")
+            by_domain[file.stem] = file
         return {p.stem: read_documents(p) for p in files}, {"corpus": str(path)}
     known = ["tiny", *corpora.available_corpora()]
     if corpus not in known:
@@ -366,6 +381,21 @@ def _method_params(mix_cfg: dict[str, Any], data_cfg: dict[str, Any], data: Prep
     return params
 
 
+def _check_resume_steps(ckpt_path: Path, steps: int) -> None:
+    """Refuse a resume whose ``steps`` is below the steps its checkpoint already trained (a finished 60-step run
+    resumed with ``steps = 20`` would otherwise write a summary claiming 20 steps)."""
+    from gradmix.checkpoint import load_checkpoint_file
+
+    state = load_checkpoint_file(ckpt_path)
+    try:
+        done = int(state["gradmix"]["core"]["step"])
+    except (KeyError, TypeError, ValueError):
+        return  # not a gradmix run checkpoint: Mixer.resume names the problem
+    if done > steps:
+        raise ConfigError(f"--resume: {ckpt_path} has already trained {done} steps, more than steps = {steps}; "
+                          f"set steps >= {done} to continue it (or start a new run folder)")
+
+
 def _lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
     """Linear warm-up then cosine decay to ``min_ratio * base``."""
     if step < warmup:
@@ -375,17 +405,37 @@ def _lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) ->
 
 
 def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedData | None = None,
-                   progress: bool = True, resume: bool = False, write_plots: bool = True) -> dict[str, Any]:
-    """Train one model with one mixing method; write the run folder; return the summary."""
+                   progress: bool = True, resume: bool = False, write_plots: bool = True,
+                   stop: StopSignals | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train one model with one mixing method; write the run folder; return the summary.
+
+    The folder is locked for the run (``gradmix.runlock``: a second run on it is refused while this one lives). A
+    folder that holds a started or finished run (``RUN_FOLDER_MARKERS``) needs ``resume`` (continue from its
+    ``checkpoint.pt``; without one, start over) or ``overwrite`` (delete the old run's files, start over).
+
+    ``stop`` (a ``StopSignals`` the caller entered): a SIGTERM / SIGINT during training ends the run at the next
+    step boundary with a checkpoint and raises ``RunInterrupted``; ``--resume`` continues from there."""
     from gradmix_kit.experiment.evaluation import evaluate_continuation, evaluate_loss
     from gradmix_kit.experiment.model import GPT, GPTConfig, per_example_loss
 
     run_dir = Path(run_dir)
     _import_plugins(cfg)
     cls = method_class(cfg["mixing"]["method"])  # an unknown name fails here, before the data is prepared
+    given = {k: v for k, v in (cfg["mixing"].get("params") or {}).items() if k != "reference_run"}
+    try:
+        check_method_params(cls, given, cfg["mixing"]["method"])  # ... and so does an unknown parameter
+    except ValueError as exc:
+        raise ConfigError(f"mixing.params: {exc}") from None
     if cls.needs_target and not cfg["data"].get("target") and (data is None or data.target_train is None):
         raise ValueError(f"method {cfg['mixing']['method']!r} needs a target set: set data.target in the config")
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir).acquire()  # one owner; released at the end (or by the process's exit)
+    try:
+        check_run_dir(run_dir, resume=resume, overwrite=overwrite, markers=RUN_FOLDER_MARKERS,
+                      also_remove=RUN_FOLDER_OUTPUTS, flags=("--resume", "--overwrite"))
+    except RunDirError:
+        lock.release()
+        raise
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     data = data or prepare_data(cfg)
@@ -404,13 +454,15 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         probe_params["preconditioner"] = optimizer
     metrics_path = run_dir / "metrics.jsonl"
     ckpt_path = run_dir / "checkpoint.pt"
+    if resume and ckpt_path.exists():  # before anything in the folder changes (config.json, metrics rows)
+        _check_resume_steps(ckpt_path, int(cfg["steps"]))
     log_cfg = cfg.get("logging") or {"writers": ["jsonl"], "alerts": {}, "wandb": {}, "tensorboard": {}}
     writer_names = ["jsonl"] + [w for w in log_cfg["writers"] if w != "jsonl"]  # reports read metrics.jsonl
     fresh = not (resume and ckpt_path.exists())
     if fresh:  # a fresh start (also a resume killed before its first checkpoint): no old rows
         import shutil
 
-        for old in (metrics_path, run_dir / "metrics.csv"):
+        for old in (metrics_path, run_dir / "metrics.csv", run_dir / "summary.json"):
             if old.exists():
                 old.unlink()
         if (run_dir / "tensorboard").is_dir():
@@ -421,6 +473,7 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         mixer = Mixer(
             data.train, mix_cfg["method"], train_cfg["batch_size"], method_params=method_params,
             model=model, probe_params=probe_params, target=data.target_train, run_dir=run_dir,
+            resume=True, lock=False,  # the folder is checked and locked above
             writers=[w for w in writer_names if w in ("jsonl", "csv")], eval_metrics=eval_metrics,
             alerts=log_cfg.get("alerts") or None,
             update_every=mix_cfg["update_every"], warmup_steps=mix_cfg["warmup_steps"],
@@ -493,6 +546,9 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
     started = time.perf_counter()
     batches = mixer.batches()
     last_eval: dict[str, Any] = {}
+    if stop is not None:
+        stop.deferring = True  # from here a signal is honoured at the next step boundary, with a checkpoint
+        stop.where = "while training"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MixingWarning)  # recorded as events in metrics.jsonl instead
         if start == 0:
@@ -532,6 +588,8 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
             if diverged is not None:  # recorded (non-finite values as null); stop instead of training on garbage
                 warnings.warn(f"{cfg['name']}:{mix_cfg['method']}:s{seed}: {diverged}", RuntimeWarning, stacklevel=1)
                 break
+            if stop is not None and stop.received is not None:
+                break  # SIGTERM / SIGINT: the checkpoint below is this step boundary's
             ckpt_every = int(train_cfg.get("checkpoint_every") or 0)
             if ckpt_every and done % ckpt_every == 0 and done < steps:
                 mixer.save_checkpoint(ckpt_path, model=model, optimizer=optimizer)
@@ -544,6 +602,12 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
         bar.close()
     mixer.save_checkpoint(ckpt_path, model=model, optimizer=optimizer)
     mixer.close()
+    if stop is not None:
+        stop.deferring = False
+        if stop.received is not None:
+            raise stop.interrupted(mixer.step_count, steps, ckpt_path)
+        stop.where = (f"after step {mixer.step_count}, before the summary was written; the final checkpoint is "
+                      f"saved to {ckpt_path} (--resume writes the summary)")
 
     if stopped_early is not None and mixer.step_count not in (0, start) and \
             mixer.step_count % eval_every != 0:  # evaluate the model as the data left it
@@ -593,6 +657,7 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
             write_report([run_dir], run_dir, title=f"{cfg['name']} - {mix_cfg['method']} (seed {seed})")
         except ImportError as exc:  # matplotlib is optional
             warnings.warn(f"no plots written: {exc}", stacklevel=2)
+    lock.release()
     return summary
 
 
@@ -604,8 +669,13 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
 
 def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[int], out_dir: str | Path, *,
                    method_overrides: dict[str, dict[str, Any]] | None = None, progress: bool = True,
-                   log: Callable[[str], None] = print) -> Path:
-    """Run every (method, seed) on the same prepared data; write ``comparison.json`` and the report."""
+                   log: Callable[[str], None] = print, resume: bool = False,
+                   stop: StopSignals | None = None, overwrite: bool = False) -> Path:
+    """Run every (method, seed) on the same prepared data; write ``comparison.json`` and the report.
+
+    ``resume``: a run whose ``summary.json`` says it finished these steps is kept as it is; a run cut short (killed,
+    preempted) continues from its checkpoint; the others start. ``overwrite``: every run starts over (without one of
+    the two, a run folder that already holds a run is refused). ``stop``: see ``run_experiment``."""
     import copy
 
     out_dir = Path(out_dir)
@@ -647,20 +717,46 @@ def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[
             if method_class(run_cfg["mixing"]["method"]).needs_target and data.target_train is None:
                 raise ValueError(f"method {method!r} needs a target set: set data.target in the config")
             name = f"{method}-seed{seed}"
-            summary = run_experiment(run_cfg, out_dir / name, data=data, progress=progress, write_plots=False)
+            summary = _finished_summary(out_dir / name, run_cfg) if resume else None
+            kept = summary is not None
+            if summary is None:
+                if stop is not None:
+                    stop.where = f"before run {name} started training; the finished runs are kept (use --resume)"
+                summary = run_experiment(run_cfg, out_dir / name, data=data, progress=progress, write_plots=False,
+                                         resume=resume, stop=stop, overwrite=overwrite)
             line = f"{name:28s} avg val {summary['avg_val_loss']:.4f}  worst {summary['worst_val_loss']:.4f}"
             if "avg_val_accuracy" in summary:
                 line += f"  acc {summary['avg_val_accuracy']:.3f}"
             if "target_val_loss" in summary:
                 line += f"  target {summary['target_val_loss']:.4f}"
-            line += f"  ({summary['wall_time_s']:.0f}s)"
+            line += "  (finished earlier, kept)" if kept else f"  ({summary['wall_time_s']:.0f}s)"
             log(line)
             runs.append(name)
+    if stop is not None:
+        stop.where = "after the last run, while writing the report; every run is finished (--resume writes it)"
     write_json_atomic(out_dir / "comparison.json", {"runs": runs, "methods": list(methods), "seeds": list(seeds),
                                                      "config": cfg})
     from gradmix_kit.report import write_report
 
     return write_report([out_dir / r for r in runs], out_dir, title=f"{cfg['name']}: method comparison")
+
+
+def _finished_summary(run_dir: Path, run_cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of a run of ``gradmix compare --resume`` that already finished what ``run_cfg`` asks (its
+    ``summary.json`` is the last file a run writes, and it names the method, seed and steps); else None."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # a damaged summary: the run is resumed from its checkpoint, which writes it again
+    if not isinstance(summary, dict):
+        return None
+    same = (summary.get("method"), summary.get("seed"), summary.get("steps")) == (
+        run_cfg["mixing"]["method"], int(run_cfg["seed"]), int(run_cfg["steps"]))
+    numbers = all(isinstance(summary.get(key), (int, float)) for key in ("avg_val_loss", "worst_val_loss"))
+    return summary if same and numbers else None
 
 
 def check_corpus_record(cfg: dict[str, Any], record: dict[str, Any], log: Callable[[str], None] = print) -> list[str]:
