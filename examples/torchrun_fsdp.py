@@ -42,10 +42,19 @@ CHECKPOINT_EVERY = 10
 
 
 def leave(code: int = 0) -> None:
-    """Flush and exit without C++ teardown (gloo can abort while tearing down its threads at exit)."""
+    """Exit where a rank cannot wait for its peers (an error, a simulated kill): flush, skip the C++ teardown."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def finish() -> None:
+    """The normal end: every rank past its last collective, the process group destroyed, then ``leave``: torch's gloo
+    teardown during interpreter finalisation aborts a rank now and then ("terminate called without an active
+    exception"), after all work is saved."""
+    dist.barrier()
+    dist.destroy_process_group()
+    leave(0)
 
 
 def main() -> None:
@@ -115,11 +124,10 @@ def main() -> None:
             save_sharded_checkpoint(out, mixer, model, optimizer)
         if args.stop_at is not None and step == args.stop_at:
             leave(0)  # as if killed right after the checkpoint
-    dist.barrier()
-    mixer.close()  # releases the run folder's lock (leave() skips the interpreter's own clean-up)
+    mixer.close()  # flushes the writers and releases the run folder's lock
     if rank == 0:
         print(f"done: {mixer.step_count} steps, weights {dict(zip(mixer.names, mixer.weights.round(4).tolist()))}")
-    leave(0)
+    finish()
 
 
 if __name__ == "__main__":

@@ -86,3 +86,4 @@ def test_a_hung_rank_fails_its_peer_within_gradmix_timeout(tmp_path: Path) -> No
     result = json.loads(Path(f"{out}.rank0.json").read_text())  # rank 0 wrote it before torchrun ended rank 1
     assert result["error"] is not None, (result, res.stderr[-2000:])
     assert result["elapsed"] < 60, result
+

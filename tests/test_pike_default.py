@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -210,3 +211,24 @@ def test_through_the_mixer_a_floored_task_stays_measured_and_recovers_when_its_l
     assert all(value is not None for value in measured)  # measured at every update, floor or not
     after = weights[200:260]
     assert max(after) > 0.5, max(after)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("log_weights", [0.0, float("nan"), -1.0], "log_weights\\[1\\] is nan"),
+        ("log_weights", [None, None, None], "switch every domain off"),
+        ("ema_grad_var", [1.0, -2.0, 1.0], "ema_grad_var\\[1\\] is -2.0; it must be >= 0"),
+        ("ema_grad_sq_norm_noise", [1.0, 1.0, float("inf")], "ema_grad_sq_norm_noise\\[2\\] is inf"),
+        ("ema_grad_sq_norm", ["a", 1.0, 1.0], "must be a list of 3 numbers"),
+    ],
+)
+def test_a_crafted_state_is_refused_at_load_and_changes_nothing(field, value, match):
+    method = make_method("pike", 3)
+    method.update(record([1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [8, 8, 8]))
+    before = json.dumps(method.state_dict())
+    state = json.loads(before)
+    state[field] = value
+    with pytest.raises(ValueError, match=match):
+        method.load_state_dict(state)
+    assert json.dumps(method.state_dict()) == before

@@ -177,3 +177,17 @@ def test_check_run_dir_counts_non_empty_markers_and_overwrite_removes_them(tmp_p
     assert (tmp_path / "checkpoint-10").exists()
     check_run_dir(tmp_path, overwrite=True, markers=markers)
     assert not (tmp_path / "checkpoint-10").exists() and (tmp_path / "keep.txt").exists()
+
+
+def test_gradmix_run_releases_its_lock_when_the_run_fails(tmp_path: Path) -> None:
+    """A run that fails after taking the lock (here: a corpus folder that does not exist) leaves no lock behind, so a
+    library caller in the same process, or the next process, is not refused."""
+    from gradmix_kit.experiment.config import load_config
+    from gradmix_kit.experiment.runner import run_experiment
+
+    cfg = load_config(TESTS.parent / "configs" / "smoke.toml")
+    cfg["data"]["corpus"] = str(tmp_path / "no-such-corpus")
+    run_dir = tmp_path / "run"
+    with pytest.raises(Exception, match="no-such-corpus"):
+        run_experiment(cfg, run_dir, progress=False)
+    assert not (run_dir / LOCK_NAME).exists()

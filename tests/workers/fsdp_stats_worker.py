@@ -87,7 +87,8 @@ def main() -> None:
         dist.barrier()
     if rank == 0:
         Path(f"{out}.json").write_text(json.dumps(results))
-    dist.barrier()
+    dist.barrier()  # see ddp_worker.py: destroy the group, then leave without the interpreter's finalisation
+    dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

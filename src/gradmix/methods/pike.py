@@ -145,12 +145,25 @@ def _json_floats(values: np.ndarray) -> list[float | None]:
     return [float(v) if np.isfinite(v) else None for v in values]
 
 
-def _from_json_floats(values: Any, num_domains: int, what: str, missing: float) -> np.ndarray:
+def _from_json_floats(
+    values: Any, num_domains: int, what: str, missing: float, *, nonnegative: bool = False
+) -> np.ndarray:
+    """A saved vector (None = ``missing``), checked at load so a crafted state fails here, not at the next update."""
     if values is None:
         return np.full(num_domains, missing)
-    arr = np.array([missing if v is None else float(v) for v in values], dtype=np.float64)
+    try:
+        arr = np.array([missing if v is None else float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"pike: checkpointed {what} must be a list of {num_domains} numbers, got {values!r}") from None
     if arr.shape != (num_domains,):
         raise ValueError(f"pike: checkpointed {what} has {arr.shape[0]} entries, expected {num_domains}")
+    given = np.array([v is not None for v in values])
+    bad = np.flatnonzero(given & ~np.isfinite(arr))
+    if bad.size:
+        raise ValueError(f"pike: checkpointed {what}[{int(bad[0])}] is {arr[bad[0]]}; saved values must be finite")
+    if nonnegative and np.any(given & (arr < 0)):
+        i = int(np.flatnonzero(given & (arr < 0))[0])
+        raise ValueError(f"pike: checkpointed {what}[{i}] is {arr[i]}; it must be >= 0")
     return arr
 
 
@@ -564,6 +577,8 @@ class PiKE(MixingMethod):
             log_weights = _from_json_floats(state["log_weights"], self.num_domains, "log_weights", -np.inf)
             with np.errstate(over="ignore"):
                 total = float(np.exp(log_weights).sum())
+            if not np.isfinite(log_weights).any():
+                raise ValueError("pike: checkpointed log_weights switch every domain off")
             if abs(total - 1.0) <= 1e-12:  # saved normalised: load as is (renormalising again moves the last bit)
                 self._log_weights = log_weights
             else:  # a hand-made state: renormalise
@@ -571,10 +586,12 @@ class PiKE(MixingMethod):
         self._ema_sq_norm = _from_json_floats(
             state.get("ema_grad_sq_norm"), self.num_domains, "ema_grad_sq_norm", np.nan
         )
-        self._ema_var = _from_json_floats(state.get("ema_grad_var"), self.num_domains, "ema_grad_var", np.nan)
+        self._ema_var = _from_json_floats(
+            state.get("ema_grad_var"), self.num_domains, "ema_grad_var", np.nan, nonnegative=True
+        )
         self._ema_sq_norm_noise = _from_json_floats(
-            state.get("ema_grad_sq_norm_noise"), self.num_domains, "ema_grad_sq_norm_noise", np.nan
+            state.get("ema_grad_sq_norm_noise"), self.num_domains, "ema_grad_sq_norm_noise", np.nan, nonnegative=True
         )
         self._ema_var_noise = _from_json_floats(
-            state.get("ema_grad_var_noise"), self.num_domains, "ema_grad_var_noise", np.nan
+            state.get("ema_grad_var_noise"), self.num_domains, "ema_grad_var_noise", np.nan, nonnegative=True
         )

@@ -24,7 +24,7 @@ import torch
 from gradmix.checkpoint import write_json_atomic
 from gradmix.controller import Mixer, MixingWarning
 from gradmix.methods import check_method_params, method_class
-from gradmix.runlock import RUN_MARKERS, RunDirError, RunLock, check_run_dir
+from gradmix.runlock import RUN_MARKERS, RunLock, check_run_dir
 from gradmix.sources import Domain, DomainSet, pack_tokens, read_documents, text_files
 from gradmix.writers import json_safe
 from gradmix_kit.corpora.store import resolve_data_dir
@@ -415,9 +415,6 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
 
     ``stop`` (a ``StopSignals`` the caller entered): a SIGTERM / SIGINT during training ends the run at the next
     step boundary with a checkpoint and raises ``RunInterrupted``; ``--resume`` continues from there."""
-    from gradmix_kit.experiment.evaluation import evaluate_continuation, evaluate_loss
-    from gradmix_kit.experiment.model import GPT, GPTConfig, per_example_loss
-
     run_dir = Path(run_dir)
     _import_plugins(cfg)
     cls = method_class(cfg["mixing"]["method"])  # an unknown name fails here, before the data is prepared
@@ -429,13 +426,22 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
     if cls.needs_target and not cfg["data"].get("target") and (data is None or data.target_train is None):
         raise ValueError(f"method {cfg['mixing']['method']!r} needs a target set: set data.target in the config")
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir).acquire()  # one owner; released at the end (or by the process's exit)
+    lock = RunLock(run_dir).acquire()  # one owner; released when the run ends, however it ends
     try:
         check_run_dir(run_dir, resume=resume, overwrite=overwrite, markers=RUN_FOLDER_MARKERS,
                       also_remove=RUN_FOLDER_OUTPUTS, flags=("--resume", "--overwrite"))
-    except RunDirError:
+        return _train_locked(cfg, run_dir, data=data, progress=progress, resume=resume, write_plots=write_plots,
+                             stop=stop)
+    finally:
         lock.release()
-        raise
+
+
+def _train_locked(cfg: dict[str, Any], run_dir: Path, *, data: PreparedData | None, progress: bool, resume: bool,
+                  write_plots: bool, stop: StopSignals | None) -> dict[str, Any]:
+    """The body of ``run_experiment``, run while the folder's lock is held."""
+    from gradmix_kit.experiment.evaluation import evaluate_continuation, evaluate_loss
+    from gradmix_kit.experiment.model import GPT, GPTConfig, per_example_loss
+
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     data = data or prepare_data(cfg)
@@ -657,7 +663,6 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
             write_report([run_dir], run_dir, title=f"{cfg['name']} - {mix_cfg['method']} (seed {seed})")
         except ImportError as exc:  # matplotlib is optional
             warnings.warn(f"no plots written: {exc}", stacklevel=2)
-    lock.release()
     return summary
 
 
