@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +57,17 @@ def holder(run_dir: Path) -> Iterator[subprocess.Popen]:
         proc.communicate(timeout=60)
 
 
+def _wait_until_zombie(pid: int, timeout: float = 30.0) -> None:
+    """Wait (without reaping it) until the killed process ``pid`` is a zombie, state Z in /proc/PID/stat."""
+    deadline = time.monotonic() + timeout
+    stat = Path(f"/proc/{pid}/stat")
+    while time.monotonic() < deadline:
+        if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not die within {timeout} s")
+
+
 def _steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -78,6 +90,7 @@ def test_a_second_process_is_refused_while_the_owner_lives_then_takes_over_its_s
             Mixer(make_toy_domains(), "uniform", 6, run_dir=run_dir, overwrite=True)  # not even with overwrite
         assert _steps(run_dir) == [1, 2]  # the refused owners changed nothing
         proc.kill()  # killed and not yet reaped (a zombie): it writes nothing any more
+        _wait_until_zombie(proc.pid)  # SIGKILL takes effect asynchronously: until then the owner is alive
         with pytest.warns(StaleLockWarning, match=rf"took over the lock of pid {proc.pid} .* no longer runs"):
             mixer = Mixer(make_toy_domains(), "uniform", 6, run_dir=run_dir, resume=True, log_every=1)
     assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == os.getpid()
