@@ -18,11 +18,11 @@ import json
 import numpy as np
 import torch
 
+from gradmix.probe import GradientProbe
+from gradmix.sampler import MixtureSampler
 from gradmix_kit.experiment.config import load_config
 from gradmix_kit.experiment.model import GPT, GPTConfig, per_example_loss
 from gradmix_kit.experiment.runner import prepare_data
-from gradmix.probe import GradientProbe
-from gradmix.sampler import MixtureSampler
 
 
 def main() -> None:

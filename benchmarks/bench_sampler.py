@@ -55,8 +55,12 @@ def throughput(sizes: list[int], batch_size: int, batches: int, seed: int = 0) -
         sampler.set_weights(weights[i % 64])
         sampler.next_global_arrays()
     clean = time.perf_counter() - t0
-    return {"first_batch_ms": first * 1e3, "indices_per_s": batches * batch_size / clean,
-            "indices_per_s_traced": batches * batch_size / elapsed, "peak_traced_mib": peak / 2**20}
+    return {
+        "first_batch_ms": first * 1e3,
+        "indices_per_s": batches * batch_size / clean,
+        "indices_per_s_traced": batches * batch_size / elapsed,
+        "peak_traced_mib": peak / 2**20,
+    }
 
 
 def pike_like_history(k: int, steps: int, update_every: int, seed: int) -> np.ndarray:
@@ -128,23 +132,29 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/sampler.json")
     args = parser.parse_args()
     batches = 200 if args.quick else 2000
-    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                 "load_avg_at_start": os.getloadavg()}, "batch_size": 512}
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_at_start": os.getloadavg()},
+        "batch_size": 512,
+    }
 
     results["vs_size"] = []
     for exponent in (3, 6, 9, 12):
         r = throughput([10**exponent] * 8, 512, batches)
         r.update(N=f"1e{exponent}", K=8)
         results["vs_size"].append(r)
-        print(f"N=1e{exponent:<3} K=8    first batch {r['first_batch_ms']:7.2f} ms  {r['indices_per_s'] / 1e6:5.2f} M idx/s"
-              f"  peak {r['peak_traced_mib']:6.2f} MiB")
+        print(
+            f"N=1e{exponent:<3} K=8    first batch {r['first_batch_ms']:7.2f} ms  "
+            f"{r['indices_per_s'] / 1e6:5.2f} M idx/s  peak {r['peak_traced_mib']:6.2f} MiB"
+        )
     results["vs_domains"] = []
     for k in (2, 8, 64, 256, 1024):
         r = throughput([10**9] * k, 512, max(batches // 4, 50) if k >= 256 else batches)
         r.update(N="1e9", K=k)
         results["vs_domains"].append(r)
-        print(f"N=1e9   K={k:<5} first batch {r['first_batch_ms']:7.2f} ms  {r['indices_per_s'] / 1e6:5.2f} M idx/s"
-              f"  peak {r['peak_traced_mib']:6.2f} MiB")
+        print(
+            f"N=1e9   K={k:<5} first batch {r['first_batch_ms']:7.2f} ms  {r['indices_per_s'] / 1e6:5.2f} M idx/s"
+            f"  peak {r['peak_traced_mib']:6.2f} MiB"
+        )
 
     results["vs_batch"] = []
     for b in (64, 512, 4096):
@@ -159,14 +169,18 @@ def main() -> None:
         r = share_error(history, b)
         r.update(K=k, batch_size=b, batches=10_000, history="PiKE-like drift, update every 20 batches")
         results["share_error"].append(r)
-        print(f"share error K={k:<3} b={b:<3} max |count - target|: old {r['old_max_abs_count_error']:8.2f}  new "
-              f"{r['new_max_abs_count_error']:5.2f}   final share error: old {r['old_final_share_error']:.2e}  new "
-              f"{r['new_final_share_error']:.2e}")
+        print(
+            f"share error K={k:<3} b={b:<3} max |count - target|: old {r['old_max_abs_count_error']:8.2f}  new "
+            f"{r['new_max_abs_count_error']:5.2f}   final share error: old {r['old_final_share_error']:.2e}  new "
+            f"{r['new_final_share_error']:.2e}"
+        )
     results["worst_lag"] = []
     for kind in ("constant", "random", "adversary"):
         for k in (4, 8, 16, 64):
-            lags = [worst_lag(kind, k, 1 if kind == "adversary" else b, 2000 if not args.quick else 300, seed)
-                    for seed, b in enumerate((1, 3, 8, 16, 32))]
+            lags = [
+                worst_lag(kind, k, 1 if kind == "adversary" else b, 2000 if not args.quick else 300, seed)
+                for seed, b in enumerate((1, 3, 8, 16, 32))
+            ]
             results["worst_lag"].append({"kind": kind, "K": k, "max_lag": max(lags)})
             print(f"worst lag {kind:<9} K={k:<3} {max(lags):.3f} examples behind")
     results["machine"]["load_avg_at_end"] = os.getloadavg()

@@ -52,8 +52,8 @@ def _setup(name: str):
     import torch
 
     from gradmix import Mixer
-    from gradmix_kit.experiment.model import GPT, GPTConfig
     from gradmix.sources import Domain, DomainSet
+    from gradmix_kit.experiment.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     method, k, every, probe_params, method_params = CONFIGS[name]
@@ -62,8 +62,17 @@ def _setup(name: str):
     target = Domain("target", torch.as_tensor(rng.integers(0, 4096, size=(200, 129))))
     model = GPT(GPTConfig(vocab_size=4096, context_length=128, d_model=128, n_layers=2, n_heads=4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    mixer = Mixer(domains, method, 16, model=model, update_every=every, method_params=method_params,
-                  probe_params=probe_params, target=target if method == "dga" else None, target_batch_size=16)
+    mixer = Mixer(
+        domains,
+        method,
+        16,
+        model=model,
+        update_every=every,
+        method_params=method_params,
+        probe_params=probe_params,
+        target=target if method == "dga" else None,
+        target_batch_size=16,
+    )
     return mixer, model, opt, mixer.batches()
 
 
@@ -89,10 +98,15 @@ def worker(name: str, steps: int) -> dict:
     mixer, model, opt, batches = _setup(name)
     times = [_timed_step(mixer, model, opt, batches) for _ in range(steps + 10)][10:]  # skip warm-up steps
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"name": name, "mean_step_s": float(np.mean(times)), "total_s": float(np.sum(times)),
-            "peak_rss_mb": rss_after / 1024, "rss_growth_mb": (rss_after - rss_before) / 1024,
-            "probed_scalars": getattr(mixer.probe, "num_probed", 0),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "name": name,
+        "mean_step_s": float(np.mean(times)),
+        "total_s": float(np.sum(times)),
+        "peak_rss_mb": rss_after / 1024,
+        "rss_growth_mb": (rss_after - rss_before) / 1024,
+        "probed_scalars": getattr(mixer.probe, "num_probed", 0),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def paired(pair: str, steps: int) -> dict:
@@ -115,9 +129,14 @@ def paired(pair: str, steps: int) -> dict:
                     if name == PAIRS[pair][1]:
                         (measured if measuring else plain).append(dt)
     base, method = (float(np.sum(times[n])) for n in PAIRS[pair])
-    return {"pair": pair, "baseline_ms": 1000 * base / len(times[PAIRS[pair][0]]),
-            "method_ms": 1000 * method / len(times[PAIRS[pair][1]]), "ratio": method / base,
-            "measuring_step_cost": float(np.mean(measured) / np.median(plain)), "steps_per_arm": len(plain) + len(measured)}
+    return {
+        "pair": pair,
+        "baseline_ms": 1000 * base / len(times[PAIRS[pair][0]]),
+        "method_ms": 1000 * method / len(times[PAIRS[pair][1]]),
+        "ratio": method / base,
+        "measuring_step_cost": float(np.mean(measured) / np.median(plain)),
+        "steps_per_arm": len(plain) + len(measured),
+    }
 
 
 def main() -> None:
@@ -132,11 +151,14 @@ def main() -> None:
     if args.paired:
         results = []
         print(f"{'pair':24s} {'uniform ms':>10s} {'method ms':>10s} {'ratio':>7s} {'measuring step / plain step':>28s}")
-        for pair in (args.only or PAIRS):
+        for pair in args.only or PAIRS:
             r = paired(pair, args.steps)
             results.append(r)
-            print(f"{pair:24s} {r['baseline_ms']:10.1f} {r['method_ms']:10.1f} {r['ratio']:7.3f} "
-                  f"{r['measuring_step_cost']:28.2f}", flush=True)
+            print(
+                f"{pair:24s} {r['baseline_ms']:10.1f} {r['method_ms']:10.1f} {r['ratio']:7.3f} "
+                f"{r['measuring_step_cost']:28.2f}",
+                flush=True,
+            )
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"args": vars(args), "paired": results}, fh, indent=2)
@@ -148,8 +170,12 @@ def main() -> None:
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for rep in range(args.reps):
         for name in names:
-            out = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", name, "--steps", str(args.steps)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"rep {rep} {name}: {runs[name][-1]['mean_step_s'] * 1000:.1f} ms/step", file=sys.stderr)
     import statistics
@@ -167,8 +193,10 @@ def main() -> None:
         base = "uniform K=16" if "K=16" in name and "uniform K=16" in summary else "uniform"
         ratio = summary[name]["median_step_ms"] / summary[base]["median_step_ms"] if base in summary else float("nan")
         summary[name]["ratio_vs_" + base.replace(" ", "_")] = ratio
-        print(f"{name:44s} {summary[name]['median_step_ms']:8.1f} {ratio:7.3f} {summary[name]['peak_rss_mb']:12.0f} "
-              f"{summary[name]['probed_scalars']:9d}")
+        print(
+            f"{name:44s} {summary[name]['median_step_ms']:8.1f} {ratio:7.3f} {summary[name]['peak_rss_mb']:12.0f} "
+            f"{summary[name]['probed_scalars']:9d}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "summary": summary, "runs": runs}, fh, indent=2)

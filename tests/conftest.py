@@ -7,7 +7,7 @@ tests use (tests/test_controller.py and the probe tests still carry their own co
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest

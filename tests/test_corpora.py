@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gradmix.sources import read_documents
 from gradmix_kit.corpora import (
     CorpusError,
     FetchError,
@@ -35,8 +36,15 @@ from gradmix_kit.corpora import (
     load_manifest,
     load_tiny_corpus,
 )
-from gradmix_kit.corpora.fetch import DirectorySource, WheelSource, fetch_deb, fetch_wheel, run_tool, unpack_deb
-from gradmix_kit.corpora.fetch import FetchedPackage
+from gradmix_kit.corpora.fetch import (
+    DirectorySource,
+    FetchedPackage,
+    WheelSource,
+    fetch_deb,
+    fetch_wheel,
+    run_tool,
+    unpack_deb,
+)
 from gradmix_kit.corpora.html import html_to_sections
 from gradmix_kit.corpora.parsers import (
     clean_dasher_text,
@@ -65,7 +73,6 @@ from gradmix_kit.corpora.text import (
     split_long,
     split_sentences,
 )
-from gradmix.sources import read_documents
 from gradmix_kit.corpora.tiny import TINY_DOC_SEPARATOR, _format_tiny_file
 
 
@@ -159,7 +166,7 @@ def test_select_documents_is_stable_when_the_source_grows() -> None:
     old = [f"document number {i}" for i in range(200)]
     new_doc = "a document added in a later package version"
     before = set(select_documents(old, max_docs=30))
-    after = set(select_documents(old + [new_doc], max_docs=30))
+    after = set(select_documents([*old, new_doc], max_docs=30))
     assert after - {new_doc} <= before
     assert len(before - after) <= 1
 
@@ -504,7 +511,7 @@ def test_a_custom_folder_under_a_corpus_name_is_never_rebuilt_or_deleted(tmp_pat
     elif manifest == "garbage":
         (folder / MANIFEST_NAME).write_text("garbage", encoding="utf-8")
     before = sorted((p.name, p.read_bytes()) for p in folder.iterdir())
-    with pytest.raises(CorpusError, match="did not|not made"):
+    with pytest.raises(CorpusError, match=r"did not|not made"):
         build_corpus("multilingual", data, languages=["el"], fetcher=fetcher)
     assert sorted((p.name, p.read_bytes()) for p in folder.iterdir()) == before and fetcher.calls == []
 
@@ -801,7 +808,7 @@ def test_real_build_is_deterministic(tmp_path: Path, real_data_dir: Path) -> Non
 
 @pytest.mark.integration
 def test_real_fetch_wheel_unknown_package_names_it(tmp_path: Path) -> None:
-    with pytest.raises(FetchError, match="gradmix-no-such-package-xyz==1.0.0"):
+    with pytest.raises(FetchError, match=r"gradmix-no-such-package-xyz==1.0.0"):
         fetch_wheel("gradmix-no-such-package-xyz", "1.0.0", tmp_path)
 
 

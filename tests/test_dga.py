@@ -15,12 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import sparse
 
+from conftest import assert_probability_vector
 from gradmix import DomainStats, StatsError, make_method
 from gradmix.methods.base import WeightError
 from gradmix.methods.dga import DGA, base_distributions_from_clusters, floor_weights
 from gradmix.methods.doge import DoGE
 from gradmix.methods.importance import Importance
-from conftest import assert_probability_vector
 
 
 def stats(alignment, examples=None, step=0):

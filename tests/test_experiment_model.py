@@ -25,10 +25,34 @@ from gradmix_kit.experiment import (
     train_bpe_tokenizer,
 )
 
-WORDS = (
-    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec "
-    "romeo sierra tango uniform victor whiskey xray yankee zulu"
-).split()
+WORDS = [
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+    "sierra",
+    "tango",
+    "uniform",
+    "victor",
+    "whiskey",
+    "xray",
+    "yankee",
+    "zulu",
+]
 
 
 def repetitive_cycle(seed: int = 0, num_words: int = 150) -> str:
@@ -45,8 +69,14 @@ def tokenizer():
 
 def tiny_model(vocab_size: int = 50, context_length: int = 32, seed: int = 0, **kwargs) -> GPT:
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size, context_length=context_length, d_model=kwargs.pop("d_model", 16),
-                       n_layers=kwargs.pop("n_layers", 2), n_heads=kwargs.pop("n_heads", 2), **kwargs)
+    config = GPTConfig(
+        vocab_size,
+        context_length=context_length,
+        d_model=kwargs.pop("d_model", 16),
+        n_layers=kwargs.pop("n_layers", 2),
+        n_heads=kwargs.pop("n_heads", 2),
+        **kwargs,
+    )
     return GPT(config)
 
 
@@ -69,7 +99,7 @@ def test_tokenizer_training_is_deterministic_and_uses_the_vocab_budget():
     assert first.get_vocab_size() == 300
     assert first.token_to_id("<|endoftext|>") is not None
     # merges were learnt: a word from the corpus needs fewer tokens than its bytes
-    assert len(first.encode(" foxtrot").ids) < len(" foxtrot".encode())
+    assert len(first.encode(" foxtrot").ids) < len(b" foxtrot")
 
 
 def test_tokenizer_rejects_empty_texts():
@@ -179,8 +209,9 @@ def test_evaluate_loss_matches_token_mean_and_restores_mode():
     model.eval()
     with torch.no_grad():
         for domain, w in windows.items():
-            token_losses = [F.cross_entropy(model(w[i : i + 1, :-1])[0], w[i, 1:], reduction="none")
-                            for i in range(w.shape[0])]
+            token_losses = [
+                F.cross_entropy(model(w[i : i + 1, :-1])[0], w[i, 1:], reduction="none") for i in range(w.shape[0])
+            ]
             assert losses[domain] == pytest.approx(torch.cat(token_losses).mean().item(), rel=1e-5)
     assert not model.training
     assert evaluate_loss(model, windows, batch_size=64) == pytest.approx(losses, rel=1e-6)
@@ -251,9 +282,8 @@ def test_continuation_task_errors_name_the_domain():
     # "tiny" gives 2 + 1 passages of 20 tokens; 4 items need 4 passages
     with pytest.raises(ValueError, match=r"'tiny'.*3 passage\(s\).*needs 4 passages.*at least 80 tokens"):
         build_continuation_task(docs, num_items=4, context_tokens=15, continuation_tokens=5)
-    with pytest.raises(ValueError, match="'same'.*distinct distractor"):
-        build_continuation_task({"same": [[1, 2, 3, 4] * 40]}, num_items=2, context_tokens=4,
-                                continuation_tokens=4)
+    with pytest.raises(ValueError, match=r"'same'.*distinct distractor"):
+        build_continuation_task({"same": [[1, 2, 3, 4] * 40]}, num_items=2, context_tokens=4, continuation_tokens=4)
     task = build_continuation_task({"fine": docs["fine"]}, num_items=3, context_tokens=15, continuation_tokens=5)
     with pytest.raises(ValueError, match="tokenizer"):
         evaluate_continuation(tiny_model(vocab_size=50), task)  # per_char needs the character lengths
@@ -301,8 +331,9 @@ def test_evaluate_continuation_agrees_with_brute_force(tokenizer):
             torch.testing.assert_close(fast[domain], slow[domain], rtol=1e-4, atol=1e-5)
         accuracy = evaluate_continuation(model, task, batch_size=7, normalization=normalization)
         for domain in docs:
-            expected = np.mean([int(np.argmax(slow[domain][i].numpy())) == int(task.items[domain].answers[i])
-                                for i in range(5)])
+            expected = np.mean(
+                [int(np.argmax(slow[domain][i].numpy())) == int(task.items[domain].answers[i]) for i in range(5)]
+            )
             assert accuracy[domain] == pytest.approx(expected)
     # the stored character lengths are those of the decoded choices
     items = task.items["b"]

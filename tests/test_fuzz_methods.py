@@ -1,4 +1,4 @@
-"""A short run of the long method fuzz (benchmarks/fuzz_methods.py; the 10^6-update run is recorded in BENCHMARKS.md)."""
+"""A short run of the method fuzz (benchmarks/fuzz_methods.py; its 10^6-update run is recorded in BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import fuzz_methods  # noqa: E402
+import fuzz_methods
 
 
 @pytest.mark.integration

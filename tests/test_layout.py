@@ -66,9 +66,14 @@ def _imported_modules(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args:
-            if isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
-                names.add(node.args[0].value)
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", None) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names.add(node.args[0].value)
     return names
 
 
@@ -144,7 +149,7 @@ def test_register_method_makes_a_method_usable_by_name(registered):
 
 
 def test_register_method_rejects_duplicates_and_non_methods(registered):
-    with pytest.raises(ValueError, match="already exists.*overwrite=True"):
+    with pytest.raises(ValueError, match=r"already exists.*overwrite=True"):
         gradmix.register_method("favour_first", FavourFirst)
     with pytest.raises(ValueError, match="already exists"):
         gradmix.register_method("pike", FavourFirst)  # built-in names are taken too

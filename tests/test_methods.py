@@ -68,11 +68,11 @@ def test_unknown_method_lists_the_known_ones():
 
 
 def test_bad_fixed_and_size_parameters_name_the_fault():
-    with pytest.raises(WeightError, match="negative value -1.0 for domain 1"):
+    with pytest.raises(WeightError, match=r"negative value -1.0 for domain 1"):
         make_method("fixed", 3, weights=[1, -1, 1])
     with pytest.raises(WeightError, match="has 2 entries but there are 3 domains"):
         make_method("fixed", 3, weights=[1, 1])
-    with pytest.raises(WeightError, match="domain 1 has size 0.0"):
+    with pytest.raises(WeightError, match=r"domain 1 has size 0.0"):
         make_method("proportional", 2, sizes=[5, 0])
     with pytest.raises(ValueError, match="needs the domain sizes"):
         make_method("temperature", 2)
@@ -100,7 +100,7 @@ def test_checkpoint_of_another_method_or_size_is_refused():
 
 
 def test_stats_with_wrong_length_is_refused():
-    with pytest.raises(ValueError, match="DomainStats.loss has 2 entries but there are 3 domains"):
+    with pytest.raises(ValueError, match=r"DomainStats.loss has 2 entries but there are 3 domains"):
         DomainStats(step=0, num_domains=3, loss=[1.0, 2.0])
     with pytest.raises(gradmix.StatsError, match=r"method 'pike' needs statistics \['grad_sq_norm', 'grad_var'\]"):
         make_method("pike", 3).update(DomainStats(step=0, num_domains=3, loss=[1, 2, 3]))

@@ -155,7 +155,7 @@ def test_checkpoint_load_is_all_or_nothing_and_restores_every_rng(tmp_path):
     params_before = [p.detach().clone() for p in model.parameters()]
 
     other = torch.nn.Linear(3, 3)  # a model that does not fit
-    with pytest.raises(ValueError, match="ckpt.pt.*does not fit"):
+    with pytest.raises(ValueError, match=r"ckpt.pt.*does not fit"):
         mixer.load_checkpoint(ckpt, model=other)
     assert mixer.state_dict() == state_before  # nothing changed
     mixer.load_checkpoint(ckpt, model=model, optimizer=opt)
@@ -168,11 +168,11 @@ def test_foreign_and_malicious_files_are_refused_naming_the_file(tmp_path):
     mixer = Mixer(make_domains(), "uniform", 12)
     plain = tmp_path / "plain.pt"
     torch.save({"gradmix": {}}, plain)
-    with pytest.raises(ValueError, match="plain.pt"):
+    with pytest.raises(ValueError, match=r"plain.pt"):
         mixer.load_checkpoint(plain)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    with pytest.raises(ValueError, match="notes.txt"):
+    with pytest.raises(ValueError, match=r"notes.txt"):
         mixer.load_checkpoint(text)
 
 

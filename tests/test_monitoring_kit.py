@@ -105,11 +105,11 @@ def test_own_metric_is_a_column_of_the_comparison(tmp_path, metric_module):
 
 
 def test_logging_and_metric_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="logging.writers"):
+    with pytest.raises(ConfigError, match=r"logging.writers"):
         load_config(SMOKE, {"logging": {"writers": ["parquet"]}})
-    with pytest.raises(ConfigError, match="logging.alerts"):
+    with pytest.raises(ConfigError, match=r"logging.alerts"):
         load_config(SMOKE, {"logging": {"alerts": {"max_weigth": 0.5}}})
-    with pytest.raises(ConfigError, match="eval.metrics"):
+    with pytest.raises(ConfigError, match=r"eval.metrics"):
         load_config(SMOKE, {"eval": {"metrics": ["no_colon"]}})
     cfg = load_config(SMOKE, {"eval": {"metrics": ["not_a_module_xyz:f"]}, "steps": 2})
     from gradmix_kit.experiment.runner import load_eval_metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -10,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import assert_probability_vector
 from gradmix import DomainStats, StatsError, make_method
 from gradmix.methods.doremi import DoReMi
 from gradmix.methods.famo import FAMO, softmax_jacobian_transpose_product
 from gradmix.methods.odm import ODM, exploration_rate
-from conftest import assert_probability_vector
 
 NAN = float("nan")
 
@@ -252,7 +253,7 @@ def test_famo_adam_matches_torch_adam():
     logits = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([logits], lr=0.025, weight_decay=0.01)
     method.update(record(losses[0]))
-    for prev, now in zip(losses[:-1], losses[1:]):
+    for prev, now in itertools.pairwise(losses):
         w = method.update(record(now))
         delta = torch.tensor(np.log(prev - 0.2) - np.log(now - 0.2))
         opt.zero_grad()

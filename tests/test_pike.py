@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import assert_probability_vector
 from gradmix.methods import make_method
 from gradmix.methods.fair_pike import FairPiKE
 from gradmix.methods.pike import PiKE, water_filling
 from gradmix.stats import DomainStats, StatsError
-from conftest import assert_probability_vector
 
 
 def objective(w, lam, kappa):
@@ -48,8 +48,14 @@ def brute_force_qp(lam, kappa):
 
 
 def stats(grad_sq_norm, grad_var, batch_size=10, loss=None, step=0):
-    return DomainStats(step=step, num_domains=len(grad_sq_norm), batch_size=batch_size,
-                       grad_sq_norm=grad_sq_norm, grad_var=grad_var, loss=loss)
+    return DomainStats(
+        step=step,
+        num_domains=len(grad_sq_norm),
+        batch_size=batch_size,
+        grad_sq_norm=grad_sq_norm,
+        grad_var=grad_var,
+        loss=loss,
+    )
 
 
 def softmax(x):
@@ -92,8 +98,12 @@ def test_water_filling_scipy_cross_check():
         k = int(rng.integers(2, 9))
         lam, kappa = rng.normal(size=k), rng.uniform(0.1, 2.0, size=k)
         result = optimize.minimize(
-            lambda w: objective(w, lam, kappa), np.full(k, 1.0 / k), jac=lambda w: lam + kappa * w,
-            bounds=[(0, 1)] * k, constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}], method="SLSQP",
+            lambda w, lam=lam, kappa=kappa: objective(w, lam, kappa),
+            np.full(k, 1.0 / k),
+            jac=lambda w, lam=lam, kappa=kappa: lam + kappa * w,
+            bounds=[(0, 1)] * k,
+            constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}],
+            method="SLSQP",
             options={"ftol": 1e-14, "maxiter": 500},
         )
         np.testing.assert_allclose(water_filling(lam, kappa), result.x, atol=1e-6)
@@ -101,10 +111,10 @@ def test_water_filling_scipy_cross_check():
 
 def test_water_filling_zero_kappa_is_the_small_kappa_limit():
     cases = [
-        ([0.0, 0.3, -0.2, 1.0], [1.0, 0.0, 2.0, 0.5]),   # zero-kappa domain above the level: weight 0
-        ([0.0, -1.0, 0.5], [1.0, 0.0, 1.0]),             # zero-kappa domain below the level: it takes the rest
+        ([0.0, 0.3, -0.2, 1.0], [1.0, 0.0, 2.0, 0.5]),  # zero-kappa domain above the level: weight 0
+        ([0.0, -1.0, 0.5], [1.0, 0.0, 1.0]),  # zero-kappa domain below the level: it takes the rest
         ([0.0, -1.0, -1.0, 0.2], [1.0, 0.0, 0.0, 2.0]),  # two tied zero-kappa domains share the rest evenly
-        ([0.4, 0.1, 0.3], [0.0, 0.0, 0.0]),              # all linear: the vertex at the smallest lam
+        ([0.4, 0.1, 0.3], [0.0, 0.0, 0.0]),  # all linear: the vertex at the smallest lam
     ]
     for lam, kappa in cases:
         w = water_filling(lam, kappa)
@@ -136,7 +146,8 @@ def test_water_filling_rejects_bad_input(lam, kappa, match):
             st.floats(-1e3, 1e3, allow_nan=False),
             st.one_of(st.just(0.0), st.floats(1e-6, 1e3, allow_nan=False)),
         ),
-        min_size=1, max_size=8,
+        min_size=1,
+        max_size=8,
     )
 )
 def test_water_filling_kkt_property(pairs):
@@ -168,7 +179,7 @@ def test_practical_step_matches_hand_computation():
 
 def test_stats_ema_matches_hand_computation():
     method = PiKE(variant="gradmix_v1", num_domains=2, zeta1=1.0, zeta2=0.0, stats_ema=0.5, max_log_step=None)
-    method.update(stats([1.0, 3.0], [0.0, 0.0]))   # EMA = (1, 3): G = (0.5, 1.5), step = (0.5, 1.5)
+    method.update(stats([1.0, 3.0], [0.0, 0.0]))  # EMA = (1, 3): G = (0.5, 1.5), step = (0.5, 1.5)
     w = method.update(stats([3.0, 1.0], [0.0, 0.0]))  # EMA = (2, 2): G = (1, 1), step = (1, 1)
     expected = np.exp([0.5 + 1.0, 1.5 + 1.0])
     np.testing.assert_allclose(w, expected / expected.sum(), rtol=1e-12)
@@ -186,7 +197,9 @@ def test_max_log_step_clips_centred_steps():
 
 
 def test_min_weight_mixes_with_uniform_and_feeds_back():
-    method = PiKE(variant="gradmix_v1", num_domains=3, zeta1=0.5, zeta2=1.0, stats_ema=0.0, max_log_step=None, min_weight=0.05)
+    method = PiKE(
+        variant="gradmix_v1", num_domains=3, zeta1=0.5, zeta2=1.0, stats_ema=0.0, max_log_step=None, min_weight=0.05
+    )
     w = method.update(stats([1.0, 2.0, 3.0], [10.0, 20.0, 60.0], batch_size=10))
     base = np.array([1.0, 1.0, math.exp(-0.75)])
     base /= base.sum()
@@ -212,7 +225,10 @@ def test_normalisation_makes_update_scale_invariant():
             w_large = large.update(stats(np.array(g) * 1e6, np.array(v) * 1e6, batch_size=8))
             np.testing.assert_allclose(w_small, w_large, rtol=1e-10, atol=1e-12)
         assert not np.allclose(w_small, 0.25)
-    raw_small, raw_large = PiKE(variant="gradmix_v1", num_domains=4, normalize="none"), PiKE(variant="gradmix_v1", num_domains=4, normalize="none")
+    raw_small, raw_large = (
+        PiKE(variant="gradmix_v1", num_domains=4, normalize="none"),
+        PiKE(variant="gradmix_v1", num_domains=4, normalize="none"),
+    )
     g, v = records[0]
     w_small = raw_small.update(stats(g, v, batch_size=8))
     w_large = raw_large.update(stats(np.array(g) * 1e6, np.array(v) * 1e6, batch_size=8))
@@ -302,8 +318,11 @@ def test_bad_parameters_raise(params, match):
 def test_huge_and_tiny_statistics_never_give_nan_weights():
     for mode in ("practical", "conceptual"):
         method = PiKE(3, mode=mode, max_log_step=None, min_weight=0.0, stats_ema=0.0)
-        for g, v in [([1e300, 1e-300, 1.0], [1e300, 0.0, 1e308]), ([1e-300, 1e-300, 1e-300], [1e308, 1e308, 0.0]),
-                     ([1e300, 1e300, 1e300], [0.0, 1e-300, 1e300])]:
+        for g, v in [
+            ([1e300, 1e-300, 1.0], [1e300, 0.0, 1e308]),
+            ([1e-300, 1e-300, 1e-300], [1e308, 1e308, 0.0]),
+            ([1e300, 1e300, 1e300], [0.0, 1e-300, 1e300]),
+        ]:
             assert_probability_vector(method.update(stats(g, v)), 3)
 
 
@@ -311,8 +330,16 @@ def test_huge_and_tiny_statistics_never_give_nan_weights():
 def test_conceptual_matches_brute_force_of_the_one_step_bound():
     g, v, b = np.array([1.0, 2.0, 0.5, 3.0]), np.array([40.0, 10.0, 5.0, 90.0]), 8
     lr, smooth, c, c_bar = 0.5, 1.5, 0.05, 0.2
-    method = PiKE(4, mode="conceptual", lr=lr, smoothness=smooth, c=c, c_bar=c_bar, stats_ema=0.0,
-                  initial_weights=[0.4, 0.3, 0.2, 0.1])
+    method = PiKE(
+        4,
+        mode="conceptual",
+        lr=lr,
+        smoothness=smooth,
+        c=c,
+        c_bar=c_bar,
+        stats_ema=0.0,
+        initial_weights=[0.4, 0.3, 0.2, 0.1],
+    )
     w = method.update(stats(g, v, batch_size=b))
     # By hand: D = 1.625; b_k = 8 * (0.4, 0.3, 0.2, 0.1) = (3.2, 2.4, 1.6, 0.8) -> counts as (3.2, 2.4, 1.6, 1)
     divisor = g.mean()
@@ -362,8 +389,17 @@ def test_fair_pike_matches_hand_computation():
     g, v, loss = np.array([1.0, 2.0, 3.0]), np.array([10.0, 20.0, 60.0]), np.array([3.0, 2.0, 1.0])
     for power in (1, 2):
         for tilt_variance in (False, True):
-            fair = FairPiKE(3, tau=tau, tilt_power=power, tilt_variance=tilt_variance, zeta1=0.5, zeta2=1.0,
-                            stats_ema=0.0, max_log_step=None, variant="gradmix_v1")
+            fair = FairPiKE(
+                3,
+                tau=tau,
+                tilt_power=power,
+                tilt_variance=tilt_variance,
+                zeta1=0.5,
+                zeta2=1.0,
+                stats_ema=0.0,
+                max_log_step=None,
+                variant="gradmix_v1",
+            )
             y = (3 * softmax(tau * loss)) ** power
             step = 0.5 * y * g / 2.0 - (1.0 / 20) * (y if tilt_variance else 1.0) * v / 2.0
             expected = np.exp(step) / np.exp(step).sum()
@@ -395,8 +431,9 @@ def test_fair_pike_nan_loss_keeps_domain_weight():
     assert fair.last_skip_reason is not None
 
 
-@pytest.mark.parametrize("params, match", [({"tau": -1.0}, "tau"), ({"tau": float("inf")}, "tau"),
-                                           ({"tilt_power": 3}, "tilt_power")])
+@pytest.mark.parametrize(
+    "params, match", [({"tau": -1.0}, "tau"), ({"tau": float("inf")}, "tau"), ({"tilt_power": 3}, "tilt_power")]
+)
 def test_fair_pike_bad_parameters(params, match):
     with pytest.raises(ValueError, match=match):
         FairPiKE(3, **params)
@@ -472,17 +509,30 @@ stat_value = st.one_of(
     max_log_step=st.sampled_from([None, 0.5]),
     normalize=st.sampled_from(["mean_sq_norm", "none"]),
 )
-def test_weights_always_a_probability_vector(data, num_domains, cls, mode, stats_ema, min_weight_frac, max_log_step,
-                                             normalize):
-    params = dict(mode=mode, stats_ema=stats_ema, min_weight=min_weight_frac / num_domains,
-                  max_log_step=max_log_step, normalize=normalize, zeta1=data.draw(st.sampled_from([0.1, 5.0])))
+def test_weights_always_a_probability_vector(
+    data, num_domains, cls, mode, stats_ema, min_weight_frac, max_log_step, normalize
+):
+    params = dict(
+        mode=mode,
+        stats_ema=stats_ema,
+        min_weight=min_weight_frac / num_domains,
+        max_log_step=max_log_step,
+        normalize=normalize,
+        zeta1=data.draw(st.sampled_from([0.1, 5.0])),
+    )
     if cls is FairPiKE:
         params["tau"] = data.draw(st.sampled_from([0.0, 3.0, 1e3]))
     method = cls(num_domains, **params)
     vector = st.lists(stat_value, min_size=num_domains, max_size=num_domains)
     for step in range(data.draw(st.integers(1, 4))):
-        record = DomainStats(step=step, num_domains=num_domains, batch_size=data.draw(st.integers(1, 64)),
-                             grad_sq_norm=data.draw(vector), grad_var=data.draw(vector), loss=data.draw(vector))
+        record = DomainStats(
+            step=step,
+            num_domains=num_domains,
+            batch_size=data.draw(st.integers(1, 64)),
+            grad_sq_norm=data.draw(vector),
+            grad_var=data.draw(vector),
+            loss=data.draw(vector),
+        )
         assert_probability_vector(method.update(record), num_domains)
         assert_probability_vector(method.weights, num_domains)
     state = json.loads(json.dumps(method.state_dict()))
@@ -497,8 +547,13 @@ def test_loading_a_state_is_bit_exact_at_every_update(name):
     rng = np.random.default_rng(5)
     method = make_method(name, 3, min_weight=0.02)
     for step in range(40):
-        record = stats(rng.uniform(0.01, 0.5, size=3), rng.uniform(0.5, 1.0, size=3), batch_size=8,
-                       loss=rng.uniform(2, 4, size=3), step=step)
+        record = stats(
+            rng.uniform(0.01, 0.5, size=3),
+            rng.uniform(0.5, 1.0, size=3),
+            batch_size=8,
+            loss=rng.uniform(2, 4, size=3),
+            step=step,
+        )
         method.update(record)
         state = json.loads(json.dumps(method.state_dict()))
         resumed = make_method(name, 3, min_weight=0.02)

@@ -136,7 +136,7 @@ def test_ranks_agree_and_match_single_process(mode, tmp_path):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         result = first["result"]
         np.testing.assert_array_equal(result["examples"], [6, 3, 1, 0])
-        np.testing.assert_allclose(result["loss"][:3], [losses[GROUPS == k].mean() for k in range(3)], rtol=1e-6)
+        np.testing.assert_allclose(result["loss"][:3], [losses[k == GROUPS].mean() for k in range(3)], rtol=1e-6)
         assert np.isnan(result["loss"][3])
         assert result["mean_loss"] == pytest.approx(losses.mean(), rel=1e-6)
 
@@ -155,7 +155,7 @@ def test_ranks_agree_and_match_single_process(mode, tmp_path):
             np.dot(weights, [e[1] for e in estimates]) / weights.sum(), rel=1e-4, abs=1e-8)
     assert np.isfinite(result["grad_sq_norm"][[0, 1]]).all() and np.isnan(result["grad_sq_norm"][[2, 3]]).all()
     # Alignment and Gram off-diagonal are exact global quantities.
-    means = np.stack([samples[GROUPS == k].mean(axis=0) if (GROUPS == k).any() else np.full(samples.shape[1], np.nan)
+    means = np.stack([samples[k == GROUPS].mean(axis=0) if (k == GROUPS).any() else np.full(samples.shape[1], np.nan)
                       for k in range(NUM_GROUPS)])
     np.testing.assert_allclose(result["target_alignment"], means @ target_grad, rtol=1e-4)
     assert result["target_loss"] == pytest.approx(target_loss, rel=1e-6)

@@ -206,7 +206,7 @@ def test_load_run_errors_name_the_folder(tmp_path):
     empty = tmp_path / "no-metrics"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
-    with pytest.raises(RunFolderError, match="no-metrics.*metrics.jsonl"):
+    with pytest.raises(RunFolderError, match=r"no-metrics.*metrics.jsonl"):
         load_run(empty)
     with pytest.raises(RunFolderError, match="does not exist"):
         load_run(tmp_path / "missing")

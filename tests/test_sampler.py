@@ -50,7 +50,7 @@ def run_reference(sizes, batch, history, seed, **kw):
 def test_cumulative_counts_track_the_weight_history(case):
     sizes, batch, _, history, seed = case
     _, out = run_reference(sizes, batch, history, seed)
-    k = len(sizes)
+    len(sizes)
     for d, _, target, drawn in out:
         assert len(d) == batch
         lag = target - drawn
@@ -97,7 +97,7 @@ def test_ties_have_no_index_bias():
                 min_size=1, max_size=40), st.integers(1, 24), st.integers(0, 99))
 def test_zero_weight_gets_nothing_and_batches_stay_full(history, batch, seed):
     _, out = run_reference([30] * 4, batch, history, seed)
-    for (d, _, _, drawn), w in zip(out, history):
+    for (d, _, _, _drawn), w in zip(out, history):
         assert len(d) == batch
         counts = np.bincount(d, minlength=4)
         assert np.all(counts[np.asarray(w) == 0] == 0)
@@ -109,7 +109,7 @@ def test_zero_weight_gets_nothing_and_batches_stay_full(history, batch, seed):
 @given(quota_case(), st.data())
 def test_ranks_resume_and_passes(case, data):
     sizes, batch, world, history, seed = case
-    ref, out = run_reference(sizes, batch, history, seed)
+    _ref, out = run_reference(sizes, batch, history, seed)
     # every pass over a domain is an exact permutation (small domains only: large ones never finish a pass)
     for dom, n in enumerate(sizes):
         stream = np.concatenate([e[d == dom] for d, e, _, _ in out]) if out else np.empty(0)
@@ -335,7 +335,7 @@ def test_checkpoint_from_other_run_is_refused_and_leaves_the_sampler_unchanged()
     c = MixtureSampler([5, 6], 2, domain_names=["en", "de"])
     with pytest.raises(ValueError, match=r"sizes=\[5, 5\]"):
         c.load_state_dict(a.state_dict())
-    with pytest.raises(ValueError, match="format='gradmix.MixtureSampler/1'.*cannot be resumed exactly"):
+    with pytest.raises(ValueError, match=r"format='gradmix.MixtureSampler/1'.*cannot be resumed exactly"):
         a.load_state_dict({"format": "gradmix.MixtureSampler/1"})
     next(a)
     before = a.state_dict()

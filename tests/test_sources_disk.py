@@ -102,20 +102,20 @@ def test_token_file_errors(tmp_path):
     good = tmp_path / "good.bin"
     tokens.tofile(good)
 
-    with pytest.raises(ValueError, match="missing.bin.*does not exist"):
+    with pytest.raises(ValueError, match=r"missing.bin.*does not exist"):
         TokenFileDomain("m", tmp_path / "missing.bin", T, dtype="uint16")
     with pytest.raises(FileNotFoundError):
         TokenFileDomain("m", tmp_path / "missing.bin", T, dtype="uint16")
-    with pytest.raises(ValueError, match="good.bin.*dtype="):
+    with pytest.raises(ValueError, match=r"good.bin.*dtype="):
         TokenFileDomain("g", good, T)
-    with pytest.raises(ValueError, match="good.bin.*float32"):
+    with pytest.raises(ValueError, match=r"good.bin.*float32"):
         TokenFileDomain("g", good, T, dtype="float32")
-    with pytest.raises(ValueError, match="good.bin.*not a numpy dtype"):
+    with pytest.raises(ValueError, match=r"good.bin.*not a numpy dtype"):
         TokenFileDomain("g", good, T, dtype="nonsense")
 
     odd = tmp_path / "odd.bin"
     odd.write_bytes(b"\x01\x02\x03")
-    with pytest.raises(ValueError, match="odd.bin.*not a multiple"):
+    with pytest.raises(ValueError, match=r"odd.bin.*not a multiple"):
         TokenFileDomain("o", odd, T, dtype="uint16")
 
     short = tmp_path / "short.bin"
@@ -127,7 +127,7 @@ def test_token_file_errors(tmp_path):
 
     floats = tmp_path / "floats.npy"
     np.save(floats, np.zeros(100, dtype=np.float32))
-    with pytest.raises(ValueError, match="floats.npy.*integers"):
+    with pytest.raises(ValueError, match=r"floats.npy.*integers"):
         TokenFileDomain("f", floats, T)
 
     cut = tmp_path / "cut.npy"
@@ -136,21 +136,21 @@ def test_token_file_errors(tmp_path):
         TokenFileDomain("c", cut, 4)
     flat = tmp_path / "flat.npy"
     np.save(flat, np.zeros(100, dtype=np.int64))
-    with pytest.raises(ValueError, match="flat.npy.*window="):
+    with pytest.raises(ValueError, match=r"flat.npy.*window="):
         TokenFileDomain("f", flat, None)
     cube = tmp_path / "cube.npy"
     np.save(cube, np.zeros((2, 2, 2), dtype=np.int64))
-    with pytest.raises(ValueError, match="cube.npy.*shape"):
+    with pytest.raises(ValueError, match=r"cube.npy.*shape"):
         TokenFileDomain("c", cube, None)
     txt = tmp_path / "tokens.txt"
     txt.write_text("1 2 3")
-    with pytest.raises(ValueError, match="tokens.txt.*unsupported"):
+    with pytest.raises(ValueError, match=r"tokens.txt.*unsupported"):
         TokenFileDomain("t", txt, T)
 
     dom = TokenFileDomain("g", good, T, dtype="uint16")
-    with pytest.raises(IndexError, match="'g'.*index 12"):
+    with pytest.raises(IndexError, match=r"'g'.*index 12"):
         dom.take(np.array([0, 12]))
-    with pytest.raises(IndexError, match="'g'.*index -1"):
+    with pytest.raises(IndexError, match=r"'g'.*index -1"):
         dom.take(np.array([-1]))
 
 
@@ -177,19 +177,19 @@ def test_hf_dataset_errors():
     ragged = datasets.Dataset.from_dict({"input_ids": [[1] * (T + 1), [2] * (T + 1), [3] * T, [4] * (T + 1)]})
     dom = HFDatasetDomain("rag", ragged)
     assert dom.take(np.array([0, 1, 3])).shape == (3, T + 1)
-    with pytest.raises(ValueError, match="'rag'.*'input_ids' row 2 has 8 tokens"):
+    with pytest.raises(ValueError, match=r"'rag'.*'input_ids' row 2 has 8 tokens"):
         dom.take(np.array([0, 2]))
-    with pytest.raises(ValueError, match="'rag'.*row 2"):
+    with pytest.raises(ValueError, match=r"'rag'.*row 2"):
         dom.take(np.array([2]))  # all rows read the same (wrong) length
-    with pytest.raises(ValueError, match="'nocol'.*no column 'tokens'"):
+    with pytest.raises(ValueError, match=r"'nocol'.*no column 'tokens'"):
         HFDatasetDomain("nocol", ragged, column="tokens")
     floats = datasets.Dataset.from_dict({"input_ids": [[0.5] * (T + 1)]})
-    with pytest.raises(ValueError, match="'flt'.*integer"):
+    with pytest.raises(ValueError, match=r"'flt'.*integer"):
         HFDatasetDomain("flt", floats)
-    with pytest.raises(TypeError, match="'lst'.*datasets.Dataset"):
+    with pytest.raises(TypeError, match=r"'lst'.*datasets.Dataset"):
         HFDatasetDomain("lst", [[1, 2, 3]])
     stream = datasets.Dataset.from_dict({"input_ids": [[1] * (T + 1)]}).to_iterable_dataset()
-    with pytest.raises(TypeError, match="'it'.*StreamDomain"):
+    with pytest.raises(TypeError, match=r"'it'.*StreamDomain"):
         HFDatasetDomain("it", stream)
 
 
@@ -273,15 +273,15 @@ def test_stream_errors():
     long = StreamDomain("long", docs, T, size=n + 5)
     with pytest.raises(DocumentSplitError, match=f"'long' ended after {n} windows; its size is {n + 5}"):
         long.take(np.arange(n - 2, n + 2))
-    with pytest.raises(TypeError, match="'gen'.*one-shot"):
+    with pytest.raises(TypeError, match=r"'gen'.*one-shot"):
         StreamDomain("gen", (d for d in docs), T, size=3)
-    with pytest.raises(DocumentSplitError, match="'tiny'.*3 tokens"):
+    with pytest.raises(DocumentSplitError, match=r"'tiny'.*3 tokens"):
         _ = StreamDomain("tiny", [[1, 2, 3]], T).size
-    with pytest.raises(ValueError, match="'col'.*no column 'input_ids'"):
+    with pytest.raises(ValueError, match=r"'col'.*no column 'input_ids'"):
         StreamDomain("col", [{"ids": [1] * 20}], T, size=1).take(np.array([0]))
-    with pytest.raises(TypeError, match="'txt'.*text"):
+    with pytest.raises(TypeError, match=r"'txt'.*text"):
         StreamDomain("txt", ["some text"], T, size=1).take(np.array([0]))
-    with pytest.raises(IndexError, match="'short'.*index 3"):
+    with pytest.raises(IndexError, match=r"'short'.*index 3"):
         StreamDomain("short", docs, T, size=3).take(np.array([3]))
 
 
@@ -395,7 +395,7 @@ def _disk_mixer(tmp_path, seed: int = 0):
 
 
 def test_mixer_trains_on_disk_and_stream_domains_and_resumes_exactly(tmp_path):
-    mixer, domains = _disk_mixer(tmp_path)
+    mixer, _domains = _disk_mixer(tmp_path)
     assert mixer.sampler.shuffle.tolist() == [True, False, True]
     batches, states = [], {}
     for step, batch in enumerate(mixer.batches(30)):

@@ -190,9 +190,8 @@ MethodFactory = Callable[[ToyProblem], MixingMethod]
 
 @dataclass
 class ToyRun:
-    """One run: the average expected loss after every step and the examples drawn per task."""
+    """One run: the expected average loss after every step, the examples drawn per task, the method's weights."""
 
-    losses: np.ndarray  # (steps + 1,) average loss L(theta_t) of this run, index 0 = start
     expected: np.ndarray  # (steps + 1,) E[L(theta_t)] given the per-step counts this run drew (noise averaged out)
     counts: np.ndarray  # (K,) examples drawn per task
     weights: np.ndarray  # (updates + 1, K) the method's weights after each update (row 0 = initial)
@@ -232,8 +231,6 @@ def run_exact(
     probe_rng = np.random.default_rng([seed, 1])
     sampler = MixtureSampler([2**40] * k, b, method.weights, seed=seed)
     theta = problem.theta0.copy()
-    losses = np.empty(s.steps + 1)
-    losses[0] = problem.task_losses(theta).mean()
     per_step = np.zeros((s.steps, k))
     history = [method.weights]
     for step in range(1, s.steps + 1):
@@ -263,11 +260,10 @@ def run_exact(
         projections = problem.directions @ theta
         drift = (counts * problem.curvature * projections) @ problem.directions
         theta = theta - problem.lr / b * (drift + noise_sum)
-        losses[step] = problem.task_losses(theta).mean()
         if due:
             sampler.set_weights(method.update(stats))
             history.append(method.weights)
-    return ToyRun(losses, problem.expected_losses(per_step), per_step.sum(axis=0), np.asarray(history))
+    return ToyRun(problem.expected_losses(per_step), per_step.sum(axis=0), np.asarray(history))
 
 
 def run_static(problem: ToyProblem, weights: np.ndarray, *, seed: int) -> ToyRun:
@@ -298,12 +294,6 @@ def best_static(problem: ToyProblem, seeds: Sequence[int], grid: int = 7) -> tup
         if score < best:
             best_w, best = w, score
     return best_w, best
-
-
-def final_loss(losses: np.ndarray, tail: float = 0.05) -> float:
-    """Mean average loss over the last ``tail`` of the steps (one step's value is mostly its last noise draw)."""
-    n = max(1, round(tail * (len(losses) - 1)))
-    return float(np.mean(losses[-n:]))
 
 
 # -- the default Mixer path --------------------------------------------------------------------------------------
@@ -360,8 +350,6 @@ def run_mixer(
         log_every=10**9,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=problem.lr)
-    losses = np.empty(s.steps + 1)
-    losses[0] = problem.task_losses(problem.theta0).mean()
     per_step = np.zeros((s.steps, k))
     history = [mixer.weights]
     for step, batch in enumerate(mixer.batches(s.steps), start=1):
@@ -373,8 +361,7 @@ def run_mixer(
         mixer.step()
         if not np.array_equal(before, mixer.weights) or step % update_every == 0:
             history.append(mixer.weights)
-        losses[step] = problem.task_losses(model.weight.detach().numpy()[0]).mean()
-    return ToyRun(losses, problem.expected_losses(per_step), per_step.sum(axis=0), np.asarray(history))
+    return ToyRun(problem.expected_losses(per_step), per_step.sum(axis=0), np.asarray(history))
 
 
 def suite() -> list[ToySetting]:

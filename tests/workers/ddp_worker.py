@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from resume_worker import TinyLM, domains, per_example_loss  # noqa: E402
+from resume_worker import TinyLM, domains, per_example_loss
 
-from gradmix import Mixer  # noqa: E402
+from gradmix import Mixer
 
 
 def main() -> None:

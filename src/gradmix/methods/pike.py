@@ -167,43 +167,28 @@ def _from_json_floats(
     return arr
 
 
+# Each variant is a set of defaults: the raw-statistics baseline below, with the variant's own changes on top.
+_RAW_STATISTICS: dict[str, Any] = {
+    "stats_ema": 0.0,
+    "normalize": "none",
+    "max_log_step": None,
+    "shrinkage": False,
+    "uniform_mix": 0.0,
+    "lr_smoothness": None,
+}
 _VARIANTS: dict[str, dict[str, Any]] = {
     "gradmix": {
+        **_RAW_STATISTICS,
         "mode": "conceptual",
         "stats_ema": 0.7,
-        "normalize": "none",
-        "max_log_step": None,
         "shrinkage": True,
         "uniform_mix": 0.65,
         "lr_smoothness": (0.5, 1.0, 2.0),
     },
-    "paper": {
-        "mode": "practical",
-        "stats_ema": 0.0,
-        "normalize": "none",
-        "max_log_step": None,
-        "shrinkage": False,
-        "uniform_mix": 0.0,
-        "lr_smoothness": None,
-    },
-    "conceptual": {
-        "mode": "conceptual",
-        "stats_ema": 0.0,
-        "normalize": "none",
-        "max_log_step": None,
-        "shrinkage": False,
-        "uniform_mix": 0.0,
-        "lr_smoothness": None,
-    },
-    "gradmix_v1": {
-        "mode": "practical",
-        "stats_ema": 0.5,
-        "normalize": "mean_sq_norm",
-        "max_log_step": 0.5,
-        "shrinkage": False,
-        "uniform_mix": 0.0,
-        "lr_smoothness": None,
-    },
+    "paper": {**_RAW_STATISTICS, "mode": "practical"},
+    "conceptual": {**_RAW_STATISTICS, "mode": "conceptual"},
+    "gradmix_v1": {**_RAW_STATISTICS, "mode": "practical", "stats_ema": 0.5, "normalize": "mean_sq_norm",
+                   "max_log_step": 0.5},
 }
 _UNSET: Any = object()
 
@@ -291,8 +276,8 @@ class PiKE(MixingMethod):
         shrinkage: bool = _UNSET,
         uniform_mix: float = _UNSET,
         lr_smoothness: float | Sequence[float] | None = _UNSET,
-        lr: float = 1.0,
-        smoothness: float = 1.0,
+        lr: float = _UNSET,
+        smoothness: float = _UNSET,
         c: float = 0.0,
         c_bar: float = 0.1,
         initial_weights: Any = None,
@@ -335,9 +320,9 @@ class PiKE(MixingMethod):
         if mix > 0 and mode == "practical":
             raise ValueError("pike: uniform_mix applies to the bound's mix (mode='conceptual'); use min_weight")
         self.uniform_mix = mix
-        self.lr = _positive_float(lr, "lr")
-        self.smoothness = _positive_float(smoothness, "smoothness")
-        explicit_constants = lr != 1.0 or smoothness != 1.0
+        explicit_constants = lr is not _UNSET or smoothness is not _UNSET
+        self.lr = _positive_float(1.0 if lr is _UNSET else lr, "lr")
+        self.smoothness = _positive_float(1.0 if smoothness is _UNSET else smoothness, "smoothness")
         products = pick("lr_smoothness", lr_smoothness)
         if products is None or (lr_smoothness is _UNSET and explicit_constants):
             products = (self.lr * self.smoothness,)
