@@ -25,8 +25,9 @@ def time_updates(num_clusters: int, num_base: int, updates: int, seed: int = 0) 
     start = time.perf_counter()
     method = DGA(num_clusters, base_distributions=base_distributions_from_clusters(fine_to_coarse, sizes))
     build = time.perf_counter() - start
-    records = [DomainStats(step=i, num_domains=num_base, target_alignment=rng.normal(size=num_base))
-               for i in range(updates)]
+    records = [
+        DomainStats(step=i, num_domains=num_base, target_alignment=rng.normal(size=num_base)) for i in range(updates)
+    ]
     plain = DGA(num_base)
     for record in records[:5]:  # warm-up
         method.update(record)
@@ -52,13 +53,16 @@ def main() -> None:
     if m != args.m:
         print(f"(m capped at {m}: every base distribution needs a cluster)")
     print(f"DGA update cost vs k (m = {m} base distributions, {args.updates} updates each)")
-    print(f"{'k':>8} | {'build P + DGA (ms)':>18} | {'update (us)':>11} | {'plain DGA on m (us)':>19} | "
-          f"{'us per 1k k':>11}")
+    print(
+        f"{'k':>8} | {'build P + DGA (ms)':>18} | {'update (us)':>11} | {'plain DGA on m (us)':>19} | "
+        f"{'us per 1k k':>11}"
+    )
     print("-" * 82)
     for k in CLUSTER_COUNTS:
         build, per_update, per_plain = time_updates(k, m, args.updates)
-        print(f"{k:>8} | {build * 1e3:>18.2f} | {per_update:>11.1f} | {per_plain:>19.1f} | "
-              f"{per_update / k * 1e3:>11.2f}")
+        print(
+            f"{k:>8} | {build * 1e3:>18.2f} | {per_update:>11.1f} | {per_plain:>19.1f} | {per_update / k * 1e3:>11.2f}"
+        )
 
 
 if __name__ == "__main__":

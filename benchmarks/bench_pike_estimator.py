@@ -60,9 +60,13 @@ def main() -> None:
         with np.errstate(all="ignore"):
             return np.nanmean(sq, axis=0), np.nanmean(var, axis=0)
 
-    settings = {"1 batch, 2 parts/domain (default)": (2, 1), "1 batch, per-sample parts": (b, 1),
-                "mean of 5 batches, 2 parts": (2, 5), "mean of 20 batches, 2 parts": (2, 20),
-                "mean of 20 batches, per-sample": (b, 20)}
+    settings = {
+        "1 batch, 2 parts/domain (default)": (2, 1),
+        "1 batch, per-sample parts": (b, 1),
+        "mean of 5 batches, 2 parts": (2, 5),
+        "mean of 20 batches, 2 parts": (2, 20),
+        "mean of 20 batches, per-sample": (b, 20),
+    }
     results = {}
     for label, (splits, acc) in settings.items():
         sq, var = zip(*(estimates(splits, acc, rep) for rep in range(args.reps)))
@@ -81,14 +85,19 @@ def main() -> None:
                 "step_snr": snr,
             }
         r = results[label]
-        print(f"{label:36s} median CV ||g||^2 {np.median(list(r['cv_grad_sq_norm'].values())):6.2f}  "
-              f"median CV sigma^2 {np.median(list(r['cv_grad_var'].values())):5.2f}  "
-              f"negative ||g||^2 {r['negative_sq_norm_share']:5.1%}  sigma^2/(2b) / ||g||^2 "
-              f"{r['variance_term_share']:5.2f}  step SNR {r['step_snr']:5.2f}")
+        print(
+            f"{label:36s} median CV ||g||^2 {np.median(list(r['cv_grad_sq_norm'].values())):6.2f}  "
+            f"median CV sigma^2 {np.median(list(r['cv_grad_var'].values())):5.2f}  "
+            f"negative ||g||^2 {r['negative_sq_norm_share']:5.1%}  sigma^2/(2b) / ||g||^2 "
+            f"{r['variance_term_share']:5.2f}  step SNR {r['step_snr']:5.2f}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"config": args.config, "warmup": args.warmup, "reps": args.reps, "domains": names,
-                       "results": results}, fh, indent=2)
+            json.dump(
+                {"config": args.config, "warmup": args.warmup, "reps": args.reps, "domains": names, "results": results},
+                fh,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

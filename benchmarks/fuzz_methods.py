@@ -81,10 +81,18 @@ def draw_stats(rng: np.random.Generator, step: int, k: int) -> DomainStats:
         return x
 
     with np.errstate(over="ignore", invalid="ignore"):
-        return DomainStats(step=step, num_domains=k, loss=np.abs(vec()), examples=np.full(k, 8.0),
-                           batch_size=32, grad_sq_norm=vec(positive=True), grad_var=vec(positive=True),
-                           target_alignment=vec(), target_loss=float(abs(rng.normal())),
-                           gram=None)
+        return DomainStats(
+            step=step,
+            num_domains=k,
+            loss=np.abs(vec()),
+            examples=np.full(k, 8.0),
+            batch_size=32,
+            grad_sq_norm=vec(positive=True),
+            grad_var=vec(positive=True),
+            target_alignment=vec(),
+            target_loss=float(abs(rng.normal())),
+            gram=None,
+        )
 
 
 def fuzz(name: str, updates: int, roundtrip_every: int, seed: int, folder: Path) -> dict[str, Any]:
@@ -104,16 +112,24 @@ def fuzz(name: str, updates: int, roundtrip_every: int, seed: int, folder: Path)
             twin = build(name)
             twin.load_state_dict(load_checkpoint_file(path)["method"])
             if not np.array_equal(twin.weights, method.weights):
-                raise AssertionError(f"{name}: weights changed in a state round trip at update {step}: "
-                                     f"{np.abs(twin.weights - method.weights).max():.3e}")
+                raise AssertionError(
+                    f"{name}: weights changed in a state round trip at update {step}: "
+                    f"{np.abs(twin.weights - method.weights).max():.3e}"
+                )
             probe = draw_stats(rng, step + 1, method.num_stat_groups)
             a, b = method.update(probe), twin.update(probe)
             if not np.array_equal(a, b):
                 raise AssertionError(f"{name}: the update after a round trip differs at update {step}")
             method = twin
             roundtrips += 1
-    return {"method": name, "updates": updates, "roundtrips": roundtrips, "skipped_updates": skips,
-            "seconds": time.perf_counter() - started, "final_weights": method.weights.tolist()}
+    return {
+        "method": name,
+        "updates": updates,
+        "roundtrips": roundtrips,
+        "skipped_updates": skips,
+        "seconds": time.perf_counter() - started,
+        "final_weights": method.weights.tolist(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             result = fuzz(name, args.updates, args.roundtrip_every, args.seed, Path(tmp))
             results.append(result)
-            print(f"{name:<14} {result['updates']:>9} updates  {result['roundtrips']:>4} round trips  "
-                  f"{result['skipped_updates']:>8} skipped  {result['seconds']:7.1f} s", flush=True)
+            print(
+                f"{name:<14} {result['updates']:>9} updates  {result['roundtrips']:>4} round trips  "
+                f"{result['skipped_updates']:>8} skipped  {result['seconds']:7.1f} s",
+                flush=True,
+            )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=2) + "\n")

@@ -80,8 +80,12 @@ def summarise(out: Path, labels: list[str], seeds: list[int]) -> dict:
             noise_loss.append(float(val["noise"]))
             noise_w.append(float(summary["final_weights"]["noise"]))
             noise_share.append(realised_share(run / "metrics.jsonl", "noise"))
-        rows[label] = {"clean_val_loss": clean, "noise_val_loss": noise_loss, "final_noise_weight": noise_w,
-                       "realised_noise_share": noise_share}
+        rows[label] = {
+            "clean_val_loss": clean,
+            "noise_val_loss": noise_loss,
+            "final_noise_weight": noise_w,
+            "realised_noise_share": noise_share,
+        }
     for base in ("uniform", "clean_only"):
         for label in labels:
             if base in rows:
@@ -91,8 +95,11 @@ def summarise(out: Path, labels: list[str], seeds: list[int]) -> dict:
 
 
 def markdown(rows: dict, seeds: list[int]) -> str:
-    lines = ["| method | clean-language val loss | Δ vs uniform | Δ vs clean_only (oracle) | noise share of "
-             "training tokens (realised) | final noise weight | noise val loss |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | clean-language val loss | Δ vs uniform | Δ vs clean_only (oracle) | noise share of "
+        "training tokens (realised) | final noise weight | noise val loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label, row in rows.items():
         clean = np.array(row["clean_val_loss"])
         du = row.get("delta_vs_uniform_pct", [np.nan, np.nan])
@@ -100,9 +107,11 @@ def markdown(rows: dict, seeds: list[int]) -> str:
         lines.append(
             f"| {label} | {clean.mean():.4f} ± {_half_width(clean):.4f} | {du[0]:+.2f}% ± {du[1]:.2f}% | "
             f"{do[0]:+.2f}% ± {do[1]:.2f}% | {np.mean(row['realised_noise_share']):.3f} | "
-            f"{np.mean(row['final_noise_weight']):.3f} | {np.mean(row['noise_val_loss']):.3f} |")
-    lines.append(f"\nMean ± 95% half-width over seeds {seeds} (Student t); Δ paired by seed; clean = mean of "
-                 f"{', '.join(CLEAN)}.")
+            f"{np.mean(row['final_noise_weight']):.3f} | {np.mean(row['noise_val_loss']):.3f} |"
+        )
+    lines.append(
+        f"\nMean ± 95% half-width over seeds {seeds} (Student t); Δ paired by seed; clean = mean of {', '.join(CLEAN)}."
+    )
     return "\n".join(lines)
 
 
@@ -131,8 +140,9 @@ def main() -> int:
     rows = summarise(out, labels, seeds)
     table = markdown(rows, seeds)
     print(table)
-    Path(args.json).write_text(json.dumps({"seeds": seeds, "config": args.config, "overrides": args.set,
-                                           "rows": rows}, indent=2) + "\n")
+    Path(args.json).write_text(
+        json.dumps({"seeds": seeds, "config": args.config, "overrides": args.set, "rows": rows}, indent=2) + "\n"
+    )
     Path(args.json).with_suffix(".md").write_text(table + "\n")
     return 0
 

@@ -68,8 +68,12 @@ def main() -> None:
             total = sum(counts) or 1
             spread = sum(1 for c in counts if c > 0)
             top = max(counts) / total if counts else float("nan")
-            out[f"{target}_k{k}"] = {"vs_uniform": vs_uniform, "vs_importance": vs_importance,
-                                     "target_clusters": spread, "top_cluster_share": top}
+            out[f"{target}_k{k}"] = {
+                "vs_uniform": vs_uniform,
+                "vs_importance": vs_importance,
+                "target_clusters": spread,
+                "top_cluster_share": top,
+            }
             for method in METHODS:
                 entry = vs_uniform["methods"].get(method)
                 if entry is None:
@@ -83,9 +87,11 @@ def main() -> None:
                     f"{_fmt(rel_i.get('target_val_loss'), True) if method != 'importance' else '-'} | "
                     f"{_fmt(rel_u.get('avg_val_loss'), True) if method != 'uniform' else '-'} |"
                 )
-    header = ("| target | k | clusters holding target docs (largest share) | method | target val loss | "
-              "Δ target vs uniform | Δ target vs importance | Δ avg generic loss vs uniform |\n"
-              "|---|---|---|---|---|---|---|---|")
+    header = (
+        "| target | k | clusters holding target docs (largest share) | method | target val loss | "
+        "Δ target vs uniform | Δ target vs importance | Δ avg generic loss vs uniform |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     table = header + "\n" + "\n".join(rows)
     print(table)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

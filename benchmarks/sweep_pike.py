@@ -45,8 +45,10 @@ def main() -> None:
     for key in GRID:
         given = getattr(args, key)
         if given:
-            grid[key] = [None if v == "none" else (int(v) if key in ("update_every", "probe_every") else float(v))
-                         for v in given.split(",")]
+            grid[key] = [
+                None if v == "none" else (int(v) if key in ("update_every", "probe_every") else float(v))
+                for v in given.split(",")
+            ]
     cfg = load_config(args.config)
     if args.steps:
         cfg["steps"] = args.steps
@@ -74,19 +76,35 @@ def main() -> None:
         res = [run(args.method, params, mixing, s) for s in seeds]
         d_avg = [r["avg_val_loss"] / base[s]["avg_val_loss"] - 1 for r, s in zip(res, seeds)]
         d_worst = [r["worst_val_loss"] / base[s]["worst_val_loss"] - 1 for r, s in zip(res, seeds)]
-        row = {**setting, "d_avg_val_loss": float(np.mean(d_avg)), "d_worst_val_loss": float(np.mean(d_worst)),
-               "min_final_weight": float(np.mean([min(r["final_weights"].values()) for r in res]))}
+        row = {
+            **setting,
+            "d_avg_val_loss": float(np.mean(d_avg)),
+            "d_worst_val_loss": float(np.mean(d_worst)),
+            "min_final_weight": float(np.mean([min(r["final_weights"].values()) for r in res])),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     rows.sort(key=lambda r: r["d_avg_val_loss"])
     print("\nbest settings (relative to uniform, mean over seeds; negative = better):")
     for r in rows[:8]:
-        print(f"  zeta1={r['zeta1']:<4} zeta2={r['zeta2']:<4} T0={r['update_every']:<3} floor={r['min_weight']:<5} "
-              f"probe_every={r['probe_every']}: avg {r['d_avg_val_loss']:+.2%}  worst {r['d_worst_val_loss']:+.2%}")
+        print(
+            f"  zeta1={r['zeta1']:<4} zeta2={r['zeta2']:<4} T0={r['update_every']:<3} floor={r['min_weight']:<5} "
+            f"probe_every={r['probe_every']}: avg {r['d_avg_val_loss']:+.2%}  worst {r['d_worst_val_loss']:+.2%}"
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as fh:
-        json.dump({"config": args.config, "seeds": seeds, "steps": cfg["steps"], "method": args.method,
-                   "uniform": {s: base[s]["avg_val_loss"] for s in seeds}, "rows": rows}, fh, indent=2)
+        json.dump(
+            {
+                "config": args.config,
+                "seeds": seeds,
+                "steps": cfg["steps"],
+                "method": args.method,
+                "uniform": {s: base[s]["avg_val_loss"] for s in seeds},
+                "rows": rows,
+            },
+            fh,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ DEFAULT_DOMAINS = ("code", "docs", "legal")
 WINDOW = 32  # tokens predicted per example (windows hold WINDOW + 1 bytes)
 
 
-def byte_domains(names: Sequence[str] = DEFAULT_DOMAINS, data_dir: str | Path = DATA_DIR,
-                 window: int = WINDOW) -> DomainSet:
+def byte_domains(
+    names: Sequence[str] = DEFAULT_DOMAINS, data_dir: str | Path = DATA_DIR, window: int = WINDOW
+) -> DomainSet:
     """One domain per ``data_dir/NAME.txt``: its bytes cut into non-overlapping windows of ``window + 1`` ids."""
     arrays = {}
     for name in names:
@@ -31,7 +32,7 @@ def byte_domains(names: Sequence[str] = DEFAULT_DOMAINS, data_dir: str | Path = 
             raise SystemExit(f"no domain file {path} (pass --data-dir or other --domains)")
         data = np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.int64)
         n = (len(data) - 1) // window
-        arrays[name] = np.lib.stride_tricks.sliding_window_view(data, window + 1)[: n * window: window].copy()
+        arrays[name] = np.lib.stride_tricks.sliding_window_view(data, window + 1)[: n * window : window].copy()
     return DomainSet.from_arrays(arrays)
 
 

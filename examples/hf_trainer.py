@@ -90,33 +90,65 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     domains = load_domains(args.domains.split(","))
-    config = GPT2Config(vocab_size=256, n_positions=WINDOW, n_embd=32, n_layer=2, n_head=2, resid_pdrop=args.dropout,
-                        embd_pdrop=args.dropout, attn_pdrop=args.dropout, use_cache=False,
-                        bos_token_id=None, eos_token_id=None)
+    config = GPT2Config(
+        vocab_size=256,
+        n_positions=WINDOW,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=args.dropout,
+        embd_pdrop=args.dropout,
+        attn_pdrop=args.dropout,
+        use_cache=False,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     model = GPT2LMHeadModel(config)
 
     per_device = args.batch_size // (args.grad_accum * world_size)
     training_args = TrainingArguments(
-        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=3e-3, warmup_steps=0, weight_decay=0.0,
-        lr_scheduler_type="constant", save_strategy="steps", save_steps=10, logging_steps=1, report_to="none",
-        use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True, log_level="error",
+        output_dir=args.out,
+        max_steps=args.steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=3e-3,
+        warmup_steps=0,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        save_strategy="steps",
+        save_steps=10,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        log_level="error",
         ddp_timeout=int(default_timeout().total_seconds()),  # under torchrun: a hung rank fails its peer in 10 min
     )
     resume = last_checkpoint(args.out) if args.resume else None
     if args.resume and resume is None:
         print(f"no complete checkpoint in {args.out}: starting over", flush=True)  # killed before checkpoint 10
     method_params = {"min_weight": 0.05} if args.method in ("pike", "fair_pike") else {}
-    trainer = MixingTrainer(model=model, args=training_args, domains=domains, method=args.method,
-                            method_params=method_params, mixer_options={"update_every": args.update_every},
-                            overwrite=args.overwrite or (args.resume and resume is None))
+    trainer = MixingTrainer(
+        model=model,
+        args=training_args,
+        domains=domains,
+        method=args.method,
+        method_params=method_params,
+        mixer_options={"update_every": args.update_every},
+        overwrite=args.overwrite or (args.resume and resume is None),
+    )
     if args.stop_at is not None:
         trainer.add_callback(StopAt(args.stop_at))
     if args.step_delay > 0:
         trainer.add_callback(SlowDown(args.step_delay))
 
-    print(f"domains {dict(zip(domains.names, domains.sizes))} windows; method {args.method}; "
-          f"resume from {resume or 'scratch'}", flush=True)
+    print(
+        f"domains {dict(zip(domains.names, domains.sizes))} windows; method {args.method}; "
+        f"resume from {resume or 'scratch'}",
+        flush=True,
+    )
     trainer.train(resume_from_checkpoint=resume)
     print("final weights", dict(zip(domains.names, np.round(trainer.mixer.weights, 4).tolist())), flush=True)
 

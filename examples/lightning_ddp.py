@@ -56,8 +56,17 @@ class LitGPT(MixingModuleMixin, L.LightningModule):
         if self.trace is not None:  # --trace (tests): what each rank sees, after the callback stepped the mix
             checksum = float(sum(p.detach().double().sum() for p in self.parameters()))
             with open(self.trace.with_name(f"{self.trace.name}.rank{self.global_rank}.jsonl"), "a") as fh:
-                fh.write(json.dumps({"step": self.global_step, "weights": self.mixer.weights.tolist(),
-                                     "params": checksum, "batch": batch["index"].tolist()}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "step": self.global_step,
+                            "weights": self.mixer.weights.tolist(),
+                            "params": checksum,
+                            "batch": batch["index"].tolist(),
+                        }
+                    )
+                    + "\n"
+                )
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
@@ -95,31 +104,60 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(DATA_DIR))
     parser.add_argument("--batch-size", type=int, default=12, help="global examples per step")
     parser.add_argument("--trace", action="store_true", help="each rank writes OUT/trace.rank{R}.jsonl (tests)")
-    parser.add_argument("--pike-variant", default="gradmix", choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
-                        help="PiKE's variant (the tests use gradmix_v1, whose weights move within a few steps here)")
+    parser.add_argument(
+        "--pike-variant",
+        default="gradmix",
+        choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
+        help="PiKE's variant (the tests use gradmix_v1, whose weights move within a few steps here)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
-    for noise in ("does not have many workers", "resuming from a checkpoint that ended before the epoch ended",
-                  "no pre-optimization state", "LeafSpec"):  # expected here: one in-process loader, manual steps
+    for noise in (
+        "does not have many workers",
+        "resuming from a checkpoint that ended before the epoch ended",
+        "no pre-optimization state",
+        "LeafSpec",
+    ):  # expected here: one in-process loader, manual steps
         warnings.filterwarnings("ignore", message=f".*{noise}")
 
     torch.manual_seed(0)
     ckpt_path = newest_checkpoint(out / "checkpoints") if args.resume else None
     # a used --out without --resume is refused (on every rank) by the callback; --resume before the first
     # checkpoint starts over
-    mixing = MixingCallback(byte_domains(args.domains.split(","), args.data_dir), "pike", args.batch_size,
-                            method_params={"variant": args.pike_variant, "min_weight": 0.05}, update_every=5,
-                            log_every=1, seed=0, run_dir=out,
-                            overwrite=args.resume and ckpt_path is None)
-    checkpoints = CheckpointEvery(args.stop_at, dirpath=out / "checkpoints", filename="step-{step:06d}",
-                                  auto_insert_metric_name=False, every_n_train_steps=CHECKPOINT_EVERY,
-                                  save_top_k=-1, save_last=False)
+    mixing = MixingCallback(
+        byte_domains(args.domains.split(","), args.data_dir),
+        "pike",
+        args.batch_size,
+        method_params={"variant": args.pike_variant, "min_weight": 0.05},
+        update_every=5,
+        log_every=1,
+        seed=0,
+        run_dir=out,
+        overwrite=args.resume and ckpt_path is None,
+    )
+    checkpoints = CheckpointEvery(
+        args.stop_at,
+        dirpath=out / "checkpoints",
+        filename="step-{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=CHECKPOINT_EVERY,
+        save_top_k=-1,
+        save_last=False,
+    )
     # gradmix's process-group timeout (10 min, $GRADMIX_DIST_TIMEOUT): a hung rank does not block the other for 30
     strategy = DDPStrategy(timeout=default_timeout()) if args.devices > 1 else "auto"
-    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy,
-                        max_steps=args.steps, callbacks=[mixing, checkpoints], logger=CSVLogger(out, name="logs"),
-                        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_steps=args.steps,
+        callbacks=[mixing, checkpoints],
+        logger=CSVLogger(out, name="logs"),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(LitGPT(out / "trace" if args.trace else None), ckpt_path=ckpt_path)
     if trainer.global_rank == 0:
         mixer = mixing.mixer

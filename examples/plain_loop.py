@@ -46,8 +46,18 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     params = {"min_weight": 0.05} if args.method in ("pike", "fair_pike") else {}
     # the Mixer locks OUT; a used OUT needs resume=True (records kept, cut back by mixer.resume) or overwrite=True
-    mixer = Mixer(domains, args.method, batch_size=16, method_params=params, model=model, update_every=10,
-                  accumulation_steps=args.accumulation, run_dir=args.out, resume=args.resume, overwrite=args.overwrite)
+    mixer = Mixer(
+        domains,
+        args.method,
+        batch_size=16,
+        method_params=params,
+        model=model,
+        update_every=10,
+        accumulation_steps=args.accumulation,
+        run_dir=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
     checkpoint = Path(args.out) / "checkpoint.pt"
     if args.overwrite:
         checkpoint.unlink(missing_ok=True)  # the checkpoint is ours to delete (the Mixer deleted its records)
@@ -68,8 +78,10 @@ def main() -> None:
         weights = mixer.step()  # updates the mix on schedule
         if mixer.step_count % 25 == 0:
             last = mixer.history[-1]["train_loss"] if mixer.history else {}
-            print(f"step {mixer.step_count:4d} weights {np.round(weights, 3).tolist()} train loss "
-                  + ", ".join(f"{k}={v:.2f}" for k, v in last.items() if v is not None))
+            print(
+                f"step {mixer.step_count:4d} weights {np.round(weights, 3).tolist()} train loss "
+                + ", ".join(f"{k}={v:.2f}" for k, v in last.items() if v is not None)
+            )
         if mixer.step_count % 50 == 0:
             mixer.save_checkpoint(checkpoint, model=model, optimizer=optimizer)
     mixer.save_checkpoint(checkpoint, model=model, optimizer=optimizer)

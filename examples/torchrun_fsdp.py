@@ -68,8 +68,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=12, help="global examples per step")
     parser.add_argument("--num-splits", type=int, default=2, help="global parts per domain on measuring steps")
     parser.add_argument("--trace", action="store_true", help="each rank writes OUT/trace.rank{R}.jsonl (tests)")
-    parser.add_argument("--pike-variant", default="gradmix", choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
-                        help="PiKE's variant (the tests use gradmix_v1, whose weights move within a few steps here)")
+    parser.add_argument(
+        "--pike-variant",
+        default="gradmix",
+        choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
+        help="PiKE's variant (the tests use gradmix_v1, whose weights move within a few steps here)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,10 +91,19 @@ def main() -> None:
 
     domains = byte_domains(args.domains.split(","), args.data_dir)
     try:  # a used --out without --resume, or ranks that disagree: the same one-line error on every rank
-        mixer = Mixer(domains, "pike", batch_size=args.batch_size,
-                      method_params={"variant": args.pike_variant, "min_weight": 0.05},
-                      model=model, probe_params={"num_splits": args.num_splits},  # FSDP2: a ShardedGradientProbe
-                      update_every=5, log_every=1, seed=0, run_dir=out, resume=args.resume)
+        mixer = Mixer(
+            domains,
+            "pike",
+            batch_size=args.batch_size,
+            method_params={"variant": args.pike_variant, "min_weight": 0.05},
+            model=model,
+            probe_params={"num_splits": args.num_splits},  # FSDP2: a ShardedGradientProbe
+            update_every=5,
+            log_every=1,
+            seed=0,
+            run_dir=out,
+            resume=args.resume,
+        )
     except ValueError as exc:
         print(f"rank {rank}: cannot start: {exc}", file=sys.stderr)
         leave(2)
@@ -115,10 +128,22 @@ def main() -> None:
         weights = mixer.step()
         step = mixer.step_count
         if trace is not None:
-            stats = None if measured is None or measured.grad_sq_norm is None else {
-                "grad_sq_norm": measured.grad_sq_norm.tolist(), "grad_var": measured.grad_var.tolist()}
-            trace.write(json.dumps({"step": step, "weights": weights.tolist(), "stats": stats,
-                                    "batch": list(zip(batch["domain"].tolist(), batch["index"].tolist()))}) + "\n")
+            stats = (
+                None
+                if measured is None or measured.grad_sq_norm is None
+                else {"grad_sq_norm": measured.grad_sq_norm.tolist(), "grad_var": measured.grad_var.tolist()}
+            )
+            trace.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "weights": weights.tolist(),
+                        "stats": stats,
+                        "batch": list(zip(batch["domain"].tolist(), batch["index"].tolist())),
+                    }
+                )
+                + "\n"
+            )
             trace.flush()
         if step % CHECKPOINT_EVERY == 0:
             save_sharded_checkpoint(out, mixer, model, optimizer)

@@ -32,9 +32,24 @@ COMPARED = ("step", "weights", "requested_weights", "train_loss", "val_loss", "t
 
 
 def gradmix_cmd(config: str, out: Path, steps: int, resume: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "gradmix_kit.cli", "run", config, "--out", str(out), "--no-progress",
-           "--set", f"steps={steps}", "--set", "train.checkpoint_every=1", "--set", "train.eval_every=5",
-           "--set", "mixing.log_every=1"]  # a checkpoint and a metrics append on every step: kills land in writes
+    cmd = [
+        sys.executable,
+        "-m",
+        "gradmix_kit.cli",
+        "run",
+        config,
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        f"steps={steps}",
+        "--set",
+        "train.checkpoint_every=1",
+        "--set",
+        "train.eval_every=5",
+        "--set",
+        "mixing.log_every=1",
+    ]  # a checkpoint and a metrics append on every step: kills land in writes
     return cmd + (["--resume"] if resume else [])
 
 
@@ -65,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/smoke.toml")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-delay", type=float, default=None,
-                        help="longest wait before a kill, s (default: the reference run's wall time)")
+    parser.add_argument(
+        "--max-delay",
+        type=float,
+        default=None,
+        help="longest wait before a kill, s (default: the reference run's wall time)",
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -74,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reference = work / "reference"
         started = time.perf_counter()
-        subprocess.run(gradmix_cmd(args.config, reference, args.steps, False), check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            gradmix_cmd(args.config, reference, args.steps, False),
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         ref_seconds = time.perf_counter() - started
         max_delay = args.max_delay or ref_seconds
         expected = comparable(reference / "metrics.jsonl")
@@ -83,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         kills = attempts = 0
         while kills < args.kills:
             attempts += 1
-            proc = subprocess.Popen(gradmix_cmd(args.config, swept, args.steps, True), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+            proc = subprocess.Popen(
+                gradmix_cmd(args.config, swept, args.steps, True),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
             delay = rng.uniform(0.3 * max_delay, max_delay)  # start-up (imports) takes ~a third of a run
             try:
                 proc.wait(timeout=delay)
@@ -97,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise AssertionError(f"resume #{attempts} failed with exit code {proc.returncode}:\n{err[-2000:]}")
             check_folder(swept, finished=proc.returncode == 0)
             if args.verbose:
-                done = len((swept / "metrics.jsonl").read_text().splitlines()) if (swept / "metrics.jsonl").exists() \
-                    else 0
+                done = (
+                    len((swept / "metrics.jsonl").read_text().splitlines()) if (swept / "metrics.jsonl").exists() else 0
+                )
                 print(f"attempt {attempts}: delay {delay:5.2f} s, exit {proc.returncode}, {done} records", flush=True)
             if proc.returncode == 0:  # it finished before the kill: start the run over to keep killing
                 shutil.rmtree(swept)
@@ -110,10 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         if got != expected:
             steps_got, steps_want = [r["step"] for r in got], [r["step"] for r in expected]
             first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-            raise AssertionError(f"resumed metrics differ from the reference at record {first}: steps "
-                                 f"{steps_got[:first + 3]} vs {steps_want[:first + 3]}")
-        print(f"crash sweep: {kills} SIGKILLs over {attempts} attempts (reference run {ref_seconds:.1f} s): every "
-              f"resume succeeded, no temp or partial files, {len(got)} metrics records identical to the reference")
+            raise AssertionError(
+                f"resumed metrics differ from the reference at record {first}: steps "
+                f"{steps_got[: first + 3]} vs {steps_want[: first + 3]}"
+            )
+        print(
+            f"crash sweep: {kills} SIGKILLs over {attempts} attempts (reference run {ref_seconds:.1f} s): every "
+            f"resume succeeded, no temp or partial files, {len(got)} metrics records identical to the reference"
+        )
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

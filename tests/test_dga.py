@@ -126,9 +126,16 @@ def test_missing_alignment_field_is_a_clear_error():
 
 @pytest.mark.parametrize(
     "params, match",
-    [({"step_size": 0}, "step_size"), ({"step_size": np.nan}, "step_size"), ({"ema": 1.0}, "ema"),
-     ({"ema": -0.1}, "ema"), ({"normalize": "l2"}, "normalize"), ({"min_weight": 0.5}, "min_weight"),
-     ({"min_weight": -1e-3}, "min_weight"), ({"initial_weights": [1, 2]}, "initial_weights")],
+    [
+        ({"step_size": 0}, "step_size"),
+        ({"step_size": np.nan}, "step_size"),
+        ({"ema": 1.0}, "ema"),
+        ({"ema": -0.1}, "ema"),
+        ({"normalize": "l2"}, "normalize"),
+        ({"min_weight": 0.5}, "min_weight"),
+        ({"min_weight": -1e-3}, "min_weight"),
+        ({"initial_weights": [1, 2]}, "initial_weights"),
+    ],
 )
 def test_bad_parameters_raise(params, match):
     with pytest.raises((ValueError, WeightError), match=match):
@@ -191,9 +198,15 @@ def test_base_distributions_from_clusters_matches_hand_matrix():
 
 @pytest.mark.parametrize(
     "fine_to_coarse, sizes, kwargs, match",
-    [([0, 1], [1, 2, 3], {}, "entries"), ([0, -1], [1, 1], {}, ">= 0"), ([0, 1], [1, 0], {}, "size"),
-     ([0, 2], [1, 1], {}, "coarse cluster 1 holds no fine"), ([0, 3], [1, 1], {"num_base": 2}, "num_base"),
-     ([0, 0.5], [1, 1], {}, "not an integer"), ([], [], {}, "empty")],
+    [
+        ([0, 1], [1, 2, 3], {}, "entries"),
+        ([0, -1], [1, 1], {}, ">= 0"),
+        ([0, 1], [1, 0], {}, "size"),
+        ([0, 2], [1, 1], {}, "coarse cluster 1 holds no fine"),
+        ([0, 3], [1, 1], {"num_base": 2}, "num_base"),
+        ([0, 0.5], [1, 1], {}, "not an integer"),
+        ([], [], {}, "empty"),
+    ],
 )
 def test_base_distributions_from_clusters_errors(fine_to_coarse, sizes, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -202,15 +215,17 @@ def test_base_distributions_from_clusters_errors(fine_to_coarse, sizes, kwargs, 
 
 @pytest.mark.parametrize(
     "matrix, match",
-    [(np.ones((3, 1)) / 3, "shape"),
-     (np.array([[1.0, 0.5], [0.0, -0.5], [0.0, 1.0], [0.0, 0.0]]), "negative"),
-     (np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]), "column\\) 1 is all zero"),
-     (np.array([[0.5, 0.0], [0.5, 0.0], [0.0, 1.0], [0.0, 0.0]]), "cluster 3 has zero probability"),
-     (np.array([[0.5, 0.0], [0.5, 0.5], [0.0, 0.5], [0.0, 0.0]]), "cluster 3 has zero probability"),
-     (np.array([[0.5, 0.0], [0.5, 0.5], [0.0, 0.25], [0.0, 0.25]]), "disjoint"),
-     (np.array([[0.5, 0.0], [0.4, 0.0], [0.0, 0.5], [0.0, 0.5]]), "sums to"),
-     (np.array([[np.nan, 0.0], [0.5, 0.0], [0.0, 0.5], [0.0, 0.5]]), "finite"),
-     (np.ones(4), "2-D")],
+    [
+        (np.ones((3, 1)) / 3, "shape"),
+        (np.array([[1.0, 0.5], [0.0, -0.5], [0.0, 1.0], [0.0, 0.0]]), "negative"),
+        (np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]), "column\\) 1 is all zero"),
+        (np.array([[0.5, 0.0], [0.5, 0.0], [0.0, 1.0], [0.0, 0.0]]), "cluster 3 has zero probability"),
+        (np.array([[0.5, 0.0], [0.5, 0.5], [0.0, 0.5], [0.0, 0.0]]), "cluster 3 has zero probability"),
+        (np.array([[0.5, 0.0], [0.5, 0.5], [0.0, 0.25], [0.0, 0.25]]), "disjoint"),
+        (np.array([[0.5, 0.0], [0.4, 0.0], [0.0, 0.5], [0.0, 0.5]]), "sums to"),
+        (np.array([[np.nan, 0.0], [0.5, 0.0], [0.0, 0.5], [0.0, 0.5]]), "finite"),
+        (np.ones(4), "2-D"),
+    ],
 )
 def test_base_distribution_validation(matrix, match):
     with pytest.raises(ValueError, match=match):
@@ -235,8 +250,12 @@ def test_identity_base_distributions_reduce_to_plain_dga(as_sparse):
     for step in range(300):
         alignment = rng.normal(size=k) * 10.0 ** rng.integers(-5, 5)
         alignment[rng.random(k) < 0.2] = np.nan
-        np.testing.assert_allclose(reweighted.update(stats(alignment, step=step)),
-                                   plain.update(stats(alignment, step=step)), rtol=1e-12, atol=1e-300)
+        np.testing.assert_allclose(
+            reweighted.update(stats(alignment, step=step)),
+            plain.update(stats(alignment, step=step)),
+            rtol=1e-12,
+            atol=1e-300,
+        )
     assert plain.num_updates == reweighted.num_updates
 
 
@@ -281,8 +300,7 @@ def test_65536_clusters():
     np.testing.assert_allclose(alpha, matrix @ method.base_weights, rtol=1e-10)
     # Inside a coarse cluster the fine clusters keep size-proportional shares.
     members = np.flatnonzero(fine_to_coarse == 5)
-    np.testing.assert_allclose(alpha[members] / alpha[members].sum(), sizes[members] / sizes[members].sum(),
-                               rtol=1e-10)
+    np.testing.assert_allclose(alpha[members] / alpha[members].sum(), sizes[members] / sizes[members].sum(), rtol=1e-10)
     restored = make_method("dga", k, base_distributions=matrix)
     restored.load_state_dict(json.loads(json.dumps(method.state_dict())))
     np.testing.assert_array_equal(restored.weights, method.weights)
@@ -329,8 +347,9 @@ def test_load_rejects_mismatched_state():
 # -- importance sampling ---------------------------------------------------------------------------------------------
 def test_importance_weights_by_hand():
     np.testing.assert_allclose(Importance(3, target_counts=[3, 0, 1]).weights, [0.75, 0.0, 0.25], rtol=1e-15)
-    np.testing.assert_allclose(Importance(3, target_counts=[3, 0, 1], pseudo_count=1.0).weights,
-                               [4 / 7, 1 / 7, 2 / 7], rtol=1e-15)
+    np.testing.assert_allclose(
+        Importance(3, target_counts=[3, 0, 1], pseudo_count=1.0).weights, [4 / 7, 1 / 7, 2 / 7], rtol=1e-15
+    )
     mixed = Importance(4, target_counts=[2, 2, 0, 0], uniform_mix=0.2).weights
     np.testing.assert_allclose(mixed, [0.45, 0.45, 0.05, 0.05], rtol=1e-15)
 
@@ -343,9 +362,16 @@ def test_importance_is_static():
 
 @pytest.mark.parametrize(
     "counts, params, match",
-    [([0, 0, 0], {}, "all zero"), ([0, 0, 0], {"pseudo_count": 1.0}, "all zero"), ([1, -1, 2], {}, r"\[1\] = -1"),
-     ([1, np.nan, 2], {}, "finite"), ([1, 2], {}, "2 entries"), (None, {}, "needs target_counts"),
-     ([1, 1, 1], {"pseudo_count": -1}, "pseudo_count"), ([1, 1, 1], {"uniform_mix": 1.5}, "uniform_mix")],
+    [
+        ([0, 0, 0], {}, "all zero"),
+        ([0, 0, 0], {"pseudo_count": 1.0}, "all zero"),
+        ([1, -1, 2], {}, r"\[1\] = -1"),
+        ([1, np.nan, 2], {}, "finite"),
+        ([1, 2], {}, "2 entries"),
+        (None, {}, "needs target_counts"),
+        ([1, 1, 1], {"pseudo_count": -1}, "pseudo_count"),
+        ([1, 1, 1], {"uniform_mix": 1.5}, "uniform_mix"),
+    ],
 )
 def test_importance_errors(counts, params, match):
     with pytest.raises(ValueError, match=match):
@@ -417,8 +443,9 @@ def test_doge_state_roundtrip():
         DoGE(4).load_state_dict(dict(state, average_weights=[0.5, 0.5]))
 
 
-@pytest.mark.parametrize("params, match", [({"clip": 0}, "clip"), ({"step_size": -1}, "step_size"),
-                                           ({"normalize": "x"}, "normalize")])
+@pytest.mark.parametrize(
+    "params, match", [({"clip": 0}, "clip"), ({"step_size": -1}, "step_size"), ({"normalize": "x"}, "normalize")]
+)
 def test_doge_bad_parameters(params, match):
     with pytest.raises(ValueError, match=match):
         DoGE(3, **params)
@@ -447,8 +474,9 @@ def mse_loss(theta, x, y):
     return 0.5 * float(np.mean((x @ theta - y) ** 2))
 
 
-def train_on_mixture(method, domains, target, *, seed, steps=200, lr=0.05, batch=32, probe_every=5,
-                     probe_examples=None):
+def train_on_mixture(
+    method, domains, target, *, seed, steps=200, lr=0.05, batch=32, probe_every=5, probe_examples=None
+):
     """SGD on batches sampled from the method's weights; every ``probe_every`` steps, alignments -> update.
 
     probe_examples=None: exact full-domain gradients; an int: gradients of that many random examples (noisy).
@@ -505,8 +533,11 @@ def test_reweighted_dga_on_coarse_groups_lowers_target_loss():
         if step % 5 == 0:
             target_grad = mse_gradient(theta, *target)
             # One gradient per base distribution: the mean gradient of its clusters (equal sizes).
-            alignment = [np.mean([mse_gradient(theta, *fine[c]) for c in np.flatnonzero(fine_to_coarse == j)], axis=0)
-                         @ target_grad for j in range(6)]
+            alignment = [
+                np.mean([mse_gradient(theta, *fine[c]) for c in np.flatnonzero(fine_to_coarse == j)], axis=0)
+                @ target_grad
+                for j in range(6)
+            ]
             method.update(stats(alignment, step=step))
     assert method.base_weights[:2].sum() > 0.8
     assert method.weights[:4].sum() > 0.8
@@ -560,8 +591,7 @@ alignment_values = st.one_of(
 def test_dga_weights_always_valid(alignments, step_size, ema, min_weight, normalize, reweight):
     matrix = base_distributions_from_clusters([0, 1, 2, 2, 0], [1, 2, 3, 4, 5]) if reweight else None
     k = 5 if reweight else 3
-    method = DGA(k, step_size=step_size, ema=ema, min_weight=min_weight, normalize=normalize,
-                 base_distributions=matrix)
+    method = DGA(k, step_size=step_size, ema=ema, min_weight=min_weight, normalize=normalize, base_distributions=matrix)
     for a in alignments:
         assert_probability_vector(method.update(stats(a)), k)
         assert_probability_vector(method.base_weights, 3)

@@ -109,7 +109,7 @@ seed = 0
 threads = 2
 [data]
 corpus = "{corpus}"
-data_dir = "{tmp_path / 'cache'}"
+data_dir = "{tmp_path / "cache"}"
 window = 32
 vocab_size = 260
 [model]
@@ -150,11 +150,39 @@ def test_gradmix_diagnose_reports_conflict_and_agreement(tmp_path, kind, capsys)
 def test_gradmix_diagnose_from_a_checkpoint_does_not_train(tmp_path):
     config = _config(tmp_path, "agree")
     run = tmp_path / "run"
-    assert main(["run", str(config), "--out", str(run), "--no-progress", "--set", "steps=4", "--set",
-                 "eval.continuation_items=0"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(config),
+                "--out",
+                str(run),
+                "--no-progress",
+                "--set",
+                "steps=4",
+                "--set",
+                "eval.continuation_items=0",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "diag"
-    assert main(["diagnose", str(config), "--checkpoint", str(run / "checkpoint.pt"), "--steps", "3", "--out",
-                 str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "diagnose",
+                str(config),
+                "--checkpoint",
+                str(run / "checkpoint.pt"),
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "diagnosis.json").read_text())
     assert result["source"].startswith("checkpoint") and result["num_measurements"] == 3
     assert main(["diagnose", str(config), "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2

@@ -17,8 +17,18 @@ WORKER = Path(__file__).parent / "workers" / "ddp_worker.py"
 @pytest.mark.parametrize("strategy", ["ddp", "sync_gradients"])
 def test_two_gloo_ranks_get_disjoint_batches_and_identical_weights(tmp_path: Path, strategy: str) -> None:
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), str(out), "pike", strategy]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        str(out),
+        "pike",
+        strategy,
+    ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # keep gloo on loopback: no other address is reachable here
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -57,8 +67,16 @@ def test_ranks_that_disagree_fail_on_every_rank_naming_the_field_and_ranks(tmp_p
     r0 = json.loads(Path(f"{out}.rank0.json").read_text())
     r1 = json.loads(Path(f"{out}.rank1.json").read_text())
     assert r0["agree"] == r1["agree"] == r0["agree_again"] == r1["agree_again"] == "ok"
-    fields = ["batch_size", "domain_names", "domain_sizes", "method", "initial_weights", "seed",
-              "accumulation_steps", "method_params"]
+    fields = [
+        "batch_size",
+        "domain_names",
+        "domain_sizes",
+        "method",
+        "initial_weights",
+        "seed",
+        "accumulation_steps",
+        "method_params",
+    ]
     for field in fields:
         assert r0[field] == r1[field], field  # the same error on every rank
         message = r0[field]
@@ -69,8 +87,10 @@ def test_ranks_that_disagree_fail_on_every_rank_naming_the_field_and_ranks(tmp_p
         assert "\n" not in message
     assert "batch_size is 8 on rank 0, 16 on rank 1" in r0["batch_size"]
     assert "first difference at index 2: 'd2' vs 'x'" in r0["domain_names"]
-    assert r0["used_folder"].startswith("RunDirError: run folder") and "holds a started or finished run" in r0[
-        "used_folder"]
+    assert (
+        r0["used_folder"].startswith("RunDirError: run folder")
+        and "holds a started or finished run" in r0["used_folder"]
+    )
     assert r1["used_folder"].startswith("RunDirError: rank 0 stopped: run folder"), r1["used_folder"]
 
 
@@ -86,4 +106,3 @@ def test_a_hung_rank_fails_its_peer_within_gradmix_timeout(tmp_path: Path) -> No
     result = json.loads(Path(f"{out}.rank0.json").read_text())  # rank 0 wrote it before torchrun ended rank 1
     assert result["error"] is not None, (result, res.stderr[-2000:])
     assert result["elapsed"] < 60, result
-

@@ -13,8 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "examples" / "plain_loop.py"), *args], check=True,
-                   capture_output=True, text=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "plain_loop.py"), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def weights_rows(folder: Path) -> list[tuple[int, dict]]:
@@ -37,8 +42,12 @@ def test_plain_loop_twice_on_one_folder_is_refused_unless_resume_or_overwrite(tm
     out = tmp_path / "run"
     run("--steps", "20", "--out", str(out))
     before = (out / "metrics.jsonl").read_text()
-    again = subprocess.run([sys.executable, str(ROOT / "examples" / "plain_loop.py"), "--steps", "20", "--out",
-                            str(out)], capture_output=True, text=True, cwd=ROOT)
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "plain_loop.py"), "--steps", "20", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert again.returncode != 0
     assert "holds a started or finished run (metrics.jsonl): pass resume=True" in again.stderr.splitlines()[-1]
     assert (out / "metrics.jsonl").read_text() == before

@@ -31,13 +31,21 @@ def torchrun(script: Path, *args: str, nproc: int = 2) -> list[str]:
     # the example with gradmix_v1: its weights move within these few steps, so equal weights after a resume prove
     # something (the default keeps this tiny run's mix uniform: its statistics differ by less than their noise)
     extra = ["--pike-variant", "gradmix_v1"] if script == EXAMPLE else []
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            str(script), *args, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        str(script),
+        *args,
+        *extra,
+    ]
 
 
 def run(*args: str, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(torchrun(EXAMPLE, *args, nproc=nproc), capture_output=True, text=True, timeout=300,
-                         env=ENV)
+    res = subprocess.run(torchrun(EXAMPLE, *args, nproc=nproc), capture_output=True, text=True, timeout=300, env=ENV)
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -104,8 +112,9 @@ def test_stop_at_and_resume_equals_uninterrupted(uninterrupted, stopped, tmp_pat
 
 def test_sigkill_and_resume_equals_uninterrupted(uninterrupted, tmp_path) -> None:
     out = tmp_path / "killed"
-    last = run_until_step_then_kill(torchrun(EXAMPLE, "--out", str(out), "--steps", "1000"), out / "metrics.jsonl",
-                                    11, ENV)
+    last = run_until_step_then_kill(
+        torchrun(EXAMPLE, "--out", str(out), "--steps", "1000"), out / "metrics.jsonl", 11, ENV
+    )
     assert 11 <= last < 20
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000010"]
     assert (out / "checkpoints" / "step-000010" / "COMPLETE").is_file()
@@ -133,8 +142,9 @@ def test_resume_on_another_world_size_reshards(uninterrupted, stopped, tmp_path)
     for x, y in zip(resumed[:14], full[:14]):
         assert x["requested_weights"] == y["requested_weights"]
     for x, y in zip(resumed[14:], full[14:]):
-        np.testing.assert_allclose(list(x["requested_weights"].values()), list(y["requested_weights"].values()),
-                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            list(x["requested_weights"].values()), list(y["requested_weights"].values()), rtol=0, atol=1e-6
+        )
 
 
 def test_sharded_probe_statistics_equal_one_process(tmp_path) -> None:

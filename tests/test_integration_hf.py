@@ -72,8 +72,20 @@ def _reference(tmp_path_factory, method: str, accum: int) -> list[dict]:
     key = (method, accum)
     if key not in _REFERENCES:
         out = tmp_path_factory.mktemp(f"ref_{method}_{accum}")
-        _example_module().main(["--out", str(out), "--steps", str(STEPS), "--method", method,
-                                "--grad-accum", str(accum), "--dropout", DROPOUT])
+        _example_module().main(
+            [
+                "--out",
+                str(out),
+                "--steps",
+                str(STEPS),
+                "--method",
+                method,
+                "--grad-accum",
+                str(accum),
+                "--dropout",
+                DROPOUT,
+            ]
+        )
         records = _records(out)
         for field in ("step", "weights", "train_loss", "weight_entropy", "effective_domains", "max_weight"):
             assert all(field in r for r in records), field
@@ -83,8 +95,13 @@ def _reference(tmp_path_factory, method: str, accum: int) -> list[dict]:
         logged = [h for h in history if "gradmix/weight/code" in h]
         assert [h["step"] for h in logged] == list(range(1, STEPS + 1))
         assert logged[-1]["gradmix/weight/code"] == pytest.approx(records[-1]["weights"]["code"])
-        assert {"gradmix/weight_entropy", "gradmix/effective_domains", "gradmix/max_weight",
-                "gradmix/train_loss/legal", "loss"} <= set(logged[-1])
+        assert {
+            "gradmix/weight_entropy",
+            "gradmix/effective_domains",
+            "gradmix/max_weight",
+            "gradmix/train_loss/legal",
+            "loss",
+        } <= set(logged[-1])
         _REFERENCES[key] = records
     return _REFERENCES[key]
 
@@ -107,8 +124,9 @@ def test_stop_and_resume_logs_the_weights_of_an_uninterrupted_run(tmp_path, tmp_
 def test_sigkill_and_resume_logs_the_weights_of_an_uninterrupted_run(tmp_path, tmp_path_factory):
     reference = _reference(tmp_path_factory, "pike", 1)
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(out, "--step-delay", "0.1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        _cmd(out, "--step-delay", "0.1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=ROOT
+    )
     try:
         marker = out / "checkpoint-10" / "gradmix_state.pt"
         deadline = time.monotonic() + TIMEOUT
@@ -173,12 +191,18 @@ def _small_trainer(example, out: Path):
 
     from gradmix.integrations.hf import MixingTrainer
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                       bos_token_id=None, eos_token_id=None))
-    args = TrainingArguments(output_dir=str(out), max_steps=20, per_device_train_batch_size=16, report_to="none",
-                             use_cpu=True, disable_tqdm=True)
-    return MixingTrainer(model=model, args=args, domains=example.load_domains(["code", "docs", "legal"]),
-                         method="pike")
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=None, eos_token_id=None)
+    )
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=20,
+        per_device_train_batch_size=16,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return MixingTrainer(model=model, args=args, domains=example.load_domains(["code", "docs", "legal"]), method="pike")
 
 
 def test_a_used_output_dir_needs_resume_or_overwrite_and_a_live_owner_is_refused(tmp_path):
@@ -189,17 +213,22 @@ def test_a_used_output_dir_needs_resume_or_overwrite_and_a_live_owner_is_refused
     out = tmp_path / "run"
     example.main(["--out", str(out), "--steps", "20"])
     before = (out / "metrics.jsonl").read_bytes()
-    with pytest.raises(RunDirError, match=r"holds a started or finished run \(metrics.jsonl, checkpoint-10, "
-                                          r"checkpoint-20\): pass train\(resume_from_checkpoint=...\) to continue it "
-                                          r"or MixingTrainer\(overwrite=True\) to replace it"):
+    with pytest.raises(
+        RunDirError,
+        match=r"holds a started or finished run \(metrics.jsonl, checkpoint-10, "
+        r"checkpoint-20\): pass train\(resume_from_checkpoint=...\) to continue it "
+        r"or MixingTrainer\(overwrite=True\) to replace it",
+    ):
         example.main(["--out", str(out), "--steps", "10"])
     assert (out / "metrics.jsonl").read_bytes() == before
     example.main(["--out", str(out), "--steps", "10", "--overwrite"])
     assert [r["step"] for r in _records(out)] == list(range(1, 11))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10"]  # the old run's 20 is gone
 
-    code = ("import sys, time; from gradmix.runlock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
-            "print('locked', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from gradmix.runlock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(600)"
+    )
     owner = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, env=_env())
     try:
         assert owner.stdout is not None and owner.stdout.readline().strip() == "locked"

@@ -166,25 +166,39 @@ def test_callback_refuses_a_used_run_dir_unless_resumed_or_overwritten(tmp_path)
 
     def fit(**options) -> None:
         callback = MixingCallback(byte_domains(), "uniform", 4, run_dir=run_dir, log_every=1, **options)
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, callbacks=[callback], logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            default_root_dir=tmp_path, num_sanity_val_steps=0)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=3,
+            callbacks=[callback],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            num_sanity_val_steps=0,
+        )
         trainer.fit(Lit())
 
     run_dir = tmp_path / "run"
     fit()
     assert [r["step"] for r in rows(run_dir)] == [1, 2, 3]
     assert not (run_dir / LOCK_NAME).exists()  # released at teardown
-    with pytest.raises(RunDirError, match=r"holds a started or finished run \(metrics.jsonl\): pass "
-                                          r"trainer.fit\(ckpt_path=...\) to continue it or "
-                                          r"MixingCallback\(overwrite=True\) to replace it"):
+    with pytest.raises(
+        RunDirError,
+        match=r"holds a started or finished run \(metrics.jsonl\): pass "
+        r"trainer.fit\(ckpt_path=...\) to continue it or "
+        r"MixingCallback\(overwrite=True\) to replace it",
+    ):
         fit()
     assert [r["step"] for r in rows(run_dir)] == [1, 2, 3]
     fit(overwrite=True)
     assert [r["step"] for r in rows(run_dir)] == [1, 2, 3]
 
-    code = ("import sys, time; from gradmix.runlock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
-            "print('locked', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from gradmix.runlock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(600)"
+    )
     owner = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
     try:
         assert owner.stdout is not None and owner.stdout.readline().strip() == "locked"

@@ -24,8 +24,13 @@ class TinyLM(torch.nn.Module):
 def loss_fn(model, batch):
     ids = batch["input_ids"]
     logits = model(ids[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                             reduction="none").view(ids.shape[0], -1).mean(1)
+    return (
+        torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        )
+        .view(ids.shape[0], -1)
+        .mean(1)
+    )
 
 
 def make_domains(sizes=(30, 20, 50)) -> DomainSet:
@@ -45,12 +50,18 @@ def train(mixer, model, steps, eval_every=None):
         mixer.step()
 
 
-@pytest.mark.parametrize("method, params, terms", [
-    ("pike", {"variant": "gradmix_v1", "min_weight": 0.05},
-     {"gain", "variance_penalty", "log_step", "grad_sq_norm", "variance_2b"}),
-    ("pike", {}, {"lam", "kappa", "bound_weights", "grad_sq_norm", "variance_2b"}),
-    ("fair_pike", {}, {"grad_sq_norm", "variance_2b", "tilt"}),
-])
+@pytest.mark.parametrize(
+    "method, params, terms",
+    [
+        (
+            "pike",
+            {"variant": "gradmix_v1", "min_weight": 0.05},
+            {"gain", "variance_penalty", "log_step", "grad_sq_norm", "variance_2b"},
+        ),
+        ("pike", {}, {"lam", "kappa", "bound_weights", "grad_sq_norm", "variance_2b"}),
+        ("fair_pike", {}, {"grad_sq_norm", "variance_2b", "tilt"}),
+    ],
+)
 def test_pike_records_its_terms_timing_and_gaps(method, params, terms):
     model = TinyLM()
 
@@ -60,8 +71,16 @@ def test_pike_records_its_terms_timing_and_gaps(method, params, terms):
     def constant(model, step):
         return 0.25
 
-    mixer = Mixer(make_domains(), method, 12, model=model, update_every=4, log_every=2, method_params=params,
-                  eval_metrics={"acc": accuracy, "const": constant})
+    mixer = Mixer(
+        make_domains(),
+        method,
+        12,
+        model=model,
+        update_every=4,
+        log_every=2,
+        method_params=params,
+        eval_metrics={"acc": accuracy, "const": constant},
+    )
     train(mixer, model, 8, eval_every=4)
     history = list(mixer.history)
     updates = [r for r in history if "update_terms" in r]

@@ -25,8 +25,13 @@ HEAVY = ("tqdm", "matplotlib", "tokenizers", "sklearn", "scipy", "transformers",
 
 
 def _loaded_after(code: str) -> set[str]:
-    done = subprocess.run([sys.executable, "-c", f"{code}\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
-                          capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return set(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
@@ -46,13 +51,15 @@ def test_the_whole_library_needs_nothing_beyond_torch_and_numpy():
     # a process that imports only torch and numpy.
     baseline = _top_level(_loaded_after("import torch, numpy"))
     # every module of the library (integrations with other frameworks excepted: they import their framework)
-    code = ("import gradmix, importlib, pkgutil\n"
-            + "for info in pkgutil.walk_packages(gradmix.__path__, prefix='gradmix.'):\n"
-            + "    if '.integrations' not in info.name:\n"
-            + "        importlib.import_module(info.name)\n"
-            + "gradmix.Mixer, gradmix.MixtureSampler\n"
-            + "from gradmix.methods import method_class\n"
-            + "[method_class(n) for n in gradmix.available_methods()]\n")
+    code = (
+        "import gradmix, importlib, pkgutil\n"
+        + "for info in pkgutil.walk_packages(gradmix.__path__, prefix='gradmix.'):\n"
+        + "    if '.integrations' not in info.name:\n"
+        + "        importlib.import_module(info.name)\n"
+        + "gradmix.Mixer, gradmix.MixtureSampler\n"
+        + "from gradmix.methods import method_class\n"
+        + "[method_class(n) for n in gradmix.available_methods()]\n"
+    )
     extra = _top_level(_loaded_after(code)) - baseline - set(sys.stdlib_module_names) - {"gradmix"}
     assert not {m for m in extra if not m.startswith("_")}, sorted(extra)
     assert "gradmix_kit" not in _top_level(_loaded_after(code))
@@ -80,8 +87,10 @@ def _imported_modules(path: Path) -> set[str]:
 def test_the_library_never_imports_the_kit():
     files = sorted(LIBRARY.rglob("*.py"))
     assert files
-    offenders = {str(f.relative_to(ROOT)): sorted(m for m in _imported_modules(f) if m.split(".")[0] == "gradmix_kit")
-                 for f in files}
+    offenders = {
+        str(f.relative_to(ROOT)): sorted(m for m in _imported_modules(f) if m.split(".")[0] == "gradmix_kit")
+        for f in files
+    }
     assert not {k: v for k, v in offenders.items() if v}
     # and no textual reference either (a string passed to importlib, a lazy import the AST walk could miss)
     assert not [str(f) for f in files if "gradmix_kit" in f.read_text(encoding="utf-8")]
@@ -103,8 +112,11 @@ def _all_error_classes() -> list[type]:
                 module = importlib.import_module(info.name)
             except ImportError:  # an optional dependency that is not installed
                 continue
-            found += [obj for _, obj in inspect.getmembers(module, inspect.isclass)
-                      if issubclass(obj, BaseException) and obj.__module__ == module.__name__]
+            found += [
+                obj
+                for _, obj in inspect.getmembers(module, inspect.isclass)
+                if issubclass(obj, BaseException) and obj.__module__ == module.__name__
+            ]
     return found
 
 
@@ -115,6 +127,7 @@ def test_no_error_class_is_a_stop_iteration():
 
 
 # -- register_method --------------------------------------------------------------------------------------------
+
 
 class FavourFirst(MixingMethod):
     """Test plug-in: half the mass on the first domain, the rest uniform."""
@@ -179,8 +192,24 @@ def test_a_registered_method_runs_from_a_gradmix_run_config(registered, tmp_path
     from gradmix_kit.cli import main
 
     out = tmp_path / "run"
-    assert main(["run", str(ROOT / "configs" / "smoke.toml"), "--out", str(out), "--method", registered,
-                 "--no-progress", "--set", "steps=4", "--set", "eval.continuation_items=0"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(ROOT / "configs" / "smoke.toml"),
+                "--out",
+                str(out),
+                "--method",
+                registered,
+                "--no-progress",
+                "--set",
+                "steps=4",
+                "--set",
+                "eval.continuation_items=0",
+            ]
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == registered
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -29,8 +29,17 @@ value = st.one_of(st.floats(-1e6, 1e6), st.just(float("nan")), st.just(float("in
 def stats_for(draw, k: int):
     def vec():
         return draw(st.lists(value, min_size=k, max_size=k))
-    return DomainStats(step=1, num_domains=k, loss=np.abs(vec()), grad_sq_norm=vec(), grad_var=np.abs(vec()),
-                       target_alignment=vec(), examples=np.full(k, 4.0), batch_size=16)
+
+    return DomainStats(
+        step=1,
+        num_domains=k,
+        loss=np.abs(vec()),
+        grad_sq_norm=vec(),
+        grad_var=np.abs(vec()),
+        target_alignment=vec(),
+        examples=np.full(k, 4.0),
+        batch_size=16,
+    )
 
 
 @pytest.mark.parametrize("name", available_methods())
@@ -51,9 +60,19 @@ def test_state_round_trip_continues_identically(name):
     rng = np.random.default_rng(0)
     k = 4
     a = build(name, k)
-    stream = [DomainStats(step=t, num_domains=k, loss=rng.random(k) + 1, grad_sq_norm=rng.random(k),
-                          grad_var=rng.random(k), target_alignment=rng.normal(size=k), examples=np.full(k, 4.0),
-                          batch_size=16) for t in range(12)]
+    stream = [
+        DomainStats(
+            step=t,
+            num_domains=k,
+            loss=rng.random(k) + 1,
+            grad_sq_norm=rng.random(k),
+            grad_var=rng.random(k),
+            target_alignment=rng.normal(size=k),
+            examples=np.full(k, 4.0),
+            batch_size=16,
+        )
+        for t in range(12)
+    ]
     for s in stream[:5]:
         a.update(s)
     b = build(name, k)
@@ -84,8 +103,9 @@ def test_static_methods_against_hand_values():
     np.testing.assert_allclose(make_method("temperature", 3, sizes=[1, 4, 16], alpha=0.5).weights, sq / sq.sum())
     np.testing.assert_allclose(make_method("temperature", 3, sizes=[1, 4, 16], alpha=0.0).weights, [1 / 3] * 3)
     rr = make_method("round_robin", 3)
-    seq = [int(np.argmax(rr.weights))] + [int(np.argmax(rr.update(DomainStats(step=i, num_domains=3))))
-                                          for i in range(5)]
+    seq = [int(np.argmax(rr.weights))] + [
+        int(np.argmax(rr.update(DomainStats(step=i, num_domains=3)))) for i in range(5)
+    ]
     assert seq == [0, 1, 2, 0, 1, 2]
     rnd = make_method("random", 4, seed=1)
     picks = [int(np.argmax(rnd.update(DomainStats(step=i, num_domains=4)))) for i in range(400)]

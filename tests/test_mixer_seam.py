@@ -25,8 +25,9 @@ def grads(model):
 def run_steps(accumulation, steps=6, method="uniform", seed=0, backward_fn=None, model=None, **kw):
     torch.manual_seed(0)
     model = model or TinyLM()
-    mixer = Mixer(make_domains(), method, 12, model=model, accumulation_steps=accumulation, update_every=2,
-                  seed=seed, **kw)
+    mixer = Mixer(
+        make_domains(), method, 12, model=model, accumulation_steps=accumulation, update_every=2, seed=seed, **kw
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     drawn, grad_log = [], []
     micro = []
@@ -35,8 +36,14 @@ def run_steps(accumulation, steps=6, method="uniform", seed=0, backward_fn=None,
         mixer.backward(model, batch, loss_fn, backward_fn=backward_fn)
         if (i + 1) % accumulation == 0:
             grad_log.append(grads(model))
-            drawn.append(sorted(zip(torch.cat([b["domain"] for b in micro]).tolist(),
-                                    torch.cat([b["index"] for b in micro]).tolist())))
+            drawn.append(
+                sorted(
+                    zip(
+                        torch.cat([b["domain"] for b in micro]).tolist(),
+                        torch.cat([b["index"] for b in micro]).tolist(),
+                    )
+                )
+            )
             micro = []
             opt.step()
             opt.zero_grad()
@@ -58,8 +65,9 @@ def test_accumulation_trades_memory_never_data(method):
 
 def test_accumulation_with_pike_measures_pooled_statistics():
     # gradmix_v1: its weights move on this tiny data (the default's shrinkage leaves them uniform here)
-    mixer, _, _ = run_steps(3, steps=8, method="pike", method_params={"variant": "gradmix_v1", "min_weight": 0.01},
-                            log_every=2)
+    mixer, _, _ = run_steps(
+        3, steps=8, method="pike", method_params={"variant": "gradmix_v1", "min_weight": 0.01}, log_every=2
+    )
     assert not np.allclose(mixer.weights, 1 / 3)  # the pooled statistics moved the weights
     records = list(mixer.history)
     assert [r["step"] for r in records] == [2, 4, 6, 8]
@@ -97,8 +105,7 @@ def test_grad_scaler_backward_gives_the_same_mix_as_a_plain_backward():
 
     torch.manual_seed(0)
     model = TinyLM()
-    mixer = Mixer(make_domains(), "pike", 12, model=model, update_every=2,
-                  method_params={"min_weight": 0.01})
+    mixer = Mixer(make_domains(), "pike", 12, model=model, update_every=2, method_params={"min_weight": 0.01})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for batch in mixer.batches(8):
         mixer.backward(model, batch, loss_fn, backward_fn=scaled_backward)
@@ -206,13 +213,19 @@ def test_core_is_driven_without_a_mixer():
     assert outcome.record is not None and outcome.record["step"] == 4
     assert outcome.weights[2] > outcome.weights[0]  # DoReMi moves toward the domain with the highest excess loss
     state = core.state_dict()
-    twin = MixingCore(make_method("doremi", 3, reference_loss=[2.0, 2.0, 2.0]), ["a", "b", "c"], batch_size=8,
-                      update_every=2, log_every=2)
+    twin = MixingCore(
+        make_method("doremi", 3, reference_loss=[2.0, 2.0, 2.0]),
+        ["a", "b", "c"],
+        batch_size=8,
+        update_every=2,
+        log_every=2,
+    )
     twin.load_state_dict(state)
     np.testing.assert_array_equal(twin.weights, core.weights)
     with pytest.raises(ValueError, match="other domains"):
-        MixingCore(make_method("doremi", 3, reference_loss=[2.0] * 3), ["a", "b", "x"],
-                   batch_size=8).load_state_dict(state)
+        MixingCore(make_method("doremi", 3, reference_loss=[2.0] * 3), ["a", "b", "x"], batch_size=8).load_state_dict(
+            state
+        )
 
 
 def test_warnings_still_reach_the_user():

@@ -19,7 +19,8 @@ SMOKE = ROOT / "configs" / "smoke.toml"
 
 @pytest.fixture
 def metric_module(tmp_path, monkeypatch):
-    (tmp_path / "my_metrics.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_metrics.py").write_text(
+        textwrap.dedent("""
         import torch
 
         def first_token_accuracy(model, context):
@@ -32,7 +33,8 @@ def metric_module(tmp_path, monkeypatch):
 
         def defect_rate(model, context):
             return 1.0 / (1 + context.step)
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     return "my_metrics"
 
@@ -94,8 +96,22 @@ def _fake_diagnosis(tmp_path: Path) -> Path:
 def test_own_metric_is_a_column_of_the_comparison(tmp_path, metric_module):
     out = tmp_path / "cmp"
     config = _config(tmp_path, metric_module, writers='["jsonl"]')
-    assert main(["compare", str(config), "--methods", "uniform,round_robin", "--seeds", "0", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(config),
+                "--methods",
+                "uniform,round_robin",
+                "--seeds",
+                "0",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     table = (out / "comparison.md").read_text()
     assert "first_token_accuracy" in table and "defect_rate" in table
     stats = json.loads((out / "comparison_stats.json").read_text())

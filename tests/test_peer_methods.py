@@ -30,7 +30,7 @@ def test_doremi_single_step_matches_hand_computation():
     # lambda = max(L - ref, 0) = (1, 0, 2); from uniform, alpha' ~ (e, 1, e^2).
     method = DoReMi(3, reference_loss=[2.0, 2.5, 3.0], step_size=1.0, smoothing=0.1)
     w = method.update(record([3.0, 2.0, 5.0]))
-    tilted = np.array([math.e, 1.0, math.e ** 2]) / (math.e + 1.0 + math.e ** 2)
+    tilted = np.array([math.e, 1.0, math.e**2]) / (math.e + 1.0 + math.e**2)
     np.testing.assert_allclose(w, 0.9 * tilted + 0.1 / 3, rtol=0, atol=1e-15)
 
 
@@ -58,7 +58,7 @@ def test_doremi_missing_domain_keeps_its_weight_others_share_the_rest():
     method = DoReMi(3, reference_loss=[1.0, 1.0, 1.0], step_size=1.0, smoothing=0.0)
     w = method.update(record([NAN, 2.0, 4.0]))  # lambda (-, 1, 3)
     assert w[0] == pytest.approx(1 / 3, abs=1e-15)
-    share = np.array([math.e, math.e ** 3]) / (math.e + math.e ** 3)
+    share = np.array([math.e, math.e**3]) / (math.e + math.e**3)
     np.testing.assert_allclose(w[1:], (2 / 3) * share, atol=1e-15)
     assert method.last_skip_reason is None
 
@@ -286,7 +286,7 @@ def test_famo_losses_at_or_below_min_loss_count_as_missing():
 def test_famo_upweights_the_domain_whose_loss_falls_slowest():
     method = FAMO(3)
     for t in range(200):
-        w = method.update(record([3.0 * 0.99 ** t, 3.0 * 0.995 ** t, 3.0 * 0.999 ** t]))
+        w = method.update(record([3.0 * 0.99**t, 3.0 * 0.995**t, 3.0 * 0.999**t]))
     assert w[0] < w[1] < w[2]
 
 

@@ -18,6 +18,7 @@ torch.set_num_threads(1)
 
 # -- two small real models ----------------------------------------------------------------------------------------
 
+
 class MLP(nn.Module):
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
@@ -32,14 +33,19 @@ class MLP(nn.Module):
 def mlp_loss(model: nn.Module, batch) -> torch.Tensor:
     # "class_weight" (shape (3,)) and "label_smoothing" (a float) are not per-example: they must pass through.
     logits = model(batch["x"])
-    return nn.functional.cross_entropy(logits, batch["y"], weight=batch["class_weight"],
-                                       label_smoothing=batch["label_smoothing"], reduction="none")
+    return nn.functional.cross_entropy(
+        logits, batch["y"], weight=batch["class_weight"], label_smoothing=batch["label_smoothing"], reduction="none"
+    )
 
 
 def mlp_batch(n: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(n, 4, generator=gen), "y": torch.randint(0, 3, (n,), generator=gen),
-            "class_weight": torch.tensor([1.0, 2.0, 0.5]), "label_smoothing": 0.1}
+    return {
+        "x": torch.randn(n, 4, generator=gen),
+        "y": torch.randint(0, 3, (n,), generator=gen),
+        "class_weight": torch.tensor([1.0, 2.0, 0.5]),
+        "label_smoothing": 0.1,
+    }
 
 
 class TinyLM(nn.Module):
@@ -70,10 +76,13 @@ MODELS = {"mlp": (MLP, mlp_loss, mlp_batch), "lm": (TinyLM, lm_loss, lm_batch)}
 
 # -- brute force --------------------------------------------------------------------------------------------------
 
+
 def take(batch: dict, rows, n: int) -> dict:
     rows = torch.as_tensor(rows, dtype=torch.long)
-    return {key: (value[rows] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n else value)
-            for key, value in batch.items()}
+    return {
+        key: (value[rows] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n else value)
+        for key, value in batch.items()
+    }
 
 
 def per_sample_gradients(model, loss_fn, batch, n, params) -> np.ndarray:
@@ -81,8 +90,11 @@ def per_sample_gradients(model, loss_fn, batch, n, params) -> np.ndarray:
     for i in range(n):
         loss = loss_fn(model, take(batch, [i], n)).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                               for g, p in zip(grads, params)]).double().numpy())
+        rows.append(
+            torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+            .double()
+            .numpy()
+        )
     return np.stack(rows)
 
 
@@ -107,9 +119,13 @@ def brute_statistics(per_sample: np.ndarray, groups: np.ndarray, num_groups: int
         sizes = np.array([len(p) for p in parts], dtype=float)
         part_means = np.stack([per_sample[p].mean(axis=0) for p in parts])
         n = sizes.sum()
-        cross = sum(sizes[i] * sizes[j] * part_means[i] @ part_means[j]
-                    for i in range(len(parts)) for j in range(len(parts)) if i != j)
-        sq[k] = cross / (n ** 2 - (sizes ** 2).sum())
+        cross = sum(
+            sizes[i] * sizes[j] * part_means[i] @ part_means[j]
+            for i in range(len(parts))
+            for j in range(len(parts))
+            if i != j
+        )
+        sq[k] = cross / (n**2 - (sizes**2).sum())
         var[k] = sum(sizes[i] * np.sum((part_means[i] - means[k]) ** 2) for i in range(len(parts))) / (len(parts) - 1)
     return sq, var, means
 
@@ -133,6 +149,7 @@ GROUPS = torch.tensor([0, 1, 0, 2, 1, 0, 0, 1, 2, 0, 1, 2, 0])  # sizes 6, 4, 3 
 
 # -- (a) the optimizer receives exactly the mixed batch's gradient ------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["mlp", "lm"])
 @pytest.mark.parametrize("measure", [False, True])
 @pytest.mark.parametrize("preexisting", [False, True])
@@ -147,8 +164,9 @@ def test_gradient_equals_plain_backward(name, measure, preexisting):
             p.grad = offset.clone()
         expected = [e + o for e, o in zip(expected, offsets)]
     probe = GradientProbe(model, num_splits=3, gram=True)
-    result = probe.backward(batch, GROUPS, 3, loss_fn, measure=measure,
-                            target_batch=make_batch(5, seed=2) if measure else None)
+    result = probe.backward(
+        batch, GROUPS, 3, loss_fn, measure=measure, target_batch=make_batch(5, seed=2) if measure else None
+    )
     assert_grads_close(model, expected)
     assert isinstance(result, ProbeResult)
 
@@ -175,6 +193,7 @@ def test_statistics_do_not_depend_on_preexisting_gradient():
 
 # -- (b) statistics equal the formulas on brute-force per-sample gradients -----------------------------------------
 
+
 @pytest.mark.parametrize("name", ["mlp", "lm"])
 @pytest.mark.parametrize("num_splits", [2, 4, 100])
 def test_statistics_match_brute_force(name, num_splits):
@@ -190,7 +209,8 @@ def test_statistics_match_brute_force(name, num_splits):
     sq, var, means = brute_statistics(per_sample, groups, 3, num_splits)
 
     result = GradientProbe(model, num_splits=num_splits, gram=True).backward(
-        batch, GROUPS, 3, loss_fn, measure=True, target_batch=target)
+        batch, GROUPS, 3, loss_fn, measure=True, target_batch=target
+    )
 
     np.testing.assert_array_equal(result.examples, [6, 4, 3])
     np.testing.assert_allclose(result.loss, [losses[groups == k].mean() for k in range(3)], rtol=1e-5)
@@ -226,6 +246,7 @@ def test_plain_step_returns_losses_only():
 
 
 # -- (c) unbiasedness over a finite population ----------------------------------------------------------------------
+
 
 def test_estimates_are_unbiased_and_naive_norm_is_not():
     """loss_j = <w, x_j> makes the per-sample gradient x_j itself, so a fixed set of rows is a finite population of
@@ -266,6 +287,7 @@ def test_estimates_are_unbiased_and_naive_norm_is_not():
 
 
 # -- (d) degenerate groups --------------------------------------------------------------------------------------------
+
 
 def test_absent_and_single_example_groups_are_nan_and_still_trained():
     model = MLP()
@@ -338,12 +360,16 @@ def test_nan_gradient_does_not_raise_and_spares_the_other_groups():
 
 # -- (e) parameter subsets --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec, expected_names", [
-    ("last:2", ["out.weight", "out.bias"]),
-    (["hidden"], ["hidden.weight", "hidden.bias"]),
-    (["out.weight", "hidden.bias"], ["hidden.bias", "out.weight"]),
-    (lambda name, p: name.endswith("bias"), ["hidden.bias", "out.bias"]),
-])
+
+@pytest.mark.parametrize(
+    "spec, expected_names",
+    [
+        ("last:2", ["out.weight", "out.bias"]),
+        (["hidden"], ["hidden.weight", "hidden.bias"]),
+        (["out.weight", "hidden.bias"], ["hidden.bias", "out.weight"]),
+        (lambda name, p: name.endswith("bias"), ["hidden.bias", "out.bias"]),
+    ],
+)
 def test_parameter_subset_matches_brute_force(spec, expected_names):
     model = MLP()
     n = len(GROUPS)
@@ -399,12 +425,14 @@ def test_input_errors():
 
 # -- (f) Adam-preconditioned alignment ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bias_correction", [True, False])
 def test_adam_preconditioned_alignment_matches_brute_force(bias_correction):
     model = MLP()
     # out.bias is left out of the optimizer: it has no state and must stay unpreconditioned.
-    optimizer = torch.optim.AdamW([model.hidden.weight, model.hidden.bias, model.out.weight], lr=1e-2,
-                                  betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(
+        [model.hidden.weight, model.hidden.bias, model.out.weight], lr=1e-2, betas=(0.9, 0.99)
+    )
     for step in range(3):
         optimizer.zero_grad()
         mlp_loss(model, mlp_batch(8, seed=20 + step)).mean().backward()
@@ -422,7 +450,7 @@ def test_adam_preconditioned_alignment_matches_brute_force(bias_correction):
         if state:
             second = state["exp_avg_sq"].double().numpy().reshape(-1)
             if bias_correction:
-                second = second / (1 - 0.99 ** 3)
+                second = second / (1 - 0.99**3)
             scales.append(1.0 / (np.sqrt(second) + eps))
         else:
             scales.append(np.ones(p.numel()))

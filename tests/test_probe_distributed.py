@@ -69,8 +69,15 @@ def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
         outputs = {}
         for measure in (True, False):
             wrapped.zero_grad(set_to_none=True)
-            result = probe.backward(mine, groups, NUM_GROUPS, loss_fn, measure=measure,
-                                    target_batch=my_target if measure else None, global_batch_size=len(GROUPS))
+            result = probe.backward(
+                mine,
+                groups,
+                NUM_GROUPS,
+                loss_fn,
+                measure=measure,
+                target_batch=my_target if measure else None,
+                global_batch_size=len(GROUPS),
+            )
             outputs[measure] = {"result": result.__dict__, "grads": [p.grad.clone() for p in model.parameters()]}
         torch.save(outputs, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -102,7 +109,7 @@ def local_estimates(samples: np.ndarray, groups: np.ndarray, k: int):
     means = [samples[p].mean(axis=0) for p in parts]
     total = sizes.sum()
     overall = samples[members].mean(axis=0)
-    sq = 2 * sizes[0] * sizes[1] * (means[0] @ means[1]) / (total ** 2 - (sizes ** 2).sum())
+    sq = 2 * sizes[0] * sizes[1] * (means[0] @ means[1]) / (total**2 - (sizes**2).sum())
     var = sum(s * np.sum((m - overall) ** 2) for s, m in zip(sizes, means))
     return sq, var, total
 
@@ -129,8 +136,9 @@ def test_ranks_agree_and_match_single_process(mode, tmp_path):
             if isinstance(value, np.ndarray):
                 np.testing.assert_array_equal(value, second["result"][key], err_msg=key)
             else:
-                assert value == second["result"][key] or (value != value and second["result"][key] != second[
-                    "result"][key]), key
+                assert value == second["result"][key] or (
+                    value != value and second["result"][key] != second["result"][key]
+                ), key
         for rank_output in (first, second):
             for got, want in zip(rank_output["grads"], expected_grads):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -150,13 +158,19 @@ def test_ranks_agree_and_match_single_process(mode, tmp_path):
             continue
         weights = np.array([e[2] for e in estimates])
         assert result["grad_sq_norm"][k] == pytest.approx(
-            np.dot(weights, [e[0] for e in estimates]) / weights.sum(), rel=1e-4, abs=1e-8)
+            np.dot(weights, [e[0] for e in estimates]) / weights.sum(), rel=1e-4, abs=1e-8
+        )
         assert result["grad_var"][k] == pytest.approx(
-            np.dot(weights, [e[1] for e in estimates]) / weights.sum(), rel=1e-4, abs=1e-8)
+            np.dot(weights, [e[1] for e in estimates]) / weights.sum(), rel=1e-4, abs=1e-8
+        )
     assert np.isfinite(result["grad_sq_norm"][[0, 1]]).all() and np.isnan(result["grad_sq_norm"][[2, 3]]).all()
     # Alignment and Gram off-diagonal are exact global quantities.
-    means = np.stack([samples[k == GROUPS].mean(axis=0) if (k == GROUPS).any() else np.full(samples.shape[1], np.nan)
-                      for k in range(NUM_GROUPS)])
+    means = np.stack(
+        [
+            samples[k == GROUPS].mean(axis=0) if (k == GROUPS).any() else np.full(samples.shape[1], np.nan)
+            for k in range(NUM_GROUPS)
+        ]
+    )
     np.testing.assert_allclose(result["target_alignment"], means @ target_grad, rtol=1e-4)
     assert result["target_loss"] == pytest.approx(target_loss, rel=1e-6)
     gram = means @ means.T

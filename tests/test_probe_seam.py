@@ -19,8 +19,15 @@ def run_probe(backward_fn=None, *, scale_grad=1.0, target=True):
     batch = mlp_batch(len(GROUPS), seed=1)
     expected = plain_gradients(model, mlp_loss, batch)
     probe = GradientProbe(model, num_splits=3, gram=True)
-    result = probe.backward(batch, GROUPS, 3, mlp_loss, measure=True, backward_fn=backward_fn,
-                            target_batch=mlp_batch(5, seed=2) if target else None)
+    result = probe.backward(
+        batch,
+        GROUPS,
+        3,
+        mlp_loss,
+        measure=True,
+        backward_fn=backward_fn,
+        target_batch=mlp_batch(5, seed=2) if target else None,
+    )
     for p, want in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, want * scale_grad, rtol=1e-5, atol=1e-6)
     return result
@@ -71,8 +78,17 @@ def test_accumulated_micro_batches_give_the_full_batch_gradient_and_pooled_losse
     pieces = [torch.arange(0, 5), torch.arange(5, 9), torch.arange(9, n)]
     out = []
     for i, rows in enumerate(pieces):
-        out.append(probe.backward(take(batch, rows, n), GROUPS[rows], 3, mlp_loss, measure=measure,
-                                  global_batch_size=n, final=i == len(pieces) - 1))
+        out.append(
+            probe.backward(
+                take(batch, rows, n),
+                GROUPS[rows],
+                3,
+                mlp_loss,
+                measure=measure,
+                global_batch_size=n,
+                final=i == len(pieces) - 1,
+            )
+        )
     assert out[0] is None and out[1] is None and not probe.accumulating
     for p, want in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6)
@@ -94,8 +110,9 @@ def test_one_example_per_group_per_micro_batch_still_gives_unbiased_pooled_estim
     result = None
     for i in range(4):
         rows = torch.arange(4 * i, 4 * i + 4)
-        result = probe.backward(take(batch, rows, n), groups[rows], 3, mlp_loss, measure=True,
-                                global_batch_size=n, final=i == 3)
+        result = probe.backward(
+            take(batch, rows, n), groups[rows], 3, mlp_loss, measure=True, global_batch_size=n, final=i == 3
+        )
     g = groups.numpy()
     for k in range(3):
         x = per_sample[g == k]

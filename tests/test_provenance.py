@@ -73,15 +73,39 @@ def test_prepare_data_records_the_corpus_and_a_comparison_warns_on_a_different_r
 
 def test_compare_writes_the_corpus_record(tmp_path):
     out = tmp_path / "cmp"
-    assert main(["compare", str(SMOKE), "--methods", "uniform", "--seeds", "0", "--out", str(out), "--no-progress",
-                 "--set", "steps=3"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(SMOKE),
+                "--methods",
+                "uniform",
+                "--seeds",
+                "0",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--set",
+                "steps=3",
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "corpus_record.json").read_text())
     assert record["corpus"] == "tiny" and record["domains"]
 
 
 def test_languages_on_a_corpus_without_languages_is_a_clear_error(tmp_path, capsys):
-    args = ["run", str(SMOKE), "--out", str(tmp_path / "r"), "--set", "data.corpus=domains",
-            "--set", 'data.languages=["en"]']
+    args = [
+        "run",
+        str(SMOKE),
+        "--out",
+        str(tmp_path / "r"),
+        "--set",
+        "data.corpus=domains",
+        "--set",
+        'data.languages=["en"]',
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "data.languages" in err and "domains" in err
@@ -89,8 +113,17 @@ def test_languages_on_a_corpus_without_languages_is_a_clear_error(tmp_path, caps
 
 @pytest.mark.integration
 def test_data_languages_choose_the_languages_of_a_real_multilingual_corpus():
-    cfg = load_config(SMOKE, {"data": {"corpus": "multilingual", "languages": ["fi", "tr"], "max_docs_per_domain": 6,
-                                       "tokenizer_docs_per_domain": 6}})
+    cfg = load_config(
+        SMOKE,
+        {
+            "data": {
+                "corpus": "multilingual",
+                "languages": ["fi", "tr"],
+                "max_docs_per_domain": 6,
+                "tokenizer_docs_per_domain": 6,
+            }
+        },
+    )
     data = prepare_data(cfg)
     assert data.train.names == ["fi", "tr"]
     record = data.info["corpus_record"]

@@ -33,17 +33,40 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # -- synthetic run folders -------------------------------------------------------------------------------------
 
-def write_run(run_dir: Path, *, method: str, seed: int, eval_steps, avg_losses, domains=("en", "fr"),
-              spread: float = 0.1, steps: int | None = None, accuracy: bool = False, target: bool = False,
-              summary: bool = True, summary_avg: float | None = None, log_every: int = 50) -> Path:
+
+def write_run(
+    run_dir: Path,
+    *,
+    method: str,
+    seed: int,
+    eval_steps,
+    avg_losses,
+    domains=("en", "fr"),
+    spread: float = 0.1,
+    steps: int | None = None,
+    accuracy: bool = False,
+    target: bool = False,
+    summary: bool = True,
+    summary_avg: float | None = None,
+    log_every: int = 50,
+) -> Path:
     """A run whose per-domain validation losses at eval step i are avg_losses[i] -/+ spread (two domains), so the
     average is avg_losses[i] and the worst is avg_losses[i] + spread."""
     run_dir.mkdir(parents=True)
     domains = list(domains)
     steps = steps if steps is not None else int(eval_steps[-1])
     offsets = np.linspace(-spread, spread, len(domains))
-    config = {"name": run_dir.name, "method": method, "method_params": {}, "seed": seed, "domains": domains,
-              "batch_size": 8, "steps": steps, "corpus": "synthetic", "target": "en" if target else None}
+    config = {
+        "name": run_dir.name,
+        "method": method,
+        "method_params": {},
+        "seed": seed,
+        "domains": domains,
+        "batch_size": 8,
+        "steps": steps,
+        "corpus": "synthetic",
+        "target": "en" if target else None,
+    }
     (run_dir / "config.json").write_text(json.dumps(config))
     evals = dict(zip((int(s) for s in eval_steps), avg_losses))
     logged = sorted(set(range(0, steps + 1, log_every)) | set(evals))
@@ -51,9 +74,13 @@ def write_run(run_dir: Path, *, method: str, seed: int, eval_steps, avg_losses, 
     for step in logged:
         share = 0.5 + 0.3 * math.sin(step / 100.0 + seed)
         weights = {domains[0]: share, **{d: (1 - share) / (len(domains) - 1) for d in domains[1:]}}
-        record = {"step": step, "weights": weights,
-                  "train_loss": {d: 3.0 - step / (2.0 * steps) for d in domains},
-                  "tokens": {d: 100 * step for d in domains}, "repeats": {d: step // 200 for d in domains}}
+        record = {
+            "step": step,
+            "weights": weights,
+            "train_loss": {d: 3.0 - step / (2.0 * steps) for d in domains},
+            "tokens": {d: 100 * step for d in domains},
+            "repeats": {d: step // 200 for d in domains},
+        }
         if step in evals:
             record["val_loss"] = {d: evals[step] + off for d, off in zip(domains, offsets)}
             if accuracy:
@@ -64,9 +91,16 @@ def write_run(run_dir: Path, *, method: str, seed: int, eval_steps, avg_losses, 
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if summary:
         final = avg_losses[-1] if summary_avg is None else summary_avg
-        data = {"method": method, "seed": seed, "steps": steps,
-                "final_val_loss": {d: final + off for d, off in zip(domains, offsets)},
-                "avg_val_loss": final, "worst_val_loss": final + spread, "wall_time_s": 12.5, "step_time_s": 0.01}
+        data = {
+            "method": method,
+            "seed": seed,
+            "steps": steps,
+            "final_val_loss": {d: final + off for d, off in zip(domains, offsets)},
+            "avg_val_loss": final,
+            "worst_val_loss": final + spread,
+            "wall_time_s": 12.5,
+            "step_time_s": 0.01,
+        }
         if accuracy:
             data["final_val_accuracy"] = {d: 0.51 for d in domains}
             data["avg_val_accuracy"] = 0.51 + 0.01 * seed
@@ -90,16 +124,24 @@ def comparison_folder(root: Path, finals: dict[str, list[float]], **kwargs) -> P
             name = f"{method}-seed{seed}"
             write_run(root / name, method=method, seed=seed, eval_steps=eval_steps, avg_losses=losses, **kwargs)
             runs.append(name)
-    (root / "comparison.json").write_text(json.dumps({"runs": runs, "methods": list(finals),
-                                                      "seeds": list(range(max(len(v) for v in finals.values())))}))
+    (root / "comparison.json").write_text(
+        json.dumps({"runs": runs, "methods": list(finals), "seeds": list(range(max(len(v) for v in finals.values())))})
+    )
     return root
 
 
 # -- Student t and confidence intervals ------------------------------------------------------------------------
 
 # Two-sided 95% / 99% critical values from printed t tables.
-KNOWN_T = [(0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 4, 2.776), (0.975, 10, 2.228), (0.95, 10, 1.812),
-           (0.995, 30, 2.750), (0.975, 1000, 1.962)]
+KNOWN_T = [
+    (0.975, 1, 12.706),
+    (0.975, 2, 4.303),
+    (0.975, 4, 2.776),
+    (0.975, 10, 2.228),
+    (0.95, 10, 1.812),
+    (0.995, 30, 2.750),
+    (0.975, 1000, 1.962),
+]
 
 
 @pytest.mark.parametrize("p, df, expected", KNOWN_T)
@@ -171,9 +213,13 @@ def test_mean_ci_edge_cases():
 
 # -- loading and steps-to-reach --------------------------------------------------------------------------------
 
+
 def test_steps_to_reach_interpolates_between_evals(tmp_path):
-    run = load_run(write_run(tmp_path / "r", method="uniform", seed=0, eval_steps=[0, 100, 200, 300],
-                             avg_losses=[4.0, 3.0, 2.0, 1.5]))
+    run = load_run(
+        write_run(
+            tmp_path / "r", method="uniform", seed=0, eval_steps=[0, 100, 200, 300], avg_losses=[4.0, 3.0, 2.0, 1.5]
+        )
+    )
     assert steps_to_reach(run, 2.5) == pytest.approx(150.0)
     assert steps_to_reach(run, 2.2) == pytest.approx(180.0)
     assert steps_to_reach(run, 3.0) == pytest.approx(100.0)  # exact hit on an eval point
@@ -187,8 +233,9 @@ def test_steps_to_reach_interpolates_between_evals(tmp_path):
 
 
 def test_steps_to_reach_takes_first_crossing_and_skips_incomplete_evals(tmp_path):
-    path = write_run(tmp_path / "r", method="pike", seed=0, eval_steps=[0, 100, 200, 300],
-                     avg_losses=[3.0, 2.0, 2.6, 1.0])
+    path = write_run(
+        tmp_path / "r", method="pike", seed=0, eval_steps=[0, 100, 200, 300], avg_losses=[3.0, 2.0, 2.6, 1.0]
+    )
     run = load_run(path)
     assert steps_to_reach(run, 2.5) == pytest.approx(50.0)
     # Blank one domain at step 100: that evaluation no longer counts, so the crossing is 0 -> 300.
@@ -218,8 +265,15 @@ def test_load_run_errors_name_the_folder(tmp_path):
 
 
 def test_load_run_without_summary_or_config(tmp_path):
-    path = write_run(tmp_path / "dga-seed3", method="dga", seed=3, eval_steps=[0, 100, 200],
-                     avg_losses=[3.0, 2.5, 2.2], summary=False, target=True)
+    path = write_run(
+        tmp_path / "dga-seed3",
+        method="dga",
+        seed=3,
+        eval_steps=[0, 100, 200],
+        avg_losses=[3.0, 2.5, 2.2],
+        summary=False,
+        target=True,
+    )
     (path / "config.json").unlink()
     run = load_run(path)
     assert run.summary_derived
@@ -269,8 +323,9 @@ def test_compare_runs_hand_numbers(tmp_path):
 
 def test_compare_runs_single_seed_missing_baseline_and_optional_fields(tmp_path):
     eval_steps, losses = linear_losses(2.0)
-    run = write_run(tmp_path / "pike-seed0", method="pike", seed=0, eval_steps=eval_steps, avg_losses=losses,
-                    accuracy=True)
+    run = write_run(
+        tmp_path / "pike-seed0", method="pike", seed=0, eval_steps=eval_steps, avg_losses=losses, accuracy=True
+    )
     result = compare_runs([run])
     assert result["baseline"] is None and "relative" not in result["methods"]["pike"]
     assert result["metrics"] == ["avg_val_loss", "worst_val_loss", "avg_val_accuracy"]
@@ -282,8 +337,10 @@ def test_compare_runs_single_seed_missing_baseline_and_optional_fields(tmp_path)
 
 def test_compare_runs_diverged_seed_and_duplicates(tmp_path):
     eval_steps, losses = linear_losses(2.0)
-    paths = [write_run(tmp_path / f"odm-seed{s}", method="odm", seed=s, eval_steps=eval_steps, avg_losses=losses)
-             for s in (0, 1)]
+    paths = [
+        write_run(tmp_path / f"odm-seed{s}", method="odm", seed=s, eval_steps=eval_steps, avg_losses=losses)
+        for s in (0, 1)
+    ]
     summary = json.loads((paths[1] / "summary.json").read_text())
     summary["avg_val_loss"] = float("nan")
     (paths[1] / "summary.json").write_text(json.dumps(summary))
@@ -299,6 +356,7 @@ def test_compare_runs_diverged_seed_and_duplicates(tmp_path):
 
 # -- reports ---------------------------------------------------------------------------------------------------
 
+
 def assert_valid_png(path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
@@ -313,8 +371,12 @@ def test_report_for_a_comparison_folder(tmp_path):
     pytest.importorskip("matplotlib")
     from gradmix_kit.report import write_report
 
-    cmp_dir = comparison_folder(tmp_path / "cmp", {"uniform": [2.0, 2.2], "fair_pike": [1.9, 2.1], "dga": [2.1, 2.0]},
-                                accuracy=True, target=True)
+    cmp_dir = comparison_folder(
+        tmp_path / "cmp",
+        {"uniform": [2.0, 2.2], "fair_pike": [1.9, 2.1], "dga": [2.1, 2.0]},
+        accuracy=True,
+        target=True,
+    )
     out = tmp_path / "report"
     html_path = write_report([cmp_dir], out, title="Toy <comparison>")
     assert html_path == out / "report.html"
@@ -340,8 +402,15 @@ def test_report_single_minimal_run_and_many_domains(tmp_path):
 
     # No summary.json, no accuracy/target, and 14 domains (more than the per-domain panel limit).
     domains = [f"cluster{i}" for i in range(14)]
-    run = write_run(tmp_path / "run", method="importance", seed=0, eval_steps=[0, 50, 100],
-                    avg_losses=[3.0, 2.8, 2.7], domains=domains, summary=False)
+    run = write_run(
+        tmp_path / "run",
+        method="importance",
+        seed=0,
+        eval_steps=[0, 50, 100],
+        avg_losses=[3.0, 2.8, 2.7],
+        domains=domains,
+        summary=False,
+    )
     html_path = write_report([run], tmp_path / "out")
     text = html_path.read_text()
     assert "importance" in text and "per-domain panels are left out" in text
@@ -353,8 +422,11 @@ def test_report_single_minimal_run_and_many_domains(tmp_path):
     quiet = tmp_path / "quiet"
     quiet.mkdir()
     (quiet / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": s, "weights": {"a": 0.25, "b": 0.75}, "train_loss": {"a": 1.0, "b": None}})
-                + "\n" for s in range(0, 40, 10)))
+        "".join(
+            json.dumps({"step": s, "weights": {"a": 0.25, "b": 0.75}, "train_loss": {"a": 1.0, "b": None}}) + "\n"
+            for s in range(0, 40, 10)
+        )
+    )
     text = write_report([quiet], tmp_path / "out2").read_text()
     assert image_sources(text) == ["weights_00_quiet.png"]
 
@@ -370,8 +442,10 @@ def test_report_rejects_folder_without_metrics(tmp_path):
 
 def test_report_without_matplotlib_says_how_to_install(tmp_path):
     # Run in a child interpreter where importing matplotlib fails, so this process is left untouched.
-    code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from gradmix_kit.report import write_report\n"
-            "try:\n    write_report([], 'unused')\nexcept ImportError as exc:\n    print(exc)\n")
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from gradmix_kit.report import write_report\n"
+        "try:\n    write_report([], 'unused')\nexcept ImportError as exc:\n    print(exc)\n"
+    )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "gradmix[report]" in output.stdout, output.stderr

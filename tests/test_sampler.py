@@ -93,8 +93,13 @@ def test_ties_have_no_index_bias():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4).filter(lambda w: sum(w) > 1e-3),
-                min_size=1, max_size=40), st.integers(1, 24), st.integers(0, 99))
+@given(
+    st.lists(
+        st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4).filter(lambda w: sum(w) > 1e-3), min_size=1, max_size=40
+    ),
+    st.integers(1, 24),
+    st.integers(0, 99),
+)
 def test_zero_weight_gets_nothing_and_batches_stay_full(history, batch, seed):
     _, out = run_reference([30] * 4, batch, history, seed)
     for (d, _, _, _drawn), w in zip(out, history):
@@ -114,7 +119,7 @@ def test_ranks_resume_and_passes(case, data):
     for dom, n in enumerate(sizes):
         stream = np.concatenate([e[d == dom] for d, e, _, _ in out]) if out else np.empty(0)
         for start in range(0, len(stream), n):
-            chunk = stream[start:start + n]
+            chunk = stream[start : start + n]
             assert len(set(chunk.tolist())) == len(chunk) and np.all((chunk >= 0) & (chunk < n))
             if len(chunk) == n:
                 assert sorted(chunk.tolist()) == list(range(n))
@@ -155,8 +160,7 @@ def test_every_pass_is_an_exact_permutation_for_awkward_sizes(n):
 def test_permutation_of_10_to_the_12_is_injective_and_in_range_on_samples():
     n = 10**12
     rng = np.random.default_rng(0)
-    positions = np.unique(np.concatenate([np.arange(200_000), n - 1 - np.arange(100_000),
-                                          rng.integers(0, n, 300_000)]))
+    positions = np.unique(np.concatenate([np.arange(200_000), n - 1 - np.arange(100_000), rng.integers(0, n, 300_000)]))
     keys = mix64(np.full(positions.size, 99, dtype=np.uint64))
     out = feistel_permute(positions, np.full(positions.size, n), np.full(positions.size, half_bits(n)), keys)
     assert out.min() >= 0 and out.max() < n
@@ -260,8 +264,13 @@ def test_all_domains_exhausted_ends_iteration_or_raises_a_clear_error():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(1, 12), min_size=1, max_size=5), st.integers(1, 10), st.integers(1, 3),
-       st.sampled_from(["quota", "multinomial"]), st.integers(0, 99))
+@given(
+    st.lists(st.integers(1, 12), min_size=1, max_size=5),
+    st.integers(1, 10),
+    st.integers(1, 3),
+    st.sampled_from(["quota", "multinomial"]),
+    st.integers(0, 99),
+)
 def test_max_repeats_is_never_exceeded_and_every_example_is_used(sizes, batch, repeats, mode, seed):
     s = MixtureSampler(sizes, batch, seed=seed, max_repeats=repeats, mode=mode)
     drawn = [[] for _ in sizes]
@@ -283,13 +292,16 @@ def test_deficit_round_handles_clipping_and_large_lags():
     assert c.tolist() == [1, 0, 0, 0]
 
 
-@pytest.mark.parametrize("bad, match", [
-    ([0, 0, 0], "all zero"),
-    ([1, -1, 1], "negative value -1.0 for domain 'b'"),
-    ([1, float("nan"), 1], "non-finite value nan for domain 'b'"),
-    ([1, float("inf"), 1], "non-finite value inf for domain 'b'"),
-    ([1, 1], "has 2 entries but there are 3 domains"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([0, 0, 0], "all zero"),
+        ([1, -1, 1], "negative value -1.0 for domain 'b'"),
+        ([1, float("nan"), 1], "non-finite value nan for domain 'b'"),
+        ([1, float("inf"), 1], "non-finite value inf for domain 'b'"),
+        ([1, 1], "has 2 entries but there are 3 domains"),
+    ],
+)
 def test_bad_weights_name_the_fault(bad, match):
     s = MixtureSampler([5, 5, 5], 4, domain_names=["a", "b", "c"])
     with pytest.raises(WeightError, match=match):
@@ -302,22 +314,25 @@ def test_huge_but_finite_weights_are_rescaled_not_zeroed():
     np.testing.assert_allclose(s.weights, [1 / 3] * 3)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(sizes=[5, 0]), "domain 'b' has size 0"),
-    (dict(sizes=[5, -2]), "domain 'b' has size -2"),
-    (dict(sizes=[5, 2.5]), "domain 'b' has size 2.5"),
-    (dict(sizes=[5, True]), "domain 'b' has size True"),
-    (dict(sizes=[5, 2**63]), "domain 'b' has size"),
-    (dict(sizes=[]), "non-empty"),
-    (dict(batch_size=0), "batch_size must be a positive integer"),
-    (dict(batch_size=True), "batch_size must be a positive integer"),
-    (dict(batch_size=2.5), "batch_size must be a positive integer"),
-    (dict(batch_size=5, world_size=2, rank=1), "not divisible by world_size"),
-    (dict(rank=2, world_size=2), "rank must be in"),
-    (dict(mode="poisson"), "mode"),
-    (dict(max_repeats=0), "max_repeats"),
-    (dict(shuffle=[True]), "shuffle has 1 entries"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sizes=[5, 0]), "domain 'b' has size 0"),
+        (dict(sizes=[5, -2]), "domain 'b' has size -2"),
+        (dict(sizes=[5, 2.5]), "domain 'b' has size 2.5"),
+        (dict(sizes=[5, True]), "domain 'b' has size True"),
+        (dict(sizes=[5, 2**63]), "domain 'b' has size"),
+        (dict(sizes=[]), "non-empty"),
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(batch_size=True), "batch_size must be a positive integer"),
+        (dict(batch_size=2.5), "batch_size must be a positive integer"),
+        (dict(batch_size=5, world_size=2, rank=1), "not divisible by world_size"),
+        (dict(rank=2, world_size=2), "rank must be in"),
+        (dict(mode="poisson"), "mode"),
+        (dict(max_repeats=0), "max_repeats"),
+        (dict(shuffle=[True]), "shuffle has 1 entries"),
+    ],
+)
 def test_bad_construction_names_the_fault(kwargs, match):
     args = dict(sizes=[5, 5], batch_size=4, domain_names=["a", "b"])
     args.update(kwargs)

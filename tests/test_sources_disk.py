@@ -37,6 +37,7 @@ def _docs(seed: int = 0, n_docs: int = 40) -> list[list[int]]:
 
 # -- token files ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype,high", [("uint16", 65535), ("uint32", 2**32 - 1)])
 def test_bin_windows_equal_pack_tokens(tmp_path, dtype, high):
     tokens = _stream(1003, high)
@@ -54,7 +55,7 @@ def test_bin_windows_equal_pack_tokens(tmp_path, dtype, high):
     idx = np.array([7, 0, 7, dom.size - 1, 3])
     assert torch.equal(dom.take(idx), expected[torch.from_numpy(idx)])
     # window i is tokens[i*T : i*T + T + 1], checked by explicit slicing too
-    assert dom.take(np.array([5]))[0].tolist() == tokens[5 * T: 5 * T + T + 1].tolist()
+    assert dom.take(np.array([5]))[0].tolist() == tokens[5 * T : 5 * T + T + 1].tolist()
     assert int(got.max()) > 2**15 if dtype == "uint16" else int(got.max()) > 2**31  # no sign wrap
 
 
@@ -156,6 +157,7 @@ def test_token_file_errors(tmp_path):
 
 # -- HF map-style datasets -----------------------------------------------------------------------------------------
 
+
 def test_hf_dataset_take_equals_rows():
     datasets = pytest.importorskip("datasets")
     rows = _stream(25 * (T + 1), 30_000, seed=4).reshape(25, T + 1)
@@ -194,6 +196,7 @@ def test_hf_dataset_errors():
 
 
 # -- streams -------------------------------------------------------------------------------------------------------
+
 
 def _hf_stream(docs):
     datasets = pytest.importorskip("datasets")
@@ -248,7 +251,7 @@ def test_stream_jumps_backward_forward_and_new_pass():
     assert dom.reopens == 3
     # a resume at an arbitrary cursor in a fresh object reads forward to it
     fresh = StreamDomain("s", _hf_stream(docs), T, size=n, buffer_windows=16)
-    assert torch.equal(fresh.take(np.arange(n - 10, n - 2)), expected[n - 10: n - 2])
+    assert torch.equal(fresh.take(np.arange(n - 10, n - 2)), expected[n - 10 : n - 2])
     # pickled copies start over but stay correct
     clone = pickle.loads(pickle.dumps(StreamDomain("s", docs, T, size=n)))
     assert torch.equal(clone.take(np.arange(3, 9)), expected[3:9])
@@ -287,6 +290,7 @@ def test_stream_errors():
 
 # -- DomainSet over mixed kinds ------------------------------------------------------------------------------------
 
+
 def test_domain_set_gather_across_kinds(tmp_path):
     datasets = pytest.importorskip("datasets")
     mem_windows = pack_tokens(_docs(8), T)
@@ -296,12 +300,14 @@ def test_domain_set_gather_across_kinds(tmp_path):
     docs = _docs(11)
     stream_expected = pack_tokens(docs, T)
 
-    ds = DomainSet([
-        Domain("mem", mem_windows),
-        TokenFileDomain("file", tmp_path / "f.bin", T, dtype=np.uint16),
-        HFDatasetDomain("hf", datasets.Dataset.from_dict({"input_ids": hf_rows.tolist()})),
-        StreamDomain("stream", _hf_stream(docs), T, size=stream_expected.shape[0]),
-    ])
+    ds = DomainSet(
+        [
+            Domain("mem", mem_windows),
+            TokenFileDomain("file", tmp_path / "f.bin", T, dtype=np.uint16),
+            HFDatasetDomain("hf", datasets.Dataset.from_dict({"input_ids": hf_rows.tolist()})),
+            StreamDomain("stream", _hf_stream(docs), T, size=stream_expected.shape[0]),
+        ]
+    )
     assert ds.shuffle == [True, True, True, False]
     assert ds.window_tokens == T
     file_expected = pack_tokens([file_tokens], T)
@@ -357,8 +363,9 @@ def test_domain_set_from_token_files_pickles_for_workers(tmp_path):
 def test_domain_set_from_hf_datasets():
     datasets = pytest.importorskip("datasets")
     rows = {k: _stream(6 * (T + 1), 500, seed=s).reshape(6, T + 1) for k, s in (("p", 14), ("q", 15))}
-    ds = DomainSet.from_hf_datasets({k: datasets.Dataset.from_dict({"tok": v.tolist()}) for k, v in rows.items()},
-                                    column="tok")
+    ds = DomainSet.from_hf_datasets(
+        {k: datasets.Dataset.from_dict({"tok": v.tolist()}) for k, v in rows.items()}, column="tok"
+    )
     assert ds.names == ["p", "q"] and ds.sizes == [6, 6]
     got = ds.gather(np.array([1, 0]), np.array([5, 2]))["input_ids"]
     assert torch.equal(got, torch.from_numpy(np.stack([rows["q"][5], rows["p"][2]])))
@@ -377,6 +384,7 @@ def test_in_memory_domain_take_unchanged():
 
 # -- the Mixer over disk and stream domains ----------------------------------------------------------------------
 
+
 def _disk_mixer(tmp_path, seed: int = 0):
     from gradmix import Mixer
 
@@ -388,9 +396,13 @@ def _disk_mixer(tmp_path, seed: int = 0):
     n_stream = (sum(len(d) for d in docs) - 1) // T
     rows = pack_tokens([_stream(3000, 900, seed=3)], T).numpy()
     table = datasets.Dataset.from_dict({"input_ids": rows.tolist()})
-    domains = DomainSet([TokenFileDomain("file", tmp_path / "a.bin", T, dtype="uint16"),
-                         StreamDomain("stream", stream, T, size=n_stream),
-                         HFDatasetDomain("table", table)])
+    domains = DomainSet(
+        [
+            TokenFileDomain("file", tmp_path / "a.bin", T, dtype="uint16"),
+            StreamDomain("stream", stream, T, size=n_stream),
+            HFDatasetDomain("table", table),
+        ]
+    )
     return Mixer(domains, "fixed", 12, method_params={"weights": [0.5, 0.3, 0.2]}, seed=seed), domains
 
 

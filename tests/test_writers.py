@@ -16,11 +16,22 @@ from gradmix.writers import CsvWriter, flatten_record, make_writers, scalar_metr
 
 RECORDS = [
     {"step": 1, "weights": {"en": 0.5, "de": 0.5}, "train_loss": {"en": 2.0, "de": None}, "max_weight": 0.5},
-    {"step": 2, "weights": {"en": 0.6, "de": 0.4}, "train_loss": {"en": 1.9, "de": 2.2}, "max_weight": 0.6,
-     "val_loss": {"en": 2.1, "de": 2.4}, "train_val_gap": {"en": 0.2, "de": 0.2},
-     "alerts": [{"kind": "collapse", "step": 2, "domain": "en", "message": "step 2: the mix collapsed, 'x'"}]},
-    {"step": 3, "weights": {"en": 0.7, "de": 0.3}, "train_loss": {"en": float("nan"), "de": 2.1},
-     "max_weight": 0.7, "update_terms": {"gain": {"en": 0.1, "de": 0.2}}},
+    {
+        "step": 2,
+        "weights": {"en": 0.6, "de": 0.4},
+        "train_loss": {"en": 1.9, "de": 2.2},
+        "max_weight": 0.6,
+        "val_loss": {"en": 2.1, "de": 2.4},
+        "train_val_gap": {"en": 0.2, "de": 0.2},
+        "alerts": [{"kind": "collapse", "step": 2, "domain": "en", "message": "step 2: the mix collapsed, 'x'"}],
+    },
+    {
+        "step": 3,
+        "weights": {"en": 0.7, "de": 0.3},
+        "train_loss": {"en": float("nan"), "de": 2.1},
+        "max_weight": 0.7,
+        "update_terms": {"gain": {"en": 0.1, "de": 0.2}},
+    },
 ]
 
 
@@ -65,8 +76,16 @@ def test_tensorboard_event_file_written_and_read_back(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"weights/en", "weights/de", "train_loss/en", "max_weight", "val_loss/de", "train_val_gap/en",
-            "update_terms/gain/en", "alerts_count"} <= tags
+    assert {
+        "weights/en",
+        "weights/de",
+        "train_loss/en",
+        "max_weight",
+        "val_loss/de",
+        "train_val_gap/en",
+        "update_terms/gain/en",
+        "alerts_count",
+    } <= tags
     assert [(e.step, round(e.value, 6)) for e in acc.Scalars("weights/en")] == [(1, 0.5), (2, 0.6), (3, 0.7)]
     assert [e.step for e in acc.Scalars("val_loss/en")] == [2]
     assert [e.step for e in acc.Scalars("train_loss/en")] == [1, 2]  # the NaN at step 3 is not a point
@@ -128,11 +147,13 @@ def test_wandb_offline_run_written_and_read_back(tmp_path, monkeypatch):
     for record in _read_wandb_records(log):
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.history.item})
+            history.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
         elif kind == "summary":
-            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.summary.update})
+            summary.update(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.summary.update}
+            )
     assert [h["_step"] for h in history] == [1, 2, 3]
     assert [h["weights/en"] for h in history] == [0.5, 0.6, 0.7]
     assert history[1]["val_loss/de"] == 2.4 and history[1]["alerts_count"] == 1

@@ -51,7 +51,7 @@ SUMMARY_METRICS: dict[str, tuple[str, bool]] = {
 def summary_value(summary: dict[str, Any], key: str) -> Any:
     """A summary metric by key: a top-level field, or ``eval_metrics/<name>`` (your own metric's final value)."""
     if key.startswith("eval_metrics/"):
-        return (summary.get("eval_metrics") or {}).get(key[len("eval_metrics/"):])
+        return (summary.get("eval_metrics") or {}).get(key[len("eval_metrics/") :])
     return summary.get(key)
 
 
@@ -65,7 +65,7 @@ def metric_label(key: str, result: dict[str, Any] | None = None) -> tuple[str, b
         label, lower = labels[key]
         return str(label), bool(lower)
     if key.startswith("eval_metrics/"):
-        return key[len("eval_metrics/"):], False
+        return key[len("eval_metrics/") :], False
     return key, True
 
 
@@ -85,6 +85,7 @@ class RunFolderError(ValueError):
 
 
 # -- Student t quantile ----------------------------------------------------------------------------------------
+
 
 def t_quantile(p: float, df: float) -> float:
     """Quantile of Student's t distribution with ``df`` degrees of freedom (e.g. t_{0.975, 2} = 4.303), from
@@ -126,6 +127,7 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, f
 
 # -- run folders -----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Run:
     """One run folder, loaded. ``summary_derived`` is True when summary.json was absent (e.g. a run still going)
@@ -141,8 +143,12 @@ class Run:
     @property
     def method(self) -> str:
         """The name runs are grouped by: the config's label (a named variant of a method), else the method."""
-        return str(self.config.get("label") or self.config.get("method") or self.summary.get("method")
-                   or _parse_folder_name(self.path)[0])
+        return str(
+            self.config.get("label")
+            or self.config.get("method")
+            or self.summary.get("method")
+            or _parse_folder_name(self.path)[0]
+        )
 
     @property
     def seed(self) -> int | None:
@@ -268,8 +274,14 @@ def load_run(run_dir: str | Path) -> Run:
         summary, derived = _read_json(summary_path), False
     else:
         summary, derived = _summary_from_metrics(metrics, config), True
-    return Run(path=path, config=config, metrics=metrics, summary=summary, summary_derived=derived,
-               domains=_domain_order(config, metrics))
+    return Run(
+        path=path,
+        config=config,
+        metrics=metrics,
+        summary=summary,
+        summary_derived=derived,
+        domains=_domain_order(config, metrics),
+    )
 
 
 def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
@@ -295,15 +307,16 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
 
 # -- time series -----------------------------------------------------------------------------------------------
 
+
 def _eval_value(record: dict[str, Any], key: str) -> float | None:
     if key == "target_val_loss":
         return _finite(record.get("target_val_loss"))
     if key.startswith("eval_metrics/"):
-        return _scalar_metric((record.get("eval_metrics") or {}).get(key[len("eval_metrics/"):]))
+        return _scalar_metric((record.get("eval_metrics") or {}).get(key[len("eval_metrics/") :]))
     if key.startswith("val_loss/"):
-        return _finite((record.get("val_loss") or {}).get(key[len("val_loss/"):]))
+        return _finite((record.get("val_loss") or {}).get(key[len("val_loss/") :]))
     if key.startswith("val_accuracy/"):
-        return _finite((record.get("val_accuracy") or {}).get(key[len("val_accuracy/"):]))
+        return _finite((record.get("val_accuracy") or {}).get(key[len("val_accuracy/") :]))
     source = {"avg_val_loss": "val_loss", "worst_val_loss": "val_loss", "avg_val_accuracy": "val_accuracy"}.get(key)
     if source is None:
         raise ValueError(
@@ -364,21 +377,32 @@ def _last_eval(run: Run, key: str) -> tuple[float, float] | None:
 
 # -- comparison ------------------------------------------------------------------------------------------------
 
+
 def _interval(values: Sequence[float], confidence: float) -> dict[str, Any]:
     """JSON-friendly interval record; non-finite values (diverged seeds) are counted, and make the mean None."""
     arr = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(arr)
-    record: dict[str, Any] = {"n": int(arr.size), "n_nonfinite": int((~finite).sum()),
-                              "values": [float(v) if math.isfinite(v) else None for v in arr],
-                              "mean": None, "low": None, "high": None}
+    record: dict[str, Any] = {
+        "n": int(arr.size),
+        "n_nonfinite": int((~finite).sum()),
+        "values": [float(v) if math.isfinite(v) else None for v in arr],
+        "mean": None,
+        "low": None,
+        "high": None,
+    }
     if arr.size and finite.all():
         mean, low, high = mean_ci(arr, confidence)
         record.update(mean=mean, low=None if math.isnan(low) else low, high=None if math.isnan(high) else high)
     return record
 
 
-def compare_runs(runs: Sequence[Run | str | Path], baseline: str | None = "uniform", *,
-                 confidence: float = 0.95, label: Callable[[Run], str] | None = None) -> dict[str, Any]:
+def compare_runs(
+    runs: Sequence[Run | str | Path],
+    baseline: str | None = "uniform",
+    *,
+    confidence: float = 0.95,
+    label: Callable[[Run], str] | None = None,
+) -> dict[str, Any]:
     """Per-method statistics over seeds, and paired differences against a baseline method.
 
     For each method (``label(run)``, default ``run.method``) and each summary metric present (avg/worst val loss,
@@ -429,8 +453,11 @@ def compare_runs(runs: Sequence[Run | str | Path], baseline: str | None = "unifo
         if baseline_runs:
             entry["relative"] = {}
             for key in metric_keys:
-                pairs = [(summary_value(by_seed[s].summary, key), summary_value(baseline_runs[s].summary, key))
-                         for s in seeds if s in baseline_runs]
+                pairs = [
+                    (summary_value(by_seed[s].summary, key), summary_value(baseline_runs[s].summary, key))
+                    for s in seeds
+                    if s in baseline_runs
+                ]
                 diffs = []
                 for value, reference in pairs:
                     value, reference = _finite(value), _finite(reference)
@@ -510,8 +537,10 @@ def comparison_table(result: dict[str, Any]) -> Table:
     confidence = round(float(result.get("confidence", 0.95)) * 100)
     note = f"Mean ± {confidence}% confidence half-width (Student t over seeds; none with one seed)."
     if baseline:
-        note += (f" Δ: relative difference to {baseline}, paired by seed. Steps ratio: step at which the method's"
-                 f" average validation loss first reaches {baseline}'s final one, divided by {baseline}'s steps.")
+        note += (
+            f" Δ: relative difference to {baseline}, paired by seed. Steps ratio: step at which the method's"
+            f" average validation loss first reaches {baseline}'s final one, divided by {baseline}'s steps."
+        )
     elif result.get("requested_baseline"):
         note += f" Baseline {result['requested_baseline']!r} is not among the runs: no paired differences."
     return Table(header=header, rows=rows, note=note)

@@ -39,11 +39,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     out = _out_folder(Path(args.out) if args.out else _default_out(cfg, cfg["mixing"]["method"]))
     with StopSignals() as stop:  # SIGTERM / SIGINT: checkpoint at the next step boundary, then one line
-        summary = run_experiment(cfg, out, progress=not args.no_progress, resume=args.resume, stop=stop,
-                                 overwrite=args.overwrite)
+        summary = run_experiment(
+            cfg, out, progress=not args.no_progress, resume=args.resume, stop=stop, overwrite=args.overwrite
+        )
     print(f"run folder: {out}")
-    line = (f"avg val loss {summary['avg_val_loss']:.4f}, worst {summary['worst_val_loss']:.4f} "
-            f"({summary['worst_domain']})")
+    line = (
+        f"avg val loss {summary['avg_val_loss']:.4f}, worst {summary['worst_val_loss']:.4f} ({summary['worst_domain']})"
+    )
     if "avg_val_accuracy" in summary:
         line += f", continuation accuracy {summary['avg_val_accuracy']:.3f}"
     if "target_val_loss" in summary:
@@ -67,9 +69,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = _out_folder(Path(args.out) if args.out else _default_out(cfg, "compare"))
     t0 = time.perf_counter()
     with StopSignals() as stop:
-        report = run_comparison(cfg, methods, seeds, out, method_overrides=cfg["compare"]["overrides"],
-                                progress=not args.no_progress, resume=args.resume, stop=stop,
-                                overwrite=args.overwrite)
+        report = run_comparison(
+            cfg,
+            methods,
+            seeds,
+            out,
+            method_overrides=cfg["compare"]["overrides"],
+            progress=not args.no_progress,
+            resume=args.resume,
+            stop=stop,
+            overwrite=args.overwrite,
+        )
     print(f"comparison of {', '.join(methods)} over seeds {seeds} took {time.perf_counter() - t0:.0f}s")
     md = out / "comparison.md"
     if md.exists():
@@ -97,17 +107,22 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out(cfg, "diagnose")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
-    result = run_diagnosis(cfg, out, steps=args.steps, checkpoint=args.checkpoint, threshold=args.threshold,
-                           progress=not args.no_progress)
+    result = run_diagnosis(
+        cfg, out, steps=args.steps, checkpoint=args.checkpoint, threshold=args.threshold, progress=not args.no_progress
+    )
 
     def show(value: Any, digits: int = 3) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
-    print(f"gradient conflict between {len(result['domains'])} domains over {result['usable_measurements']} "
-          f"measured steps: {result['verdict']}")
-    print(f"c = {show(result['c'])}, c_bar = {show(result['c_bar'])}, conflicting pairs: "
-          f"{show(result['conflict_fraction'], 2)} (below -{result['threshold']:g}: "
-          f"{show(result['conflict_fraction_threshold'], 2)})")
+    print(
+        f"gradient conflict between {len(result['domains'])} domains over {result['usable_measurements']} "
+        f"measured steps: {result['verdict']}"
+    )
+    print(
+        f"c = {show(result['c'])}, c_bar = {show(result['c_bar'])}, conflicting pairs: "
+        f"{show(result['conflict_fraction'], 2)} (below -{result['threshold']:g}: "
+        f"{show(result['conflict_fraction_threshold'], 2)})"
+    )
     print(result["recommendation"])
     print(f"diagnosis: {out / 'diagnosis.json'}")
     page = out / "diagnosis.html"
@@ -139,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="override mixing.method")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in the run folder (without it, or --resume, a used folder is refused)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in the run folder (without it, or --resume, a used folder is refused)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -150,8 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated (default: compare.seeds of the config)")
     p.add_argument("--out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the finished runs of --out, continue the ones cut short from their checkpoints")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished runs of --out, continue the ones cut short from their checkpoints",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the runs already in --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
@@ -167,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a .toml or .json experiment config: its model, data and probe settings are used")
     p.add_argument("--steps", type=int, default=30, help="measured steps (default 30)")
     p.add_argument("--checkpoint", help="probe this model checkpoint without training (default: train from scratch)")
-    p.add_argument("--threshold", type=float, default=0.1,
-                   help="a cosine below -THRESHOLD counts as clear conflict (default 0.1)")
+    p.add_argument(
+        "--threshold", type=float, default=0.1, help="a cosine below -THRESHOLD counts as clear conflict (default 0.1)"
+    )
     p.add_argument("--out", help="output folder (default runs/<name>-diagnose-<time>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--no-progress", action="store_true")

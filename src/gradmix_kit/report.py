@@ -45,9 +45,7 @@ def _require_matplotlib() -> tuple[Any, Any]:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ImportError(
-            "gradmix reports need matplotlib; install it with: pip install 'gradmix[report]'"
-        ) from exc
+        raise ImportError("gradmix reports need matplotlib; install it with: pip install 'gradmix[report]'") from exc
     return Figure, FigureCanvasAgg
 
 
@@ -97,8 +95,10 @@ def _grid(count: int, columns: int = 3) -> tuple[int, int]:
 
 # -- series across seeds ---------------------------------------------------------------------------------------
 
-def _mean_over_seeds(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                            np.ndarray] | None:
+
+def _mean_over_seeds(
+    series: list[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """(steps, mean, min, max) over the steps every seed evaluated; None if no step is shared."""
     series = [(s, v) for s, v in series if s.size]
     if not series:
@@ -221,15 +221,32 @@ def _plot_weights(run: Run, path: Path) -> Path | None:
         for alert in alerts:
             kinds.setdefault(str(alert.get("kind")), []).append(str(alert.get("domain") or ""))
         label = "; ".join(f"{kind}: {', '.join(d for d in ds if d)}".rstrip(": ") for kind, ds in kinds.items())
-        axes.text(step, 0.98, label, rotation=90, va="top", ha="right", fontsize="x-small", color=color,
-                  bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0, "pad": 1})
+        axes.text(
+            step,
+            0.98,
+            label,
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize="x-small",
+            color=color,
+            bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0, "pad": 1},
+        )
     if len(domains) <= 20:
         axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     return _save(figure, path)
 
 
-def _plot_metric_grid(groups: dict[str, list[Run]], panels: list[tuple[str, Any]], colors: dict[str, Any],
-                      ylabel: str, suptitle: str, path: Path, *, zero_line: bool = False) -> Path | None:
+def _plot_metric_grid(
+    groups: dict[str, list[Run]],
+    panels: list[tuple[str, Any]],
+    colors: dict[str, Any],
+    ylabel: str,
+    suptitle: str,
+    path: Path,
+    *,
+    zero_line: bool = False,
+) -> Path | None:
     """One panel per (title, series_fn(run) -> (steps, values)); one line per method, mean over seeds with the
     min-max band across seeds."""
     drawn = []
@@ -264,8 +281,11 @@ def _plot_metric_grid(groups: dict[str, list[Run]], panels: list[tuple[str, Any]
 
 
 def _plot_comparison(result: dict[str, Any], colors: dict[str, Any], path: Path) -> Path | None:
-    keys = [k for k in result["metrics"]
-            if any((e.get(k) or {}).get("mean") is not None for e in result["methods"].values())]
+    keys = [
+        k
+        for k in result["metrics"]
+        if any((e.get(k) or {}).get("mean") is not None for e in result["methods"].values())
+    ]
     if not keys:
         return None
     methods = list(result["methods"])
@@ -305,6 +325,7 @@ def _plot_comparison(result: dict[str, Any], colors: dict[str, Any], path: Path)
 
 # -- HTML ------------------------------------------------------------------------------------------------------
 
+
 def _format_number(value: Any, digits: int = 4) -> str:
     try:
         number = float(value)
@@ -315,8 +336,10 @@ def _format_number(value: Any, digits: int = 4) -> str:
 
 def _runs_table(runs: Sequence[Run], out_dir: Path) -> str:
     columns: list[tuple[str, Any]] = [
-        ("run", lambda r: _relative(r.path, out_dir) + (" (no summary.json: from metrics)" if r.summary_derived
-                                                        else "")),
+        (
+            "run",
+            lambda r: _relative(r.path, out_dir) + (" (no summary.json: from metrics)" if r.summary_derived else ""),
+        ),
         ("method", lambda r: r.method),
         ("seed", lambda r: "" if r.seed is None else str(r.seed)),
         ("steps", lambda r: str(r.summary.get("steps", r.metrics[-1]["step"] if r.metrics else ""))),
@@ -334,8 +357,9 @@ def _runs_table(runs: Sequence[Run], out_dir: Path) -> str:
         columns.append(("step time (s)", lambda r: _format_number(r.summary.get("step_time_s"), 3)))
     if any(_max_repeats(r) is not None for r in runs):
         columns.append(("max passes over a domain", lambda r: "" if _max_repeats(r) is None else str(_max_repeats(r))))
-    return render_html(Table(header=[name for name, _ in columns],
-                             rows=[[str(fn(r)) for _, fn in columns] for r in runs]))
+    return render_html(
+        Table(header=[name for name, _ in columns], rows=[[str(fn(r)) for _, fn in columns] for r in runs])
+    )
 
 
 def _max_repeats(run: Run) -> int | None:
@@ -368,12 +392,20 @@ def _figure_html(path: Path | None, out_dir: Path, caption: str) -> str:
     if path is None:
         return ""
     source = html.escape(path.relative_to(out_dir).as_posix(), quote=True)
-    return (f'<figure><img src="{source}" alt="{html.escape(caption, quote=True)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img src="{source}" alt="{html.escape(caption, quote=True)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
-def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str | None = None, *,
-                 baseline: str | None = "uniform", confidence: float = 0.95) -> Path:
+def write_report(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    title: str | None = None,
+    *,
+    baseline: str | None = "uniform",
+    confidence: float = 0.95,
+) -> Path:
     """Write ``report.html`` with its PNG plots, ``comparison.md`` and ``comparison_stats.json`` into ``out_dir``.
 
     ``run_dirs`` are run folders or comparison folders (holding comparison.json; expanded into their runs). Plots:
@@ -398,9 +430,12 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str
     write_json_atomic(out / "comparison_stats.json", result)
 
     figures: list[tuple[Path | None, str]] = []
-    figures.append((_plot_comparison(result, colors, out / "comparison.png"),
-                    "Final metrics per method (bars: mean, whiskers: confidence interval, dots: seeds; dashed: "
-                    "baseline mean)"))
+    figures.append(
+        (
+            _plot_comparison(result, colors, out / "comparison.png"),
+            "Final metrics per method (bars: mean, whiskers: confidence interval, dots: seeds; dashed: baseline mean)",
+        )
+    )
     loss_panels: list[tuple[str, Any]] = [
         ("average over domains", lambda r: eval_series(r, "avg_val_loss")),
         ("worst domain", lambda r: eval_series(r, "worst_val_loss")),
@@ -409,34 +444,80 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str
         loss_panels.append(("target", lambda r: eval_series(r, "target_val_loss")))
     if show_domains:
         loss_panels += [(d, lambda r, d=d: eval_series(r, f"val_loss/{d}")) for d in domains]
-    figures.append((_plot_metric_grid(groups, loss_panels, colors, "validation loss",
-                                      "Validation loss (mean over seeds, band: min-max)", out / "val_loss.png"),
-                    "Validation loss over training steps"))
+    figures.append(
+        (
+            _plot_metric_grid(
+                groups,
+                loss_panels,
+                colors,
+                "validation loss",
+                "Validation loss (mean over seeds, band: min-max)",
+                out / "val_loss.png",
+            ),
+            "Validation loss over training steps",
+        )
+    )
     gap_panels: list[tuple[str, Any]] = [("average over domains", lambda r: _average_gap(r, domains))]
     if show_domains:
         gap_panels += [(d, lambda r, d=d: _train_val_gap(r, d)) for d in domains]
-    figures.append((_plot_metric_grid(groups, gap_panels, colors, "val − train loss",
-                                      "Generalisation gap: validation minus recent training loss",
-                                      out / "train_val_gap.png", zero_line=True),
-                    "Train/validation gap per domain (training loss averaged since the previous evaluation)"))
+    figures.append(
+        (
+            _plot_metric_grid(
+                groups,
+                gap_panels,
+                colors,
+                "val − train loss",
+                "Generalisation gap: validation minus recent training loss",
+                out / "train_val_gap.png",
+                zero_line=True,
+            ),
+            "Train/validation gap per domain (training loss averaged since the previous evaluation)",
+        )
+    )
     metric_names = _eval_metric_names(runs)
     if metric_names:
         metric_panels = [(name, lambda r, name=name: eval_series(r, f"eval_metrics/{name}")) for name in metric_names]
-        figures.append((_plot_metric_grid(groups, metric_panels, colors, "value",
-                                          "Your own evaluation metrics (eval.metrics; mean over seeds, band: min-max)",
-                                          out / "eval_metrics.png"),
-                        "Your own metrics at each evaluation"))
-    kpi_panels = [(label, lambda r, key=key: _record_series(r, key)) for key, label in KPI_PANELS
-                  if any(_record_series(r, key)[0].size for r in runs)]
+        figures.append(
+            (
+                _plot_metric_grid(
+                    groups,
+                    metric_panels,
+                    colors,
+                    "value",
+                    "Your own evaluation metrics (eval.metrics; mean over seeds, band: min-max)",
+                    out / "eval_metrics.png",
+                ),
+                "Your own metrics at each evaluation",
+            )
+        )
+    kpi_panels = [
+        (label, lambda r, key=key: _record_series(r, key))
+        for key, label in KPI_PANELS
+        if any(_record_series(r, key)[0].size for r in runs)
+    ]
     if kpi_panels:
-        figures.append((_plot_metric_grid(groups, kpi_panels, colors, "value",
-                                          "Mixing KPIs (mean over seeds, band: min-max)", out / "kpis.png"),
-                        "KPIs of the mix and cost of the probe and updates over steps"))
+        figures.append(
+            (
+                _plot_metric_grid(
+                    groups,
+                    kpi_panels,
+                    colors,
+                    "value",
+                    "Mixing KPIs (mean over seeds, band: min-max)",
+                    out / "kpis.png",
+                ),
+                "KPIs of the mix and cost of the probe and updates over steps",
+            )
+        )
     for index, (method, members) in enumerate(groups.items()):
         representative = members[0]
         seed = "" if representative.seed is None else f" (seed {representative.seed})"
-        figures.append((_plot_weights(representative, out / f"weights_{index:02d}_{_slug(method)}.png"),
-                        f"Mixing weights over steps: {method}{seed} (dashed lines: alerts)"))
+        figures.append(
+            (
+                _plot_weights(representative, out / f"weights_{index:02d}_{_slug(method)}.png"),
+                f"Mixing weights over steps: {method}{seed} (dashed lines: alerts)",
+            )
+        )
 
     page_title = title or f"gradmix report: {', '.join(groups)}"
     notes = []
@@ -458,9 +539,12 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str
         *[_figure_html(path, out, caption) for path, caption in figures if path is not None],
         *_diagnosis_sections(runs, out),
     ]
-    document = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-                f"<title>{html.escape(page_title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
-                + "\n".join(body) + "\n</body>\n</html>\n")
+    document = (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(page_title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
     report_path = out / "report.html"
     atomic_write(report_path, lambda fh: fh.write(document), mode="w")
     return report_path
@@ -468,12 +552,20 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str
 
 # -- alerts and diagnosis ---------------------------------------------------------------------------------------
 
+
 def _alerts_html(runs: Sequence[Run], out_dir: Path) -> str:
     rows = []
     for run in runs:
         for alert in _alerts(run):
-            rows.append([_relative(run.path, out_dir), str(alert.get("step", "")), str(alert.get("kind", "")),
-                         str(alert.get("domain") or ""), str(alert.get("message", ""))])
+            rows.append(
+                [
+                    _relative(run.path, out_dir),
+                    str(alert.get("step", "")),
+                    str(alert.get("kind", "")),
+                    str(alert.get("domain") or ""),
+                    str(alert.get("message", "")),
+                ]
+            )
     if not rows:
         return '<p class="note">No alerts (collapse, starved, overfitting, repetition) were raised.</p>'
     shown = rows[:200]
@@ -514,18 +606,25 @@ def _diagnosis_summary_html(diagnosis: dict[str, Any]) -> str:
         ["c (max conflict: max over pairs of -cosine, floored at 0)", _format_number(diagnosis.get("c"), 3)],
         ["c-bar (max positive cosine)", _format_number(diagnosis.get("c_bar"), 3)],
         ["share of pairs with cosine < 0", _format_number(diagnosis.get("conflict_fraction"), 3)],
-        [f"share of pairs with cosine < -{diagnosis.get('threshold', 0.1)}",
-         _format_number(diagnosis.get("conflict_fraction_threshold"), 3)],
+        [
+            f"share of pairs with cosine < -{diagnosis.get('threshold', 0.1)}",
+            _format_number(diagnosis.get("conflict_fraction_threshold"), 3),
+        ],
         ["beta at the uniform mix (PiKE's bound needs > 0)", _format_number(diagnosis.get("beta_uniform"), 3)],
-        ["measurements (usable)",
-         f"{diagnosis.get('num_measurements', '')} ({diagnosis.get('usable_measurements', '')})"],
+        [
+            "measurements (usable)",
+            f"{diagnosis.get('num_measurements', '')} ({diagnosis.get('usable_measurements', '')})",
+        ],
     ]
     table = render_html(Table(header=["quantity", "value"], rows=rows))
     pairs = diagnosis.get("conflicting_pairs") or []
     pair_rows = [[" / ".join(p.get("domains", [])), _format_number(p.get("cosine"), 3)] for p in pairs[:20]]
     pair_table = render_html(Table(header=["conflicting pair", "cosine"], rows=pair_rows)) if pair_rows else ""
-    return (f"<p><strong>Recommendation.</strong> {html.escape(str(diagnosis.get('recommendation', '')))}</p>"
-            + table + pair_table)
+    return (
+        f"<p><strong>Recommendation.</strong> {html.escape(str(diagnosis.get('recommendation', '')))}</p>"
+        + table
+        + pair_table
+    )
 
 
 def _plot_cosine_heatmap(diagnosis: dict[str, Any], path: Path) -> Path | None:
@@ -551,12 +650,21 @@ def _plot_cosine_heatmap(diagnosis: dict[str, Any], path: Path) -> Path | None:
             for i in range(len(names)):
                 for j in range(len(names)):
                     if np.isfinite(matrix[i, j]):
-                        axes.text(j, i, f"{matrix[i, j]:+.2f}", ha="center", va="center", fontsize="small",
-                                  color="white" if abs(matrix[i, j]) > 0.6 else "black")
+                        axes.text(
+                            j,
+                            i,
+                            f"{matrix[i, j]:+.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize="small",
+                            color="white" if abs(matrix[i, j]) > 0.6 else "black",
+                        )
         axes.set_title(title, fontsize="medium")
     figure.colorbar(image, ax=figure.axes, label="cosine of the gradients")
-    figure.suptitle(f"Gradient cosines between domains (c = {_format_number(diagnosis.get('c'), 2)}, "
-                    f"c-bar = {_format_number(diagnosis.get('c_bar'), 2)})")
+    figure.suptitle(
+        f"Gradient cosines between domains (c = {_format_number(diagnosis.get('c'), 2)}, "
+        f"c-bar = {_format_number(diagnosis.get('c_bar'), 2)})"
+    )
     return _save(figure, path)
 
 
@@ -600,16 +708,22 @@ def write_diagnosis_report(diagnosis: dict[str, Any], out_dir: str | Path, title
         f'<p class="note">Domains: {html.escape(domains)}. Source: {html.escape(str(diagnosis.get("source", "")))}. '
         f"Generated {generated}.</p>",
         _diagnosis_summary_html(diagnosis),
-        _figure_html(heatmap, out, "Cosine between the domains' gradients: mean over the run, and each pair's worst "
-                     "stretch (the basis of c)"),
+        _figure_html(
+            heatmap,
+            out,
+            "Cosine between the domains' gradients: mean over the run, and each pair's worst stretch (the basis of c)",
+        ),
         _figure_html(over_time, out, "Per-step cosines (noisy: few examples per domain per step)"),
         '<p class="note">c and c-bar are the constants of PiKE\'s low gradient conflict assumption '
         "(arXiv 2502.06244): every pairwise cosine lies in [-c, c-bar]. Estimated from the mean scale-normalised "
         "Gramian of the run; see gradmix.diagnostics for the exact estimators.</p>",
     ]
-    document = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-                f"<title>{html.escape(page_title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
-                + "\n".join(body) + "\n</body>\n</html>\n")
+    document = (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(page_title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
     path = out / "diagnosis.html"
     atomic_write(path, lambda fh: fh.write(document), mode="w")
     return path

@@ -29,8 +29,17 @@ def main() -> None:
     model = TinyLM() if sync else torch.nn.parallel.DistributedDataParallel(TinyLM())
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     params = {"min_weight": 0.05, **({"variant": "gradmix_v1"} if method == "pike" else {})}  # v1's weights move here
-    mixer = Mixer(domains(), method, 8, method_params=params, model=model, update_every=2, seed=3,
-                  log_every=1000, probe_params={"sync_gradients": sync})
+    mixer = Mixer(
+        domains(),
+        method,
+        8,
+        method_params=params,
+        model=model,
+        update_every=2,
+        seed=3,
+        log_every=1000,
+        probe_params={"sync_gradients": sync},
+    )
     assert mixer.world_size == 2 and mixer.rank == rank
     with open(f"{out}.rank{rank}.jsonl", "w") as fh:
         for batch in mixer.batches(12):
@@ -42,8 +51,18 @@ def main() -> None:
             pairs = list(zip(batch["domain"].tolist(), batch["index"].tolist()))
             params = [p.detach().clone() for p in model.parameters()]
             checksum = float(sum(p.double().sum() for p in params))
-            fh.write(json.dumps({"step": mixer.step_count, "pairs": pairs, "counts": counts,
-                                 "weights": mixer.weights.tolist(), "param_checksum": checksum}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "step": mixer.step_count,
+                        "pairs": pairs,
+                        "counts": counts,
+                        "weights": mixer.weights.tolist(),
+                        "param_checksum": checksum,
+                    }
+                )
+                + "\n"
+            )
     # every rank past its last collective, the group destroyed; then leave without the interpreter's finalisation:
     # torch's gloo teardown aborts a rank there now and then ("terminate called without an active exception", about
     # 1 run in 6 of this worker, also with destroy_process_group; 0 of 16 for a minimal DDP script), after all
@@ -53,6 +72,7 @@ def main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
 
 if __name__ == "__main__":
     main()

@@ -35,11 +35,17 @@ def reference(ref: torch.nn.Module, micro: list[dict], splits: int, solo) -> dic
     probe = GradientProbe(ref, num_splits=splits, gram=True, process_group=solo)
     m = None
     for j, mb in enumerate(micro):
-        m = probe.backward(mb, mb["domain"], 3, per_example_loss, measure=True, global_batch_size=B,
-                           final=j == len(micro) - 1)
+        m = probe.backward(
+            mb, mb["domain"], 3, per_example_loss, measure=True, global_batch_size=B, final=j == len(micro) - 1
+        )
     grad = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
-    return {"grad_sq_norm": m.grad_sq_norm.tolist(), "grad_var": m.grad_var.tolist(), "gram": m.gram.tolist(),
-            "examples": m.examples.tolist(), "loss_sums": m.loss_sums()[0].tolist()}, grad
+    return {
+        "grad_sq_norm": m.grad_sq_norm.tolist(),
+        "grad_var": m.grad_var.tolist(),
+        "gram": m.gram.tolist(),
+        "examples": m.examples.tolist(),
+        "loss_sums": m.loss_sums()[0].tolist(),
+    }, grad
 
 
 def main() -> None:
@@ -64,11 +70,16 @@ def main() -> None:
         micro_local = [{key: value[j::accumulation] for key, value in batch.items()} for j in range(accumulation)]
         measurement = None
         for j, mb in enumerate(micro_local):
-            measurement = probe.backward(mb, mb["domain"], 3, per_example_loss, measure=True, global_batch_size=B,
-                                         final=j == accumulation - 1)
-        mine = {"grad_sq_norm": measurement.grad_sq_norm.tolist(), "grad_var": measurement.grad_var.tolist(),
-                "gram": measurement.gram.tolist(), "examples": measurement.examples.tolist(),
-                "loss_sums": measurement.loss_sums()[0].tolist()}
+            measurement = probe.backward(
+                mb, mb["domain"], 3, per_example_loss, measure=True, global_batch_size=B, final=j == accumulation - 1
+            )
+        mine = {
+            "grad_sq_norm": measurement.grad_sq_norm.tolist(),
+            "grad_var": measurement.grad_var.tolist(),
+            "gram": measurement.gram.tolist(),
+            "examples": measurement.examples.tolist(),
+            "loss_sums": measurement.loss_sums()[0].tolist(),
+        }
         grads = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()]).double()
         gathered: list = [None] * world
         dist.all_gather_object(gathered, [{"input_ids": mb["input_ids"], "domain": mb["domain"]} for mb in micro_local])
@@ -76,14 +87,23 @@ def main() -> None:
             json.dump(mine, fh)
         if rank == 0:
             # the global (micro-)batch: example i of rank r at position i * world + r (rank r's share = global[r::W])
-            micro = [{key: torch.stack([gathered[r][c][key] for r in range(world)], 1).flatten(0, 1)
-                      for key in ("input_ids", "domain")} for c in range(accumulation)]
+            micro = [
+                {
+                    key: torch.stack([gathered[r][c][key] for r in range(world)], 1).flatten(0, 1)
+                    for key in ("input_ids", "domain")
+                }
+                for c in range(accumulation)
+            ]
             ref_stats, ref_grad = reference(ref, micro, splits, solo)
             grad_rel = float((grads - ref_grad).abs().max() / ref_grad.abs().max())
             one = MixtureSampler(domains.sizes, B, [0.55, 0.3, 0.15], seed=7).next_arrays()  # world_size=1
             same = torch.equal(torch.cat([mb["input_ids"] for mb in micro]), domains.gather(*one)["input_ids"])
-            results[name] = {"fsdp": mine, "reference": ref_stats, "grad_max_rel_diff": grad_rel,
-                             "global_batch_is_one_process_batch": bool(same) if accumulation == 1 else None}
+            results[name] = {
+                "fsdp": mine,
+                "reference": ref_stats,
+                "grad_max_rel_diff": grad_rel,
+                "global_batch_is_one_process_batch": bool(same) if accumulation == 1 else None,
+            }
         dist.barrier()
     if rank == 0:
         Path(f"{out}.json").write_text(json.dumps(results))

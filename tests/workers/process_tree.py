@@ -55,8 +55,7 @@ def last_step(metrics: Path) -> int:
 def run_until_step_then_kill(cmd: list[str], metrics: Path, step: int, env: dict, timeout: float = 240) -> int:
     """Start ``cmd``; once ``metrics`` has a row for ``step`` (or later), SIGKILL the whole tree. Returns the last
     step logged before the kill."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while last_step(metrics) < step:

@@ -32,8 +32,9 @@ class TinyLM(torch.nn.Module):
 def per_example_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     ids = batch["input_ids"]
     logits = model(ids[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                             reduction="none")
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )
     return loss.view(ids.shape[0], -1).mean(dim=1)
 
 
@@ -60,8 +61,17 @@ def main() -> None:
     model = TinyLM()
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     params = {"min_weight": 0.02, "variant": "gradmix_v1"} if args.method in ("pike", "fair_pike") else {}
-    mixer = Mixer(domains(), args.method, 8, method_params=params, model=model, update_every=3, seed=11,
-                  max_repeats=None, log_every=1000)
+    mixer = Mixer(
+        domains(),
+        args.method,
+        8,
+        method_params=params,
+        model=model,
+        update_every=3,
+        seed=11,
+        max_repeats=None,
+        log_every=1000,
+    )
     if args.resume:
         mixer.load_checkpoint(args.ckpt, model=model, optimizer=opt)
     loader = mixer.dataloader(num_workers=args.workers, prefetch_factor=2 if args.workers else None)
@@ -74,8 +84,10 @@ def main() -> None:
             opt.zero_grad()
             mixer.step()
             pairs = list(zip(batch["domain"].tolist(), batch["index"].tolist()))
-            fh.write(json.dumps({"step": mixer.step_count, "pairs": pairs,
-                                 "weights": [float(w) for w in mixer.weights]}) + "\n")
+            fh.write(
+                json.dumps({"step": mixer.step_count, "pairs": pairs, "weights": [float(w) for w in mixer.weights]})
+                + "\n"
+            )
             fh.flush()
             if args.kill_at is not None and mixer.step_count == args.kill_at:
                 mixer.save_checkpoint(args.ckpt, model=model, optimizer=opt)

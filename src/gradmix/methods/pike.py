@@ -187,8 +187,13 @@ _VARIANTS: dict[str, dict[str, Any]] = {
     },
     "paper": {**_RAW_STATISTICS, "mode": "practical"},
     "conceptual": {**_RAW_STATISTICS, "mode": "conceptual"},
-    "gradmix_v1": {**_RAW_STATISTICS, "mode": "practical", "stats_ema": 0.5, "normalize": "mean_sq_norm",
-                   "max_log_step": 0.5},
+    "gradmix_v1": {
+        **_RAW_STATISTICS,
+        "mode": "practical",
+        "stats_ema": 0.5,
+        "normalize": "mean_sq_norm",
+        "max_log_step": 0.5,
+    },
 }
 _UNSET: Any = object()
 

@@ -42,33 +42,48 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
         "cluster",
         help="discover domains: sentence embeddings + k-means (fine and coarse), written as gradmix sources",
         description="Embed INPUT (a .jsonl, a .txt of blank-line separated documents, or a folder of those), "
-                    "cluster it with k-means into --k fine and --coarse-k coarse clusters, and write OUT/fine/"
-                    "<cNNNN>.jsonl, OUT/clusters.json and OUT/assignments.npy. With --target, the target texts' "
-                    "histogram over the fine clusters goes to clusters.json (target_counts).",
+        "cluster it with k-means into --k fine and --coarse-k coarse clusters, and write OUT/fine/"
+        "<cNNNN>.jsonl, OUT/clusters.json and OUT/assignments.npy. With --target, the target texts' "
+        "histogram over the fine clusters goes to clusters.json (target_counts).",
     )
     parser.add_argument("input", metavar="INPUT", help="corpus: .jsonl, .txt or a folder of them")
     parser.add_argument("--k", type=int, default=64, help="number of fine clusters (default 64)")
     parser.add_argument("--coarse-k", type=int, default=8, help="number of coarse clusters (default 8)")
     parser.add_argument("--target", metavar="TARGET", help="target texts (.jsonl, .txt or folder)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default ./clusters-k<K>)")
-    parser.add_argument("--report-k", type=_int_list, metavar="K,K,...",
-                        help="also cluster at these k and print a granularity report (sizes, inertia, silhouette)")
-    parser.add_argument("--model", metavar="PATH",
-                        help="local sentence-transformers model folder (default: MiniLM-L6 from the "
-                             f"{DEFAULT_MODEL_PACKAGE} package), or 'hashing[:DIM]' for a hashed bag of words")
-    parser.add_argument("--cache-dir", metavar="DIR",
-                        help=f"embedding cache (default {default_cache_dir()})")
+    parser.add_argument(
+        "--report-k",
+        type=_int_list,
+        metavar="K,K,...",
+        help="also cluster at these k and print a granularity report (sizes, inertia, silhouette)",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help="local sentence-transformers model folder (default: MiniLM-L6 from the "
+        f"{DEFAULT_MODEL_PACKAGE} package), or 'hashing[:DIM]' for a hashed bag of words",
+    )
+    parser.add_argument("--cache-dir", metavar="DIR", help=f"embedding cache (default {default_cache_dir()})")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     parser.add_argument("--seed", type=int, default=0, help="k-means and silhouette sample seed (default 0)")
-    parser.add_argument("--method", choices=KMEANS_METHODS, default="kmeans",
-                        help="kmeans (Lloyd) or minibatch (MiniBatchKMeans, for large corpora)")
-    parser.add_argument("--coarse-method", choices=COARSE_METHODS, default="centroids",
-                        help="centroids: size-weighted k-means on fine centroids; nearest: k-means on all texts, "
-                             "fine clusters join the nearest coarse centroid")
+    parser.add_argument(
+        "--method",
+        choices=KMEANS_METHODS,
+        default="kmeans",
+        help="kmeans (Lloyd) or minibatch (MiniBatchKMeans, for large corpora)",
+    )
+    parser.add_argument(
+        "--coarse-method",
+        choices=COARSE_METHODS,
+        default="centroids",
+        help="centroids: size-weighted k-means on fine centroids; nearest: k-means on all texts, "
+        "fine clusters join the nearest coarse centroid",
+    )
     parser.add_argument("--n-init", type=int, default=3, help="k-means restarts, best kept (default 3)")
     parser.add_argument("--batch-size", type=int, default=64, help="embedding batch size (default 64)")
-    parser.add_argument("--silhouette-sample", type=int, default=2000,
-                        help="texts sampled for the silhouette score (default 2000)")
+    parser.add_argument(
+        "--silhouette-sample", type=int, default=2000, help="texts sampled for the silhouette score (default 2000)"
+    )
     parser.add_argument("--write-coarse", action="store_true", help="also write OUT/coarse/<gNNNN>.jsonl")
     parser.add_argument("--overwrite", action="store_true", help="replace .jsonl files already in OUT/fine")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -100,22 +115,38 @@ def _run_cluster(args: argparse.Namespace) -> int:
     embedder = load_embedder(args.model)
     print(f"embedding {len(texts)} texts with {model_identity(embedder, None)[1]}", file=sys.stderr)
     emb = embed_texts(texts, model=embedder, batch_size=args.batch_size, cache_dir=cache_dir, show_progress=show)
-    result = cluster_corpus(texts, args.k, args.coarse_k, embeddings=emb, seed=args.seed, method=args.method,
-                            coarse_method=args.coarse_method, n_init=args.n_init)
+    result = cluster_corpus(
+        texts,
+        args.k,
+        args.coarse_k,
+        embeddings=emb,
+        seed=args.seed,
+        method=args.method,
+        coarse_method=args.coarse_method,
+        n_init=args.n_init,
+    )
     result.model = model_identity(embedder, None)[1]
 
-    fine_as_found = Clustering(labels=result.fine_labels, centroids=result.fine_centroids,
-                               inertia=result.fine_inertia, sizes=result.fine_sizes)
+    fine_as_found = Clustering(
+        labels=result.fine_labels, centroids=result.fine_centroids, inertia=result.fine_inertia, sizes=result.fine_sizes
+    )
     report_ks = sorted(set(args.report_k or []) | {args.k})
     precomputed = {args.k: fine_as_found} if result.k_fine == args.k else {}
-    result.report = granularity_report(emb, report_ks, seed=args.seed, method=args.method,
-                                       silhouette_sample=args.silhouette_sample, n_init=args.n_init,
-                                       precomputed=precomputed)
+    result.report = granularity_report(
+        emb,
+        report_ks,
+        seed=args.seed,
+        method=args.method,
+        silhouette_sample=args.silhouette_sample,
+        n_init=args.n_init,
+        precomputed=precomputed,
+    )
 
     hist = None
     if target_texts is not None:
-        target_emb = embed_texts(target_texts, model=embedder, batch_size=args.batch_size, cache_dir=cache_dir,
-                                 show_progress=show)
+        target_emb = embed_texts(
+            target_texts, model=embedder, batch_size=args.batch_size, cache_dir=cache_dir, show_progress=show
+        )
         hist = target_histogram(target_emb, result.fine_centroids)
     write_clusters(out, texts, result, hist, overwrite=args.overwrite, write_coarse=args.write_coarse)
 
@@ -123,7 +154,9 @@ def _run_cluster(args: argparse.Namespace) -> int:
     for message in result.warnings:
         print(f"warning: {message}", file=sys.stderr)
     sizes = result.fine_sizes
-    print(f"wrote {result.k_fine} fine domains (sizes {int(sizes.min())}..{int(sizes.max())}) in "
-          f"{result.k_coarse} coarse groups to {out}/fine" +
-          ("" if hist is None else f"; target: {int(hist.sum())} texts over {int(np.sum(hist > 0))} clusters"))
+    print(
+        f"wrote {result.k_fine} fine domains (sizes {int(sizes.min())}..{int(sizes.max())}) in "
+        f"{result.k_coarse} coarse groups to {out}/fine"
+        + ("" if hist is None else f"; target: {int(hist.sum())} texts over {int(np.sum(hist > 0))} clusters")
+    )
     return 0

@@ -103,8 +103,14 @@ class TransformerEmbedder:
     (cosine) k-means. The model is loaded on first use.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, max_length: int | None = None, device: str | None = None,
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_length: int | None = None,
+        device: str | None = None,
+        name: str | None = None,
+    ) -> None:
         folder = Path(path).expanduser()
         if not folder.is_dir():
             raise ModelUnavailableError(
@@ -167,8 +173,9 @@ class TransformerEmbedder:
         self.load()
         import torch
 
-        encoded = self._tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                                  return_tensors="pt")
+        encoded = self._tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         device = next(self._model.parameters()).device
         encoded = {key: value.to(device) for key, value in encoded.items()}
         with torch.inference_mode():
@@ -219,9 +226,15 @@ def embedding_cache_path(cache_dir: str | os.PathLike[str], model_id: str, texts
     return Path(cache_dir) / f"emb-{digest.hexdigest()[:40]}.npy"
 
 
-def embed_texts(texts: Sequence[str], model: str | os.PathLike[str] | EmbedFn | None = None, batch_size: int = 64,
-                cache_dir: str | os.PathLike[str] | None = None, show_progress: bool = True, *,
-                model_id: str | None = None) -> np.ndarray:
+def embed_texts(
+    texts: Sequence[str],
+    model: str | os.PathLike[str] | EmbedFn | None = None,
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike[str] | None = None,
+    show_progress: bool = True,
+    *,
+    model_id: str | None = None,
+) -> np.ndarray:
     """Embed ``texts`` -> float32 array of shape (n, d), cached on disk by (model id, texts).
 
     ``model``: see ``load_embedder``. Texts are embedded longest first so each batch pads little; the output is in
@@ -251,7 +264,7 @@ def embed_texts(texts: Sequence[str], model: str | os.PathLike[str] | EmbedFn | 
     progress = _progress_bar(len(texts), show_progress)
     try:
         for start in range(0, len(order), int(batch_size)):
-            index = order[start:start + int(batch_size)]
+            index = order[start : start + int(batch_size)]
             batch = np.asarray(embed([texts[i] for i in index]), dtype=np.float32)
             if batch.ndim != 2 or batch.shape[0] != len(index):
                 raise ClusterError(

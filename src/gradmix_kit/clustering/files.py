@@ -19,13 +19,20 @@ __all__ = ["domain_names", "read_texts", "write_clusters"]
 
 
 def domain_names(k: int, prefix: str = "c") -> list[str]:
-    """"c0000".."c{k-1}", zero-padded to one width (>= 4) so name order is cluster order."""
+    """ "c0000".."c{k-1}", zero-padded to one width (>= 4) so name order is cluster order."""
     width = max(4, len(str(max(k - 1, 0))))
     return [f"{prefix}{i:0{width}d}" for i in range(k)]
 
 
-def write_clusters(out_dir: str | os.PathLike[str], texts: Sequence[str], result: ClusterResult,
-                   target_hist: Any = None, *, overwrite: bool = False, write_coarse: bool = False) -> Path:
+def write_clusters(
+    out_dir: str | os.PathLike[str],
+    texts: Sequence[str],
+    result: ClusterResult,
+    target_hist: Any = None,
+    *,
+    overwrite: bool = False,
+    write_coarse: bool = False,
+) -> Path:
     """Write OUT/fine/<cNNNN>.jsonl (one {"text": ...} per line), OUT/clusters.json and OUT/assignments.npy.
 
     ``write_coarse`` also writes OUT/coarse/<gNNNN>.jsonl. An existing non-empty fine/ (or coarse/) folder is an
@@ -72,7 +79,7 @@ def write_clusters(out_dir: str | os.PathLike[str], texts: Sequence[str], result
         order = np.argsort(level_labels, kind="stable")
         bounds = np.searchsorted(level_labels[order], np.arange(len(names) + 1))
         for c, name in enumerate(names):
-            write_jsonl(out / sub / f"{name}.jsonl", (texts[i] for i in order[bounds[c]:bounds[c + 1]]))
+            write_jsonl(out / sub / f"{name}.jsonl", (texts[i] for i in order[bounds[c] : bounds[c + 1]]))
     assignments = labels.astype(np.int64)
     atomic_write(out / "assignments.npy", lambda fh: np.save(fh, assignments))
     manifest = {
@@ -107,8 +114,10 @@ def _prepare_folder(folder: Path, overwrite: bool, *, check_only: bool = False) 
             raise ClusterError(f"{folder} exists and is not a folder")
         existing = sorted(folder.glob("*.jsonl"))
         if existing and not overwrite:
-            raise ClusterError(f"{folder} already holds {len(existing)} .jsonl files (e.g. {existing[0].name}); "
-                               "choose another --out or pass --overwrite")
+            raise ClusterError(
+                f"{folder} already holds {len(existing)} .jsonl files (e.g. {existing[0].name}); "
+                "choose another --out or pass --overwrite"
+            )
         if not check_only:
             for path in existing:
                 path.unlink()

@@ -13,8 +13,9 @@ from gradmix_kit.clustering.kmeans import Clustering, check_embeddings, check_k,
 __all__ = ["describe_clustering", "format_report", "granularity_report"]
 
 
-def describe_clustering(emb: Any, clustering: Clustering, *, seed: int = 0, silhouette_sample: int = 2000
-                        ) -> dict[str, Any]:
+def describe_clustering(
+    emb: Any, clustering: Clustering, *, seed: int = 0, silhouette_sample: int = 2000
+) -> dict[str, Any]:
     """Sizes (min/median/max, empty, singletons), inertia and silhouette on a seeded sample of one clustering.
 
     Silhouette is None where undefined (fewer than 2 non-empty clusters in the sample, or k == n).
@@ -43,9 +44,16 @@ def describe_clustering(emb: Any, clustering: Clustering, *, seed: int = 0, silh
     }
 
 
-def granularity_report(emb: Any, ks: Iterable[int], *, seed: int = 0, method: str = "kmeans",
-                       silhouette_sample: int = 2000, n_init: int = 3,
-                       precomputed: dict[int, Clustering] | None = None) -> dict[str, Any]:
+def granularity_report(
+    emb: Any,
+    ks: Iterable[int],
+    *,
+    seed: int = 0,
+    method: str = "kmeans",
+    silhouette_sample: int = 2000,
+    n_init: int = 3,
+    precomputed: dict[int, Clustering] | None = None,
+) -> dict[str, Any]:
     """Cluster at each k in ``ks`` and describe it (see ``describe_clustering``), to help choose k.
 
     Inertia always falls as k grows, so compare its elbow and the silhouette (higher is better), and watch the
@@ -58,21 +66,33 @@ def granularity_report(emb: Any, ks: Iterable[int], *, seed: int = 0, method: st
         raise ClusterError("granularity_report needs at least one k")
     rows = []
     for k in ks:
-        clustering = (precomputed or {}).get(k) or cluster_embeddings(points, k, seed=seed, method=method,
-                                                                       n_init=n_init)
+        clustering = (precomputed or {}).get(k) or cluster_embeddings(
+            points, k, seed=seed, method=method, n_init=n_init
+        )
         rows.append(describe_clustering(points, clustering, seed=seed, silhouette_sample=silhouette_sample))
-    return {"num_texts": int(points.shape[0]), "seed": int(seed), "method": method,
-            "silhouette_sample": int(min(silhouette_sample, points.shape[0])), "rows": rows}
+    return {
+        "num_texts": int(points.shape[0]),
+        "seed": int(seed),
+        "method": method,
+        "silhouette_sample": int(min(silhouette_sample, points.shape[0])),
+        "rows": rows,
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The granularity report as a fixed-width table."""
-    header = (f"{'k':>7} {'min':>7} {'median':>8} {'max':>7} {'empty':>6} {'single':>7} {'inertia':>12} "
-              f"{'silhouette':>10}")
-    lines = [f"granularity report: {report['num_texts']} texts, {report['method']}, seed {report['seed']}, "
-             f"silhouette on {report['silhouette_sample']} texts", header]
+    header = (
+        f"{'k':>7} {'min':>7} {'median':>8} {'max':>7} {'empty':>6} {'single':>7} {'inertia':>12} {'silhouette':>10}"
+    )
+    lines = [
+        f"granularity report: {report['num_texts']} texts, {report['method']}, seed {report['seed']}, "
+        f"silhouette on {report['silhouette_sample']} texts",
+        header,
+    ]
     for row in report["rows"]:
         sil = "n/a" if row["silhouette"] is None else f"{row['silhouette']:.4f}"
-        lines.append(f"{row['k']:>7} {row['min_size']:>7} {row['median_size']:>8.1f} {row['max_size']:>7} "
-                     f"{row['empty']:>6} {row['singletons']:>7} {row['inertia']:>12.4g} {sil:>10}")
+        lines.append(
+            f"{row['k']:>7} {row['min_size']:>7} {row['median_size']:>8.1f} {row['max_size']:>7} "
+            f"{row['empty']:>6} {row['singletons']:>7} {row['inertia']:>12.4g} {sil:>10}"
+        )
     return "\n".join(lines)

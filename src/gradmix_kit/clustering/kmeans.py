@@ -78,8 +78,9 @@ def check_k(k: Any, num_points: int, what: str) -> int:
     return int(k)
 
 
-def _means(points: np.ndarray, labels: np.ndarray, k: int, weights: np.ndarray | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _means(
+    points: np.ndarray, labels: np.ndarray, k: int, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(weighted) cluster means and total weight per cluster; empty clusters get NaN rows."""
     w = np.ones(points.shape[0]) if weights is None else weights
     totals = np.bincount(labels, weights=w, minlength=k)
@@ -91,8 +92,17 @@ def _means(points: np.ndarray, labels: np.ndarray, k: int, weights: np.ndarray |
     return means, totals
 
 
-def cluster_embeddings(emb: Any, k: int, seed: int = 0, method: str = "kmeans", *, n_init: int = 3,
-                       sample_weight: Any = None, minibatch_size: int = 1024, max_iter: int = 300) -> Clustering:
+def cluster_embeddings(
+    emb: Any,
+    k: int,
+    seed: int = 0,
+    method: str = "kmeans",
+    *,
+    n_init: int = 3,
+    sample_weight: Any = None,
+    minibatch_size: int = 1024,
+    max_iter: int = 300,
+) -> Clustering:
     """k-means (``"kmeans"``: Lloyd, or ``"minibatch"``: MiniBatchKMeans for large n) with seeded k-means++ init.
 
     ``n_init=3`` seeded restarts, keeping the lowest inertia: with one start (scikit-learn's default for k-means++)
@@ -117,8 +127,14 @@ def cluster_embeddings(emb: Any, k: int, seed: int = 0, method: str = "kmeans", 
     if method == "kmeans":
         estimator = KMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter, random_state=seed)
     else:
-        estimator = MiniBatchKMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter,
-                                    batch_size=minibatch_size, random_state=seed)
+        estimator = MiniBatchKMeans(
+            n_clusters=k,
+            init="k-means++",
+            n_init=n_init,
+            max_iter=max_iter,
+            batch_size=minibatch_size,
+            random_state=seed,
+        )
     with warnings.catch_warnings():
         # "fewer distinct clusters than k" (duplicate points) surfaces below as empty clusters, with a clear message.
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -196,11 +212,21 @@ def _drop_empty(clustering: Clustering, level: str, warn: list[str]) -> tuple[np
     return new_id[clustering.labels], clustering.centroids[keep]
 
 
-def cluster_corpus(texts: Sequence[str] | None, k_fine: int, k_coarse: int, *, embeddings: Any = None,
-                   model: str | os.PathLike[str] | EmbedFn | None = None, seed: int = 0, method: str = "kmeans",
-                   coarse_method: str = "centroids", batch_size: int = 64,
-                   cache_dir: str | os.PathLike[str] | None = None, show_progress: bool = True,
-                   n_init: int = 3) -> ClusterResult:
+def cluster_corpus(
+    texts: Sequence[str] | None,
+    k_fine: int,
+    k_coarse: int,
+    *,
+    embeddings: Any = None,
+    model: str | os.PathLike[str] | EmbedFn | None = None,
+    seed: int = 0,
+    method: str = "kmeans",
+    coarse_method: str = "centroids",
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike[str] | None = None,
+    show_progress: bool = True,
+    n_init: int = 3,
+) -> ClusterResult:
     """Embed ``texts`` (or take ``embeddings``) and cluster them into k_fine fine and k_coarse coarse clusters.
 
     Coarse level (``coarse_method``):
@@ -219,8 +245,9 @@ def cluster_corpus(texts: Sequence[str] | None, k_fine: int, k_coarse: int, *, e
         k_fine_checked = check_k(k_fine, len(texts), "k_fine")  # before the expensive embedding
         embedder = load_embedder(model)
         model_name = model_identity(embedder, None)[1]
-        emb = embed_texts(texts, model=embedder, batch_size=batch_size, cache_dir=cache_dir,
-                          show_progress=show_progress)
+        emb = embed_texts(
+            texts, model=embedder, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress
+        )
     else:
         model_name = None
         emb = embeddings
@@ -244,8 +271,9 @@ def cluster_corpus(texts: Sequence[str] | None, k_fine: int, k_coarse: int, *, e
         )
 
     if coarse_method == "centroids":
-        coarse = cluster_embeddings(fine_centroids, k_coarse, seed=seed, method="kmeans", n_init=n_init,
-                                    sample_weight=fine_sizes)
+        coarse = cluster_embeddings(
+            fine_centroids, k_coarse, seed=seed, method="kmeans", n_init=n_init, sample_weight=fine_sizes
+        )
         fine_to_coarse, _ = _drop_empty(coarse, "coarse", warn)
     else:
         coarse_all = cluster_embeddings(points, k_coarse, seed=seed, method=method, n_init=n_init)
@@ -253,17 +281,28 @@ def cluster_corpus(texts: Sequence[str] | None, k_fine: int, k_coarse: int, *, e
         fine_to_coarse = assign_to_clusters(fine_centroids, valid)
         used = np.unique(fine_to_coarse)
         if used.size < valid.shape[0]:
-            warn.append(f"coarse: {valid.shape[0] - used.size} of {k_coarse} coarse clusters got no fine cluster "
-                        f"and were dropped; {used.size} remain")
+            warn.append(
+                f"coarse: {valid.shape[0] - used.size} of {k_coarse} coarse clusters got no fine cluster "
+                f"and were dropped; {used.size} remain"
+            )
         fine_to_coarse = np.searchsorted(used, fine_to_coarse)
     k_coarse_kept = int(fine_to_coarse.max()) + 1
     coarse_centroids, _ = _means(fine_centroids, fine_to_coarse, k_coarse_kept, fine_sizes)
     fine_inertia = float(np.sum((points - fine_centroids[fine_labels]) ** 2))
     return ClusterResult(
-        fine_labels=fine_labels, fine_centroids=fine_centroids, fine_to_coarse=fine_to_coarse.astype(np.int64),
-        coarse_centroids=coarse_centroids, fine_inertia=fine_inertia, k_fine_requested=k_fine,
-        k_coarse_requested=int(k_coarse), seed=int(seed), method=method, coarse_method=coarse_method,
-        model=model_name, warnings=warn, embeddings=points.astype(np.float32),
+        fine_labels=fine_labels,
+        fine_centroids=fine_centroids,
+        fine_to_coarse=fine_to_coarse.astype(np.int64),
+        coarse_centroids=coarse_centroids,
+        fine_inertia=fine_inertia,
+        k_fine_requested=k_fine,
+        k_coarse_requested=int(k_coarse),
+        seed=int(seed),
+        method=method,
+        coarse_method=coarse_method,
+        model=model_name,
+        warnings=warn,
+        embeddings=points.astype(np.float32),
     )
 
 
@@ -274,13 +313,15 @@ def assign_to_clusters(emb: Any, centroids: Any) -> np.ndarray:
     if centres.ndim != 2 or centres.shape[0] == 0 or not np.all(np.isfinite(centres)):
         raise ClusterError(f"centroids must be a non-empty finite 2-D array, got shape {centres.shape}")
     if centres.shape[1] != points.shape[1]:
-        raise ClusterError(f"embedding dimension {points.shape[1]} does not match the centroids' {centres.shape[1]} "
-                           "(embed the target with the same model as the corpus)")
+        raise ClusterError(
+            f"embedding dimension {points.shape[1]} does not match the centroids' {centres.shape[1]} "
+            "(embed the target with the same model as the corpus)"
+        )
     labels = np.empty(points.shape[0], dtype=np.int64)
     centre_sq = np.einsum("ij,ij->i", centres, centres)
     chunk = max(1, min(4096, 2**24 // centres.shape[0]))  # at most ~16M distances (128 MB) at a time, any k
     for start in range(0, points.shape[0], chunk):
-        block = points[start:start + chunk]
+        block = points[start : start + chunk]
         dist = centre_sq[None, :] - 2.0 * block @ centres.T  # + |x|^2, constant per row
-        labels[start:start + chunk] = np.argmin(dist, axis=1)
+        labels[start : start + chunk] = np.argmin(dist, axis=1)
     return labels

@@ -188,8 +188,10 @@ def build_corpus(
             previous = read_manifest(corpus_dir)
         except CorpusError as exc:
             if not ours:
-                raise CorpusError(f"corpus {name!r}: {corpus_dir} holds an unreadable manifest and was not made by "
-                                  f"gradmix's builder; move it away or choose another data_dir ({exc})") from exc
+                raise CorpusError(
+                    f"corpus {name!r}: {corpus_dir} holds an unreadable manifest and was not made by "
+                    f"gradmix's builder; move it away or choose another data_dir ({exc})"
+                ) from exc
             _log.warning("corpus %s: %s; rebuilding", name, exc)
         if not ours and (previous is None or previous.corpus != name) and any(corpus_dir.iterdir()):
             what = "no manifest" if previous is None else f"a manifest of corpus {previous.corpus!r}"

@@ -77,8 +77,7 @@ def run_tool(
     program = str(cmd[0])
     if os.sep not in program and shutil.which(program) is None:
         raise FetchError(
-            f"cannot fetch {package!r}: the program {program!r} is not installed "
-            f"(needed for `{_command_text(cmd)}`)"
+            f"cannot fetch {package!r}: the program {program!r} is not installed (needed for `{_command_text(cmd)}`)"
         )
     try:
         return subprocess.run(

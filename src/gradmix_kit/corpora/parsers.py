@@ -300,4 +300,3 @@ def python_source_units(source: str, max_chars: int) -> list[str]:
         return [source] if source else []
     blocks = [b for b in _TOP_LEVEL_BOUNDARY.split(source) if b.strip()]
     return group_units(blocks, max_chars)
-

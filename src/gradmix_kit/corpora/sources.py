@@ -90,34 +90,36 @@ class DomainSpec:
 _DASHER_DIR = "usr/share/dasher/"
 
 # code -> (file, markup). The duplicate variants (frenchC, englishLC, hiragana60, ...) are left out.
-DASHER_LANGUAGES: Mapping[str, tuple[str, str | None]] = MappingProxyType({
-    "sq": ("training_albanian_SQ.txt", None),
-    "eu": ("training_basque_ES.txt", None),
-    "bn": ("training_bengali_BD.txt", None),
-    "cs": ("training_czech_CS.txt", None),
-    "cy": ("training_welsh_GB.txt", None),
-    "da": ("training_danish_DK.txt", None),
-    "de": ("training_german_DE.txt", None),
-    "el": ("training_greek_GR.txt", None),
-    "en": ("training_english_GB.txt", None),
-    "es": ("training_spanish_ES.txt", None),
-    "fa": ("training_persian_IR.txt", None),
-    "fi": ("training_finnish_FI.txt", None),
-    "fr": ("training_french_FR.txt", None),
-    "he": ("training_hebrew_IL.txt", None),
-    "hu": ("training_hungarian_HU.txt", None),
-    "it": ("training_italian_IT.txt", None),
-    "ja": ("training_canna_JP.txt", "segments"),
-    "mn": ("training_mongolian_MN.txt", None),
-    "nl": ("training_dutch_NL.txt", None),
-    "pl": ("training_polish_PL.txt", None),
-    "pt": ("training_portuguese_BR.txt", None),
-    "ru": ("training_russian_RU.txt", None),
-    "sv": ("training_swedish_SE.txt", None),
-    "sw": ("training_swahili_KE.txt", None),
-    "tr": ("training_turkish_TR.txt", None),
-    "zh": ("training_spyNew.txt", "pinyin"),
-})
+DASHER_LANGUAGES: Mapping[str, tuple[str, str | None]] = MappingProxyType(
+    {
+        "sq": ("training_albanian_SQ.txt", None),
+        "eu": ("training_basque_ES.txt", None),
+        "bn": ("training_bengali_BD.txt", None),
+        "cs": ("training_czech_CS.txt", None),
+        "cy": ("training_welsh_GB.txt", None),
+        "da": ("training_danish_DK.txt", None),
+        "de": ("training_german_DE.txt", None),
+        "el": ("training_greek_GR.txt", None),
+        "en": ("training_english_GB.txt", None),
+        "es": ("training_spanish_ES.txt", None),
+        "fa": ("training_persian_IR.txt", None),
+        "fi": ("training_finnish_FI.txt", None),
+        "fr": ("training_french_FR.txt", None),
+        "he": ("training_hebrew_IL.txt", None),
+        "hu": ("training_hungarian_HU.txt", None),
+        "it": ("training_italian_IT.txt", None),
+        "ja": ("training_canna_JP.txt", "segments"),
+        "mn": ("training_mongolian_MN.txt", None),
+        "nl": ("training_dutch_NL.txt", None),
+        "pl": ("training_polish_PL.txt", None),
+        "pt": ("training_portuguese_BR.txt", None),
+        "ru": ("training_russian_RU.txt", None),
+        "sv": ("training_swedish_SE.txt", None),
+        "sw": ("training_swahili_KE.txt", None),
+        "tr": ("training_turkish_TR.txt", None),
+        "zh": ("training_spyNew.txt", "pinyin"),
+    }
+)
 
 # 8 languages, 5 scripts' worth of variety, sizes from ~1.6 M (es) down to ~30 k characters (el): uneven on purpose
 DEFAULT_DASHER_LANGUAGES = ("en", "es", "de", "fr", "ru", "fi", "tr", "el")
@@ -358,36 +360,38 @@ class CorpusSpec:
         return self.make_domains(chosen)
 
 
-CORPORA: Mapping[str, CorpusSpec] = MappingProxyType({
-    "multilingual": CorpusSpec(
-        "multilingual",
-        "Dasher training texts (dasher-data), one domain per language, uneven sizes",
-        _dasher_domains,
-        languages=tuple(sorted(DASHER_LANGUAGES)),
-        default_languages=DEFAULT_DASHER_LANGUAGES,
-    ),
-    "multilingual_ref": CorpusSpec(
-        "multilingual_ref",
-        "The Debian Reference manual (debian-reference-*) in 8 languages, near-equal sizes",
-        _debian_reference_domains,
-        languages=DEBIAN_REFERENCE_LANGUAGES,
-        default_languages=DEBIAN_REFERENCE_LANGUAGES,
-    ),
-    "domains": CorpusSpec(
-        "domains",
-        "Seven kinds of English text: encyclopedia, news, legal, technical, code, dictionary, literature",
-        _domains_corpus,
-        targets=tuple(TARGET_LABELS),
-    ),
-    **{
-        f"target_{target}": CorpusSpec(
-            f"target_{target}",
-            f"DGA target set: GCIDE entries labelled {', '.join(sorted(labels))}",
-            _target_corpus(target),
-        )
-        for target, labels in TARGET_LABELS.items()
-    },
-})
+CORPORA: Mapping[str, CorpusSpec] = MappingProxyType(
+    {
+        "multilingual": CorpusSpec(
+            "multilingual",
+            "Dasher training texts (dasher-data), one domain per language, uneven sizes",
+            _dasher_domains,
+            languages=tuple(sorted(DASHER_LANGUAGES)),
+            default_languages=DEFAULT_DASHER_LANGUAGES,
+        ),
+        "multilingual_ref": CorpusSpec(
+            "multilingual_ref",
+            "The Debian Reference manual (debian-reference-*) in 8 languages, near-equal sizes",
+            _debian_reference_domains,
+            languages=DEBIAN_REFERENCE_LANGUAGES,
+            default_languages=DEBIAN_REFERENCE_LANGUAGES,
+        ),
+        "domains": CorpusSpec(
+            "domains",
+            "Seven kinds of English text: encyclopedia, news, legal, technical, code, dictionary, literature",
+            _domains_corpus,
+            targets=tuple(TARGET_LABELS),
+        ),
+        **{
+            f"target_{target}": CorpusSpec(
+                f"target_{target}",
+                f"DGA target set: GCIDE entries labelled {', '.join(sorted(labels))}",
+                _target_corpus(target),
+            )
+            for target, labels in TARGET_LABELS.items()
+        },
+    }
+)
 
 
 def stdlib_root_and_version() -> tuple[str, str]:

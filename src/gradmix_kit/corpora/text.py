@@ -169,9 +169,7 @@ def _rank_key(doc: str) -> bytes:
     return hashlib.sha256(doc.encode("utf-8")).digest()
 
 
-def select_documents(
-    docs: Sequence[str], *, max_docs: int | None = None, max_chars: int | None = None
-) -> list[str]:
+def select_documents(docs: Sequence[str], *, max_docs: int | None = None, max_chars: int | None = None) -> list[str]:
     """A deterministic, content-addressed sample of at most ``max_docs`` documents and ``max_chars`` characters.
 
     Documents are taken in the order of the SHA-256 of their text (a pseudo-random order that depends on nothing

@@ -40,8 +40,9 @@ def load_tiny_corpus() -> dict[str, list[str]]:
     for domain in TINY_DOMAINS:
         entry = folder.joinpath(f"{domain}.txt")
         if not entry.is_file():
-            raise CorpusError(f"tiny corpus file data/tiny/{domain}.txt is missing from the installed gradmix_kit "
-                              "package")
+            raise CorpusError(
+                f"tiny corpus file data/tiny/{domain}.txt is missing from the installed gradmix_kit package"
+            )
         with resources.as_file(entry) as path:
             docs = read_documents(path)
         if not docs:

@@ -72,8 +72,14 @@ DEFAULTS: dict[str, Any] = {
     # sized so that the defaults run on the default (tiny) corpus; real corpora set their own (configs/main.toml)
     # metrics: your own evaluation metrics, "module:function" called as function(model, context) at every evaluation
     # (see gradmix_kit.experiment.runner.MetricContext); lower_is_better: their names where lower is better
-    "eval": {"continuation_items": 16, "context_tokens": 16, "continuation_tokens": 8, "num_choices": 4,
-             "metrics": [], "lower_is_better": []},
+    "eval": {
+        "continuation_items": 16,
+        "context_tokens": 16,
+        "continuation_tokens": 8,
+        "num_choices": 4,
+        "metrics": [],
+        "lower_is_better": [],
+    },
     # writers: where metrics go besides metrics.jsonl (always written: reports read it): csv, tensorboard, wandb;
     # alerts: gradmix.alerts.AlertConfig fields; wandb / tensorboard: keyword arguments of those writers
     "logging": {"writers": ["jsonl"], "alerts": {}, "wandb": {}, "tensorboard": {}},
@@ -123,11 +129,18 @@ def _int(low: int | None = None, *, optional: bool = False) -> Rule:
             return None
         what = "an integer" if low is None else ("a positive integer" if low == 1 else f"an integer >= {low}")
         return what + (" (or unset)" if optional else "")
+
     return rule
 
 
-def _number(low: float = 0.0, high: float | None = None, *, low_open: bool = False, high_open: bool = False,
-            optional: bool = False) -> Rule:
+def _number(
+    low: float = 0.0,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> Rule:
     def rule(value: Any) -> str | None:
         if optional and value is None:
             return None
@@ -141,6 +154,7 @@ def _number(low: float = 0.0, high: float | None = None, *, low_open: bool = Fal
         else:
             bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         return f"a finite number {bound}" + (" (or unset)" if optional else "")
+
     return rule
 
 
@@ -152,6 +166,7 @@ def _string(*, optional: bool = False, choices: tuple[str, ...] | None = None) -
             return None
         what = f"one of {', '.join(repr(c) for c in choices)}" if choices else "a non-empty string"
         return what + (" (or unset)" if optional else "")
+
     return rule
 
 
@@ -162,6 +177,7 @@ def _list_of(item: Rule, what: str, *, optional: bool = False) -> Rule:
         if isinstance(value, list) and all(item(v) is None for v in value):
             return None
         return f"a list of {what}" + (" (or unset)" if optional else "")
+
     return rule
 
 
@@ -237,10 +253,11 @@ FIELD_RULES: dict[str, Rule] = {
     "eval.context_tokens": _int(1),
     "eval.continuation_tokens": _int(1),
     "eval.num_choices": _int(2),
-    "eval.metrics": _list_of(_metric_spec, "\"module:function\" names"),
+    "eval.metrics": _list_of(_metric_spec, '"module:function" names'),
     "eval.lower_is_better": _list_of(_string(), "metric names"),
-    "logging.writers": _list_of(_string(choices=("jsonl", "csv", "tensorboard", "wandb")),
-                                "writer names (jsonl, csv, tensorboard, wandb)"),
+    "logging.writers": _list_of(
+        _string(choices=("jsonl", "csv", "tensorboard", "wandb")), "writer names (jsonl, csv, tensorboard, wandb)"
+    ),
     "logging.alerts": _alerts_table,
     "logging.wandb": _table,
     "logging.tensorboard": _table,
@@ -291,20 +308,25 @@ def parse_overrides(pairs: Any) -> dict[str, Any]:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
             if text.strip()[:1] in ("[", "{", '"'):  # meant as a JSON list / table / string: a typo, not a string
-                raise ConfigError(f"--set {key.strip()}: {text!r} is not valid JSON (character {exc.pos}: "
-                                  f"{exc.msg}); a value starting with [, {{ or \" must be JSON") from None
+                raise ConfigError(
+                    f"--set {key.strip()}: {text!r} is not valid JSON (character {exc.pos}: "
+                    f'{exc.msg}); a value starting with [, {{ or " must be JSON'
+                ) from None
             value = text
         node = out
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                where = ".".join(parts[:depth + 1])
-                raise ConfigError(f"--set {key}: {where} was already set to the value {child!r}, so it cannot also "
-                                  "hold keys")
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(
+                    f"--set {key}: {where} was already set to the value {child!r}, so it cannot also hold keys"
+                )
             node = child
         if isinstance(node.get(parts[-1]), dict) and node[parts[-1]]:
-            raise ConfigError(f"--set {key}: {key} was already given keys ({', '.join(node[parts[-1]])}), so it "
-                              "cannot also be a value")
+            raise ConfigError(
+                f"--set {key}: {key} was already given keys ({', '.join(node[parts[-1]])}), so it "
+                "cannot also be a value"
+            )
         node[parts[-1]] = value
     return out
 
@@ -323,8 +345,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
             try:
                 import tomli as tomllib  # type: ignore[no-redef]
             except ModuleNotFoundError as exc:
-                raise ConfigError("reading TOML on Python 3.10 needs `pip install tomli` "
-                                  "(or use a .json config)") from exc
+                raise ConfigError(
+                    "reading TOML on Python 3.10 needs `pip install tomli` (or use a .json config)"
+                ) from exc
         with path.open("rb") as fh:
             raw = tomllib.load(fh)
     elif path.suffix == ".json":

@@ -229,8 +229,11 @@ def build_continuation_task(
     ``tokenizers.Tokenizer`` or a callable ids -> str) is used only to store each choice's decoded length in
     characters, which the default per-character normalisation of ``evaluate_continuation`` needs.
     """
-    for name, value in (("num_items", num_items), ("context_tokens", context_tokens),
-                        ("continuation_tokens", continuation_tokens)):
+    for name, value in (
+        ("num_items", num_items),
+        ("context_tokens", context_tokens),
+        ("continuation_tokens", continuation_tokens),
+    ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if num_choices < 2:
@@ -239,13 +242,24 @@ def build_continuation_task(
         raise ValueError("docs_by_domain is empty: no domain to build a continuation task for")
     items = {
         domain: _build_domain_items(
-            domain, docs, num_items=num_items, context_tokens=context_tokens,
-            continuation_tokens=continuation_tokens, num_choices=num_choices, seed=seed, tokenizer=tokenizer,
+            domain,
+            docs,
+            num_items=num_items,
+            context_tokens=context_tokens,
+            continuation_tokens=continuation_tokens,
+            num_choices=num_choices,
+            seed=seed,
+            tokenizer=tokenizer,
         )
         for domain, docs in docs_by_domain.items()
     }
-    return ContinuationTask(items=items, context_tokens=context_tokens, continuation_tokens=continuation_tokens,
-                            num_choices=num_choices, seed=seed)
+    return ContinuationTask(
+        items=items,
+        context_tokens=context_tokens,
+        continuation_tokens=continuation_tokens,
+        num_choices=num_choices,
+        seed=seed,
+    )
 
 
 def _continuation_log_likelihoods(
@@ -254,9 +268,9 @@ def _continuation_log_likelihoods(
     """Sum of log p(choice tokens | context) for every (item, choice): tensor (N, K), float64."""
     n, k, length = items.choices.shape
     context_length = items.contexts.shape[1]
-    sequences = torch.cat(
-        [items.contexts.unsqueeze(1).expand(n, k, context_length), items.choices], dim=2
-    ).reshape(n * k, context_length + length)
+    sequences = torch.cat([items.contexts.unsqueeze(1).expand(n, k, context_length), items.choices], dim=2).reshape(
+        n * k, context_length + length
+    )
     totals = torch.empty(n * k, dtype=torch.float64)
     for start in range(0, n * k, batch_size):
         chunk = sequences[start : start + batch_size].to(device)

@@ -57,9 +57,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(d, dim=2)
         # (n, t, d) -> (n, heads, t, d / heads)
         q, k, v = (z.view(n, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(n, t, d))
 
 
@@ -152,15 +150,11 @@ def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tor
         raise KeyError("per_example_loss: batch has no 'input_ids'")
     input_ids = batch["input_ids"]
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
-        raise ValueError(
-            f"batch['input_ids'] must have shape (n, T+1) with T >= 1, got {tuple(input_ids.shape)}"
-        )
+        raise ValueError(f"batch['input_ids'] must have shape (n, T+1) with T >= 1, got {tuple(input_ids.shape)}")
     inputs, targets = input_ids[:, :-1], input_ids[:, 1:]
     logits = model(inputs)
     n, t = targets.shape
-    token_loss = F.cross_entropy(
-        logits.reshape(n * t, -1).float(), targets.reshape(n * t), reduction="none"
-    ).view(n, t)
+    token_loss = F.cross_entropy(logits.reshape(n * t, -1).float(), targets.reshape(n * t), reduction="none").view(n, t)
     mask = batch.get("loss_mask")
     if mask is None:
         return token_loss.mean(dim=1)

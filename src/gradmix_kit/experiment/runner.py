@@ -34,8 +34,15 @@ from gradmix_kit.signals import StopSignals
 
 RUN_FOLDER_MARKERS = (*RUN_MARKERS, "checkpoint.pt", "summary.json")
 """A run folder holding any of these (non-empty) holds a started or finished run."""
-RUN_FOLDER_OUTPUTS = ("config.json", "report.html", "*.png", "comparison.md", "comparison_stats.json", "*.tmp",
-                      ".*.tmp")
+RUN_FOLDER_OUTPUTS = (
+    "config.json",
+    "report.html",
+    "*.png",
+    "comparison.md",
+    "comparison_stats.json",
+    "*.tmp",
+    ".*.tmp",
+)
 """Also deleted when ``--overwrite`` replaces a run."""
 
 __all__ = [
@@ -134,8 +141,10 @@ def _load_corpus_texts(data_cfg: dict[str, Any]) -> tuple[dict[str, list[str]], 
     corpus = data_cfg["corpus"]
     data_dir = resolve_data_dir(data_cfg.get("data_dir"))
     if data_cfg.get("languages") is not None and corpus not in corpora.available_corpora():
-        raise ConfigError(f"data.languages is set, but data.corpus {corpus!r} is not a multilingual corpus built by "
-                          "gradmix (choose a custom folder's domains with data.domains)")
+        raise ConfigError(
+            f"data.languages is set, but data.corpus {corpus!r} is not a multilingual corpus built by "
+            "gradmix (choose a custom folder's domains with data.domains)"
+        )
     if corpus == "tiny":
         return corpora.load_tiny_corpus(), {"corpus": "tiny (built in)"}
     path = Path(str(corpus)).expanduser()
@@ -148,25 +157,34 @@ def _load_corpus_texts(data_cfg: dict[str, Any]) -> tuple[dict[str, list[str]], 
         by_domain: dict[str, Path] = {}
         for file in files:  # docs.txt and docs.jsonl: one domain from two files, neither may be dropped
             if file.stem in by_domain:
-                raise ValueError(f"corpus folder {str(path)!r} has two files for domain {file.stem!r}: "
-                                 f"{by_domain[file.stem].name} and {file.name}; keep one (or rename one)")
+                raise ValueError(
+                    f"corpus folder {str(path)!r} has two files for domain {file.stem!r}: "
+                    f"{by_domain[file.stem].name} and {file.name}; keep one (or rename one)"
+                )
             by_domain[file.stem] = file
         return {p.stem: read_documents(p) for p in files}, {"corpus": str(path)}
     known = ["tiny", *corpora.available_corpora()]
     if corpus not in known:
-        raise ConfigError(f"data.corpus {corpus!r} is neither a known corpus nor an existing folder; known corpora: "
-                          f"{', '.join(known)}")
+        raise ConfigError(
+            f"data.corpus {corpus!r} is neither a known corpus nor an existing folder; known corpora: "
+            f"{', '.join(known)}"
+        )
     build = {"max_docs_per_domain": data_cfg.get("max_docs_per_domain"), "languages": data_cfg.get("languages")}
     if build["languages"] is not None and not corpora.available_languages(corpus):
-        raise ConfigError(f"data.languages is set, but corpus {corpus!r} has no languages to choose (the multilingual "
-                          "corpora have)")
+        raise ConfigError(
+            f"data.languages is set, but corpus {corpus!r} has no languages to choose (the multilingual corpora have)"
+        )
     try:
         manifest = corpora.build_corpus(corpus, data_dir, **build)
     except corpora.CorpusError as exc:
         raise ConfigError(f"data.corpus {corpus!r}: {exc}") from exc
     texts = corpora.load_corpus(corpus, data_dir, **build)
-    return texts, {"corpus": corpus, "data_dir": str(data_dir), "folder": str(corpora.corpus_folder(corpus, data_dir,
-                   **build)), "manifest": _jsonable(manifest)}
+    return texts, {
+        "corpus": corpus,
+        "data_dir": str(data_dir),
+        "folder": str(corpora.corpus_folder(corpus, data_dir, **build)),
+        "manifest": _jsonable(manifest),
+    }
 
 
 def _device(cfg: dict[str, Any]) -> torch.device:
@@ -176,7 +194,7 @@ def _device(cfg: dict[str, Any]) -> torch.device:
     except RuntimeError as exc:
         raise ConfigError(f"device {cfg.get('device')!r} is not a torch device ({exc})") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(device)!r}: CUDA is not available on this machine (use device = \"cpu\")")
+        raise ConfigError(f'device {str(device)!r}: CUDA is not available on this machine (use device = "cpu")')
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -192,8 +210,10 @@ def _load_target_texts(data_cfg: dict[str, Any]) -> list[str]:
     from gradmix_kit import corpora
 
     if target not in corpora.available_targets():
-        raise ConfigError(f"data.target {target!r} is neither a known target set nor an existing file or folder; "
-                          f"known target sets: {', '.join(corpora.available_targets())}")
+        raise ConfigError(
+            f"data.target {target!r} is neither a known target set nor an existing file or folder; "
+            f"known target sets: {', '.join(corpora.available_targets())}"
+        )
     return list(corpora.build_target(target, resolve_data_dir(data_cfg.get("data_dir"))))
 
 
@@ -221,8 +241,9 @@ def _split_docs(docs: list[str], fraction: float, seed: int, name: str) -> tuple
     return train, val
 
 
-def _top_up_validation(name: str, train_texts: dict[str, list[str]], val_texts: dict[str, list[str]], tokenizer: Any,
-                       window: int) -> None:
+def _top_up_validation(
+    name: str, train_texts: dict[str, list[str]], val_texts: dict[str, list[str]], tokenizer: Any, window: int
+) -> None:
     """Every domain needs one validation window: when its held-out documents are shorter than that (small clusters
     of short documents), move training documents to validation, last of the split first, until they fill one; a
     domain too small for one training and one validation window stays an error (raised by ``pack_tokens``)."""
@@ -236,8 +257,11 @@ def _top_up_validation(name: str, train_texts: dict[str, list[str]], val_texts: 
         val_texts[name] = [train_texts[name].pop(), *val_texts[name]]
         moved += 1
     if moved:
-        warnings.warn(f"domain {name!r}: {moved} training document(s) moved to validation so that it holds one "
-                      f"validation window of {window + 1} tokens", stacklevel=2)
+        warnings.warn(
+            f"domain {name!r}: {moved} training document(s) moved to validation so that it holds one "
+            f"validation window of {window + 1} tokens",
+            stacklevel=2,
+        )
 
 
 def _tokenizer_for(train_texts: dict[str, list[str]], data_cfg: dict[str, Any], cache_root: Path) -> Any:
@@ -299,31 +323,43 @@ def prepare_data(cfg: dict[str, Any]) -> PreparedData:
         domains.append(Domain(name, windows, len(train_texts[name])))
         v_ids = encode_documents(tokenizer, val_texts[name])
         val_docs[name] = v_ids
-        val_windows[name] = pack_tokens(v_ids, window,
-                                        name=f"{name} (validation)")[: cfg["train"]["eval_windows_per_domain"]]
+        val_windows[name] = pack_tokens(v_ids, window, name=f"{name} (validation)")[
+            : cfg["train"]["eval_windows_per_domain"]
+        ]
     train = DomainSet(domains)
 
     target_train = target_val = None
     if target_docs is not None:
         t_train, t_val = _split_docs(target_docs, 1.0 - float(data_cfg["target_train_fraction"]), split_seed, "target")
-        target_train = Domain("target", pack_tokens(encode_documents(tokenizer, t_train), window,
-                                                    name="target (train)"))
-        target_val = pack_tokens(encode_documents(tokenizer, t_val), window,
-                                 name="target (validation)")[: cfg["train"]["eval_windows_per_domain"]]
+        target_train = Domain(
+            "target", pack_tokens(encode_documents(tokenizer, t_train), window, name="target (train)")
+        )
+        target_val = pack_tokens(encode_documents(tokenizer, t_val), window, name="target (validation)")[
+            : cfg["train"]["eval_windows_per_domain"]
+        ]
     info["corpus_record"] = corpus_record(
-        train_texts, val_texts, corpus=str(data_cfg["corpus"]), manifest=info.get("manifest"), target=target_docs,
-        target_name=None if data_cfg.get("target") is None else str(data_cfg["target"]), threads=cfg.get("threads"))
-    info.update({
-        "domains": train.names,
-        "train_windows": dict(zip(train.names, train.sizes)),
-        "train_tokens": dict(zip(train.names, train.num_tokens)),
-        "val_windows": {k: int(v.shape[0]) for k, v in val_windows.items()},
-        "target_train_windows": None if target_train is None else target_train.size,
-        "target_val_windows": None if target_val is None else int(target_val.shape[0]),
-        "vocab_size": tokenizer.get_vocab_size(),
-    })
-    return PreparedData(train, val_windows, val_docs, tokenizer, tokenizer.get_vocab_size(), target_train, target_val,
-                        info)
+        train_texts,
+        val_texts,
+        corpus=str(data_cfg["corpus"]),
+        manifest=info.get("manifest"),
+        target=target_docs,
+        target_name=None if data_cfg.get("target") is None else str(data_cfg["target"]),
+        threads=cfg.get("threads"),
+    )
+    info.update(
+        {
+            "domains": train.names,
+            "train_windows": dict(zip(train.names, train.sizes)),
+            "train_tokens": dict(zip(train.names, train.num_tokens)),
+            "val_windows": {k: int(v.shape[0]) for k, v in val_windows.items()},
+            "target_train_windows": None if target_train is None else target_train.size,
+            "target_val_windows": None if target_val is None else int(target_val.shape[0]),
+            "vocab_size": tokenizer.get_vocab_size(),
+        }
+    )
+    return PreparedData(
+        train, val_windows, val_docs, tokenizer, tokenizer.get_vocab_size(), target_train, target_val, info
+    )
 
 
 def _continuation_task(data: PreparedData, eval_cfg: dict[str, Any]) -> Any:
@@ -333,10 +369,13 @@ def _continuation_task(data: PreparedData, eval_cfg: dict[str, Any]) -> Any:
     key = tuple((name, eval_cfg[name]) for name in fields)
     if key not in data._task_cache:
         data._task_cache[key] = build_continuation_task(
-            data.val_docs, num_items=int(eval_cfg["continuation_items"]),
+            data.val_docs,
+            num_items=int(eval_cfg["continuation_items"]),
             context_tokens=int(eval_cfg["context_tokens"]),
-            continuation_tokens=int(eval_cfg["continuation_tokens"]), num_choices=int(eval_cfg["num_choices"]),
-            seed=0, tokenizer=data.tokenizer,
+            continuation_tokens=int(eval_cfg["continuation_tokens"]),
+            num_choices=int(eval_cfg["num_choices"]),
+            seed=0,
+            tokenizer=data.tokenizer,
         )
     return data._task_cache[key]
 
@@ -352,8 +391,10 @@ def _method_params(mix_cfg: dict[str, Any], data_cfg: dict[str, Any], data: Prep
         candidates = [corpus / "clusters.json", corpus.parent / "clusters.json"]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise ValueError(f"method {method!r} needs target_counts: set mixing.params.target_counts, or use a "
-                             "corpus written by `gradmix cluster --target ...` (its clusters.json holds them)")
+            raise ValueError(
+                f"method {method!r} needs target_counts: set mixing.params.target_counts, or use a "
+                "corpus written by `gradmix cluster --target ...` (its clusters.json holds them)"
+            )
         info = json.loads(found.read_text())
         counts = info.get("target_counts")
         if counts is None:
@@ -367,9 +408,11 @@ def _method_params(mix_cfg: dict[str, Any], data_cfg: dict[str, Any], data: Prep
     reference_run = params.pop("reference_run", None)
     if method == "doremi" and "reference_loss" not in params:
         if reference_run is None:
-            raise ValueError("method 'doremi' needs reference losses: set mixing.params.reference_loss = [...] (one "
-                             "per domain) or mixing.params.reference_run = a finished run folder (its final "
-                             "validation losses; gradmix compare uses its uniform run of the same seed)")
+            raise ValueError(
+                "method 'doremi' needs reference losses: set mixing.params.reference_loss = [...] (one "
+                "per domain) or mixing.params.reference_run = a finished run folder (its final "
+                "validation losses; gradmix compare uses its uniform run of the same seed)"
+            )
         summary_path = Path(str(reference_run)) / "summary.json"
         if not summary_path.is_file():
             raise ValueError(f"mixing.params.reference_run {str(reference_run)!r} has no summary.json (not finished?)")
@@ -392,8 +435,10 @@ def _check_resume_steps(ckpt_path: Path, steps: int) -> None:
     except (KeyError, TypeError, ValueError):
         return  # not a gradmix run checkpoint: Mixer.resume names the problem
     if done > steps:
-        raise ConfigError(f"--resume: {ckpt_path} has already trained {done} steps, more than steps = {steps}; "
-                          f"set steps >= {done} to continue it (or start a new run folder)")
+        raise ConfigError(
+            f"--resume: {ckpt_path} has already trained {done} steps, more than steps = {steps}; "
+            f"set steps >= {done} to continue it (or start a new run folder)"
+        )
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
@@ -404,9 +449,17 @@ def _lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) ->
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedData | None = None,
-                   progress: bool = True, resume: bool = False, write_plots: bool = True,
-                   stop: StopSignals | None = None, overwrite: bool = False) -> dict[str, Any]:
+def run_experiment(
+    cfg: dict[str, Any],
+    run_dir: str | Path,
+    *,
+    data: PreparedData | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    write_plots: bool = True,
+    stop: StopSignals | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Train one model with one mixing method; write the run folder; return the summary.
 
     The folder is locked for the run (``gradmix.runlock``: a second run on it is refused while this one lives). A
@@ -428,16 +481,31 @@ def run_experiment(cfg: dict[str, Any], run_dir: str | Path, *, data: PreparedDa
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir).acquire()  # one owner; released when the run ends, however it ends
     try:
-        check_run_dir(run_dir, resume=resume, overwrite=overwrite, markers=RUN_FOLDER_MARKERS,
-                      also_remove=RUN_FOLDER_OUTPUTS, flags=("--resume", "--overwrite"))
-        return _train_locked(cfg, run_dir, data=data, progress=progress, resume=resume, write_plots=write_plots,
-                             stop=stop)
+        check_run_dir(
+            run_dir,
+            resume=resume,
+            overwrite=overwrite,
+            markers=RUN_FOLDER_MARKERS,
+            also_remove=RUN_FOLDER_OUTPUTS,
+            flags=("--resume", "--overwrite"),
+        )
+        return _train_locked(
+            cfg, run_dir, data=data, progress=progress, resume=resume, write_plots=write_plots, stop=stop
+        )
     finally:
         lock.release()
 
 
-def _train_locked(cfg: dict[str, Any], run_dir: Path, *, data: PreparedData | None, progress: bool, resume: bool,
-                  write_plots: bool, stop: StopSignals | None) -> dict[str, Any]:
+def _train_locked(
+    cfg: dict[str, Any],
+    run_dir: Path,
+    *,
+    data: PreparedData | None,
+    progress: bool,
+    resume: bool,
+    write_plots: bool,
+    stop: StopSignals | None,
+) -> dict[str, Any]:
     """The body of ``run_experiment``, run while the folder's lock is held."""
     from gradmix_kit.experiment.evaluation import evaluate_continuation, evaluate_loss
     from gradmix_kit.experiment.model import GPT, GPTConfig, per_example_loss
@@ -452,8 +520,9 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, *, data: PreparedData | No
 
     device = _device(cfg)
     model = GPT(GPTConfig(vocab_size=data.vocab_size, context_length=window, **cfg["model"])).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"],
-                                  betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"], betas=(0.9, 0.95)
+    )
     method_params = _method_params(mix_cfg, cfg["data"], data)
     probe_params = dict(mix_cfg.get("probe") or {})
     if probe_params.pop("precondition_with_adam", False):
@@ -477,15 +546,27 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, *, data: PreparedData | No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MixingWarning)  # alerts at the start are recorded in metrics.jsonl instead
         mixer = Mixer(
-            data.train, mix_cfg["method"], train_cfg["batch_size"], method_params=method_params,
-            model=model, probe_params=probe_params, target=data.target_train, run_dir=run_dir,
-            resume=True, lock=False,  # the folder is checked and locked above
-            writers=[w for w in writer_names if w in ("jsonl", "csv")], eval_metrics=eval_metrics,
+            data.train,
+            mix_cfg["method"],
+            train_cfg["batch_size"],
+            method_params=method_params,
+            model=model,
+            probe_params=probe_params,
+            target=data.target_train,
+            run_dir=run_dir,
+            resume=True,
+            lock=False,  # the folder is checked and locked above
+            writers=[w for w in writer_names if w in ("jsonl", "csv")],
+            eval_metrics=eval_metrics,
             alerts=log_cfg.get("alerts") or None,
-            update_every=mix_cfg["update_every"], warmup_steps=mix_cfg["warmup_steps"],
+            update_every=mix_cfg["update_every"],
+            warmup_steps=mix_cfg["warmup_steps"],
             probe_every=mix_cfg["probe_every"],
-            seed=seed, mode=mix_cfg["mode"], max_repeats=mix_cfg["max_repeats"],
-            target_batch_size=mix_cfg["target_batch_size"], log_every=mix_cfg["log_every"],
+            seed=seed,
+            mode=mix_cfg["mode"],
+            max_repeats=mix_cfg["max_repeats"],
+            target_batch_size=mix_cfg["target_batch_size"],
+            log_every=mix_cfg["log_every"],
         )
     resolved = dict(cfg)
     resolved["method"] = mix_cfg["method"]
@@ -508,8 +589,11 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, *, data: PreparedData | No
 
     options: dict[str, dict[str, Any]] = {
         "tensorboard": dict(log_cfg.get("tensorboard") or {}),
-        "wandb": {"config": json_safe(resolved), "name": f"{cfg['name']}-{mix_cfg['method']}-s{seed}",
-                  **dict(log_cfg.get("wandb") or {})},
+        "wandb": {
+            "config": json_safe(resolved),
+            "name": f"{cfg['name']}-{mix_cfg['method']}-s{seed}",
+            **dict(log_cfg.get("wandb") or {}),
+        },
     }
     if start:
         options["tensorboard"].setdefault("purge_step", start + 1)
@@ -523,8 +607,13 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, *, data: PreparedData | No
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps, initial=start, desc=f"{cfg['name']}:{mix_cfg['method']}:s{seed}", leave=False,
-                       dynamic_ncols=True)
+            bar = tqdm(
+                total=steps,
+                initial=start,
+                desc=f"{cfg['name']}:{mix_cfg['method']}:s{seed}",
+                leave=False,
+                dynamic_ncols=True,
+            )
         except ImportError:
             bar = None
 
@@ -535,8 +624,9 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, *, data: PreparedData | No
         if step == steps and cfg["eval"]["continuation_items"]:
             out["val_accuracy"] = evaluate_continuation(model, _continuation_task(data, cfg["eval"]))
         if eval_metrics:
-            context = MetricContext(step, list(data.train.names), data.tokenizer, data.val_windows, data.val_docs,
-                                    data.target_val, cfg)
+            context = MetricContext(
+                step, list(data.train.names), data.tokenizer, data.val_windows, data.val_docs, data.target_val, cfg
+            )
             was_training = model.training
             model.eval()
             try:
@@ -559,8 +649,14 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, *, data: PreparedData | No
         warnings.simplefilter("ignore", MixingWarning)  # recorded as events in metrics.jsonl instead
         if start == 0:
             last_eval = evaluate(0)
-            mixer.log({"step": 0, "weights": dict(zip(data.train.names, map(float, mixer.weights))),
-                       "train_loss": {name: None for name in data.train.names}, **last_eval})
+            mixer.log(
+                {
+                    "step": 0,
+                    "weights": dict(zip(data.train.names, map(float, mixer.weights))),
+                    "train_loss": {name: None for name in data.train.names},
+                    **last_eval,
+                }
+            )
         for step in iterator:
             t0 = time.perf_counter()
             lr = _lr_at(step, steps, train_cfg["lr"], train_cfg["warmup_steps"], train_cfg["min_lr_ratio"])
@@ -612,11 +708,14 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, *, data: PreparedData | No
         stop.deferring = False
         if stop.received is not None:
             raise stop.interrupted(mixer.step_count, steps, ckpt_path)
-        stop.where = (f"after step {mixer.step_count}, before the summary was written; the final checkpoint is "
-                      f"saved to {ckpt_path} (--resume writes the summary)")
+        stop.where = (
+            f"after step {mixer.step_count}, before the summary was written; the final checkpoint is "
+            f"saved to {ckpt_path} (--resume writes the summary)"
+        )
 
-    if stopped_early is not None and mixer.step_count not in (0, start) and \
-            mixer.step_count % eval_every != 0:  # evaluate the model as the data left it
+    if (
+        stopped_early is not None and mixer.step_count not in (0, start) and mixer.step_count % eval_every != 0
+    ):  # evaluate the model as the data left it
         last_eval = evaluate(mixer.step_count)
     if "val_loss" not in last_eval:  # resumed from a checkpoint at (or after the last evaluation before) the end
         last_eval = evaluate(mixer.step_count)  # found by scripts/crash_sweep.py: a kill before summary.json
@@ -672,10 +771,19 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return JsonlWriter(path).read()
 
 
-def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[int], out_dir: str | Path, *,
-                   method_overrides: dict[str, dict[str, Any]] | None = None, progress: bool = True,
-                   log: Callable[[str], None] = print, resume: bool = False,
-                   stop: StopSignals | None = None, overwrite: bool = False) -> Path:
+def run_comparison(
+    cfg: dict[str, Any],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    *,
+    method_overrides: dict[str, dict[str, Any]] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    resume: bool = False,
+    stop: StopSignals | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Run every (method, seed) on the same prepared data; write ``comparison.json`` and the report.
 
     ``resume``: a run whose ``summary.json`` says it finished these steps is kept as it is; a run cut short (killed,
@@ -685,6 +793,7 @@ def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[
 
     out_dir = Path(out_dir)
     _import_plugins(cfg)
+
     def method_of(label: str) -> str:
         """A compared name is a method, or a label whose ``compare.overrides.<label>.mixing.method`` names one
         (variants of one method side by side, e.g. PiKE at two step sizes)."""
@@ -716,8 +825,10 @@ def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[
             if run_cfg["mixing"]["method"] == "doremi" and not {"reference_loss", "reference_run"} & set(params):
                 # DoReMi's reference model: the uniform run of the same seed (Xie et al. train it on the uniform mix)
                 if "uniform" not in methods or list(methods).index("uniform") > list(methods).index(method):
-                    raise ValueError(f"{method!r} (DoReMi) needs a reference: compare 'uniform' before it, or set "
-                                     "mixing.params.reference_loss / reference_run")
+                    raise ValueError(
+                        f"{method!r} (DoReMi) needs a reference: compare 'uniform' before it, or set "
+                        "mixing.params.reference_loss / reference_run"
+                    )
                 params["reference_run"] = str(out_dir / f"uniform-seed{seed}")
             if method_class(run_cfg["mixing"]["method"]).needs_target and data.target_train is None:
                 raise ValueError(f"method {method!r} needs a target set: set data.target in the config")
@@ -727,8 +838,16 @@ def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[
             if summary is None:
                 if stop is not None:
                     stop.where = f"before run {name} started training; the finished runs are kept (use --resume)"
-                summary = run_experiment(run_cfg, out_dir / name, data=data, progress=progress, write_plots=False,
-                                         resume=resume, stop=stop, overwrite=overwrite)
+                summary = run_experiment(
+                    run_cfg,
+                    out_dir / name,
+                    data=data,
+                    progress=progress,
+                    write_plots=False,
+                    resume=resume,
+                    stop=stop,
+                    overwrite=overwrite,
+                )
             line = f"{name:28s} avg val {summary['avg_val_loss']:.4f}  worst {summary['worst_val_loss']:.4f}"
             if "avg_val_accuracy" in summary:
                 line += f"  acc {summary['avg_val_accuracy']:.3f}"
@@ -739,8 +858,9 @@ def run_comparison(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[
             runs.append(name)
     if stop is not None:
         stop.where = "after the last run, while writing the report; every run is finished (--resume writes it)"
-    write_json_atomic(out_dir / "comparison.json", {"runs": runs, "methods": list(methods), "seeds": list(seeds),
-                                                     "config": cfg})
+    write_json_atomic(
+        out_dir / "comparison.json", {"runs": runs, "methods": list(methods), "seeds": list(seeds), "config": cfg}
+    )
     from gradmix_kit.report import write_report
 
     return write_report([out_dir / r for r in runs], out_dir, title=f"{cfg['name']}: method comparison")
@@ -759,7 +879,10 @@ def _finished_summary(run_dir: Path, run_cfg: dict[str, Any]) -> dict[str, Any] 
     if not isinstance(summary, dict):
         return None
     same = (summary.get("method"), summary.get("seed"), summary.get("steps")) == (
-        run_cfg["mixing"]["method"], int(run_cfg["seed"]), int(run_cfg["steps"]))
+        run_cfg["mixing"]["method"],
+        int(run_cfg["seed"]),
+        int(run_cfg["steps"]),
+    )
     numbers = all(isinstance(summary.get(key), (int, float)) for key in ("avg_val_loss", "worst_val_loss"))
     return summary if same and numbers else None
 
@@ -772,15 +895,19 @@ def check_corpus_record(cfg: dict[str, Any], record: dict[str, Any], log: Callab
         return []
     recorded_path = Path(str(path)).expanduser()
     if not recorded_path.is_file():
-        message = (f"data.expected_corpus {str(path)!r} does not exist (relative paths are read from the current "
-                   "folder): nothing to compare this run's corpus with")
+        message = (
+            f"data.expected_corpus {str(path)!r} does not exist (relative paths are read from the current "
+            "folder): nothing to compare this run's corpus with"
+        )
         warnings.warn(message, stacklevel=2)
         log(f"WARNING: {message}")
         return [message]
     differences = record_differences(json.loads(recorded_path.read_text()), record)
     if differences:
-        message = (f"this corpus or software differs from the one recorded in {path}, so the numbers will not "
-                   "match the recorded table exactly: " + "; ".join(differences))
+        message = (
+            f"this corpus or software differs from the one recorded in {path}, so the numbers will not "
+            "match the recorded table exactly: " + "; ".join(differences)
+        )
         warnings.warn(message, stacklevel=2)
         log(f"WARNING: {message}")
     else:
@@ -788,9 +915,17 @@ def check_corpus_record(cfg: dict[str, Any], record: dict[str, Any], log: Callab
     return differences
 
 
-def run_diagnosis(cfg: dict[str, Any], out_dir: str | Path, *, steps: int = 30, checkpoint: str | Path | None = None,
-                  threshold: float = 0.1, data: PreparedData | None = None, progress: bool = True,
-                  write_page: bool = True) -> dict[str, Any]:
+def run_diagnosis(
+    cfg: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    steps: int = 30,
+    checkpoint: str | Path | None = None,
+    threshold: float = 0.1,
+    data: PreparedData | None = None,
+    progress: bool = True,
+    write_page: bool = True,
+) -> dict[str, Any]:
     """``gradmix diagnose``: measure the Gramian of the domains' gradients on ``steps`` steps of the config's model
     and data, then ``gradmix.diagnostics.diagnose`` it.
 
@@ -832,16 +967,23 @@ def run_diagnosis(cfg: dict[str, Any], out_dir: str | Path, *, steps: int = 30, 
         except RuntimeError as exc:
             raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit the config's model: {exc}") from None
         source = f"checkpoint {checkpoint} (no training)"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"],
-                                  betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"], betas=(0.9, 0.95)
+    )
     probe_params = dict(mix_cfg.get("probe") or {})
     probe_params.pop("precondition_with_adam", None)
     probe_params.pop("preconditioner", None)
     probe_params["gram"] = True
     probe = GradientProbe(model, **probe_params)
     k = len(names)
-    sampler = MixtureSampler(data.train.sizes, train_cfg["batch_size"], np.full(k, 1.0 / k), seed=seed,
-                             domain_names=names, shuffle=data.train.shuffle)
+    sampler = MixtureSampler(
+        data.train.sizes,
+        train_cfg["batch_size"],
+        np.full(k, 1.0 / k),
+        seed=seed,
+        domain_names=names,
+        shuffle=data.train.shuffle,
+    )
     grams, measured_steps, losses = [], [], []
     bar = None
     if progress:
@@ -874,15 +1016,17 @@ def run_diagnosis(cfg: dict[str, Any], out_dir: str | Path, *, steps: int = 30, 
         bar.close()
     diagnosis = diagnose(grams, names, steps=measured_steps, threshold=threshold)
     record = json_safe(diagnosis.to_dict())
-    record.update({
-        "source": source,
-        "config": cfg.get("name"),
-        "batch_size": int(train_cfg["batch_size"]),
-        "probe": json_safe({k_: v for k_, v in probe_params.items()}),
-        "probed_parameters": probe.num_probed,
-        "train_loss": [None if not math.isfinite(v) else float(v) for v in losses],
-        "wall_time_s": time.perf_counter() - started,
-    })
+    record.update(
+        {
+            "source": source,
+            "config": cfg.get("name"),
+            "batch_size": int(train_cfg["batch_size"]),
+            "probe": json_safe({k_: v for k_, v in probe_params.items()}),
+            "probed_parameters": probe.num_probed,
+            "train_loss": [None if not math.isfinite(v) else float(v) for v in losses],
+            "wall_time_s": time.perf_counter() - started,
+        }
+    )
     write_json_atomic(out / "diagnosis.json", record)
     if write_page:
         try:
