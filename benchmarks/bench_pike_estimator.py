@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,11 +51,13 @@ def main() -> None:
     def estimates(num_splits: int, accumulate: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         probe = GradientProbe(model, num_splits=num_splits)
         s = MixtureSampler(data.train.sizes, b, seed=1000 + seed)
-        sq, var = [], []
+        sq: list[np.ndarray] = []
+        var: list[np.ndarray] = []
         for _ in range(accumulate):
             batch = data.train.gather(*s.next_arrays())
             r = probe.backward(batch, batch["domain"], k, per_example_loss, measure=True)
             model.zero_grad(set_to_none=True)
+            assert r is not None and r.grad_sq_norm is not None and r.grad_var is not None
             sq.append(r.grad_sq_norm)
             var.append(r.grad_var)
         with np.errstate(all="ignore"):
@@ -67,7 +70,7 @@ def main() -> None:
         "mean of 20 batches, 2 parts": (2, 20),
         "mean of 20 batches, per-sample": (b, 20),
     }
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for label, (splits, acc) in settings.items():
         sq, var = zip(*(estimates(splits, acc, rep) for rep in range(args.reps)))
         sq, var = np.array(sq), np.array(var)

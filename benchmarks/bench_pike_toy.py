@@ -22,6 +22,7 @@ value and stays there ("-" = never). Writes a markdown table to stdout and the n
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -46,7 +47,7 @@ from gradmix_kit.pike_toy import (
     suite,
 )
 
-VARIANTS = {"paper": {"variant": "paper"}, "v1": {"variant": "gradmix_v1"}, "default": {}}
+VARIANTS: dict[str, dict[str, Any]] = {"paper": {"variant": "paper"}, "v1": {"variant": "gradmix_v1"}, "default": {}}
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:
@@ -94,7 +95,7 @@ def run_setting(setting: ToySetting, seeds: range, every: int, *, best: bool) ->
         row["arms"]["best static"] = {"ratio": score / float(np.mean(uniform_exact[:2])), "weights": weights.tolist()}
     arms: list[tuple[str, Callable[[int], ToyRun]]] = [("oracle", exact(lambda: oracle_method(problem), 1))]
     for label, params in VARIANTS.items():
-        arms.append((f"{label} exact", exact(lambda p=params: make_method("pike", k, **p), every)))
+        arms.append((f"{label} exact", exact(functools.partial(make_method, "pike", k, **params), every)))
     for label, params in VARIANTS.items():
         arms.append((f"{label} mixer", mixer("pike", params)))
     for name, build in arms:

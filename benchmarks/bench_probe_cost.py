@@ -125,6 +125,7 @@ def one_step(model, opt, probe, batch, groups, k, measure, target, device, memor
     elif cuda:
         peak = float(torch.cuda.max_memory_allocated() - base)
     else:
+        assert isinstance(sampler, PeakRSS)
         peak = float(sampler.delta)
     return elapsed, cpu, peak
 

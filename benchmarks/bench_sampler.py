@@ -17,6 +17,7 @@ import platform
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def old_per_batch_counts(weights: np.ndarray, total: int) -> np.ndarray:
     return counts
 
 
-def throughput(sizes: list[int], batch_size: int, batches: int, seed: int = 0) -> dict[str, float]:
+def throughput(sizes: list[int], batch_size: int, batches: int, seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     k = len(sizes)
     weights = rng.dirichlet(np.full(k, 2.0), size=64) + 1e-4
@@ -77,16 +78,16 @@ def pike_like_history(k: int, steps: int, update_every: int, seed: int) -> np.nd
     return out
 
 
-def share_error(history: np.ndarray, batch_size: int) -> dict[str, float]:
+def share_error(history: np.ndarray, batch_size: int) -> dict[str, Any]:
     k = history.shape[1]
     target = np.cumsum(history * batch_size, axis=0)
     old = np.cumsum([old_per_batch_counts(w, batch_size) for w in history], axis=0)
     sampler = MixtureSampler([10**9] * k, batch_size, history[0], seed=0)
-    new = []
+    new_counts = []
     for w in history:
         sampler.set_weights(w)
-        new.append(np.bincount(sampler.next_global_arrays()[0], minlength=k))
-    new = np.cumsum(new, axis=0)
+        new_counts.append(np.bincount(sampler.next_global_arrays()[0], minlength=k))
+    new = np.cumsum(new_counts, axis=0)
     steps = np.arange(1, len(history) + 1)[:, None] * batch_size
     return {
         "old_max_abs_count_error": float(np.abs(old - target).max()),

@@ -20,8 +20,9 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
-CONFIGS = {
+CONFIGS: dict[str, tuple[str, int, int, dict[str, Any], dict[str, Any]]] = {
     # name: (method, K, update_every, probe_params, method_params)
     "uniform": ("uniform", 6, 20, {}, {}),
     "pike T0=20 (default probe: fused)": ("pike", 6, 20, {}, {}),

@@ -16,13 +16,14 @@ import itertools
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from gradmix_kit.experiment.config import load_config
 from gradmix_kit.experiment.runner import prepare_data, run_experiment
 
-GRID = {
+GRID: dict[str, list[float | None]] = {
     "zeta1": [0.1, 0.3, 1.0],
     "zeta2": [0.1, 1.0],
     "update_every": [20],
@@ -67,7 +68,7 @@ def main() -> None:
         return run_experiment(c, tmp / name, data=data, progress=False, write_plots=False)
 
     base = {s: run("uniform", {}, {}, s) for s in seeds}
-    rows = []
+    rows: list[dict[str, Any]] = []
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
         setting = dict(zip(keys, values))
@@ -76,7 +77,7 @@ def main() -> None:
         res = [run(args.method, params, mixing, s) for s in seeds]
         d_avg = [r["avg_val_loss"] / base[s]["avg_val_loss"] - 1 for r, s in zip(res, seeds)]
         d_worst = [r["worst_val_loss"] / base[s]["worst_val_loss"] - 1 for r, s in zip(res, seeds)]
-        row = {
+        row: dict[str, Any] = {
             **setting,
             "d_avg_val_loss": float(np.mean(d_avg)),
             "d_worst_val_loss": float(np.mean(d_worst)),

@@ -47,7 +47,9 @@ class LitGPT(MixingModuleMixin, L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
+        assert not isinstance(opt, list)  # one optimizer
         measured = self.mixing_backward(batch, per_example_loss)  # forward/backward (+ statistics when due)
+        assert measured is not None  # accumulation_steps=1: every batch is a whole step
         opt.step()
         opt.zero_grad()
         self.log("train_loss", measured.mean_loss, on_step=True, batch_size=len(batch["domain"]))
@@ -161,6 +163,7 @@ def main() -> None:
     trainer.fit(LitGPT(out / "trace" if args.trace else None), ckpt_path=ckpt_path)
     if trainer.global_rank == 0:
         mixer = mixing.mixer
+        assert mixer is not None  # set up by the callback during fit
         print(f"done: {mixer.step_count} steps, weights {dict(zip(mixer.names, mixer.weights.round(4).tolist()))}")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ class Scripted(MixingMethod):
 
     name = "scripted"
     required_stats = frozenset({"loss"})
-    script: ClassVar[list] = []
+    script: list[np.ndarray]
 
     def __init__(self, num_domains, script=(), **kw):
         super().__init__(num_domains, **kw)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -290,7 +291,7 @@ def test_save_refuses_unsafe_objects_naming_the_key_path(tmp_path, bad, where):
 
 def test_save_refuses_tensor_attributes_and_cycles(tmp_path):
     t = torch.ones(2)
-    t.meta = np.ones(1)
+    cast(Any, t).meta = np.ones(1)  # an attribute torch.Tensor does not declare
     with pytest.raises(ValueError, match=r"state\['t'\].__dict__\['meta'\]"):
         save_checkpoint_file({"t": t}, tmp_path / "c.pt")
     cyc: list = []
@@ -438,6 +439,7 @@ for line in sys.stdin:
 
 
 def _read_line(proc: subprocess.Popen, timeout: float = 30.0) -> str:
+    assert proc.stdout is not None and proc.stderr is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     if not ready:
         raise AssertionError("saver process did not answer")
@@ -465,6 +467,7 @@ def test_sigkill_during_saves_never_leaves_a_broken_checkpoint_or_orphans(tmp_pa
         bufsize=1,
         env=env,
     )
+    assert proc.stdin is not None
     rng = random.Random(1234)
     last_version, orphans_seen, loads = -1, 0, 0
     try:
@@ -569,5 +572,6 @@ def test_malformed_rng_state_changes_nothing(name, corrupt, field):
     assert field in str(info.value)
     assert torch.equal(torch.get_rng_state(), before[0])
     after_np = np.random.get_state()
-    assert np.array_equal(after_np[1], before[1][1]) and after_np[2:] == before[1][2:]
+    # numpy's stubs type get_state() (legacy=True by default: a tuple) as the legacy=False dict
+    assert np.array_equal(after_np[1], before[1][1]) and after_np[2:] == before[1][2:]  # type: ignore[index]
     assert random.getstate() == before[2]

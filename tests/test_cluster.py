@@ -16,6 +16,7 @@ import textwrap
 import zlib
 from itertools import permutations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -151,7 +152,7 @@ def test_coarse_grouping_minimises_text_level_inertia_so_big_clusters_weigh_more
             members = points[np.isin(fine_of_point, group)]
             cost += float(np.sum((members - members.mean(axis=0)) ** 2))
         costs[str(split)] = cost
-    best = min(costs, key=costs.get)
+    best = min(costs, key=costs.__getitem__)
     assert best == "[[0], [1, 2]]"
     coarse = result.coarse_labels
     assert coarse[100] == coarse[101] != coarse[0], (coarse, costs)
@@ -164,6 +165,7 @@ def test_cluster_corpus_from_texts_with_fake_model():
     assert result.k_fine == 4 and result.k_coarse == 2
     assert result.fine_sizes.sum() == len(texts)
     assert result.model == "fake_embed"
+    assert result.embeddings is not None
     np.testing.assert_allclose(result.embeddings, fake_embed(texts), atol=1e-6)
 
 
@@ -245,7 +247,7 @@ def test_assign_to_clusters_chunks_agree_with_direct_argmin():
 def brute_force_silhouette(points: np.ndarray, labels: np.ndarray) -> float:
     scores = []
     for i, p in enumerate(points):
-        dist = {}
+        dist: dict[Any, list[float]] = {}
         for j, q in enumerate(points):
             if j != i:
                 dist.setdefault(labels[j], []).append(float(np.linalg.norm(p - q)))

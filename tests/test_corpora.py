@@ -136,7 +136,8 @@ def test_clean_documents_drops_short_and_duplicate_documents() -> None:
 
 def _brute_force_sample(docs: list[str], max_docs: int | None, max_chars: int | None) -> list[str]:
     ranked = sorted(range(len(docs)), key=lambda i: hashlib.sha256(docs[i].encode()).hexdigest())
-    picked, total = [], 0
+    picked: list[int] = []
+    total = 0
     for i in ranked:
         if max_docs is not None and len(picked) == max_docs:
             break

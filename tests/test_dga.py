@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -108,6 +109,7 @@ def test_degenerate_alignments_skip_the_update(alignment, reason):
     method = DGA(3, initial_weights=[0.2, 0.3, 0.5])
     new = method.update(stats(alignment))
     np.testing.assert_allclose(new, [0.2, 0.3, 0.5], rtol=1e-12)
+    assert method.last_skip_reason is not None
     assert reason in method.last_skip_reason
     assert method.num_updates == 0
 
@@ -116,6 +118,7 @@ def test_overflowing_raw_step_is_skipped_not_nan():
     method = DGA(2, step_size=10.0, ema=0.0, normalize="none")
     new = method.update(stats([1e308, -1e308]))
     assert_probability_vector(new, 2)
+    assert method.last_skip_reason is not None
     assert "not finite" in method.last_skip_reason
 
 
@@ -242,7 +245,7 @@ def test_overlap_error_names_the_cluster_and_columns():
 def test_identity_base_distributions_reduce_to_plain_dga(as_sparse):
     k = 7
     identity = sparse.identity(k, format="csr") if as_sparse else np.eye(k)
-    params = dict(step_size=0.3, ema=0.4, min_weight=0.01, normalize="rms")
+    params: dict[str, Any] = dict(step_size=0.3, ema=0.4, min_weight=0.01, normalize="rms")
     plain, reweighted = DGA(k, **params), DGA(k, base_distributions=identity, **params)
     np.testing.assert_array_equal(reweighted.probe_groups(), np.arange(k))
     assert plain.probe_groups() is None
@@ -291,6 +294,7 @@ def test_65536_clusters():
     sizes = rng.integers(1, 1000, size=k).astype(float)
     matrix = base_distributions_from_clusters(fine_to_coarse, sizes)
     method = make_method("dga", k, base_distributions=matrix)
+    assert isinstance(method, DGA)
     assert method.num_stat_groups == m
     for step in range(20):
         alignment = rng.normal(size=m)
@@ -414,6 +418,7 @@ def test_doge_skips_degenerate_and_keeps_the_average():
     method.update(stats([1.0, 0.0, 0.0]))
     before = method.average_weights
     method.update(stats([np.nan, np.nan, np.nan]))
+    assert method.last_skip_reason is not None
     assert "no usable" in method.last_skip_reason
     np.testing.assert_array_equal(method.average_weights, before)
     method.update(stats([1e308, -1e308, 0.0]))  # clip tames the overflow of mu * a

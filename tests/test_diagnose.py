@@ -39,6 +39,7 @@ def test_conflicting_gradients_are_reported_with_c_and_pairs():
     assert d.conflict_fraction == 1.0 and d.conflict_fraction_threshold == 1.0
     assert d.cosine[0][1] == pytest.approx(-0.8, abs=0.05)
     assert d.conflicting_pairs[0]["domains"] == ["a", "b"]
+    assert d.c is not None
     assert d.beta_uniform == pytest.approx(1 - 2 * d.c)
     assert "Strong gradient conflict" in d.recommendation and "a / b" in d.recommendation
 
@@ -52,6 +53,7 @@ def test_agreeing_gradients_are_low_conflict():
 def test_a_conflict_phase_is_found_even_when_the_run_mean_is_positive():
     grams = _grams(0.9, 10) + _grams(-0.6, 15, seed=1) + _grams(0.9, 15, seed=2)
     d = diagnose(grams, ["a", "b"])
+    assert d.cosine[0][1] is not None
     assert d.cosine[0][1] > 0  # the run mean hides it ...
     assert d.c == pytest.approx(0.6, abs=0.1) and d.verdict == "strong"  # ... the rolling window does not
     assert 11 <= d.conflicting_pairs[0]["steps"][0] <= 16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -171,7 +172,8 @@ def test_per_example_loss_matches_cross_entropy_by_hand():
     with torch.no_grad():
         logits = model(ids[:, :-1])
         plain = per_example_loss(model, {"input_ids": ids})
-        masked = per_example_loss(model, {"input_ids": ids, "loss_mask": mask, "domain": "ignored"})
+        with_other_keys: dict[str, Any] = {"input_ids": ids, "loss_mask": mask, "domain": "ignored"}
+        masked = per_example_loss(model, with_other_keys)
         masked_full = per_example_loss(model, {"input_ids": ids, "loss_mask": torch.cat([mask[:, :1], mask], 1)})
     for i in range(4):
         assert plain[i].item() == pytest.approx(F.cross_entropy(logits[i], ids[i, 1:]).item(), rel=1e-5)
@@ -241,7 +243,7 @@ def _occurs_in(sequence: np.ndarray, docs: list[list[int]]) -> bool:
 def test_continuation_task_is_deterministic_and_well_formed():
     # two domains over disjoint token ranges: a distractor's range tells which domain it came from
     docs = {"low": _random_docs(0, 50, [130, 90, 75, 200], 0), "high": _random_docs(50, 100, [300, 64, 10], 1)}
-    kwargs = dict(num_items=6, context_tokens=12, continuation_tokens=5, num_choices=4)
+    kwargs: dict[str, Any] = dict(num_items=6, context_tokens=12, continuation_tokens=5, num_choices=4)
     task = build_continuation_task(docs, seed=7, **kwargs)
     again = build_continuation_task(docs, seed=7, **kwargs)
     other_seed = build_continuation_task(docs, seed=8, **kwargs)
@@ -337,6 +339,7 @@ def test_evaluate_continuation_agrees_with_brute_force(tokenizer):
             assert accuracy[domain] == pytest.approx(expected)
     # the stored character lengths are those of the decoded choices
     items = task.items["b"]
+    assert items.choice_num_chars is not None
     assert int(items.choice_num_chars[2, 1]) == len(tokenizer.decode(items.choices[2, 1].tolist()))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -69,7 +70,7 @@ def tlm_batch(n: int, seed: int, vocab: int = 13, length: int = 6) -> dict:
     return {"input_ids": ids}
 
 
-MODELS = {
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[..., torch.Tensor], Callable[..., dict]]] = {
     "mlp": (MLP, mlp_loss, mlp_batch),
     "lm": (TinyLM, lm_loss, lm_batch),
     "transformer": (TinyTransformer, lm_loss, tlm_batch),
@@ -121,13 +122,16 @@ def reference(model, loss_fn, batch, groups, num_groups, target=None, params=Non
     return out
 
 
-def assert_matches(result: Measurement, ref: dict, rtol=1e-4, gram=True, target=True):
+def assert_matches(result: Measurement | None, ref: dict, rtol=1e-4, gram=True, target=True):
+    assert result is not None and result.grad_sq_norm is not None and result.grad_var is not None
     atol = 1e-6 * ref["scale"]
     np.testing.assert_allclose(result.grad_sq_norm, ref["sq"], rtol=rtol, atol=atol)
     np.testing.assert_allclose(result.grad_var, ref["var"], rtol=rtol, atol=atol)
     if gram:
+        assert result.gram is not None
         np.testing.assert_allclose(result.gram, ref["gram"], rtol=rtol, atol=atol)
     if target:
+        assert result.target_alignment is not None
         np.testing.assert_allclose(result.target_alignment, ref["align"], rtol=rtol, atol=atol)
 
 
@@ -153,6 +157,7 @@ def test_statistics_match_brute_force_and_micro_batch_probe(name, with_target):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing skipped, no fallback
         result = probe.backward(batch, GROUPS, 3, loss_fn, measure=True, target_batch=target)
+    assert result is not None
     assert probe.fused and probe.skipped == [] and probe.num_probed == ref["per_sample"].shape[1]
 
     assert_grads_equal(model, expected)  # one backward of the mixed batch: .grad is the plain step's
@@ -215,6 +220,8 @@ def test_absent_and_single_example_groups():
     ref = reference(model, lm_loss, batch, groups.numpy(), 4, target)
     expected = plain_gradients(model, lm_loss, batch)
     result = FusedGradientProbe(model, gram=True).backward(batch, groups, 4, lm_loss, measure=True, target_batch=target)
+    assert result is not None and result.grad_sq_norm is not None and result.grad_var is not None
+    assert result.gram is not None and result.target_alignment is not None
     assert_grads_equal(model, expected)
     assert np.isnan(result.grad_sq_norm[2:]).all() and np.isnan(result.grad_var[2:]).all()
     assert np.isnan(result.loss[3]) and result.examples.tolist() == [5, 3, 1, 0]
@@ -238,6 +245,8 @@ def test_nan_loss_or_gradient_in_one_group_spares_the_others():
     batch["bad"] = GROUPS == 1
     expected = plain_gradients(model, masked_loss, batch)
     result = FusedGradientProbe(model, gram=True).backward(batch, GROUPS, 3, masked_loss, measure=True)
+    assert result is not None and result.grad_sq_norm is not None and result.grad_var is not None
+    assert result.gram is not None
     assert_grads_equal(model, expected)
     assert np.isnan(result.grad_sq_norm[1]) and np.isnan(result.grad_var[1]) and np.isnan(result.gram[1]).all()
     np.testing.assert_allclose(result.grad_sq_norm[[0, 2]], ref["sq"][[0, 2]], rtol=1e-4)
@@ -248,6 +257,7 @@ def test_nan_loss_or_gradient_in_one_group_spares_the_others():
     batch["x"][GROUPS == 0] = float("nan")  # NaN activations and gradients for group 0's examples
     model.zero_grad(set_to_none=True)
     result = FusedGradientProbe(model, gram=True).backward(batch, GROUPS, 3, mlp_loss, measure=True)
+    assert result is not None and result.grad_sq_norm is not None and result.gram is not None
     assert np.isnan(result.grad_sq_norm[0]) and np.isnan(result.gram[0]).all()
     np.testing.assert_allclose(result.grad_sq_norm[1:], ref["sq"][1:], rtol=1e-4)
     np.testing.assert_allclose(result.gram[1:, 1:], ref["gram"][1:, 1:], rtol=1e-4)
@@ -286,6 +296,7 @@ def test_real_grad_scaler_and_a_backward_fn_that_drops_the_graph():
     )
     assert_matches(result, ref, gram=False, target=False)
     broken = FusedGradientProbe(model).backward(batch, GROUPS, 3, mlp_loss, measure=True, backward_fn=lambda l: None)
+    assert broken is not None and broken.grad_sq_norm is not None
     assert np.isnan(broken.grad_sq_norm).all() and np.isfinite(broken.loss).all()
 
 
@@ -319,6 +330,7 @@ def test_accumulation_pools_exactly(name):
     assert out[0] is None and out[1] is None
     assert_grads_equal(model, expected)
     assert_matches(out[-1], ref)
+    assert out[-1] is not None
     np.testing.assert_array_equal(out[-1].examples, [6, 4, 3])
 
 
@@ -342,6 +354,7 @@ def test_plain_steps_and_misuse():
     batch = mlp_batch(len(GROUPS), seed=7)
     probe = FusedGradientProbe(model)
     result = probe.backward(batch, GROUPS, 4, mlp_loss, measure=False)
+    assert result is not None
     assert result.grad_sq_norm is None and result.examples.tolist() == [6, 4, 3, 0]
     probe.backward(batch, GROUPS, 3, mlp_loss, measure=True, final=False)
     with pytest.raises(ValueError, match="cannot continue with measure=False"):
@@ -376,6 +389,8 @@ def test_adam_preconditioned_alignment_equals_micro_batch_probe():
     micro = GradientProbe(model, preconditioner=optimizer, eps=1e-3).backward(
         batch, GROUPS, 3, lm_loss, measure=True, target_batch=target
     )
+    assert fused is not None and fused.target_alignment is not None
+    assert micro is not None and micro.target_alignment is not None
     np.testing.assert_allclose(fused.target_alignment, micro.target_alignment, rtol=1e-4)
 
 
@@ -514,6 +529,7 @@ def _dist_worker(rank: int, port: int, mode: str, out_dir: str) -> None:
             # A fresh model per pass: a second DDP wrapper over the same parameters would leave the first one's
             # reducer hooks firing with unfinished buckets, which aborts the process at exit.
             model = TinyTransformer(tied=True)
+            wrapped: nn.Module
             if mode == "ddp":
                 wrapped = nn.parallel.DistributedDataParallel(model)
                 probe = FusedGradientProbe(wrapped, gram=exact, exact_global=exact)
@@ -524,7 +540,12 @@ def _dist_worker(rank: int, port: int, mode: str, out_dir: str) -> None:
             result = probe.backward(
                 mine, groups, 4, lm_loss, measure=True, target_batch=my_target, global_batch_size=len(DIST_GROUPS)
             )
-            outputs[exact] = {"result": result.__dict__, "grads": [p.grad.clone() for p in model.parameters()]}
+            assert result is not None
+            grads = []
+            for p in model.parameters():
+                assert p.grad is not None
+                grads.append(p.grad.clone())
+            outputs[exact] = {"result": result.__dict__, "grads": grads}
         torch.save(outputs, os.path.join(out_dir, f"rank{rank}.pt"))
         del wrapped, probe
         dist.barrier()
@@ -553,6 +574,7 @@ def test_two_processes_match_one_process(mode, tmp_path):
     )
     ref = reference(model, lm_loss, batch, DIST_GROUPS, 4, target)
     assert_matches(one, ref)
+    assert one is not None and one.target_alignment is not None
 
     for exact in (False, True):
         first, second = (outputs[r][exact]["result"] for r in range(WORLD))

@@ -132,7 +132,8 @@ def test_sigkill_and_resume_logs_the_weights_of_an_uninterrupted_run(tmp_path, t
         deadline = time.monotonic() + TIMEOUT
         while not marker.exists():
             if proc.poll() is not None:
-                raise AssertionError(f"the run ended before its first checkpoint:\n{proc.stderr.read()[-4000:]}")
+                assert proc.stderr is not None
+                raise AssertionError(f"the run ended before its first checkpoint:\n{proc.stderr.read()[-4000:]!r}")
             if time.monotonic() > deadline:
                 raise AssertionError("no checkpoint-10 within the timeout")
             time.sleep(0.02)
@@ -158,6 +159,7 @@ def _example_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gradmix_hf_trainer_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

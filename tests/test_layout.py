@@ -11,6 +11,7 @@ import pkgutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -168,9 +169,9 @@ def test_register_method_rejects_duplicates_and_non_methods(registered):
         gradmix.register_method("pike", FavourFirst)  # built-in names are taken too
     gradmix.register_method("favour_first", FavourFirst, overwrite=True)
     with pytest.raises(TypeError, match="not a MixingMethod subclass"):
-        gradmix.register_method("nope", object)
+        gradmix.register_method("nope", cast(Any, object))  # deliberately not a MixingMethod subclass
     with pytest.raises(TypeError, match="not a MixingMethod subclass"):
-        gradmix.register_method("nope", FavourFirst(3))  # an instance, not the class
+        gradmix.register_method("nope", cast(Any, FavourFirst(3)))  # an instance, not the class
     with pytest.raises(ValueError, match="non-empty string"):
         gradmix.register_method("", FavourFirst)
     with pytest.raises(ValueError, match="no registered mixing method"):

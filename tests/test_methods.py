@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,13 +14,14 @@ from gradmix import DomainStats, WeightError, available_methods, make_method
 
 
 def build(name: str, k: int):
-    params = {
+    by_name: dict[str, dict[str, Any]] = {
         "fixed": {"weights": list(range(1, k + 1))},
         "proportional": {"sizes": [10 * (i + 1) for i in range(k)]},
         "temperature": {"sizes": [10 ** (i % 4 + 1) for i in range(k)], "alpha": 0.3},
         "importance": {"target_counts": [i % 3 for i in range(k)] if k > 1 else [1]},
         "doremi": {"reference_loss": [2.0] * k},
-    }.get(name, {})
+    }
+    params = by_name.get(name, {})
     return make_method(name, k, **params)
 
 
@@ -121,6 +124,6 @@ def test_checkpoint_of_another_method_or_size_is_refused():
 
 def test_stats_with_wrong_length_is_refused():
     with pytest.raises(ValueError, match=r"DomainStats.loss has 2 entries but there are 3 domains"):
-        DomainStats(step=0, num_domains=3, loss=[1.0, 2.0])
+        DomainStats(step=0, num_domains=3, loss=np.array([1.0, 2.0]))
     with pytest.raises(gradmix.StatsError, match=r"method 'pike' needs statistics \['grad_sq_norm', 'grad_var'\]"):
-        make_method("pike", 3).update(DomainStats(step=0, num_domains=3, loss=[1, 2, 3]))
+        make_method("pike", 3).update(DomainStats(step=0, num_domains=3, loss=np.array([1, 2, 3])))

@@ -133,10 +133,12 @@ def test_load_state_dict_is_pure_and_truncation_is_explicit(tmp_path):
     with path.open("a") as fh:
         fh.write('{"step": 7, "weights": {"d0"')  # a kill during an append
     before = path.read_bytes()
-    np_before, py_before = np.random.get_state()[1].copy(), random.getstate()
+    # numpy's stubs type get_state() (legacy=True by default: a tuple) as the legacy=False dict
+    np_before, py_before = np.random.get_state()[1].copy(), random.getstate()  # type: ignore[index]
     mixer.load_state_dict(state)
     assert path.read_bytes() == before  # load_state_dict touched no file ...
-    assert np.array_equal(np.random.get_state()[1], np_before) and random.getstate() == py_before  # ... nor an RNG
+    assert np.array_equal(np.random.get_state()[1], np_before)  # type: ignore[index]  # ... nor an RNG
+    assert random.getstate() == py_before
     assert mixer.truncate_metrics() == 3
     steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
     assert steps == [1, 2, 3]

@@ -83,12 +83,16 @@ def test_one_bad_step_does_not_poison_the_interval_mean():
 def test_the_method_policy_keeps_a_trained_domain_but_not_an_unsampled_one():
     odm = make_method("odm", 3)
     for step in range(1, 7):  # (ODM's first rounds are uniform at K = 3: eps_t = 1/K until t = 4)
-        odm.update(DomainStats(step=step, num_domains=3, loss=[1.0, math.nan, 2.0], examples=[4, 4, 4]))
+        odm.update(
+            DomainStats(step=step, num_domains=3, loss=np.array([1.0, math.nan, 2.0]), examples=np.array([4, 4, 4]))
+        )
     assert odm.weights[1] == pytest.approx(1 / 3, abs=1e-15) and odm.last_held == [1]
     # a domain with no examples was not played: ODM's bandit rule (no reward) applies, nothing is held
     odm = make_method("odm", 3)
     for step in range(1, 7):
-        odm.update(DomainStats(step=step, num_domains=3, loss=[1.0, math.nan, 2.0], examples=[4, 0, 4]))
+        odm.update(
+            DomainStats(step=step, num_domains=3, loss=np.array([1.0, math.nan, 2.0]), examples=np.array([4, 0, 4]))
+        )
     assert odm.weights[1] < 0.26 and odm.last_held == []
 
 
@@ -113,7 +117,9 @@ def test_odm_does_not_starve_the_domain_once_its_loss_comes_back():
     was NaN): when the loss returns, the domain is where it was, not at the exploration floor (~0.06 before)."""
     odm = make_method("odm", 3)
     for step in range(1, 101):
-        odm.update(DomainStats(step=step, num_domains=3, loss=[1.0, math.nan, 1.0], examples=[4, 4, 4]))
+        odm.update(
+            DomainStats(step=step, num_domains=3, loss=np.array([1.0, math.nan, 1.0]), examples=np.array([4, 4, 4]))
+        )
     for step in range(101, 106):
-        odm.update(DomainStats(step=step, num_domains=3, loss=[1.0, 1.0, 1.0], examples=[4, 4, 4]))
+        odm.update(DomainStats(step=step, num_domains=3, loss=np.array([1.0, 1.0, 1.0]), examples=np.array([4, 4, 4])))
     np.testing.assert_allclose(odm.weights, [1 / 3] * 3, atol=0.02)

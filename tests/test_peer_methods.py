@@ -190,6 +190,7 @@ def test_odm_all_missing_skips_and_does_not_advance_the_round():
     method = ODM(3)
     w = method.update(record([NAN, NAN, NAN]))
     np.testing.assert_array_equal(w, np.full(3, 1 / 3))
+    assert method.last_skip_reason is not None
     assert method.rounds == 0 and "odm" in method.last_skip_reason
 
 
@@ -376,4 +377,5 @@ def test_weights_are_always_a_probability_vector(kind, k, data):
         assert_probability_vector(w, k)
         assert_probability_vector(method.weights, k)
     if kind == "doremi":
+        assert isinstance(method, DoReMi)
         assert_probability_vector(method.average_weights, k)

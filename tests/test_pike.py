@@ -262,6 +262,7 @@ def test_no_valid_domain_skips_update():
     after = method.update(stats([np.nan, np.nan, 1.0], [1.0, 1.0, np.nan]))
     np.testing.assert_array_equal(after, before)
     assert method.num_updates == updates
+    assert method.last_skip_reason is not None
     assert "no domain has finite gradient statistics" in method.last_skip_reason
 
 
@@ -269,9 +270,11 @@ def test_all_zero_gradients_skip_update():
     method = PiKE(3)
     after = method.update(stats([0.0, 0.0, np.nan], [1.0, 2.0, 3.0]))
     np.testing.assert_array_equal(after, np.full(3, 1 / 3))
+    assert method.last_skip_reason is not None
     assert "zero" in method.last_skip_reason
     # negative estimates: nothing to compare either, and the message says they are noise, not zero gradients
     method.update(stats([-1.0, 0.0, -0.5], [1.0, 2.0, 3.0]))
+    assert method.last_skip_reason is not None
     assert "at or below 0 (the estimates are dominated by noise)" in method.last_skip_reason
 
 
@@ -291,9 +294,11 @@ def test_single_domain_weight_stays_one():
 def test_missing_statistics_raise_clear_errors():
     method = PiKE(2)
     with pytest.raises(StatsError, match="batch_size"):
-        method.update(DomainStats(step=0, num_domains=2, grad_sq_norm=[1.0, 1.0], grad_var=[1.0, 1.0]))
+        method.update(
+            DomainStats(step=0, num_domains=2, grad_sq_norm=np.array([1.0, 1.0]), grad_var=np.array([1.0, 1.0]))
+        )
     with pytest.raises(StatsError, match="grad_var"):
-        method.update(DomainStats(step=0, num_domains=2, batch_size=4, grad_sq_norm=[1.0, 1.0]))
+        method.update(DomainStats(step=0, num_domains=2, batch_size=4, grad_sq_norm=np.array([1.0, 1.0])))
     with pytest.raises(StatsError, match="loss"):
         FairPiKE(2).update(stats([1.0, 1.0], [1.0, 1.0]))
 
@@ -364,6 +369,7 @@ def test_conceptual_invalid_domain_keeps_weight_and_beta_guard():
     conflicted = PiKE(3, mode="conceptual", c=0.5)
     before = conflicted.weights
     np.testing.assert_array_equal(conflicted.update(stats([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])), before)
+    assert conflicted.last_skip_reason is not None
     assert "beta" in conflicted.last_skip_reason
 
 

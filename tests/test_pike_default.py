@@ -61,6 +61,7 @@ def test_example_2_1_weights_minimise_the_simulated_expected_loss():
 def test_paper_variant_is_algorithm_1_literally():
     """Raw statistics, constant zeta, no normaliser, EMA, clip or floor."""
     method = make_method("pike", 3, variant="paper", zeta1=0.5, zeta2=2.0)
+    assert isinstance(method, PiKE)
     g, v, b = np.array([1.0, 4.0, 0.25]), np.array([10.0, 80.0, 3.0]), 8
     w = method.update(record(g, v, [8, 8, 8], batch_size=b))
     expected = np.exp(0.5 * g - (2.0 / (2 * b)) * v)

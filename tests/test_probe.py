@@ -187,6 +187,9 @@ def test_statistics_do_not_depend_on_preexisting_gradient():
     for p in model.parameters():
         p.grad = 100.0 * torch.randn_like(p)
     dirty = probe.backward(batch, GROUPS, 3, mlp_loss, measure=True)
+    assert clean is not None and dirty is not None
+    assert clean.grad_sq_norm is not None and dirty.grad_sq_norm is not None
+    assert clean.grad_var is not None and dirty.grad_var is not None
     np.testing.assert_allclose(dirty.grad_sq_norm, clean.grad_sq_norm, rtol=1e-3)
     np.testing.assert_allclose(dirty.grad_var, clean.grad_var, rtol=1e-3)
 
@@ -211,6 +214,8 @@ def test_statistics_match_brute_force(name, num_splits):
     result = GradientProbe(model, num_splits=num_splits, gram=True).backward(
         batch, GROUPS, 3, loss_fn, measure=True, target_batch=target
     )
+    assert result is not None and result.grad_sq_norm is not None and result.grad_var is not None
+    assert result.gram is not None and result.target_alignment is not None
 
     np.testing.assert_array_equal(result.examples, [6, 4, 3])
     np.testing.assert_allclose(result.loss, [losses[groups == k].mean() for k in range(3)], rtol=1e-5)
@@ -237,6 +242,7 @@ def test_plain_step_returns_losses_only():
     batch = mlp_batch(len(GROUPS), seed=7)
     losses = per_sample_losses(model, mlp_loss, batch, len(GROUPS))
     result = GradientProbe(model).backward(batch, GROUPS, 4, mlp_loss, measure=False)
+    assert result is not None
     groups = GROUPS.numpy()
     np.testing.assert_allclose(result.loss[:3], [losses[groups == k].mean() for k in range(3)], rtol=1e-5)
     assert math.isnan(result.loss[3]) and result.examples.tolist() == [6, 4, 3, 0]
@@ -272,6 +278,7 @@ def test_estimates_are_unbiased_and_naive_norm_is_not():
             batch = {"x": torch.tensor(np.concatenate(rows), dtype=torch.float32)}
             model.zero_grad(set_to_none=True)
             result = probe.backward(batch, groups, 2, linear_loss, measure=True)
+            assert result is not None
             sq.append(result.grad_sq_norm)
             var.append(result.grad_var)
             naive.append([np.sum(r.mean(axis=0) ** 2) for r in rows])
@@ -279,11 +286,11 @@ def test_estimates_are_unbiased_and_naive_norm_is_not():
             error = np.abs(values.mean(axis=0) - truth)
             standard_error = values.std(axis=0, ddof=1) / math.sqrt(repeats)
             assert np.all(error < 4.0 * standard_error), (num_splits, values.mean(axis=0), truth, standard_error)
-        naive = np.array(naive)
-        naive_se = naive.std(axis=0, ddof=1) / math.sqrt(repeats)
+        naive_norms = np.array(naive)
+        naive_se = naive_norms.std(axis=0, ddof=1) / math.sqrt(repeats)
         # E||g_batch||^2 = ||mu||^2 + sigma^2 / n: the naive estimate is biased upward by many standard errors.
-        assert np.all(naive.mean(axis=0) - true_sq > 8.0 * naive_se)
-        np.testing.assert_allclose(naive.mean(axis=0) - true_sq, np.array(true_var) / sizes, rtol=0.25)
+        assert np.all(naive_norms.mean(axis=0) - true_sq > 8.0 * naive_se)
+        np.testing.assert_allclose(naive_norms.mean(axis=0) - true_sq, np.array(true_var) / sizes, rtol=0.25)
 
 
 # -- (d) degenerate groups --------------------------------------------------------------------------------------------
@@ -300,6 +307,8 @@ def test_absent_and_single_example_groups_are_nan_and_still_trained():
     target_grad = per_sample_gradients(model, mlp_loss, target, 4, params).mean(axis=0)
 
     result = GradientProbe(model, gram=True).backward(batch, groups, 4, mlp_loss, measure=True, target_batch=target)
+    assert result is not None and result.grad_sq_norm is not None and result.grad_var is not None
+    assert result.gram is not None and result.target_alignment is not None
 
     assert_grads_close(model, expected)
     assert np.isnan(result.grad_sq_norm[2:]).all() and np.isnan(result.grad_var[2:]).all()
@@ -331,10 +340,12 @@ def test_nan_loss_in_one_group_spares_the_others(measure):
     sq, var, _ = brute_statistics(per_sample_gradients(model, mlp_loss, clean, n, params), GROUPS.numpy(), 3, 2)
 
     result = GradientProbe(model, num_splits=2).backward(batch, GROUPS, 3, masked_mlp_loss, measure=measure)
+    assert result is not None
 
     assert_grads_close(model, expected)  # the training gradient is complete and finite
     assert np.isnan(result.loss[1]) and np.isfinite(result.loss[[0, 2]]).all() and math.isnan(result.mean_loss)
     if measure:
+        assert result.grad_sq_norm is not None and result.grad_var is not None
         assert np.isnan(result.grad_sq_norm[1]) and np.isnan(result.grad_var[1])
         np.testing.assert_allclose(result.grad_sq_norm[[0, 2]], sq[[0, 2]], rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(result.grad_var[[0, 2]], var[[0, 2]], rtol=1e-4, atol=1e-7)
@@ -352,6 +363,8 @@ def test_nan_gradient_does_not_raise_and_spares_the_other_groups():
     expected = plain_gradients(model, mlp_loss, batch)
     assert not all(torch.isfinite(g).all() for g in expected)
     result = GradientProbe(model, gram=True).backward(batch, GROUPS, 3, mlp_loss, measure=True)
+    assert result is not None and result.grad_sq_norm is not None and result.grad_var is not None
+    assert result.gram is not None
     assert_grads_close(model, expected)
     assert np.isnan(result.grad_sq_norm[0]) and np.isnan(result.gram[0]).all()
     np.testing.assert_allclose(result.grad_sq_norm[1:], sq[1:], rtol=1e-4, atol=1e-7)
@@ -385,6 +398,8 @@ def test_parameter_subset_matches_brute_force(spec, expected_names):
     assert [name for name, _ in probe.named_parameters] == expected_names
     assert probe.num_probed == per_sample.shape[1]
     result = probe.backward(batch, GROUPS, 3, mlp_loss, measure=True, target_batch=target)
+    assert result is not None and result.grad_sq_norm is not None and result.grad_var is not None
+    assert result.target_alignment is not None
 
     assert_grads_close(model, expected)  # every parameter still gets its gradient
     np.testing.assert_allclose(result.grad_sq_norm, sq, rtol=1e-4, atol=1e-8)
@@ -459,6 +474,7 @@ def test_adam_preconditioned_alignment_matches_brute_force(bias_correction):
 
     probe = GradientProbe(model, preconditioner=optimizer, eps=eps, bias_correction=bias_correction)
     result = probe.backward(batch, GROUPS, 3, mlp_loss, measure=True, target_batch=target)
+    assert result is not None and result.target_alignment is not None
 
     np.testing.assert_allclose(result.target_alignment, means @ preconditioned, rtol=1e-4)
     assert not np.allclose(means @ preconditioned, means @ target_grad, rtol=1e-2)  # the test can tell them apart

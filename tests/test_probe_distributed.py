@@ -57,6 +57,7 @@ def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         model = build_model()
+        wrapped: nn.Module
         if mode == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model)
             probe = GradientProbe(wrapped, num_splits=2, gram=True)
@@ -78,7 +79,12 @@ def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
                 target_batch=my_target if measure else None,
                 global_batch_size=len(GROUPS),
             )
-            outputs[measure] = {"result": result.__dict__, "grads": [p.grad.clone() for p in model.parameters()]}
+            assert result is not None
+            grads = []
+            for p in model.parameters():
+                assert p.grad is not None
+                grads.append(p.grad.clone())
+            outputs[measure] = {"result": result.__dict__, "grads": grads}
         torch.save(outputs, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -167,7 +173,7 @@ def test_ranks_agree_and_match_single_process(mode, tmp_path):
     # Alignment and Gram off-diagonal are exact global quantities.
     means = np.stack(
         [
-            samples[k == GROUPS].mean(axis=0) if (k == GROUPS).any() else np.full(samples.shape[1], np.nan)
+            samples[k == GROUPS].mean(axis=0) if np.any(k == GROUPS) else np.full(samples.shape[1], np.nan)
             for k in range(NUM_GROUPS)
         ]
     )

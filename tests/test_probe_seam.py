@@ -65,6 +65,7 @@ def test_a_backward_fn_that_drops_the_graph_gives_nan_statistics_not_wrong_ones(
     model = MLP()
     batch = mlp_batch(len(GROUPS), seed=1)
     result = GradientProbe(model).backward(batch, GROUPS, 3, mlp_loss, measure=True, backward_fn=broken)
+    assert result is not None and result.grad_sq_norm is not None
     assert np.isnan(result.grad_sq_norm).all()
 
 
@@ -93,6 +94,7 @@ def test_accumulated_micro_batches_give_the_full_batch_gradient_and_pooled_losse
     for p, want in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6)
     whole = GradientProbe(MLP()).backward(batch, GROUPS, 3, mlp_loss, measure=False)
+    assert out[-1] is not None and whole is not None
     np.testing.assert_allclose(out[-1].loss, whole.loss, rtol=1e-6)
     np.testing.assert_array_equal(out[-1].examples, whole.examples)
 
@@ -113,6 +115,7 @@ def test_one_example_per_group_per_micro_batch_still_gives_unbiased_pooled_estim
         result = probe.backward(
             take(batch, rows, n), groups[rows], 3, mlp_loss, measure=True, global_batch_size=n, final=i == 3
         )
+    assert result is not None and result.grad_sq_norm is not None and result.grad_var is not None
     g = groups.numpy()
     for k in range(3):
         x = per_sample[g == k]

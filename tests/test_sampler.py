@@ -273,7 +273,7 @@ def test_all_domains_exhausted_ends_iteration_or_raises_a_clear_error():
 )
 def test_max_repeats_is_never_exceeded_and_every_example_is_used(sizes, batch, repeats, mode, seed):
     s = MixtureSampler(sizes, batch, seed=seed, max_repeats=repeats, mode=mode)
-    drawn = [[] for _ in sizes]
+    drawn: list[list[int]] = [[] for _ in sizes]
     for b in s:
         for dom, ex in b:
             drawn[dom].append(ex)

@@ -7,6 +7,7 @@ offset, stride, dtype or ordering in the readers fails here.
 from __future__ import annotations
 
 import pickle
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -333,7 +334,7 @@ def test_domain_set_validation(tmp_path):
     with pytest.raises(ValueError, match="duplicate domain names: \\['a'\\]"):
         DomainSet([a, TokenFileDomain("a", tmp_path / "a.npy", T)])
     with pytest.raises(TypeError, match="ndarray"):
-        DomainSet([a, np.zeros((3, T + 1))])
+        DomainSet([a, cast(Any, np.zeros((3, T + 1)))])  # deliberately not a DomainSource
 
 
 def test_domain_set_from_token_files_pickles_for_workers(tmp_path):

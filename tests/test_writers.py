@@ -122,7 +122,7 @@ def _read_wandb_records(path):
             pending = b""
     records = []
     for raw in chunks:
-        record = wandb_internal_pb2.Record()
+        record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
         record.ParseFromString(raw)
         records.append(record)
     return records

@@ -76,7 +76,7 @@ def _encode(tokenizer: Tokenize, texts: list[str]) -> list[list[int]]:
 
 
 def pack_tokens(
-    sequences: Iterable[Sequence[int]], window: int, *, separator: int | None = None, name: str = "domain"
+    sequences: Iterable[Sequence[int] | np.ndarray], window: int, *, separator: int | None = None, name: str = "domain"
 ) -> torch.Tensor:
     """Concatenate token sequences (``separator`` between documents) and cut into (n, window + 1) windows.
 

@@ -231,15 +231,17 @@ def _summary_from_metrics(metrics: list[dict[str, Any]], config: dict[str, Any])
         last = evals[-1]
         summary["final_val_loss"] = dict(last["val_loss"])
         losses = [_finite(v) for v in last["val_loss"].values()]
-        if all(v is not None for v in losses):
-            summary["avg_val_loss"] = float(np.mean(losses))
-            summary["worst_val_loss"] = float(np.max(losses))
+        finite_losses = [v for v in losses if v is not None]
+        if len(finite_losses) == len(losses):
+            summary["avg_val_loss"] = float(np.mean(finite_losses))
+            summary["worst_val_loss"] = float(np.max(finite_losses))
         accuracy = last.get("val_accuracy")
         if isinstance(accuracy, dict) and accuracy:
             summary["final_val_accuracy"] = dict(accuracy)
             values = [_finite(v) for v in accuracy.values()]
-            if all(v is not None for v in values):
-                summary["avg_val_accuracy"] = float(np.mean(values))
+            finite_values = [v for v in values if v is not None]
+            if len(finite_values) == len(values):
+                summary["avg_val_accuracy"] = float(np.mean(finite_values))
     targets = [r for r in metrics if r.get("target_val_loss") is not None]
     if targets:
         summary["target_val_loss"] = targets[-1]["target_val_loss"]
@@ -253,9 +255,10 @@ def _scalar_metric(value: Any) -> float | None:
     """One number from a metric value: itself, or the mean of a {domain: value} mapping (None if any is missing)."""
     if isinstance(value, dict):
         numbers = [_finite(v) for v in value.values()]
-        if not numbers or any(v is None for v in numbers):
+        finite = [v for v in numbers if v is not None]
+        if not numbers or len(finite) != len(numbers):
             return None
-        return float(np.mean(numbers))
+        return float(np.mean(finite))
     return _finite(value)
 
 
@@ -327,9 +330,10 @@ def _eval_value(record: dict[str, Any], key: str) -> float | None:
     if not isinstance(per_domain, dict) or not per_domain:
         return None
     values = [_finite(v) for v in per_domain.values()]
-    if any(v is None for v in values):  # a missing domain would bias the average: skip this evaluation
+    finite = [v for v in values if v is not None]
+    if len(finite) != len(values):  # a missing domain would bias the average: skip this evaluation
         return None
-    return float(np.max(values)) if key == "worst_val_loss" else float(np.mean(values))
+    return float(np.max(finite)) if key == "worst_val_loss" else float(np.mean(finite))
 
 
 def eval_series(run: Run, key: str = "avg_val_loss") -> tuple[np.ndarray, np.ndarray]:
@@ -479,7 +483,9 @@ def compare_runs(
                 if reached is not None:
                     ratios.append(reached / reference[0])
             if paired:
-                ratio = _interval(ratios, confidence) if ratios else {"mean": None, "low": None, "high": None}
+                ratio: dict[str, Any] = (
+                    _interval(ratios, confidence) if ratios else {"mean": None, "low": None, "high": None}
+                )
                 ratio.update(n=paired, reached=len(ratios))
                 entry["steps_ratio"] = ratio
         result["methods"][method] = entry

@@ -19,7 +19,7 @@ Three ways to run it, all sharing the problem definition here:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,7 +150,7 @@ class ToyProblem:
         return self.dim * self.noise_var
 
 
-def example_2_1_weights(theta: Sequence[float], noise: Sequence[float], lr: float, batch_size: int) -> np.ndarray:
+def example_2_1_weights(theta: Iterable[float], noise: Iterable[float], lr: float, batch_size: int) -> np.ndarray:
     """The paper's eq. 4 for Example 2.1 (two tasks, a_1 = a_2 = 1, d = 2), derived here from the exact expected loss.
 
     After one SGD step with b_1 = b w examples of task 1, ``E[L(theta+)] = sum_k 1/2 (1 - eta w_k)^2 theta_k^2

@@ -118,7 +118,7 @@ def _train_val_gap(run: Run, domain: str) -> tuple[np.ndarray, np.ndarray]:
     val_steps, val_values = eval_series(run, f"val_loss/{domain}")
     train_points = []
     for record in run.metrics:
-        value = (record.get("train_loss") or {}).get(domain)
+        value: Any = (record.get("train_loss") or {}).get(domain)
         try:
             number = float(value)
         except (TypeError, ValueError):

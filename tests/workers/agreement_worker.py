@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -25,7 +26,7 @@ from resume_worker import domains
 
 from gradmix import Mixer
 from gradmix.distributed import init_process_group
-from gradmix.sources import DomainSet
+from gradmix.sources import Domain, DomainSet, DomainSource
 
 
 def leave(code: int = 0) -> None:
@@ -35,15 +36,20 @@ def leave(code: int = 0) -> None:
     os._exit(code)
 
 
+def _windows(source: DomainSource) -> np.ndarray:
+    assert isinstance(source, Domain)  # DomainSet.from_arrays holds in-memory Domains
+    return source.windows.numpy()
+
+
 def renamed() -> DomainSet:
     base = domains()
-    arrays = {("x" if name == "d2" else name): d.windows.numpy() for name, d in zip(base.names, base.domains)}
+    arrays = {("x" if name == "d2" else name): _windows(d) for name, d in zip(base.names, base.domains)}
     return DomainSet.from_arrays(arrays)
 
 
 def shorter() -> DomainSet:
     base = domains()
-    return DomainSet.from_arrays({name: d.windows.numpy()[:20] for name, d in zip(base.names, base.domains)})
+    return DomainSet.from_arrays({name: _windows(d)[:20] for name, d in zip(base.names, base.domains)})
 
 
 def agree(out: str) -> None:

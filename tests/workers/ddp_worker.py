@@ -49,8 +49,8 @@ def main() -> None:
             counts = measured.examples.tolist()
             mixer.step()
             pairs = list(zip(batch["domain"].tolist(), batch["index"].tolist()))
-            params = [p.detach().clone() for p in model.parameters()]
-            checksum = float(sum(p.double().sum() for p in params))
+            snapshot = [p.detach().clone() for p in model.parameters()]
+            checksum = float(sum(p.double().sum() for p in snapshot))
             fh.write(
                 json.dumps(
                     {

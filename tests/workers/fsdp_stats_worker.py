@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from _tiny_gpt import TinyGPT, byte_domains, per_example_loss
@@ -29,7 +30,18 @@ from gradmix.sampler import MixtureSampler
 B = 16  # global batch
 
 
-def reference(ref: torch.nn.Module, micro: list[dict], splits: int, solo) -> dict:
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    assert p.grad is not None
+    return p.grad
+
+
+def _full_grad(p: torch.nn.Parameter) -> torch.Tensor:
+    grad = p.grad
+    assert isinstance(grad, DTensor)  # a fully_shard-ed parameter's gradient is sharded
+    return grad.full_tensor()
+
+
+def reference(ref: torch.nn.Module, micro: list[dict], splits: int, solo) -> tuple[dict, torch.Tensor]:
     """The plain GradientProbe in this one process over the global micro-batches;
     ``solo`` is a process group holding only this rank, so its collectives stay local."""
     probe = GradientProbe(ref, num_splits=splits, gram=True, process_group=solo)
@@ -38,7 +50,8 @@ def reference(ref: torch.nn.Module, micro: list[dict], splits: int, solo) -> dic
         m = probe.backward(
             mb, mb["domain"], 3, per_example_loss, measure=True, global_batch_size=B, final=j == len(micro) - 1
         )
-    grad = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+    grad = torch.cat([_grad(p).reshape(-1) for p in ref.parameters()])
+    assert m is not None and m.grad_sq_norm is not None and m.grad_var is not None and m.gram is not None
     return {
         "grad_sq_norm": m.grad_sq_norm.tolist(),
         "grad_var": m.grad_var.tolist(),
@@ -73,6 +86,8 @@ def main() -> None:
             measurement = probe.backward(
                 mb, mb["domain"], 3, per_example_loss, measure=True, global_batch_size=B, final=j == accumulation - 1
             )
+        assert measurement is not None and measurement.grad_sq_norm is not None
+        assert measurement.grad_var is not None and measurement.gram is not None
         mine = {
             "grad_sq_norm": measurement.grad_sq_norm.tolist(),
             "grad_var": measurement.grad_var.tolist(),
@@ -80,7 +95,7 @@ def main() -> None:
             "examples": measurement.examples.tolist(),
             "loss_sums": measurement.loss_sums()[0].tolist(),
         }
-        grads = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()]).double()
+        grads = torch.cat([_full_grad(p).reshape(-1) for p in model.parameters()]).double()
         gathered: list = [None] * world
         dist.all_gather_object(gathered, [{"input_ids": mb["input_ids"], "domain": mb["domain"]} for mb in micro_local])
         with open(f"{out}.{name}.rank{rank}.json", "w") as fh:

@@ -67,7 +67,7 @@ class DoReMi(MixingMethod):
     def __init__(
         self,
         num_domains: int,
-        reference_loss: Sequence[float] | None = None,
+        reference_loss: Sequence[float] | np.ndarray | None = None,
         step_size: float = 1.0,
         smoothing: float = 1e-3,
     ) -> None:

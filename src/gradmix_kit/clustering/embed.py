@@ -257,8 +257,9 @@ def embed_texts(
         if cached.ndim == 2 and cached.shape[0] == len(texts) and np.all(np.isfinite(cached)):
             return cached.astype(np.float32, copy=False)
 
-    if callable(getattr(embed, "load", None)):
-        embed.load()  # before the progress bar, so loading messages do not interleave with it
+    load = getattr(embed, "load", None)
+    if callable(load):
+        load()  # before the progress bar, so loading messages do not interleave with it
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     result: np.ndarray | None = None
     progress = _progress_bar(len(texts), show_progress)

@@ -128,8 +128,8 @@ class SourceFetcher:
             package = fetch_wheel(source.name, source.version, self.cache_dir)
             return WheelSource(package.path, name=package.name, version=package.version)
         if source.kind == "python-stdlib":
-            root, version = stdlib_root_and_version()
-            return DirectorySource(Path(root), kind="python-stdlib", name=source.name, version=version)
+            stdlib_root, version = stdlib_root_and_version()
+            return DirectorySource(Path(stdlib_root), kind="python-stdlib", name=source.name, version=version)
         raise CorpusError(f"unknown source kind {source.kind!r} for package {source.name!r}")
 
     def close(self) -> None:
@@ -211,8 +211,12 @@ def build_corpus(
 
     started = time.monotonic()
     records: dict[str, DomainRecord] = {}
-    own_fetcher = fetcher is None
-    active = SourceFetcher(root / DOWNLOADS_SUBDIR, allow_apt_update=allow_apt_update) if own_fetcher else fetcher
+    owned: SourceFetcher | None = None
+    active: PackageFetcher
+    if fetcher is None:
+        active = owned = SourceFetcher(root / DOWNLOADS_SUBDIR, allow_apt_update=allow_apt_update)
+    else:
+        active = fetcher
     try:
         for domain in domains:
             source = active.get(domain.source)
@@ -242,8 +246,8 @@ def build_corpus(
                 source_detail=domain.detail,
             )
     finally:
-        if own_fetcher:
-            active.close()
+        if owned is not None:
+            owned.close()
     manifest = Manifest(
         corpus=name,
         domains=records,

@@ -343,7 +343,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
             try:
-                import tomli as tomllib  # type: ignore[no-redef]
+                import tomli as tomllib
             except ModuleNotFoundError as exc:
                 raise ConfigError(
                     "reading TOML on Python 3.10 needs `pip install tomli` (or use a .json config)"

@@ -169,7 +169,10 @@ def _load_corpus_texts(data_cfg: dict[str, Any]) -> tuple[dict[str, list[str]], 
             f"data.corpus {corpus!r} is neither a known corpus nor an existing folder; known corpora: "
             f"{', '.join(known)}"
         )
-    build = {"max_docs_per_domain": data_cfg.get("max_docs_per_domain"), "languages": data_cfg.get("languages")}
+    build: dict[str, Any] = {
+        "max_docs_per_domain": data_cfg.get("max_docs_per_domain"),
+        "languages": data_cfg.get("languages"),
+    }
     if build["languages"] is not None and not corpora.available_languages(corpus):
         raise ConfigError(
             f"data.languages is set, but corpus {corpus!r} has no languages to choose (the multilingual corpora have)"
