@@ -44,8 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gradmix.fused_probe import FusedGradientProbe
-from gradmix.probe import GradientProbe
+from gradmix.probe import FusedGradientProbe, GradientProbe
 from gradmix_kit.experiment.model import GPT, GPTConfig, per_example_loss
 
 MODELS = {

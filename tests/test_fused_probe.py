@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradmix.fused_probe import FusedGradientProbe, fused_coverage
-from gradmix.probe import GradientProbe
+from gradmix.probe import FusedGradientProbe, GradientProbe, fused_coverage
 from gradmix.stats import Measurement
 from test_probe import (
     GROUPS,
@@ -612,7 +611,7 @@ def test_two_processes_match_one_process(mode, tmp_path):
 
 
 def test_make_probe_chooses_the_fused_probe_where_the_model_allows():
-    from gradmix.fused_probe import make_probe
+    from gradmix.probe import make_probe
 
     assert isinstance(make_probe(TinyTransformer(tied=True), gram=True), FusedGradientProbe)
     holder = nn.Module()

@@ -66,14 +66,28 @@ def test_the_whole_library_needs_nothing_beyond_torch_and_numpy():
     assert "gradmix_kit" not in _top_level(_loaded_after(code))
 
 
-def _imported_modules(path: Path) -> set[str]:
+def _module_name(path: Path) -> str:
+    """``src/gradmix/probe/micro.py`` -> ``gradmix.probe.micro`` (a package's ``__init__`` is the package)."""
+    parts = path.relative_to(ROOT / "src").with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names taken from it) for every import in the file, function-level ones and ``import_module("...")``
+    calls included; relative imports are resolved against the file's package."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    names: set[str] = set()
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    found: list[tuple[str, list[str]]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                module = node.module or ""
+            else:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            found.append((module, [alias.name for alias in node.names]))
         elif (
             isinstance(node, ast.Call)
             and getattr(node.func, "attr", None) == "import_module"
@@ -81,7 +95,16 @@ def _imported_modules(path: Path) -> set[str]:
             and isinstance(node.args[0], ast.Constant)
             and isinstance(node.args[0].value, str)
         ):
-            names.add(node.args[0].value)
+            found.append((node.args[0].value, []))
+    return found
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module the file imports; ``from package import name`` also counts as importing ``package.name``."""
+    names: set[str] = set()
+    for module, taken in _imports(path):
+        names.add(module)
+        names.update(f"{module}.{name}" for name in taken if name != "*")
     return names
 
 
@@ -95,6 +118,71 @@ def test_the_library_never_imports_the_kit():
     assert not {k: v for k, v in offenders.items() if v}
     # and no textual reference either (a string passed to importlib, a lazy import the AST walk could miss)
     assert not [str(f) for f in files if "gradmix_kit" in f.read_text(encoding="utf-8")]
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_no_library_module_imports_another_modules_private_names():
+    """A name with a leading underscore is its module's own: another module that needs it gets a public name in a
+    shared module instead (``from gradmix.x import _y`` and ``import gradmix._x`` are refused)."""
+    offenders = []
+    for f in sorted(LIBRARY.rglob("*.py")):
+        for module, taken in _imports(f):
+            if module.split(".")[0] != "gradmix":
+                continue
+            private = [part for part in module.split(".") if _private(part)]
+            private += [name for name in taken if _private(name)]
+            if private:
+                offenders.append(f"{f.relative_to(ROOT)}: from {module} import {', '.join(private)}")
+    assert not offenders, offenders
+
+
+PROBE = LIBRARY / "probe"
+
+
+def test_the_probe_package_never_imports_the_layers_above_it():
+    """The probe sits below the core, the Mixer and the integrations: nothing in gradmix/probe/ imports them."""
+    above = ("gradmix.controller", "gradmix.core", "gradmix.integrations")
+    files = sorted(PROBE.rglob("*.py"))
+    assert len(files) >= 5
+    offenders = {
+        str(f.relative_to(ROOT)): sorted(
+            m for m in _imported_modules(f) if any(m == a or m.startswith(a + ".") for a in above)
+        )
+        for f in files
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_only_the_factory_knows_all_three_probes():
+    """``make_probe`` (gradmix.probe.factory) is the one module that imports the fused and the sharded probe both
+    (the package's ``__init__`` re-exports them); the Mixer asks the factory."""
+    knows_both = {
+        _module_name(f)
+        for f in sorted(LIBRARY.rglob("*.py"))
+        if {"gradmix.probe.fused", "gradmix.probe.sharded"} <= _imported_modules(f)
+    }
+    assert knows_both <= {"gradmix.probe.factory", "gradmix.probe"}, knows_both
+    assert not (LIBRARY / "fused_probe.py").exists() and not (LIBRARY / "probe.py").exists()
+
+
+def test_the_three_probes_implement_the_probe_protocol():
+    """One ``Probe`` protocol: every probe satisfies it, and their ``backward`` signatures are one signature, so the
+    Mixer's one call site serves all three."""
+    import torch
+
+    from gradmix.probe import FusedGradientProbe, GradientProbe, Probe, ShardedGradientProbe, make_probe
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    probes: list[Probe] = [GradientProbe(model), FusedGradientProbe(model), ShardedGradientProbe(model)]
+    probes.append(make_probe(model))
+    assert all(isinstance(p, Probe) for p in probes)
+    assert not isinstance(object(), Probe)
+    signature = inspect.signature(Probe.backward)
+    for cls in (GradientProbe, FusedGradientProbe, ShardedGradientProbe):
+        assert inspect.signature(cls.backward) == signature, cls.__name__
 
 
 def test_the_kit_is_its_own_package_with_its_data():

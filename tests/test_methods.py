@@ -20,6 +20,7 @@ def build(name: str, k: int):
         "temperature": {"sizes": [10 ** (i % 4 + 1) for i in range(k)], "alpha": 0.3},
         "importance": {"target_counts": [i % 3 for i in range(k)] if k > 1 else [1]},
         "doremi": {"reference_loss": [2.0] * k},
+        "schedule": {"schedule": [(1, [1.0] * k), (3, list(range(1, k + 1))), (7, [0.0] * (k - 1) + [1.0])]},
     }
     params = by_name.get(name, {})
     return make_method(name, k, **params)

@@ -171,46 +171,54 @@ def test_run_exact_counts_follow_the_method():
 
 
 def test_through_the_mixer_a_floored_task_stays_measured_and_recovers_when_its_loss_grows():
-    """Two tasks, the second 100x noisier: the default sends it to its floor (0.65/K of the batch), where the Mixer's
-    own probe still measures it at every update (>= 2 examples); when its loss is made to grow (its coordinate of
-    theta pushed far from the optimum), it regains more than half the batch within a few updates."""
+    """Two tasks, the second already at its optimum and 10x noisier, the first slow and far from it: the default
+    sends the second to its floor (0.65/K of the batch), where the Mixer's own probe still measures it at every update
+    (>= 2 examples); once it has sat there for two updates its loss is made to grow (its coordinate of theta pushed
+    far from the optimum), and it regains more than half the batch within a few updates."""
     import torch
 
     from gradmix import Mixer
     from gradmix.sources import Domain, DomainSet
 
     warnings.simplefilter("ignore")
-    problem = ToyProblem(ToySetting("t", (1.0, 1.0), (0.1, 3.0), batch_size=16, lr_fraction=0.3, steps=400))
+    problem = ToyProblem(ToySetting("t", (1.0, 1.0), (0.1, 1.0), batch_size=16, lr_fraction=0.05, steps=400))
     size = 16 * 400
     domains = DomainSet([Domain(f"task{i}", torch.arange(size).unsqueeze(1).repeat(1, 2)) for i in range(2)])
     rng = np.random.default_rng(0)
-    noise = torch.from_numpy(np.stack([rng.normal(size=(size, 2)) * s for s in (0.1, 3.0)]))
+    noise = torch.from_numpy(np.stack([rng.normal(size=(size, 2)) * s for s in (0.1, 1.0)]))
     model = torch.nn.Linear(2, 1, bias=False).to(torch.float64)
     with torch.no_grad():
         model.weight.copy_(torch.from_numpy(problem.theta0).unsqueeze(0))
+        model.weight[0, 1] = 0.0  # task 1 starts at its optimum
 
     def per_example_loss(net, batch):
         task, ids = batch["domain"].long(), batch["input_ids"][:, 0].long()
         signal = net(torch.eye(2, dtype=torch.float64)[task]).squeeze(1)
         return 0.5 * signal**2 + net(noise[task, ids]).squeeze(1)
 
+    floor = 0.65 / 2
     mixer = Mixer(domains, "pike", 16, model=model, update_every=10, log_every=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=problem.lr)
-    weights = []
-    for step, batch in enumerate(mixer.batches(300), start=1):
-        if step == 200:  # the noisy task's loss grows: its coordinate is pushed far from 0
+    weights: list[float] = []
+    pushed_at: int | None = None
+    for step, batch in enumerate(mixer.batches(400), start=1):
+        at_floor = len(weights) >= 11 and all(abs(w - floor) < 0.01 for w in (weights[-1], weights[-11]))
+        if pushed_at is None and at_floor:  # two updates at the floor: its loss now grows
+            pushed_at = step
             with torch.no_grad():
                 model.weight[0, 1] = 5.0
         mixer.backward(model, batch, per_example_loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mixer.step()
-        weights.append(mixer.weights[1])
-    assert weights[190] == pytest.approx(0.65 / 2, abs=0.02)  # at its floor before the change
+        weights.append(float(mixer.weights[1]))
+        if pushed_at is not None and step >= pushed_at + 60:
+            break
+    assert pushed_at is not None, f"task 1 never sat at its floor: {weights[9::10]}"
     updates = [r for r in mixer.history if "update_terms" in r]
     measured = [r["update_terms"]["grad_sq_norm"]["task1"] for r in updates]
     assert all(value is not None for value in measured)  # measured at every update, floor or not
-    after = weights[200:260]
+    after = weights[pushed_at : pushed_at + 60]
     assert max(after) > 0.5, max(after)
 
 

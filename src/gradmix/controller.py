@@ -35,8 +35,8 @@ from gradmix.checkpoint import capture_rng_state, load_checkpoint_file, restore_
 from gradmix.core import GRADIENT_STATS, MixingCore, Schedule
 from gradmix.distributed import check_agreement, is_distributed
 from gradmix.methods import make_method, method_class
-from gradmix.methods.base import MixingMethod
-from gradmix.probe import BackwardFn
+from gradmix.methods.base import MixingMethod, resolve_weight_params
+from gradmix.probe import BackwardFn, Probe, make_probe
 from gradmix.runlock import RunDirError, RunLock, check_run_dir
 from gradmix.sampler import DataExhaustedError, MixtureSampler
 from gradmix.sources import Domain, DomainSet, DomainSource, collate_examples
@@ -130,9 +130,11 @@ class Mixer:
         domains: a ``DomainSet`` (or a list of domains).
         method: a method name from the registry (``gradmix.register_method`` adds yours) or a ``MixingMethod``.
         batch_size: global batch size (examples per optimizer step, all ranks and micro-batches together).
-        method_params: keyword arguments for the method (``sizes`` is filled in for methods that need it).
+        method_params: keyword arguments for the method (``sizes`` is filled in for methods that need it). Weights
+            (``weights`` of ``fixed``, ``initial_weights``) may be a list or ``{domain name: weight}``:
+            ``method_params={"weights": {"code": 0.3, "web": 0.7}}`` (every domain once, in any order).
         model: the model, needed when the method uses gradient statistics: the probe built for it is
-            ``gradmix.fused_probe.make_probe(model, **probe_params)`` - the one-backward ``FusedGradientProbe``
+            ``gradmix.probe.make_probe(model, **probe_params)`` - the one-backward ``FusedGradientProbe``
             where the model's layers allow it (cost flat in the number of domains), else the micro-batch
             ``GradientProbe``; ``probe_params={"fused": False}`` asks for the micro-batch probe.
         probe: a ready probe (overrides ``model``); probe_params: arguments for the one built here.
@@ -172,7 +174,7 @@ class Mixer:
         *,
         method_params: Mapping[str, Any] | None = None,
         model: torch.nn.Module | None = None,
-        probe: Any = None,
+        probe: Probe | None = None,
         probe_params: Mapping[str, Any] | None = None,
         target: DomainSource | torch.Tensor | None = None,
         run_dir: str | Path | None = None,
@@ -202,6 +204,8 @@ class Mixer:
                 f"accumulation_steps = {self.world_size} x {accumulation}"
             )
 
+        if not isinstance(method, MixingMethod):  # weights by name -> positional (the method knows no names)
+            method_params = resolve_weight_params(method_params, self.names)
         if isinstance(method, MixingMethod):
             self.method = method
         else:
@@ -276,14 +280,12 @@ class Mixer:
             raise ValueError(f"method {self.method.name!r} steers toward a target set: pass target=... to the Mixer")
 
         self.needs_gradients = self.core.needs_gradients
-        self.probe = probe
+        self.probe: Probe | None = probe
         if self.probe is None and self.needs_gradients:
             if model is None:
                 raise ValueError(
                     f"method {self.method.name!r} needs gradient statistics: pass model=... (or probe=...)"
                 )
-            from gradmix.fused_probe import make_probe
-
             self.probe = make_probe(model, **dict(probe_params or {}))
 
         groups = self.method.probe_groups()
@@ -424,6 +426,10 @@ class Mixer:
         change reaches batches after the prefetch depth (see ``MixtureSampler``); checkpoints stay exact because the
         Mixer checkpoints the sampler at the consumed step.
 
+        Each batch is read whole (``DomainSet.__getitems__``: one ``gather``, one read per domain) and, from a worker,
+        sent back by value when small (see ``gradmix.sources.collate_examples``): as fast as a plain DataLoader over the
+        same files (``benchmarks/bench_dataloader.py``). A ``collate_fn`` of your own still gets per-example dicts.
+
         Its ``generator`` (default: a private one seeded from the Mixer's seed and rank) draws the workers' base seed
         each time an iterator is built; a DataLoader without one draws it from the global torch RNG, which would
         shift dropout and every other random draw of a resumed run (the HF Trainer restores the RNG, then builds the
@@ -476,8 +482,6 @@ class Mixer:
         if self._observed:
             raise RuntimeError("mixer.observe() and mixer.backward() cannot be mixed within one optimizer step")
         if self.probe is None:
-            from gradmix.fused_probe import make_probe
-
             self.probe = make_probe(model)
         first = self._micro == 0
         final = self._begin_micro("mixer.backward()")
@@ -700,7 +704,7 @@ class Mixer:
         self._num_sampler_events = int(state.get("sampler_events_seen", len(self.sampler.events)))
         self._loaded_step = self.core.step_count
         self._micro, self._observed, self._step_result = 0, [], None
-        if self.probe is not None and hasattr(self.probe, "reset"):
+        if self.probe is not None:
             self.probe.reset()
 
     def save_checkpoint(

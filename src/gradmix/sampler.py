@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -137,12 +137,13 @@ class MixtureSampler:
     Args:
         sizes: examples per domain (all >= 1, at most 2^62).
         batch_size: GLOBAL batch size; must be divisible by ``world_size``.
-        weights: initial weights (default uniform); any non-negative vector with a positive sum.
+        weights: initial weights (default uniform); any non-negative vector with a positive sum, or a
+            ``{domain name: weight}`` mapping (needs ``domain_names``; every name once, in any order).
         seed: seeds every permutation, tie-break and multinomial draw.
         mode: ``"quota"`` (error-diffusion counts, see the module docstring) or ``"multinomial"``.
         rank, world_size: this process's place in a data-parallel group.
         max_repeats: most passes any domain may get (1 = no example is ever seen twice); None = unlimited.
-        domain_names: names used in errors and events.
+        domain_names: names used in errors and events, and by weights given as ``{name: weight}``.
         history: how many produced batches can be rolled back by ``state_dict(batch_index=...)`` (the DataLoader
             prefetch depth must be below it).
         shuffle: per domain (or one bool for all): False yields positions 0, 1, 2, ... in order (streams).
@@ -152,7 +153,7 @@ class MixtureSampler:
         self,
         sizes: Sequence[int],
         batch_size: int,
-        weights: Sequence[float] | np.ndarray | None = None,
+        weights: Sequence[float] | np.ndarray | Mapping[str, float] | None = None,
         seed: int = 0,
         mode: str = "quota",
         rank: int = 0,
@@ -165,6 +166,7 @@ class MixtureSampler:
         sizes_list = list(sizes) if not isinstance(sizes, np.ndarray) else sizes.tolist()
         if not sizes_list or any(isinstance(s, (list, tuple)) for s in sizes_list):
             raise ValueError("sizes must be a non-empty 1-D sequence of example counts, one per domain")
+        self._named = domain_names is not None
         self.domain_names = (
             [str(n) for n in domain_names] if domain_names is not None else [str(i) for i in range(len(sizes_list))]
         )
@@ -244,10 +246,12 @@ class MixtureSampler:
 
     # -- weights ------------------------------------------------------------------------------------------------
     def _check(self, weights: Any) -> np.ndarray:
-        return validate_weights(weights, self.num_domains, names=self.domain_names)
+        # weights by name need names the caller gave (not the "0", "1", ... stand-ins)
+        by_name = isinstance(weights, Mapping) and not self._named
+        return validate_weights(weights, self.num_domains, names=None if by_name else self.domain_names)
 
-    def set_weights(self, weights: Sequence[float] | np.ndarray) -> None:
-        """Use these weights from the next batch this sampler produces."""
+    def set_weights(self, weights: Sequence[float] | np.ndarray | Mapping[str, float]) -> None:
+        """Use these weights from the next batch this sampler produces (a vector, or ``{domain name: weight}``)."""
         self._weights = self._check(weights)
 
     @property

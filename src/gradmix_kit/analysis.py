@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "HEADLINE_METRICS",
+    "NO_DIFFERENCE",
     "SUMMARY_METRICS",
     "Run",
     "RunFolderError",
@@ -26,6 +28,7 @@ __all__ = [
     "compare_runs",
     "comparison_markdown",
     "comparison_table",
+    "decide",
     "eval_series",
     "expand_run_dirs",
     "load_run",
@@ -35,8 +38,10 @@ __all__ = [
     "render_html",
     "render_markdown",
     "steps_to_reach",
+    "summary_lines",
     "summary_value",
     "t_quantile",
+    "target_name",
 ]
 
 # Summary metrics compared across methods: key -> (label for tables, lower is better).
@@ -57,7 +62,12 @@ def summary_value(summary: dict[str, Any], key: str) -> Any:
 
 def metric_label(key: str, result: dict[str, Any] | None = None) -> tuple[str, bool]:
     """(label for tables, lower is better) of a summary metric key; own metrics are higher-is-better unless their
-    run listed them in ``eval.lower_is_better``."""
+    run listed them in ``eval.lower_is_better``. The target loss names its target set when ``result`` (a
+    ``compare_runs`` result) knows it: ``target val loss (target: medical)``."""
+    target = (result or {}).get("target")
+    if key == "target_val_loss" and target:
+        label, lower = SUMMARY_METRICS[key]
+        return f"{label} (target: {target})", lower
     if key in SUMMARY_METRICS:
         return SUMMARY_METRICS[key]
     labels = (result or {}).get("labels") or {}
@@ -131,7 +141,8 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, f
 @dataclass
 class Run:
     """One run folder, loaded. ``summary_derived`` is True when summary.json was absent (e.g. a run still going)
-    and the summary was rebuilt from the last evaluation in metrics.jsonl."""
+    and the summary was rebuilt from the last evaluation in metrics.jsonl. ``label``, when set (``gradmix report
+    --label``), is the name the run is grouped by, before the config's label and method."""
 
     path: Path
     config: dict[str, Any]
@@ -139,12 +150,15 @@ class Run:
     summary: dict[str, Any]
     summary_derived: bool = False
     domains: list[str] = field(default_factory=list)
+    label: str | None = None
 
     @property
     def method(self) -> str:
-        """The name runs are grouped by: the config's label (a named variant of a method), else the method."""
+        """The name runs are grouped by: ``label`` if set, else the config's label (a named variant of a method),
+        else the method."""
         return str(
-            self.config.get("label")
+            self.label
+            or self.config.get("label")
             or self.config.get("method")
             or self.summary.get("method")
             or _parse_folder_name(self.path)[0]
@@ -160,6 +174,20 @@ class Run:
     @property
     def name(self) -> str:
         return str(self.config.get("name") or self.path.name)
+
+
+def target_name(runs: Iterable[Run]) -> str | None:
+    """The target set the runs' ``target_val_loss`` is measured on (``data.target`` of their configs, e.g.
+    ``medical``; a path is shortened to its file name), names joined by ", " when runs differ; None without one."""
+    names: list[str] = []
+    for run in runs:
+        value = run.config.get("target") or (run.config.get("data") or {}).get("target")
+        if value:
+            text = str(value)
+            name = Path(text).name if ("/" in text or "\\" in text) else text
+            if name not in names:
+                names.append(name)
+    return ", ".join(names) or None
 
 
 def _parse_folder_name(path: Path) -> tuple[str, int | None]:
@@ -415,7 +443,8 @@ def compare_runs(
     steps_to_reach(method, L_b) / S_b, where L_b is the baseline's last evaluated average validation loss and S_b
     that evaluation's step (< 1: the method matched the baseline's final quality sooner). Seeds that never reach
     L_b are counted in ``reached`` vs ``n`` and left out of the ratio's mean. An absent baseline is not an error
-    (a single-method report): the paired entries are then omitted and ``baseline`` is None.
+    (a single-method report): the paired entries are then omitted and ``baseline`` is None. ``target`` names the
+    target set of ``target_val_loss`` (``target_name``), and the labels name it.
     """
     loaded = [r if isinstance(r, Run) else load_run(r) for r in runs]
     if not loaded:
@@ -428,19 +457,22 @@ def compare_runs(
         if seed in group:
             raise ValueError(
                 f"compare_runs: method {label(run)!r} has two runs with seed {seed}: {group[seed].path} and "
-                f"{run.path}; compare them separately or pass label= to tell them apart"
+                f"{run.path}; compare them separately, or tell them apart with `gradmix report RUN1 RUN2 --label "
+                "NAME1,NAME2` (one name per folder given; label= in Python)"
             )
         group[seed] = run
 
     own = _own_metric_keys(loaded)
     metric_keys = [k for k in [*SUMMARY_METRICS, *own] if any(summary_value(r.summary, k) is not None for r in loaded)]
     baseline_runs = groups.get(baseline) if baseline is not None else None
+    target = target_name(loaded)
     result: dict[str, Any] = {
         "baseline": baseline if baseline_runs else None,
         "requested_baseline": baseline,
         "confidence": confidence,
         "metrics": metric_keys,
-        "labels": {k: list(own[k] if k in own else SUMMARY_METRICS[k]) for k in metric_keys},
+        "target": target,
+        "labels": {k: list(own[k] if k in own else metric_label(k, {"target": target})) for k in metric_keys},
         "methods": {},
     }
     for method, by_seed in groups.items():
@@ -577,3 +609,204 @@ def render_html(table: Table, *, note_class: str = "note") -> str:
 def comparison_markdown(result: dict[str, Any]) -> str:
     """``comparison_table(result)`` rendered as Markdown."""
     return render_markdown(comparison_table(result))
+
+
+# -- the decision ----------------------------------------------------------------------------------------------
+
+# The metrics the summary decides on, in order: the generic average, the worst domain, the target set (DGA).
+HEADLINE_METRICS: tuple[str, ...] = ("avg_val_loss", "worst_val_loss", "target_val_loss")
+
+# Said, literally, whenever a paired interval includes 0.
+NO_DIFFERENCE = "no difference beyond noise"
+
+
+def _delta_text(record: dict[str, Any]) -> str:
+    """``-5.85% ± 1.02%`` (relative Δ, mean ± confidence half-width); ``+0.40% (one seed, no interval)``."""
+    text = _format_interval(record, percent=True)
+    return text if record.get("high") is not None else f"{text} (one seed, no interval)"
+
+
+def _percent(value: float) -> str:
+    """A relative difference in %, with as many decimals (2 to 5) as it takes not to show a non-zero as 0."""
+    text = f"{value * 100:+.2f}%"
+    for digits in (3, 4, 5):
+        if value == 0.0 or float(text[:-1]) != 0.0:
+            break
+        text = f"{value * 100:+.{digits}f}%"
+    return text
+
+
+def _bounds_text(record: dict[str, Any], confidence: int) -> str:
+    """`` (95% CI -0.42% to -0.003%)``: the interval's ends, so an end near 0 shows on which side it is; "" without
+    an interval."""
+    if record.get("low") is None or record.get("high") is None:
+        return ""
+    return f" ({confidence}% CI {_percent(record['low'])} to {_percent(record['high'])})"
+
+
+def _verdict(record: dict[str, Any], lower_is_better: bool) -> str:
+    """``better`` / ``worse`` (the whole interval on one side of 0), ``identical`` (every paired difference exactly
+    0), ``noise`` (the interval includes 0) or ``no interval`` (one paired seed)."""
+    values = [v for v in record.get("values") or [] if v is not None]
+    if values and all(v == 0.0 for v in values):
+        return "identical"
+    low, high = record.get("low"), record.get("high")
+    if low is None or high is None:
+        return "no interval"
+    if low <= 0.0 <= high:
+        return "noise"
+    improved = high < 0.0 if lower_is_better else low > 0.0
+    return "better" if improved else "worse"
+
+
+def decide(result: dict[str, Any], metrics: Sequence[str] = HEADLINE_METRICS) -> list[dict[str, Any]]:
+    """Which method to pick, per headline metric, from a ``compare_runs`` result.
+
+    For each metric present (average and worst-domain validation loss, the target's loss with a target set): the
+    paired relative differences to the baseline and their confidence intervals over seeds (``relative`` in the
+    result) decide. A method *beats* the baseline when its whole interval lies on the better side of 0. The best
+    method is the one with the best mean difference among those that beat the baseline; when none does, the one
+    with the best mean difference if that is better than the baseline's 0, else the baseline itself (``closest``
+    is then the method nearest to it). Each entry: ``metric``, ``label``, ``lower_is_better``, ``baseline``,
+    ``best``, ``delta`` (the best method's interval record, None for the baseline), ``verdict`` (``better``,
+    ``noise``, ``identical``, ``no interval``, ``worse``, ``baseline``, ``no baseline``), ``closest`` and
+    ``closest_delta`` / ``closest_verdict`` (when the baseline is best), ``worse`` ([(method, interval)]: worse than
+    the baseline beyond noise), ``n_seeds`` and ``recommendation`` (one sentence: ``Pick X for M (Δ)`` or
+    ``No method beats B beyond noise on M``). Without a baseline among the runs the best mean wins, unjudged.
+    """
+    baseline = result.get("baseline")
+    methods: dict[str, dict[str, Any]] = result["methods"]
+    decisions: list[dict[str, Any]] = []
+    for key in metrics:
+        if key not in result["metrics"]:
+            continue
+        label, lower = metric_label(key, result)
+        sign = 1.0 if lower else -1.0  # sign * difference < 0: an improvement
+        entry: dict[str, Any] = {
+            "metric": key,
+            "label": label,
+            "lower_is_better": lower,
+            "baseline": baseline,
+            "best": None,
+            "delta": None,
+            "verdict": "no baseline",
+            "closest": None,
+            "closest_delta": None,
+            "closest_verdict": None,
+            "worse": [],
+            "n_seeds": None,
+            "recommendation": "",
+        }
+        if baseline is None:
+            means = {m: e[key]["mean"] for m, e in methods.items() if (e.get(key) or {}).get("mean") is not None}
+            if means:
+                best = min(means, key=lambda m: sign * means[m])
+                entry["best"] = best
+                entry["recommendation"] = (
+                    f"No baseline among the runs: {best} has the best mean {label}, not judged against noise."
+                )
+            decisions.append(entry)
+            continue
+        candidates: dict[str, dict[str, Any]] = {}
+        for method, method_entry in methods.items():
+            record = (method_entry.get("relative") or {}).get(key)
+            if method != baseline and record and record.get("mean") is not None:
+                candidates[method] = record
+        verdicts = {m: _verdict(r, lower) for m, r in candidates.items()}
+        entry["worse"] = [(m, candidates[m]) for m in candidates if verdicts[m] == "worse"]
+        if not candidates:
+            entry.update(best=baseline, verdict="baseline")
+            entry["recommendation"] = f"No method beats {baseline} beyond noise on {label} (none was compared)."
+            decisions.append(entry)
+            continue
+        winners = [m for m in candidates if verdicts[m] == "better"]
+        pool = winners or list(candidates)
+        best = min(pool, key=lambda m: sign * candidates[m]["mean"])
+        entry["n_seeds"] = candidates[best].get("n")
+        if winners or sign * candidates[best]["mean"] < 0.0:
+            entry.update(best=best, delta=candidates[best], verdict=verdicts[best])
+        else:  # no method is better on average: the baseline is best
+            entry.update(
+                best=baseline,
+                verdict="baseline",
+                closest=best,
+                closest_delta=candidates[best],
+                closest_verdict=verdicts[best],
+            )
+        if winners:
+            entry["recommendation"] = f"Pick {best} for {label} ({_delta_text(candidates[best])})."
+        else:
+            entry["recommendation"] = f"No method beats {baseline} beyond noise on {label}."
+        decisions.append(entry)
+    return decisions
+
+
+_VERDICT_TEXT = {
+    "better": "beyond noise",
+    "noise": NO_DIFFERENCE,
+    "identical": f"identical to the baseline on every seed ({NO_DIFFERENCE})",
+    "no interval": "one paired seed: no interval, so it cannot be told from noise",
+    "worse": "worse beyond noise",
+}
+
+
+def summary_lines(result: dict[str, Any], decisions: list[dict[str, Any]] | None = None) -> list[str]:
+    """The decision as Markdown lines (also plain enough for a terminal): one bullet per headline metric (best
+    method, its paired Δ vs the baseline with the interval, and whether it is beyond noise), what is worse than the
+    baseline beyond noise, and a one-line recommendation."""
+    decisions = decide(result) if decisions is None else decisions
+    baseline = result.get("baseline")
+    confidence = round(float(result.get("confidence", 0.95)) * 100)
+    lines = ["## Summary: which method to pick", ""]
+    if len(result["methods"]) == 1:
+        only = next(iter(result["methods"]))
+        lines.append(
+            f"One method ({only}): nothing to choose between. Compare methods with `gradmix compare`, or give "
+            "`gradmix report` the runs of several methods."
+        )
+        return lines
+    if not decisions:
+        lines.append("No headline metric (validation loss) in these runs: nothing to decide.")
+        return lines
+    if baseline is None:
+        requested = result.get("requested_baseline")
+        lines.append(
+            f"Baseline {requested!r} is not among the runs: no paired differences, so nothing is judged against "
+            "noise (best mean only)."
+            if requested
+            else "No baseline given: best mean only, nothing judged against noise."
+        )
+        lines.append("")
+    for entry in decisions:
+        direction = "lower" if entry["lower_is_better"] else "higher"
+        head = f"- **{entry['label']}** ({direction} is better): "
+        if entry["verdict"] == "no baseline":
+            lines.append(head + (f"best mean {entry['best']}." if entry["best"] else "no values."))
+        elif entry["verdict"] == "baseline":
+            text = head + f"best {baseline} (the baseline): no method is better on average"
+            if entry["closest"] is not None:
+                closest_verdict = _VERDICT_TEXT[entry["closest_verdict"]]
+                closest_delta = entry["closest_delta"]
+                text += (
+                    f"; closest {entry['closest']}, Δ vs {baseline} {_delta_text(closest_delta)}"
+                    f"{_bounds_text(closest_delta, confidence)}: {closest_verdict}"
+                )
+            lines.append(text + ".")
+        else:
+            lines.append(
+                head + f"best {entry['best']}, Δ vs {baseline} {_delta_text(entry['delta'])}"
+                f"{_bounds_text(entry['delta'], confidence)}: {_VERDICT_TEXT[entry['verdict']]}."
+            )
+    worse = [f"{m} on {e['label']} ({_delta_text(r)})" for e in decisions for m, r in e["worse"]]
+    if worse:
+        lines += ["", f"Worse than {baseline} beyond noise: " + "; ".join(worse) + "."]
+    lines += ["", "**Recommendation:** " + " ".join(e["recommendation"] for e in decisions if e["recommendation"])]
+    if baseline is not None:
+        seeds = sorted({e["n_seeds"] for e in decisions if e["n_seeds"]})
+        lines += [
+            "",
+            f"Δ: relative difference to {baseline}, paired by seed, mean ± {confidence}% confidence half-width "
+            f"(Student t over {'/'.join(map(str, seeds)) or 'the'} seeds). A method beats {baseline} only when its "
+            f"whole interval is on the better side of 0; an interval that includes 0 is {NO_DIFFERENCE}.",
+        ]
+    return lines

@@ -1,4 +1,4 @@
-"""The ``gradmix`` command: run, compare, report, diagnose, cluster, methods."""
+"""The ``gradmix`` command: run, compare, report, diagnose, export, cluster, methods."""
 
 from __future__ import annotations
 
@@ -83,7 +83,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"comparison of {', '.join(methods)} over seeds {seeds} took {time.perf_counter() - t0:.0f}s")
     md = out / "comparison.md"
     if md.exists():
-        print(md.read_text())
+        print(md.read_text())  # opens with the summary: which method to pick, beyond noise or not
+    stats = out / "comparison_stats.json"
+    if stats.exists():
+        import json
+
+        decision = json.loads(stats.read_text(encoding="utf-8")).get("decision") or []
+        line = " ".join(str(d["recommendation"]) for d in decision if d.get("recommendation"))
+        if line:
+            print(f"Recommendation: {line}")
     print(f"report: {report}")
     return 0
 
@@ -92,9 +100,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from gradmix_kit.analysis import expand_run_dirs
     from gradmix_kit.report import write_report
 
-    runs = expand_run_dirs([Path(r) for r in args.runs])
+    labels = [name for value in args.label for name in value.split(",")] if args.label else None
+    runs = [Path(r) for r in args.runs] if labels else expand_run_dirs([Path(r) for r in args.runs])
     out = Path(args.out) if args.out else (Path(args.runs[0]) if len(args.runs) == 1 else Path("report"))
-    path = write_report(runs, out, title=args.title, baseline=args.baseline)
+    path = write_report(runs, out, title=args.title, baseline=args.baseline, labels=labels)
     print(f"report: {path}")
     return 0
 
@@ -128,6 +137,27 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     page = out / "diagnosis.html"
     if page.exists():
         print(f"report: {page}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gradmix_kit.export import ExportError, check_options, read_run, render
+
+    check_options(args.format, args.weights)  # a typo is said before the run folder is read
+    mix = read_run(args.run, update_every=args.update_every)
+    if not mix.exact:
+        print(f"gradmix: warning: {args.run}: the per-step weights are not exact: {mix.note}", file=sys.stderr)
+    text = render(mix, args.format, args.weights)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.out)
+    if out.is_dir():
+        raise ExportError(f"--out {str(out)!r} is a folder; give a file name")
+    from gradmix.checkpoint import atomic_write
+
+    atomic_write(out, lambda fh: fh.write(text), mode="w")
+    print(f"exported {args.format} ({args.weights if args.format != 'schedule' else 'schedule'}) to {out}")
     return 0
 
 
@@ -182,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.add_argument("--title")
     p.add_argument("--baseline", default="uniform")
+    p.add_argument(
+        "--label",
+        "--labels",
+        action="append",
+        metavar="NAME[,NAME...]",
+        help="one name per folder given, in order (comma-separated or repeated): tells apart runs of the same "
+        "method and seed; a comparison folder's runs become NAME:method",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("diagnose", help="do the domains' gradients conflict? (PiKE's assumption) -> diagnosis.json")
@@ -195,6 +233,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser(
+        "export",
+        help="write a run's learned mix (or its per-step schedule) for another engine or a fixed-mix gradmix run",
+    )
+    p.add_argument("run", help="a run folder written by `gradmix run` or a Mixer (its metrics.jsonl)")
+    p.add_argument(
+        "--format",
+        required=True,
+        metavar="FORMAT",
+        help="recipe (JSON + provenance), schedule (per-step JSON), hf (interleave_datasets), megatron (--data-path "
+        "blend, also NeMo), olmo (OLMo-core source mixture YAML), torchtitan (TOML), gradmix (config fragment)",
+    )
+    p.add_argument(
+        "--weights",
+        default="final",
+        metavar="KIND",
+        help="final (default: the method's mix at the end), average (token-weighted over the steps), or schedule "
+        "(--format gradmix: the `schedule` method replaying the run step for step)",
+    )
+    p.add_argument("--out", metavar="FILE", help="write to FILE (default: standard output)")
+    p.add_argument(
+        "--update-every",
+        type=int,
+        metavar="N",
+        help="the run's update interval, for a run folder without config.json (a Mixer's): places weight changes "
+        "between logged rows exactly",
+    )
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("methods", help="list the mixing methods")
     p.set_defaults(func=cmd_methods)

@@ -1,5 +1,6 @@
-"""HTML + PNG reports from run folders: mixing weights over time, per-domain validation loss, train/validation gap,
-and a method comparison with confidence intervals over seeds.
+"""HTML + PNG reports from run folders: the decision first (which method to pick per headline metric, and whether
+its difference to the baseline is beyond noise), then a method comparison with confidence intervals over seeds, the
+runs' warnings and configuration, mixing weights over time, per-domain validation loss and train/validation gap.
 
 The page is static (no JavaScript); images sit next to it and are referenced by relative paths, so the output folder
 can be copied or archived as is. matplotlib is optional (``pip install 'gradmix[report]'``) and is imported only when
@@ -9,7 +10,9 @@ state are never touched.
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -26,12 +29,16 @@ from gradmix_kit.analysis import (
     Table,
     compare_runs,
     comparison_table,
+    decide,
     eval_series,
-    load_runs,
+    expand_run_dirs,
+    load_run,
     metric_label,
     render_html,
     render_markdown,
+    summary_lines,
     summary_value,
+    target_name,
 )
 
 __all__ = ["MAX_DOMAIN_PANELS", "write_diagnosis_report", "write_report"]
@@ -280,7 +287,89 @@ def _plot_metric_grid(
     return _save(figure, path)
 
 
+def _has_deltas(result: dict[str, Any]) -> bool:
+    """True when some method other than the baseline has a paired difference to plot."""
+    baseline = result.get("baseline")
+    return bool(baseline) and any(
+        (rec or {}).get("mean") is not None
+        for method, entry in result["methods"].items()
+        if method != baseline
+        for rec in (entry.get("relative") or {}).values()
+    )
+
+
 def _plot_comparison(result: dict[str, Any], colors: dict[str, Any], path: Path) -> Path | None:
+    """Paired differences to the baseline with their intervals (a line at 0: the baseline) when there is a
+    baseline and another method; else the values themselves as bars from 0."""
+    if _has_deltas(result):
+        return _plot_deltas(result, colors, path)
+    return _plot_values(result, colors, path)
+
+
+def _plot_deltas(result: dict[str, Any], colors: dict[str, Any], path: Path) -> Path | None:
+    """One panel per metric: each method's relative difference to the baseline in %, paired by seed (point: mean,
+    whiskers: confidence interval, dots: seeds), and a line at 0. Nothing is zoomed away: 0 is always in view, so
+    a 1% difference looks like 1%."""
+    baseline = result["baseline"]
+    methods = [m for m in result["methods"] if m != baseline]
+
+    def record(method: str, key: str) -> dict[str, Any]:
+        return (result["methods"][method].get("relative") or {}).get(key) or {}
+
+    keys = [k for k in result["metrics"] if any(record(m, k).get("mean") is not None for m in methods)]
+    if not keys:
+        return None
+    figure = _new_figure(max(4.0, 1.5 + 0.9 * len(methods)) * len(keys), 4.4)
+    for index, key in enumerate(keys):
+        axes = figure.add_subplot(1, len(keys), index + 1)
+        extremes = [0.0]
+        for position, method in enumerate(methods):
+            rec = record(method, key)
+            if rec.get("mean") is None:
+                continue
+            mean = 100.0 * rec["mean"]
+            error = None
+            if rec.get("low") is not None and rec.get("high") is not None:
+                low, high = 100.0 * rec["low"], 100.0 * rec["high"]
+                error = [[mean - low], [high - mean]]
+                extremes += [low, high]
+            axes.errorbar(
+                [position], [mean], yerr=error, fmt="o", color=colors[method], capsize=6, markersize=7, linewidth=2
+            )
+            seeds = [100.0 * v for v in rec.get("values") or [] if v is not None]
+            axes.scatter([position + 0.12] * len(seeds), seeds, color="black", s=9, zorder=3)
+            axes.annotate(
+                f"{mean:+.2f}%",
+                (position, mean),
+                xytext=(-9, 0),
+                textcoords="offset points",
+                fontsize="small",
+                va="center",
+                ha="right",
+            )
+            extremes += [*seeds, mean]
+        axes.axhline(0.0, color="black", linewidth=1.0)
+        low, high = min(extremes), max(extremes)
+        margin = 0.12 * (high - low) if high > low else 1.0
+        axes.set_ylim(low - margin, high + margin)
+        axes.set_xlim(-0.6, len(methods) - 0.4)
+        axes.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+        label, lower_better = metric_label(key, result)
+        axes.set_ylabel(f"Δ vs {baseline} (%)")
+        axes.set_title(
+            f"{label}\n({'below' if lower_better else 'above'} 0: better than {baseline})", fontsize="medium"
+        )
+        axes.grid(axis="y", alpha=0.3)
+    confidence = round(float(result.get("confidence", 0.95)) * 100)
+    figure.suptitle(
+        f"Relative difference to {baseline}, paired by seed: mean and {confidence}% CI over seeds (dots: seeds); "
+        f"an interval across 0 is no difference beyond noise"
+    )
+    return _save(figure, path)
+
+
+def _plot_values(result: dict[str, Any], colors: dict[str, Any], path: Path) -> Path | None:
+    """Final values per method as bars from 0 (mean, whiskers: confidence interval, dots: seeds)."""
     keys = [
         k
         for k in result["metrics"]
@@ -292,7 +381,7 @@ def _plot_comparison(result: dict[str, Any], colors: dict[str, Any], path: Path)
     figure = _new_figure(max(4.0, 1.0 + 0.9 * len(methods)) * len(keys), 4.2)
     for index, key in enumerate(keys):
         axes = figure.add_subplot(1, len(keys), index + 1)
-        extremes = []
+        extremes = [0.0]
         for position, method in enumerate(methods):
             record = result["methods"][method].get(key) or {}
             if record.get("mean") is None:
@@ -306,20 +395,14 @@ def _plot_comparison(result: dict[str, Any], colors: dict[str, Any], path: Path)
             seeds = [v for v in record["values"] if v is not None]
             axes.scatter([position] * len(seeds), seeds, color="black", s=10, zorder=3)
             extremes += [*seeds, mean]
-        baseline = result.get("baseline")
-        base_record = (result["methods"].get(baseline, {}) if baseline else {}).get(key) or {}
-        if base_record.get("mean") is not None:
-            axes.axhline(base_record["mean"], color="gray", linestyle="--", linewidth=1)
-        # Zoom on the values: differences between methods are often ~1% of the loss and invisible from zero.
-        low, high = min(extremes), max(extremes)
-        margin = 0.15 * (high - low) if high > low else 0.05 * max(abs(high), 1e-3)
-        axes.set_ylim(low - margin, high + margin)
+        low, high = min(extremes), max(extremes)  # 0 included: bars start at 0
+        axes.set_ylim(low - 0.05 * (high - low) if low < 0 else 0.0, high + 0.08 * (high - low or 1.0))
         axes.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
         label, lower_better = metric_label(key, result)
         axes.set_title(f"{label} ({'lower' if lower_better else 'higher'} is better)", fontsize="medium")
         axes.grid(axis="y", alpha=0.3)
     confidence = round(float(result.get("confidence", 0.95)) * 100)
-    figure.suptitle(f"Method comparison: mean and {confidence}% CI over seeds (dots: seeds)")
+    figure.suptitle(f"Final metrics per method: mean and {confidence}% CI over seeds (dots: seeds; bars from 0)")
     return _save(figure, path)
 
 
@@ -348,7 +431,8 @@ def _runs_table(runs: Sequence[Run], out_dir: Path) -> str:
     own = [f"eval_metrics/{name}" for name in own_names]
     for key in [*SUMMARY_METRICS, *own]:
         if any(summary_value(r.summary, key) is not None for r in runs):
-            columns.append((metric_label(key)[0], lambda r, key=key: _format_number(summary_value(r.summary, key))))
+            label = metric_label(key, {"target": target_name(runs)})[0]
+            columns.append((label, lambda r, key=key: _format_number(summary_value(r.summary, key))))
     if any(r.summary.get("alerts") is not None for r in runs):
         columns.append(("alerts", lambda r: "" if r.summary.get("alerts") is None else str(r.summary["alerts"])))
     if any(r.summary.get("wall_time_s") is not None for r in runs):
@@ -405,16 +489,25 @@ def write_report(
     *,
     baseline: str | None = "uniform",
     confidence: float = 0.95,
+    labels: Sequence[str] | None = None,
 ) -> Path:
     """Write ``report.html`` with its PNG plots, ``comparison.md`` and ``comparison_stats.json`` into ``out_dir``.
 
-    ``run_dirs`` are run folders or comparison folders (holding comparison.json; expanded into their runs). Plots:
-    a comparison bar chart with CIs over seeds, validation loss over steps (average, worst and per domain) and the
-    train/validation gap per domain (mean over seeds per method), and the mixing weights as stacked areas for each
-    method's lowest seed. Parts whose data the runs do not log are left out. Returns the HTML path.
+    ``run_dirs`` are run folders or comparison folders (holding comparison.json; expanded into their runs).
+    ``labels``: one name per entry of ``run_dirs``, to tell apart runs of the same method and seed (two versions
+    of one run): a run folder's runs are grouped under the name, a comparison folder's under ``name:method``.
+
+    Both the page and ``comparison.md`` open with the decision (``analysis.summary_lines``: per headline metric
+    the best method, its paired difference to the baseline with the interval, whether it is beyond noise, and a
+    recommendation), then the comparison table, the warnings and alerts the runs recorded, and the runs'
+    configuration. Plots: the paired differences to the baseline with their intervals (a line at 0; without a
+    baseline, the values as bars from 0), validation loss over steps (average, worst, the target and per domain)
+    and the train/validation gap per domain (mean over seeds per method; a note says why a gap can be negative),
+    and the mixing weights as stacked areas for each method's lowest seed. Parts whose data the runs do not log
+    are left out. Returns the HTML path.
     """
     _require_matplotlib()
-    runs = load_runs(run_dirs)
+    runs = _load_labelled(run_dirs, labels)
     if not runs:
         raise ValueError("write_report: no run folders given")
     out = Path(out_dir)
@@ -426,14 +519,28 @@ def write_report(
 
     result = compare_runs(runs, baseline=baseline, confidence=confidence)
     table = comparison_table(result)
-    atomic_write(out / "comparison.md", lambda fh: fh.write(render_markdown(table)), mode="w")
-    write_json_atomic(out / "comparison_stats.json", result)
+    decisions = decide(result)
+    summary = summary_lines(result, decisions)
+    warnings_found = _run_warnings(runs, out)
+    configuration = _configuration_rows(runs, groups, out)
+    gap_note = _negative_gap_note(runs, domains)
+    markdown = _markdown_document(summary, table, warnings_found, configuration, gap_note)
+    atomic_write(out / "comparison.md", lambda fh: fh.write(markdown), mode="w")
+    write_json_atomic(out / "comparison_stats.json", {**result, "decision": decisions})
 
     figures: list[tuple[Path | None, str]] = []
+    confidence_pct = round(confidence * 100)
     figures.append(
         (
             _plot_comparison(result, colors, out / "comparison.png"),
-            "Final metrics per method (bars: mean, whiskers: confidence interval, dots: seeds; dashed: baseline mean)",
+            (
+                f"Relative difference of each method to {result['baseline']}, paired by seed, in % (point: mean, "
+                f"whiskers: {confidence_pct}% confidence interval, dots: seeds; the line at 0 is "
+                f"{result['baseline']}: an interval across it is no difference beyond noise)"
+            )
+            if _has_deltas(result)
+            else f"Final metrics per method (bars from 0: mean, whiskers: {confidence_pct}% confidence interval, "
+            "dots: seeds)",
         )
     )
     loss_panels: list[tuple[str, Any]] = [
@@ -441,7 +548,8 @@ def write_report(
         ("worst domain", lambda r: eval_series(r, "worst_val_loss")),
     ]
     if any(eval_series(r, "target_val_loss")[0].size for r in runs):
-        loss_panels.append(("target", lambda r: eval_series(r, "target_val_loss")))
+        target_title = f"target: {result['target']}" if result.get("target") else "target"
+        loss_panels.append((target_title, lambda r: eval_series(r, "target_val_loss")))
     if show_domains:
         loss_panels += [(d, lambda r, d=d: eval_series(r, f"val_loss/{d}")) for d in domains]
     figures.append(
@@ -471,7 +579,8 @@ def write_report(
                 out / "train_val_gap.png",
                 zero_line=True,
             ),
-            "Train/validation gap per domain (training loss averaged since the previous evaluation)",
+            "Train/validation gap per domain (training loss averaged since the previous evaluation)"
+            + (f". {gap_note}" if gap_note else ""),
         )
     )
     metric_names = _eval_metric_names(runs)
@@ -528,12 +637,16 @@ def write_report(
         f"<h1>{html.escape(page_title)}</h1>",
         f'<p class="note">{len(runs)} run(s), {len(groups)} method(s): {html.escape(", ".join(groups))}. '
         f"Generated {generated}.</p>",
+        _summary_html(summary),
         "<h2>Comparison</h2>",
         render_html(table),
         "<h2>Runs</h2>",
         _runs_table(runs, out),
-        "<h2>Alerts</h2>",
+        "<h2>Warnings and alerts</h2>",
+        _warnings_html(warnings_found),
         _alerts_html(runs, out),
+        "<h2>Run configuration</h2>",
+        render_html(Table(header=["setting", "value"], rows=configuration)),
         "<h2>Plots</h2>",
         *[f'<p class="note">{html.escape(n)}</p>' for n in notes],
         *[_figure_html(path, out, caption) for path, caption in figures if path is not None],
@@ -548,6 +661,301 @@ def write_report(
     report_path = out / "report.html"
     atomic_write(report_path, lambda fh: fh.write(document), mode="w")
     return report_path
+
+
+# -- labels, summary, configuration, warnings -------------------------------------------------------------------
+
+
+def _load_labelled(run_dirs: Sequence[str | Path], labels: Sequence[str] | None) -> list[Run]:
+    """The runs of ``run_dirs``; with ``labels`` (one per entry) each run is grouped under its entry's name (a
+    comparison folder's runs under ``name:method``)."""
+    if labels is None:
+        return [load_run(p) for p in expand_run_dirs(run_dirs)]
+    labels = [str(label).strip() for label in labels]
+    if len(labels) != len(run_dirs):
+        raise ValueError(
+            f"--label: {len(labels)} name(s) for {len(run_dirs)} folder(s); give one name per run or comparison "
+            "folder, in the same order (e.g. --label old,new)"
+        )
+    if not all(labels):
+        raise ValueError("--label: a name is empty; give one non-empty name per folder (e.g. --label old,new)")
+    runs = []
+    for entry, label in zip(run_dirs, labels):
+        paths = expand_run_dirs([entry])
+        comparison = paths != [Path(entry)]
+        for path in paths:
+            run = load_run(path)
+            run.label = f"{label}:{run.method}" if comparison else label
+            runs.append(run)
+    return runs
+
+
+def _summary_html(lines: Sequence[str]) -> str:
+    """The Markdown summary lines as HTML: headings, bullets, paragraphs and **bold**."""
+
+    def inline(text: str) -> str:
+        return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
+
+    parts: list[str] = []
+    bullets: list[str] = []
+    for line in [*lines, ""]:
+        if line.startswith("- "):
+            bullets.append(f"<li>{inline(line[2:])}</li>")
+            continue
+        if bullets:
+            parts.append("<ul>" + "".join(bullets) + "</ul>")
+            bullets = []
+        if line.startswith("## "):
+            parts.append(f"<h2>{inline(line[3:])}</h2>")
+        elif line.strip():
+            parts.append(f"<p>{inline(line)}</p>")
+    return "\n".join(parts)
+
+
+def _negative_gap_note(runs: Sequence[Run], domains: Sequence[str]) -> str:
+    """Why validation can come out below training loss here, when it does in any plotted gap; else ""."""
+    negative: list[str] = []
+    for run in runs:
+        gaps = [_train_val_gap(run, d)[1] for d in domains if d in run.domains]
+        if any(values.size and float(values.min()) < 0.0 for values in gaps) and run.method not in negative:
+            negative.append(run.method)
+    if not negative:
+        return ""
+    dropouts = sorted(
+        {float(model["dropout"]) for r in runs if "dropout" in (model := dict(r.config.get("model") or {}))}
+    )
+    every = sorted({str((r.config.get("train") or {}).get("eval_every")) for r in runs} - {"None"})
+    if any(dropouts):
+        dropout = (
+            f" Training runs with dropout {'/'.join(f'{d:g}' for d in dropouts)} (train mode), validation without "
+            "it (eval mode), which also raises the training loss."
+        )
+    elif dropouts:
+        dropout = " Dropout is 0 in these runs, so train and eval mode compute the same loss: dropout is not the cause."
+    else:
+        dropout = ""
+    return (
+        f"Some gaps are negative (validation loss below training loss; runs of {', '.join(negative)}). How the two "
+        "are measured allows it: the training loss of a domain is the mean of its per-step losses since the previous "
+        "evaluation, each from that step's forward pass before its update, so it describes the model over the last "
+        f"{'/'.join(every) or 'few'} steps, while the validation loss is measured after the last of them, by the "
+        "newer model; while the loss still falls, this lag puts training above validation. The validation loss is "
+        "computed in eval mode, without gradients, on a fixed set of held-out documents of each domain (up to "
+        "train.eval_windows_per_domain windows), which can be easier or harder than the training documents; the "
+        f"training loss comes from the few examples of that domain in each mixed batch.{dropout}"
+    )
+
+
+def _distinct(values: Iterable[Any]) -> str:
+    """One value, or the distinct values joined and marked when the runs differ ("" when none is known)."""
+    texts: list[str] = []
+    for value in values:
+        if value is None or value == "":
+            continue
+        text = str(value)
+        if text not in texts:
+            texts.append(text)
+    if len(texts) > 1:
+        return " | ".join(texts) + " (differs between runs)"
+    return texts[0] if texts else ""
+
+
+def _corpus_record(run: Run) -> dict[str, Any] | None:
+    record = (run.config.get("data_info") or {}).get("corpus_record")
+    if isinstance(record, dict):
+        return record
+    for folder in (run.path, run.path.parent):
+        path = folder / "corpus_record.json"
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return data if isinstance(data, dict) else None
+    return None
+
+
+def _record_text(record: dict[str, Any] | None) -> tuple[str, str]:
+    """(the corpus record in one line: fingerprint and documents per domain, the software in one line)."""
+    if not record:
+        return "", ""
+    domains = record.get("domains") or {}
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            {
+                "domains": {d: [v.get("train_sha256"), v.get("val_sha256")] for d, v in domains.items()},
+                "target": (record.get("target") or {}).get("sha256"),
+            },
+            sort_keys=True,
+        ).encode("utf-8")
+    ).hexdigest()[:12]
+    parts = []
+    for name, value in domains.items():
+        source = f", {value['source']}" if value.get("source") else ""
+        parts.append(f"{name} {value.get('train_docs')}/{value.get('val_docs')}{source}")
+    target = record.get("target")
+    corpus = f"{record.get('corpus')}, fingerprint {fingerprint} (SHA-256 of the documents); train/val documents: "
+    corpus += "; ".join(parts)
+    if isinstance(target, dict):
+        corpus += f"; target {target.get('name')}: {target.get('docs')} documents"
+    software = record.get("software") or {}
+    software_text = ", ".join(f"{k} {v}" for k, v in software.items() if v is not None)
+    return corpus, software_text
+
+
+def _configuration_rows(runs: Sequence[Run], groups: dict[str, list[Run]], out_dir: Path) -> list[list[str]]:
+    """What the runs were: steps, batch, model and its size, threads, corpus (and its record), methods, seeds."""
+
+    def section(run: Run, name: str) -> dict[str, Any]:
+        value = run.config.get(name)
+        return value if isinstance(value, dict) else {}
+
+    methods = []
+    for name, members in groups.items():
+        config = members[0].config
+        method = str(config.get("method") or members[0].summary.get("method") or name)
+        params = config.get("method_params") or {}
+        detail = ", ".join(f"{k}={v}" for k, v in params.items())
+        inner = method if method != name else ""
+        inner = f"{inner}{', ' if inner and detail else ''}{detail}"
+        seeds = ", ".join("?" if r.seed is None else str(r.seed) for r in members)
+        methods.append(f"{name}{f' ({inner})' if inner else ''}: seeds {seeds}")
+
+    def model_text(run: Run) -> str:
+        model = section(run, "model")
+        return ", ".join(f"{k}={v}" for k, v in model.items()) if model else ""
+
+    def parameters_text(run: Run) -> str:
+        count = run.config.get("model_parameters")
+        return f"{int(count):,} ({int(count) / 1e6:.2f}M)" if isinstance(count, (int, float)) else ""
+
+    def steps_text(run: Run) -> str:
+        planned = run.config.get("steps", run.summary.get("steps"))
+        done = run.summary.get("steps_done")
+        if planned is not None and done is not None and int(done) != int(planned):
+            return f"{planned} (this run stopped at {done})"
+        return "" if planned is None else str(planned)
+
+    def threads_text(run: Run) -> str:
+        threads = run.config.get("threads")
+        device = run.config.get("device")
+        text = f"{threads} thread(s)" if threads else ("torch's default threads" if "threads" in run.config else "")
+        return f"{text}, device {device}" if device and text else text
+
+    def data_text(run: Run) -> str:
+        data = section(run, "data")
+        keys = ("window", "vocab_size", "holdout_fraction", "max_docs_per_domain", "languages", "domains")
+        return ", ".join(f"{k}={data[k]}" for k in keys if data.get(k) is not None)
+
+    def train_text(run: Run) -> str:
+        train = section(run, "train")
+        keys = ("lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "eval_windows_per_domain")
+        return ", ".join(f"{k}={train[k]}" for k in keys if train.get(k) is not None)
+
+    records = [_record_text(_corpus_record(r)) for r in runs]
+    rows = [
+        ["runs", f"{len(runs)} run(s), {len(groups)} method(s)"],
+        ["methods (seeds)", "; ".join(methods)],
+        ["steps", _distinct(steps_text(r) for r in runs)],
+        [
+            "batch size",
+            _distinct(r.config.get("batch_size") or section(r, "train").get("batch_size") for r in runs),
+        ],
+        ["model", _distinct(model_text(r) for r in runs)],
+        ["model parameters", _distinct(parameters_text(r) for r in runs)],
+        ["threads", _distinct(threads_text(r) for r in runs)],
+        ["corpus", _distinct(r.config.get("corpus") or section(r, "data").get("corpus") for r in runs)],
+        ["target set (target val loss)", _distinct([target_name(runs)])],
+        ["domains", _distinct(", ".join(r.domains) for r in runs)],
+        ["data", _distinct(data_text(r) for r in runs)],
+        ["training", _distinct(train_text(r) for r in runs)],
+        ["corpus record", _distinct(text for text, _ in records)],
+        ["software", _distinct(text for _, text in records)],
+    ]
+    return [row for row in rows if row[1]]
+
+
+def _run_warnings(runs: Sequence[Run], out_dir: Path) -> list[list[str]]:
+    """[where, step, kind, message]: what the runs warned about - the corpus check of a comparison, runs without
+    a summary, runs stopped early, warnings recorded as ``events`` in metrics.jsonl - and a count of the alerts
+    per run (listed one by one in the alerts table)."""
+    rows: list[list[str]] = []
+    seen_folders: list[Path] = []
+    for folder in [out_dir, *(r.path.parent for r in runs)]:
+        listing = folder / "comparison.json"
+        if not listing.is_file() or any(listing.resolve() == p.resolve() for p in seen_folders):
+            continue
+        seen_folders.append(listing)
+        try:
+            data = json.loads(listing.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for message in (data.get("corpus_warnings") if isinstance(data, dict) else None) or []:
+            rows.append([_relative(folder, out_dir), "", "corpus or software", str(message)])
+    for run in runs:
+        where = _relative(run.path, out_dir)
+        if run.summary_derived:
+            rows.append(
+                [
+                    where,
+                    "",
+                    "unfinished",
+                    "no summary.json: the run did not finish (or is still going); its numbers are from the last "
+                    "evaluation in metrics.jsonl",
+                ]
+            )
+        if run.summary.get("stopped_early"):
+            rows.append([where, "", "stopped early", str(run.summary["stopped_early"])])
+        messages: dict[str, int] = {}
+        for record in run.metrics:
+            for event in record.get("events") or []:
+                if str(event) not in messages:
+                    messages[str(event)] = int(record.get("step", 0))
+        rows += [[where, str(step), "warning", message] for message, step in messages.items()]
+        alerts = _alerts(run)
+        if alerts:
+            kinds: dict[str, int] = {}
+            for alert in alerts:
+                kinds[str(alert.get("kind"))] = kinds.get(str(alert.get("kind")), 0) + 1
+            counts = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
+            rows.append([where, "", "alerts", f"{len(alerts)} alert(s): {counts} (see the alerts table)"])
+    return rows
+
+
+def _warnings_html(rows: list[list[str]]) -> str:
+    if not rows:
+        return '<p class="note">No warnings: no corpus or software difference, early stop or recorded warning.</p>'
+    shown = rows[:200]
+    note = f"{len(rows)} warning(s)" + (f"; the first {len(shown)} are listed" if len(rows) > len(shown) else "")
+    return render_html(Table(header=["where", "step", "kind", "message"], rows=shown, note=note + "."))
+
+
+def _markdown_document(
+    summary: list[str],
+    table: Table,
+    warnings_found: list[list[str]],
+    configuration: list[list[str]],
+    gap_note: str,
+) -> str:
+    """``comparison.md``: the summary, the comparison table, warnings and alerts, the run configuration."""
+    parts = ["\n".join(summary), "## Comparison\n\n" + render_markdown(table).rstrip("\n")]
+    if warnings_found:
+        shown = warnings_found[:50]
+        lines = [
+            f"- {where}{f' step {step}' if step else ''}: {kind}: {message}" for where, step, kind, message in shown
+        ]
+        if len(warnings_found) > len(shown):
+            lines.append(f"- ... and {len(warnings_found) - len(shown)} more (report.html lists them)")
+        parts.append("## Warnings and alerts\n\n" + "\n".join(lines))
+    else:
+        parts.append(
+            "## Warnings and alerts\n\nNone: no corpus or software difference, early stop, recorded warning or "
+            "alert (collapse, starved, overfitting, repetition)."
+        )
+    if gap_note:
+        parts.append("## Train/validation gap\n\n" + gap_note)
+    parts.append("## Run configuration\n\n" + render_markdown(Table(header=["setting", "value"], rows=configuration)))
+    return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
 
 
 # -- alerts and diagnosis ---------------------------------------------------------------------------------------
@@ -574,8 +982,6 @@ def _alerts_html(runs: Sequence[Run], out_dir: Path) -> str:
 
 
 def _find_diagnoses(runs: Sequence[Run], out_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    import json
-
     seen: list[Path] = []
     for folder in [out_dir, *(r.path for r in runs), *(r.path.parent for r in runs)]:
         for candidate in (folder / "diagnosis.json", folder / "diagnosis" / "diagnosis.json"):

@@ -23,8 +23,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from _tiny_gpt import TinyGPT, byte_domains, per_example_loss
 
-from gradmix.integrations.fsdp import ShardedGradientProbe
-from gradmix.probe import GradientProbe
+from gradmix.probe import GradientProbe, ShardedGradientProbe
 from gradmix.sampler import MixtureSampler
 
 B = 16  # global batch

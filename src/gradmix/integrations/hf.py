@@ -65,6 +65,7 @@ from gradmix.checkpoint import load_checkpoint_file, save_checkpoint_file
 from gradmix.controller import Mixer
 from gradmix.distributed import raise_on_any_rank
 from gradmix.methods.base import MixingMethod
+from gradmix.probe import Probe
 from gradmix.runlock import RUN_MARKERS, RunDirError, check_run_dir
 from gradmix.sources import DomainSet, DomainSource, HFDatasetDomain
 
@@ -231,7 +232,8 @@ class MixingTrainerMixin(_TrainerBase):
     Keyword arguments (besides the Trainer's own; ``train_dataset`` is the domains):
         domains: a ``DomainSet``, a list of gradmix domains, or ``{name: datasets.Dataset}`` (rows of T + 1 ids in
             ``column``).
-        method: a gradmix method name or a ``MixingMethod``; method_params: its parameters.
+        method: a gradmix method name or a ``MixingMethod``; method_params: its parameters (weights as a list or
+            ``{domain name: weight}``, as ``Mixer``).
         mixer_options: further ``Mixer`` keyword arguments (``update_every``, ``warmup_steps``, ``probe_every``,
             ``seed`` (default ``args.seed``), ``mode``, ``max_repeats``, ``log_every`` (default
             ``args.logging_steps``), ``target``, ``probe_params``, ``alert_min_weight``, ...). ``batch_size``,
@@ -354,7 +356,7 @@ class MixingTrainerMixin(_TrainerBase):
     def _ensure_probe(self, model: torch.nn.Module) -> None:
         """Under DDP the probe must drive the DistributedDataParallel wrapper the Trainer builds after __init__: rebuild
         it there once, with the same settings (probed parameters, splits, Gram, preconditioner)."""
-        probe = self.mixer.probe
+        probe: Probe | None = self.mixer.probe
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         if probe is None or probe.model is model or probe.accumulating or not ddp or model.module is not probe.module:
             return

@@ -71,7 +71,9 @@ except ImportError as exc:  # pragma: no cover
 
 from gradmix.controller import Mixer, MixingWarning
 from gradmix.distributed import raise_on_any_rank
+from gradmix.methods import MixingMethod, resolve_weight_params
 from gradmix.runlock import RunDirError, check_run_dir
+from gradmix.sources import DomainSet
 from gradmix.stats import Measurement
 
 __all__ = ["MixingCallback", "MixingModuleMixin"]
@@ -95,7 +97,8 @@ class MixingCallback(Callback):
     Args:
         domains, method, batch_size: as ``Mixer`` (``batch_size`` = examples per optimizer step, all ranks together).
         run_dir: where rank 0 writes ``metrics.jsonl`` (None: records stay in ``mixer.history``).
-        method_params, probe_params, target: as ``Mixer``; ``probe_params`` defaults to ``sync_gradients=True``
+        method_params, probe_params, target: as ``Mixer`` (weights as a list or ``{domain name: weight}``, checked
+            here when ``domains`` is a ``DomainSet``); ``probe_params`` defaults to ``sync_gradients=True``
             (the probe averages gradients itself; see the module docstring).
         log_prefix: prefix of the names logged through ``pl_module.log`` (None: log nothing).
         overwrite: a fit that does not resume may start over a ``run_dir`` that holds a run (its records are
@@ -121,6 +124,8 @@ class MixingCallback(Callback):
         for key in ("resume", "lock"):
             if key in config:
                 raise ValueError(f"MixingCallback sets the Mixer's {key!r} itself (resume: trainer.fit(ckpt_path=...))")
+        if isinstance(domains, DomainSet) and not isinstance(method, MixingMethod):
+            method_params = resolve_weight_params(method_params, domains.names)  # by-name weights: checked now
         self._spec = dict(
             domains=domains,
             method=method,

@@ -12,7 +12,7 @@ import importlib
 import inspect
 from typing import Any
 
-from gradmix.methods.base import MixingMethod, WeightError, validate_weights
+from gradmix.methods.base import MixingMethod, WeightError, resolve_weight_params, validate_weights
 
 __all__ = [
     "MethodRegistry",
@@ -23,6 +23,7 @@ __all__ = [
     "make_method",
     "method_class",
     "register_method",
+    "resolve_weight_params",
     "unregister_method",
     "validate_weights",
 ]
@@ -44,6 +45,7 @@ _BUILTIN: dict[str, str] = {
     "doremi": "gradmix.methods.doremi:DoReMi",
     "odm": "gradmix.methods.odm:ODM",
     "famo": "gradmix.methods.famo:FAMO",
+    "schedule": "gradmix.methods.schedule:StepSchedule",
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,15 +17,18 @@ import numpy as np
 from gradmix.stats import DomainStats
 
 __all__ = [
+    "WEIGHT_PARAMS",
     "MixingMethod",
     "WeightError",
     "keep_weights",
     "normalize_log_weights",
+    "resolve_weight_params",
     "state_int",
     "state_vector",
     "uniform_weights",
     "unmeasurable_domains",
     "validate_weights",
+    "weights_by_name",
 ]
 
 WEIGHT_TOLERANCE = 1e-9
@@ -46,6 +49,49 @@ def _detached(value: Any) -> Any:
     return value
 
 
+# Method parameters that hold one weight per domain: given as a {domain name: weight} mapping to the Mixer (or a
+# ``gradmix run`` config's ``mixing.params``), they are turned into positional vectors by ``resolve_weight_params``.
+WEIGHT_PARAMS: tuple[str, ...] = ("weights", "initial_weights")
+
+
+def weights_by_name(weights: Mapping[Any, Any], names: Sequence[str] | None, *, what: str = "weights") -> list[Any]:
+    """A ``{domain name: weight}`` mapping as a positional list in the order of ``names`` (the one translation of
+    weights by name; every entry point goes through it via ``validate_weights``). The mapping's order does not
+    matter; an unknown or a missing name is a one-line ``WeightError`` naming it and listing the domains."""
+    if names is None:
+        raise WeightError(
+            f"{what} is given by domain name, but the domain names are not known here: pass a list (one weight "
+            "per domain), or build through Mixer/DomainSet so names are known"
+        )
+    names = [str(n) for n in names]
+    known = ", ".join(repr(n) for n in names)
+    if len(set(names)) != len(names):
+        raise WeightError(f"{what} is given by domain name, but the domain names are not unique ({known})")
+    unknown = [key for key in weights if key not in names]
+    if unknown:
+        raise WeightError(f"{what} names an unknown domain {unknown[0]!r}; the domains are {known}")
+    missing = [name for name in names if name not in weights]
+    if missing:
+        raise WeightError(f"{what} has no weight for domain {missing[0]!r}; give one for every domain: {known}")
+    return [weights[name] for name in names]
+
+
+def resolve_weight_params(
+    params: Mapping[str, Any] | None, names: Sequence[str], *, label: str = "method_params[{key!r}]"
+) -> dict[str, Any]:
+    """Method parameters with every ``WEIGHT_PARAMS`` entry given as a ``{domain name: weight}`` mapping turned into
+    a positional list (checked: unknown / missing names, negatives, NaN), in the order of ``names``. Used where the
+    domain names are known (the Mixer, the integrations, ``gradmix run``) before ``make_method``, which has none.
+    Everything else, positional weights included, is passed on untouched. ``label`` names a parameter in errors."""
+    out = dict(params or {})
+    for key in WEIGHT_PARAMS:
+        value = out.get(key)
+        if isinstance(value, Mapping):
+            what = label.format(key=key)
+            out[key] = validate_weights(value, len(names), names=list(names), what=what).tolist()
+    return out
+
+
 def validate_weights(
     weights: Any, num_domains: int | None = None, *, names: list[str] | None = None, what: str = "weights"
 ) -> np.ndarray:
@@ -53,8 +99,11 @@ def validate_weights(
 
     Accepts any non-negative finite vector with a positive sum (it is rescaled to sum to 1). Individual zeros are
     allowed (a method may switch a domain off); all zeros, negatives, NaN/Inf and a wrong length are errors.
-    Tensors (also ones that require grad, or live on a GPU) are read as plain numbers.
+    Tensors (also ones that require grad, or live on a GPU) are read as plain numbers. A ``{domain name: weight}``
+    mapping is read by name against ``names`` (``weights_by_name``); without ``names`` it is an error.
     """
+    if isinstance(weights, Mapping):
+        weights = weights_by_name(weights, names, what=what)
     try:
         arr = np.asarray(_detached(weights), dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -259,7 +308,8 @@ class MixingMethod(ABC):
             # A method bug must never reach the sampler: keep the old weights and say why.
             self.last_skip_reason = f"{self.name} produced invalid weights {new!r}; update skipped"
             return self.weights
-        new = new / new.sum()
+        if not np.array_equal(new, self._weights):  # unchanged weights stay bit-identical (no ulp drift to the sampler)
+            new = new / new.sum()
         if "loss" in self.required_stats and self.probe_groups() is None:  # the loss steers it, per sampled domain
             held = unmeasurable_domains(stats)
             new = keep_weights(self._weights, new, held)

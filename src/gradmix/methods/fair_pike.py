@@ -36,7 +36,8 @@ class FairPiKE(PiKE):
     gradient, a stronger tilt toward high-loss tasks.
 
     Because the bound's minimiser (and PiKE's normalised step) is invariant to the overall scale of y, we use
-    y_k / mean(y) = K softmax(tau L)_k over the domains with valid statistics, so tau -> 0 is exactly PiKE and a
+    y_k / mean(y) = K softmax(tau L)_k over the domains with valid statistics, so tau -> 0 is exactly PiKE with
+    ``loss_tilt=0`` (PiKE's own loss tilt is off here by default: the two would count the losses twice) and a
     large tau puts the whole gain on the highest-loss domain. ``tau = 3`` is the paper's best fairness/average
     trade-off. ``loss`` is the current per-domain training loss; a NaN/Inf loss makes the domain invalid for the
     update (its weight is kept, as in PiKE). Every other parameter is PiKE's, ``variant`` included.
@@ -59,6 +60,8 @@ class FairPiKE(PiKE):
             raise ValueError(f"fair_pike: tau must be a finite number >= 0, got {tau!r}")
         if tilt_power not in (1, 2):
             raise ValueError(f"fair_pike: tilt_power must be 1 or 2, got {tilt_power!r}")
+        # Fair-PiKE's own tilt already scales the gain by the losses; PiKE's horizon tilt is not applied twice.
+        pike_params.setdefault("loss_tilt", 0.0)
         super().__init__(num_domains, **pike_params)
         self.tau = tau_value
         self.tilt_power = int(tilt_power)

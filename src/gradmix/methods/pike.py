@@ -175,6 +175,8 @@ _RAW_STATISTICS: dict[str, Any] = {
     "shrinkage": False,
     "uniform_mix": 0.0,
     "lr_smoothness": None,
+    "loss_tilt": 0.0,
+    "min_examples_per_domain": 0.0,
 }
 _VARIANTS: dict[str, dict[str, Any]] = {
     "gradmix": {
@@ -184,6 +186,8 @@ _VARIANTS: dict[str, dict[str, Any]] = {
         "shrinkage": True,
         "uniform_mix": 0.65,
         "lr_smoothness": (0.5, 1.0, 2.0),
+        "loss_tilt": 1.0,
+        "min_examples_per_domain": 4.0,
     },
     "paper": {**_RAW_STATISTICS, "mode": "practical"},
     "conceptual": {**_RAW_STATISTICS, "mode": "conceptual"},
@@ -281,6 +285,8 @@ class PiKE(MixingMethod):
         shrinkage: bool = _UNSET,
         uniform_mix: float = _UNSET,
         lr_smoothness: float | Sequence[float] | None = _UNSET,
+        loss_tilt: float = _UNSET,
+        min_examples_per_domain: float = _UNSET,
         lr: float = _UNSET,
         smoothness: float = _UNSET,
         c: float = 0.0,
@@ -337,6 +343,11 @@ class PiKE(MixingMethod):
         self.lr_smoothness = tuple(float(v) for v in values)
         self.c = _positive_float(c, "c", allow_zero=True)
         self.c_bar = _positive_float(c_bar, "c_bar", allow_zero=True)
+        self.loss_tilt = _positive_float(pick("loss_tilt", loss_tilt), "loss_tilt", allow_zero=True)
+        self.min_examples_per_domain = _positive_float(
+            pick("min_examples_per_domain", min_examples_per_domain), "min_examples_per_domain", allow_zero=True
+        )
+        self._said_too_few = False
         with np.errstate(divide="ignore"):
             self._log_weights = np.log(self._weights)
         self._ema_sq_norm = np.full(self.num_domains, np.nan)
@@ -344,6 +355,10 @@ class PiKE(MixingMethod):
         # sampling variance of the EMAs above (sum of squared EMA weights x one estimate's variance)
         self._ema_sq_norm_noise = np.full(self.num_domains, np.nan)
         self._ema_var_noise = np.full(self.num_domains, np.nan)
+        self._ema_loss = np.full(self.num_domains, np.nan)  # pooled per-domain loss behind ``loss_tilt``
+        self._loss_spread = np.zeros(self.num_domains)  # noise variance of one loss record (successive differences)
+        self._last_loss = np.full(self.num_domains, np.nan)
+        self._loss_records = np.zeros(self.num_domains)
         # Diagnostics of the last applied update (not state): {term: per-domain values}, None after a skip.
         self.last_terms: dict[str, np.ndarray] | None = None
         self._last_tilt: np.ndarray = np.ones(self.num_domains)
@@ -360,6 +375,46 @@ class PiKE(MixingMethod):
     def _domain_tilt(self, stats: DomainStats, valid: np.ndarray) -> np.ndarray:
         """Per-domain multiplier of the gradient terms (1 for PiKE; loss weights for Fair-PiKE)."""
         return np.ones(self.num_domains)
+
+    def _loss_tilt(self, stats: DomainStats, valid: np.ndarray) -> np.ndarray:
+        """(L_k / mean_j L_j) ** loss_tilt on losses pooled like the gradient statistics (1 where unknown).
+
+        The bound is one step long: it feeds the domain whose loss falls fastest *now*, which a fast domain keeps
+        doing until it has converged anyway, while a slow domain's loss is what is left at the end of training.
+        A domain can lose at most its loss, so its gain is scaled by its loss relative to the mean (a horizon
+        correction; gradmix's, not the paper's). Pooled losses below 0 count as 0; a mean <= 0 (an objective that is
+        not a non-negative loss) switches the tilt off for the update. On text, where most of each loss is
+        irreducible, the ratios stay near 1."""
+        ones = np.ones(self.num_domains)
+        if self.loss_tilt == 0.0 or stats.loss is None:
+            return ones
+        loss = np.asarray(stats.loss, dtype=np.float64)
+        seen = np.isfinite(self._ema_loss)
+        fresh = valid & np.isfinite(loss)
+        beta = self.stats_ema
+        with np.errstate(invalid="ignore", over="ignore"):
+            blended = np.where(seen, beta * self._ema_loss + (1.0 - beta) * loss, loss)
+            # half the squared difference of successive records: their noise variance, a smooth drift cancelled
+            jump = 0.5 * (loss - self._last_loss) ** 2
+            first = self._loss_records < 2
+            spread = np.where(first, jump, beta * self._loss_spread + (1.0 - beta) * jump)
+        self._ema_loss[fresh] = blended[fresh]
+        has_last = fresh & np.isfinite(self._last_loss)
+        self._loss_spread[has_last] = spread[has_last]
+        self._loss_records[fresh] += 1
+        self._last_loss[fresh] = loss[fresh]
+        # Differences between domains' losses count only beyond their noise (five records first).
+        known = valid & np.isfinite(self._ema_loss) & (self._loss_records >= 5)
+        if int(known.sum()) < 2:
+            return ones
+        pooled = shrink_to_mean(self._ema_loss[known], self._loss_spread[known] * (1.0 - beta) / (1.0 + beta))
+        pooled = np.maximum(pooled, 0.0)  # a pooled loss below 0 is estimation noise around a converged one
+        mean = float(np.mean(pooled))
+        if not mean > 0:
+            return ones
+        tilt = ones.copy()
+        tilt[known] = (pooled / mean) ** self.loss_tilt
+        return tilt
 
     # -- update --------------------------------------------------------------------------------------------------
     def _batch_size(self, stats: DomainStats) -> float:
@@ -418,6 +473,17 @@ class PiKE(MixingMethod):
         if self.num_domains == 1:
             return np.ones(1)
         b = self._batch_size(stats)
+        if b / self.num_domains < self.min_examples_per_domain:
+            # Said once: it is a property of the set-up, not of this update.
+            if not self._said_too_few:
+                self.last_skip_reason = (
+                    f"{self.name}: the batch gives {b / self.num_domains:.3g} examples per domain (b = {b:g}, "
+                    f"K = {self.num_domains}) < min_examples_per_domain = {self.min_examples_per_domain:g}; the "
+                    "statistics cannot tell the domains apart, so the weights stay as they are (raise the batch, "
+                    "or set min_examples_per_domain=0 to act anyway)"
+                )
+                self._said_too_few = True
+            return None
         valid = self._valid_domains(stats)
         if not valid.any():
             self.last_skip_reason = f"{self.name}: no domain has finite gradient statistics; update skipped"
@@ -444,7 +510,7 @@ class PiKE(MixingMethod):
                 f"{self.name}: every domain's pooled squared gradient norm is {why}; nothing to compare, update skipped"
             )
             return None
-        tilt = self._domain_tilt(stats, valid)
+        tilt = self._domain_tilt(stats, valid) * self._loss_tilt(stats, valid)
         divisor = float(np.mean(sq_norm[valid])) if self.normalize == "mean_sq_norm" else 1.0
         if not divisor > 0:  # the EMA of a domain may still be 0 while its current value is not
             self.last_skip_reason = f"{self.name}: mean squared gradient norm is zero; update skipped"
@@ -557,6 +623,10 @@ class PiKE(MixingMethod):
             "ema_grad_var": _json_floats(self._ema_var),
             "ema_grad_sq_norm_noise": _json_floats(self._ema_sq_norm_noise),
             "ema_grad_var_noise": _json_floats(self._ema_var_noise),
+            "ema_loss": _json_floats(self._ema_loss),
+            "loss_spread": self._loss_spread.tolist(),
+            "loss_records": self._loss_records.tolist(),
+            "last_loss": _json_floats(self._last_loss),
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
@@ -584,4 +654,12 @@ class PiKE(MixingMethod):
         )
         self._ema_var_noise = _from_json_floats(
             state.get("ema_grad_var_noise"), self.num_domains, "ema_grad_var_noise", np.nan, nonnegative=True
+        )
+        self._ema_loss = _from_json_floats(state.get("ema_loss"), self.num_domains, "ema_loss", np.nan)
+        self._loss_spread = _from_json_floats(
+            state.get("loss_spread"), self.num_domains, "loss_spread", 0.0, nonnegative=True
+        )
+        self._last_loss = _from_json_floats(state.get("last_loss"), self.num_domains, "last_loss", np.nan)
+        self._loss_records = _from_json_floats(
+            state.get("loss_records"), self.num_domains, "loss_records", 0.0, nonnegative=True
         )

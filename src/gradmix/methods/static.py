@@ -5,7 +5,7 @@ step, so they are ``every_step`` methods.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,9 +43,9 @@ class Fixed(MixingMethod):
 
     name = "fixed"
 
-    def __init__(self, num_domains: int, weights: Sequence[float] | None = None) -> None:
+    def __init__(self, num_domains: int, weights: Sequence[float] | Mapping[str, float] | None = None) -> None:
         if weights is None:
-            raise ValueError("method 'fixed' needs weights=[...] (one per domain)")
+            raise ValueError("method 'fixed' needs weights=[...] (one per domain; {name: weight} through the Mixer)")
         super().__init__(num_domains, initial_weights=validate_weights(weights, num_domains))
 
     def _update(self, stats: DomainStats) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch
 
 from gradmix.checkpoint import write_json_atomic
 from gradmix.controller import Mixer, MixingWarning
-from gradmix.methods import check_method_params, method_class
+from gradmix.methods import check_method_params, method_class, resolve_weight_params
 from gradmix.runlock import RUN_MARKERS, RunLock, check_run_dir
 from gradmix.sources import Domain, DomainSet, pack_tokens, read_documents, text_files
 from gradmix.writers import json_safe
@@ -386,8 +386,9 @@ def _continuation_task(data: PreparedData, eval_cfg: dict[str, Any]) -> Any:
 def _method_params(mix_cfg: dict[str, Any], data_cfg: dict[str, Any], data: PreparedData) -> dict[str, Any]:
     """The method's parameters; a method that ``needs_target_counts`` (``importance``) without ``target_counts``
     takes them from the ``clusters.json`` that ``gradmix cluster --target`` wrote next to the corpus folder (the
-    target's cluster histogram)."""
-    params = dict(mix_cfg.get("params") or {})
+    target's cluster histogram). Weights given by domain name (``weights = {code = 0.5, web = 0.5}``) become
+    positional here, so an unknown or missing name is an error naming ``mixing.params.<key>``."""
+    params = resolve_weight_params(mix_cfg.get("params"), data.train.names, label="mixing.params.{key}")
     method = mix_cfg["method"]
     if method_class(method).needs_target_counts and "target_counts" not in params:
         corpus = Path(str(data_cfg["corpus"])).expanduser()
@@ -809,7 +810,7 @@ def run_comparison(
     log(f"data: {json.dumps(data.info.get('train_windows'))} train windows per domain")
     record = data.info["corpus_record"]
     write_json_atomic(out_dir / "corpus_record.json", record)
-    check_corpus_record(cfg, record, log)
+    corpus_warnings = check_corpus_record(cfg, record, log)
     runs = []
     for method in methods:
         for seed in seeds:
@@ -862,7 +863,14 @@ def run_comparison(
     if stop is not None:
         stop.where = "after the last run, while writing the report; every run is finished (--resume writes it)"
     write_json_atomic(
-        out_dir / "comparison.json", {"runs": runs, "methods": list(methods), "seeds": list(seeds), "config": cfg}
+        out_dir / "comparison.json",
+        {
+            "runs": runs,
+            "methods": list(methods),
+            "seeds": list(seeds),
+            "config": cfg,
+            "corpus_warnings": corpus_warnings,  # the report lists them under "Warnings and alerts"
+        },
     )
     from gradmix_kit.report import write_report
 

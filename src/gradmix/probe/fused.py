@@ -1,4 +1,5 @@
-"""Per-group gradient statistics from ONE forward and ONE backward of the mixed batch (cost flat in K).
+"""The fused probe: per-group gradient statistics from ONE forward and ONE backward of the mixed batch (cost
+flat in K).
 
 ``FusedGradientProbe`` has the same ``backward(...)`` signature and result type (``gradmix.stats.Measurement``) as
 ``GradientProbe``, so the Mixer can use either. Instead of re-running the batch as per-group micro-batches, it runs the
@@ -81,137 +82,39 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from gradmix.probe import (
-    BackwardFn,
-    GradientProbe,
-    LossFn,
-    ParameterSpec,
-    _default_backward,
-    _distributed_active,
-    _is_ddp,
-    average_gradients,
-    select_parameters,
+from gradmix.probe.checks import per_example_losses
+from gradmix.probe.coverage import static_coverage
+from gradmix.probe.estimators import mask_gram, ratio, u_statistics, weighted
+from gradmix.probe.layout import FlatLayout, ParameterSpec, flat_dtype, is_ddp, unwrap
+from gradmix.probe.micro import GradientProbe
+from gradmix.probe.products import (
+    Contribution,
+    Term,
+    add_gram_blocks,
+    add_target_products,
+    contribution_terms,
+    element_size,
+    embedding_row_blocks,
+    example_blocks,
+    gram_form_is_cheaper,
+    small_parameter_rows,
+    weight_row_blocks,
 )
+from gradmix.probe.protocol import BackwardFn, LossFn
+from gradmix.probe.reduce import all_reduce_rows, average_gradients
+from gradmix.probe.scaling import anchor_for, default_backward, scale_of, setup_call, usable_scale
+from gradmix.probe.target import target_gradient
 from gradmix.stats import Measurement
 
-__all__ = ["FusedGradientProbe", "fused_coverage", "make_probe"]
+__all__ = ["FUSED_ONLY", "UNCOVERED", "FusedGradientProbe"]
 
-_RMSNorm = getattr(nn, "RMSNorm", None)
+UNCOVERED = ("auto", "skip", "fallback", "error")
+"""The policies for selected parameters the hooks cannot cover (``uncovered=``)."""
 
-# module class -> {parameter attribute: role}
-_ROLES: dict[type[nn.Module], dict[str, str]] = {
-    nn.Linear: {"weight": "linear", "bias": "bias"},
-    nn.Embedding: {"weight": "embed"},
-    nn.LayerNorm: {"weight": "norm", "bias": "bias"},
-}
-if _RMSNorm is not None:
-    _ROLES[_RMSNorm] = {"weight": "rms"}
-
-_BUCKET_BYTES = 32 * 1024 * 1024
-_UNCOVERED = ("auto", "skip", "fallback", "error")
-
-
-def _module_roles(module: nn.Module) -> tuple[dict[str, str] | None, str | None]:
-    """(attribute -> role) for a supported module, else (None, reason)."""
-    for cls, roles in _ROLES.items():
-        if isinstance(module, cls):
-            if type(module).forward is not cls.forward:
-                return None, f"{type(module).__name__} overrides {cls.__name__}.forward"
-            if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
-                return None, "Embedding(scale_grad_by_freq=True) couples the examples of a batch"
-            return roles, None
-    return None, f"held by an unsupported module ({type(module).__name__})"
-
-
-def _static_coverage(module: nn.Module, named: list[tuple[str, nn.Parameter]]):
-    """For each selected parameter: the (module, role) pairs that hold it, or the reason it is not covered."""
-    owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
-    for _, sub in module.named_modules():
-        for attr, p in sub._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append((sub, attr, type(sub).__name__))
-    covered: dict[int, list[tuple[nn.Module, str]]] = {}
-    reasons: dict[str, str] = {}
-    for name, p in named:
-        uses = []
-        reason = None
-        for sub, attr, _ in owners.get(id(p), []):
-            roles, why = _module_roles(sub)
-            if roles is None:
-                reason = why
-                break
-            if attr not in roles:
-                reason = f"attribute {attr!r} of {type(sub).__name__} is not a supported role"
-                break
-            uses.append((sub, roles[attr]))
-        if reason is None and not uses:
-            reason = "not held by any module"
-        if reason is None:
-            covered[id(p)] = uses
-        else:
-            reasons[name] = reason
-    return covered, reasons
-
-
-def fused_coverage(model: nn.Module, parameters: ParameterSpec = None) -> tuple[list[str], dict[str, str]]:
-    """Static coverage of ``FusedGradientProbe``: (names of selected parameters its hooks cover, {name: reason} for
-    the others). Run-time checks (batch-first inputs, no functional reuse) can still drop covered ones."""
-    module: nn.Module = cast(nn.Module, model.module) if _is_ddp(model) else model
-    named = select_parameters(module, parameters)
-    covered, reasons = _static_coverage(module, named)
-    return [name for name, p in named if id(p) in covered], reasons
-
-
-_FUSED_ONLY = ("uncovered", "max_skipped_fraction", "exact_global", "chunk_bytes")
-
-
-def _sharded(model: nn.Module) -> bool:
-    """FSDP (flat parameters) or DTensor parameters: per-example factors of module hooks do not apply."""
-    if "FullyShardedDataParallel" in type(model).__name__:
-        return True
-    for p in model.parameters():
-        if type(p).__name__ in ("FlatParameter", "DTensor") or getattr(p, "_is_flat_param", False):
-            return True
-    return False
-
-
-def make_probe(model: nn.Module, *, fused: bool | str = "auto", **params: Any):
-    """The probe a Mixer builds: ``FusedGradientProbe`` where the model allows it, else ``GradientProbe``.
-
-    ``fused``: ``"auto"`` (default) - the fused probe unless the model is sharded (FSDP2 / DTensor parameters: the
-    ``ShardedGradientProbe``; FSDP1 flat parameters: the micro-batch probe) or
-    its hooks statically cover too little of the selected parameters (more than ``max_skipped_fraction`` of the
-    scalars uncovered), in which case the micro-batch probe; ``True`` - always the fused probe (which still falls back
-    at run time according to ``uncovered``); ``False`` - always the micro-batch probe. ``params`` go to the probe
-    (``parameters``, ``num_splits``, ``gram``, ``preconditioner``, ...; the fused-only ``uncovered``,
-    ``max_skipped_fraction``, ``exact_global``, ``chunk_bytes`` are ignored when the micro-batch probe is chosen by
-    ``"auto"`` and rejected with ``fused=False``).
-    """
-    if fused not in (True, False, "auto"):
-        raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
-    fused_only = {key: params.pop(key) for key in _FUSED_ONLY if key in params}
-    if fused is False:
-        if fused_only:
-            raise ValueError(f"{sorted(fused_only)} apply to the fused probe only (fused=False was asked for)")
-        return GradientProbe(model, **params)
-    if fused == "auto":
-        module: nn.Module = cast(nn.Module, model.module) if _is_ddp(model) else model
-        if _sharded(module):
-            if any(type(p).__name__ == "DTensor" for p in module.parameters()):  # FSDP2: statistics from shards
-                from gradmix.integrations.fsdp import ShardedGradientProbe
-
-                return ShardedGradientProbe(model, **params)
-            return GradientProbe(model, **params)
-        named = select_parameters(module, params.get("parameters"))
-        _, reasons = _static_coverage(module, named)
-        total = sum(p.numel() for _, p in named)
-        uncovered = sum(p.numel() for name, p in named if name in reasons)
-        if uncovered > float(fused_only.get("max_skipped_fraction", 0.05)) * total:
-            return GradientProbe(model, **params)
-    return FusedGradientProbe(model, **params, **fused_only)
+FUSED_ONLY = ("uncovered", "max_skipped_fraction", "exact_global", "chunk_bytes")
+"""The settings only the fused probe takes."""
 
 
 class _FallBack(Exception):
@@ -251,7 +154,7 @@ class _Call:
         self.problems: dict[int, str] = {}  # param id -> reason (found during the forward)
         self.expected: dict[int, int] = {}
         self.received: dict[int, int] = {}
-        self.contribs: dict[int, list[tuple[str, Any, torch.Tensor, nn.Module]]] = {}
+        self.contribs: dict[int, list[Contribution]] = {}
         self.m: torch.Tensor | None = None  # (n, n) float64
         self.d: torch.Tensor | None = None  # (n,) float64, buffered mode
         self.t: torch.Tensor | None = None  # (n,) float64
@@ -299,8 +202,8 @@ class FusedGradientProbe:
         exact_global: bool = False,
         chunk_bytes: int = 64 * 1024 * 1024,
     ) -> None:
-        if uncovered not in _UNCOVERED:
-            raise ValueError(f"uncovered must be one of {_UNCOVERED}, got {uncovered!r}")
+        if uncovered not in UNCOVERED:
+            raise ValueError(f"uncovered must be one of {UNCOVERED}, got {uncovered!r}")
         if not 0.0 <= float(max_skipped_fraction) <= 1.0:
             raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}")
         if int(chunk_bytes) < 1024:
@@ -318,7 +221,7 @@ class FusedGradientProbe:
             bias_correction=bias_correction,
         )
         self.model = model
-        self.module: nn.Module = cast(nn.Module, model.module) if _is_ddp(model) else model
+        self.module: nn.Module = unwrap(model)
         self.selected = list(self._delegate.named_parameters)
         self.device = self._delegate.device
         self.gram = bool(gram)
@@ -331,26 +234,19 @@ class FusedGradientProbe:
         self.max_skipped_fraction = float(max_skipped_fraction)
         self.exact_global = bool(exact_global)
         self.chunk_bytes = int(chunk_bytes)
-        dtypes = {p.dtype for _, p in self.selected}
-        self._dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+        self._dtype = flat_dtype(p for _, p in self.selected)
         self._selected_numel = sum(p.numel() for _, p in self.selected)
 
-        uses, reasons = _static_coverage(self.module, self.selected)
+        uses, reasons = static_coverage(self.module, self.selected)
         self._uses = uses  # param id -> [(module, role)]
         self.skip_reasons: dict[str, str] = {}
         self._fallback = False
         self._warned = False
         # the flat layout (target gradient, per-group sums) is over the statically covered parameters
-        self._layout: list[tuple[str, nn.Parameter, int]] = []
-        offset = 0
-        for name, p in self.selected:
-            if id(p) in uses:
-                self._layout.append((name, p, offset))
-                offset += p.numel()
-        self._layout_numel = offset
+        self._layout = FlatLayout([(name, p) for name, p in self.selected if id(p) in uses])
         self._by_id = {id(p): (name, p, off) for name, p, off in self._layout}
         self._skipped_ids: set[int] = set()
-        if not self._layout:
+        if not len(self._layout):
             reasons = reasons or {name: "no parameter selected" for name, _ in self.selected}
         self._apply_policy(reasons, at_runtime=False)
         self._session: _Session | None = None
@@ -482,16 +378,9 @@ class FusedGradientProbe:
             raise ValueError(
                 f"an accumulation started with measure=False cannot continue with measure=True, num_groups={num_groups}"
             )
-        n = _check_inputs(batch, groups, num_groups)
-        distributed = _distributed_active()
-        world = dist.get_world_size(self.process_group) if distributed else 1
-        if global_batch_size is None:
-            divisor = float(n)
-        else:
-            if isinstance(global_batch_size, bool) or not global_batch_size > 0:
-                raise ValueError(f"global_batch_size must be a positive number, got {global_batch_size!r}")
-            divisor = float(global_batch_size) / world
-        run = backward_fn if backward_fn is not None else _default_backward
+        n, distributed, world, divisor, run = setup_call(
+            batch, groups, num_groups, global_batch_size, backward_fn, self.process_group
+        )
         session = self._session
         if session is not None and session.num_groups != num_groups:
             raise ValueError(
@@ -530,8 +419,9 @@ class FusedGradientProbe:
         if not final:
             return None
         self._session = None
-        if distributed and (_is_ddp(self.model) or self.sync_gradients):
-            self._average_gradients(world)  # the fused pass runs under no_sync (see _fused_call)
+        if distributed and (is_ddp(self.model) or self.sync_gradients):
+            # the fused pass runs under no_sync (see _fused_call)
+            average_gradients(self.module, world, self.device, self.process_group)
         return self._finish(session, distributed)
 
     # -- one forward/backward ---------------------------------------------------------------------------------------
@@ -558,12 +448,12 @@ class FusedGradientProbe:
             call.present = present.tolist()
             call.slot = slot.to(self.device)
         self._call = call
-        context = self.model.no_sync() if _is_ddp(self.model) else contextlib.nullcontext()
+        context = self.model.no_sync() if is_ddp(self.model) else contextlib.nullcontext()
         handles = [sub.register_forward_hook(self._make_forward_hook(call, roles)) for sub, roles in modules.items()]
         try:
             with context:
                 try:
-                    losses = _per_example_losses(loss_fn, self.model, batch, n)
+                    losses = per_example_losses(loss_fn, self.model, batch, n, "the batch")
                 finally:
                     for handle in handles:
                         handle.remove()
@@ -595,19 +485,18 @@ class FusedGradientProbe:
                 session.poisoned |= (counts > 0) & ~np.isfinite(sums)
                 session.calls += 1
                 total = losses.sum() / divisor
-                if run is _default_backward:
+                if run is default_backward:
                     call.factor = divisor
                     call.scale = 1.0
                     total.backward()
                 else:
-                    anchor = torch.zeros((), dtype=total.dtype, device=total.device, requires_grad=True)
-                    anchored = total + anchor
+                    anchored = total + anchor_for(total)
 
                     def on_scale(grad_outputs, call=call, divisor=divisor):
-                        grad = grad_outputs[0]
-                        scale = float(grad) if grad is not None else float("nan")
+                        # the anchor's gradient, read as the backward passes it: the hooks need the factor
+                        scale = scale_of(grad_outputs[0])
                         call.scale = scale
-                        call.factor = divisor / scale if (math.isfinite(scale) and scale != 0.0) else float("nan")
+                        call.factor = divisor / scale if usable_scale(scale) else float("nan")
                         return None
 
                     anchored.grad_fn.register_prehook(on_scale)
@@ -620,7 +509,7 @@ class FusedGradientProbe:
             call.active = False
             self._call = None
         scale = call.scale
-        if scale is None or not math.isfinite(scale) or scale == 0.0 or not math.isfinite(call.factor):
+        if scale is None or not usable_scale(scale) or not math.isfinite(call.factor):
             session.poisoned |= counts > 0
             return
         self._fold_call(call, session)
@@ -727,6 +616,7 @@ class FusedGradientProbe:
         return torch.float64 if p.dtype == torch.float64 else torch.float32
 
     def _process(self, call: _Call, session: _Session, pid: int) -> None:
+        """Reduce one parameter's captured contributions to the call's products (``gradmix.probe.products``)."""
         contribs = call.contribs.pop(pid, [])
         if not contribs:
             return
@@ -740,164 +630,36 @@ class FusedGradientProbe:
         roles = {role for role, *_ in contribs}
         with torch.no_grad():
             if roles <= {"bias", "norm", "rms"}:  # small parameters: per-example gradients at once
-                per = torch.zeros(n, p.numel(), dtype=dtype, device=self.device)
-                for role, saved, grad, module in contribs:
-                    g = grad.to(dtype).reshape(n, -1, p.numel())
-                    if role == "bias":
-                        per.add_(g.sum(1))
-                    else:
-                        per.add_((g * _normalised(module, saved, role).to(dtype).reshape(n, -1, p.numel())).sum(1))
-                per.mul_(factor)
+                per = small_parameter_rows(contribs, n, p.numel(), dtype, factor, self.device)
                 self._sink(call, session, p, offset, per, slice(None), gt)
                 return
             rows_total, cols = p.shape[0], p.numel() // p.shape[0]
-            terms = []  # (kind, x, g): linear (a (n,T,C), g (n,T,R)); embed (ids (n,T), g (n,T,C), padding zeroed)
-            for role, saved, grad, module in contribs:
-                if role == "linear":
-                    a = saved.to(dtype).reshape(n, -1, cols)
-                    terms.append(("linear", a, grad.to(dtype).reshape(n, -1, rows_total) * factor))
-                elif role == "embed":
-                    ids = saved.reshape(n, -1).to(self.device)
-                    g = grad.to(dtype).reshape(n, -1, cols) * factor
-                    if module.padding_idx is not None:
-                        g = g.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
-                    terms.append(("embed", ids, g))
-                else:  # pragma: no cover - roles are fixed by _ROLES
-                    raise AssertionError(role)
+            terms = contribution_terms(contribs, n, rows_total, cols, dtype, factor, self.device)
             if not session.buffered and self._use_gram(call, terms, rows_total, cols, gt is not None):
                 self._gram_blocks(call, terms)
-                if gt is not None:  # <g_i, g_target> = sum_t <G_it, g_target A_it>: one matmul, no per-example rows
-                    call_t = cast(torch.Tensor, call.t)  # allocated when the session has a target
-                    target = gt.view(rows_total, cols)
-                    for kind, x, g in terms:
-                        if kind == "linear":
-                            proj = (x.reshape(-1, cols) @ target.T).view(n, -1, rows_total)
-                            call_t.add_((proj * g).sum(dim=(1, 2)).to(torch.float64))
-                        else:
-                            call_t.add_((g * target[x]).sum(dim=(1, 2)).to(torch.float64))
+                if gt is not None:
+                    # allocated when the session has a target
+                    add_target_products(cast(torch.Tensor, call.t), terms, gt.view(rows_total, cols), n)
                 return
-            if all(kind == "embed" for kind, *_ in terms):
-                # only the rows the batch touches: compact them
-                uniq, inverse = torch.unique(torch.cat([ids.reshape(-1) for _, ids, _ in terms]), return_inverse=True)
-                splits = torch.split(inverse, [ids.numel() for _, ids, _ in terms])
-                count = uniq.numel()
-                step = max(1, self.chunk_bytes // max(1, n * cols * _size(dtype)))
-                for start in range(0, count, step):
-                    stop = min(count, start + step)
-                    width = stop - start
-                    block = torch.zeros(n * width, cols, dtype=dtype, device=self.device)
-                    for inv, (_, ids, g) in zip(splits, terms):
-                        ex = torch.arange(n, device=ids.device).repeat_interleave(ids.shape[1])
-                        keep = (inv >= start) & (inv < stop)
-                        block.index_add_(0, ex[keep] * width + (inv[keep] - start), g.reshape(-1, cols)[keep])
-                    self._sink(call, session, p, offset, block.view(n, -1), uniq[start:stop], gt)
+            if all(kind == "embed" for kind, *_ in terms):  # only the rows the batch touches: compact them
+                for block, rows in embedding_row_blocks(terms, n, cols, dtype, self.device, self.chunk_bytes):
+                    self._sink(call, session, p, offset, block, rows, gt)
                 return
-            step = max(1, self.chunk_bytes // max(1, n * cols * _size(dtype)))
-            for start in range(0, rows_total, step):
-                stop = min(rows_total, start + step)
-                rows_block: torch.Tensor | None = None  # the first batched matmul allocates it (no zero fill)
-                for kind, x, g in terms:
-                    if kind == "linear" and x.shape[1] > 1:
-                        product = g[:, :, start:stop].transpose(1, 2)
-                        rows_block = torch.bmm(product, x) if rows_block is None else rows_block.baddbmm_(product, x)
-                        continue
-                    if rows_block is None:
-                        rows_block = torch.zeros(n, stop - start, cols, dtype=dtype, device=self.device)
-                    block = rows_block
-                    if kind == "linear":
-                        block.add_(g[:, 0, start:stop, None] * x[:, 0, None, :])
-                    else:
-                        ex = torch.arange(n, device=x.device).repeat_interleave(x.shape[1])
-                        ids = x.reshape(-1)
-                        keep = (ids >= start) & (ids < stop)
-                        block.view(-1, cols).index_add_(
-                            0, ex[keep] * (stop - start) + (ids[keep] - start), g.reshape(-1, cols)[keep]
-                        )
-                assert rows_block is not None  # terms is never empty
-                self._sink(call, session, p, offset, rows_block.reshape(n, -1), slice(start, stop), gt)
+            for block, span in weight_row_blocks(terms, n, rows_total, cols, dtype, self.device, self.chunk_bytes):
+                self._sink(call, session, p, offset, block, span, gt)
 
     def _blocks(self, call: _Call) -> torch.Tensor:
-        """(B, b_max) example indices of the sets whose pairwise products the single-call statistics need - one row
-        per present group, or one row of all examples when the Gramian (cross-group pairs) is asked for - padded
-        with n (a zero example)."""
+        """The call's example blocks (``products.example_blocks``), computed once per call."""
         if call.blocks is None:
-            if self.gram:
-                call.blocks = torch.arange(call.n, device=self.device)[None, :]
-            else:
-                ids = call.groups_cpu
-                members = [torch.nonzero(ids == k).reshape(-1) for k in torch.unique(ids).tolist()]
-                width = max(len(m) for m in members)
-                index = torch.full((len(members), width), call.n, dtype=torch.long)
-                for row, m in enumerate(members):
-                    index[row, : len(m)] = m
-                call.blocks = index.to(self.device)
+            call.blocks = example_blocks(call.groups_cpu, call.n, self.gram, self.device)
         return call.blocks
 
-    def _use_gram(self, call: _Call, terms, rows: int, cols: int, target: bool = False) -> bool:
-        """Flop model: per-example row blocks (batched matmul + n x n products) vs token-level Gram blocks."""
-        n = call.n
-        explicit = 0.0
-        for kind, x, _ in terms:
-            explicit += 2.0 * x.shape[0] * x.shape[1] * rows * cols if kind == "linear" else 0.0
-        if all(kind == "embed" for kind, *_ in terms):
-            touched = min(rows, sum(x.numel() for _, x, _ in terms))
-            explicit += float(n) * touched * cols * (n + 1)
-        else:
-            explicit += float(n) * n * rows * cols + float(n) * rows * cols
-        blocks = self._blocks(call)
-        count, size = blocks.shape
-        gram = 0.0
-        largest = 0
-        for i, (kind1, x1, _) in enumerate(terms):
-            for kind2, x2, _ in terms[i:]:
-                tokens1, tokens2 = size * x1.shape[1], size * x2.shape[1]
-                largest = max(largest, count * tokens1 * tokens2)
-                width = (rows + cols) if kind1 == kind2 == "linear" else (cols + 2)
-                gram += float(count) * tokens1 * tokens2 * width
-        if target:
-            explicit += float(n) * rows * cols
-            for kind, x, _ in terms:
-                gram += (2.0 * rows * cols if kind == "linear" else 2.0 * cols) * x.shape[0] * x.shape[1]
-        if 3 * largest * _size(terms[0][2].dtype) > self.chunk_bytes:
-            return False
-        return gram < explicit
+    def _use_gram(self, call: _Call, terms: list[Term], rows: int, cols: int, target: bool = False) -> bool:
+        """Whether the token-level Gram form is cheaper for this parameter (``products.gram_form_is_cheaper``)."""
+        return gram_form_is_cheaper(call.n, terms, rows, cols, self._blocks(call), target, self.chunk_bytes)
 
-    def _gram_blocks(self, call: _Call, terms) -> None:
-        """M_ij for i, j in the same block from token-level Gram matrices, all blocks in one batched matmul (blocks
-        padded with a zero example): <g_i, g_j> = sum over token pairs of (linear-linear) <a, a'><g, g'>,
-        (embed-embed) [id == id'] <g, g'>, (linear-embed) <a, g'> g[id']."""
-        blocks = self._blocks(call)
-        count, size = blocks.shape
-        flat = []
-        for kind, x, g in terms:
-            length = x.shape[1]
-            g_pad = torch.cat([g, g.new_zeros(1, *g.shape[1:])])[blocks].reshape(count, size * length, -1)
-            if kind == "linear":
-                x_pad = torch.cat([x, x.new_zeros(1, *x.shape[1:])])[blocks].reshape(count, size * length, -1)
-            else:
-                x_pad = torch.cat([x, x.new_zeros(1, length)])[blocks].reshape(count, size * length)
-            flat.append((kind, x_pad, g_pad, length))
-        total = torch.zeros(count, size, size, dtype=torch.float64, device=self.device)
-        for i, (kind1, x1, g1, t1) in enumerate(flat):
-            for j in range(i, len(flat)):
-                kind2, x2, g2, t2 = flat[j]
-                if kind1 == "linear" and kind2 == "linear":
-                    prod = torch.bmm(x1, x2.transpose(1, 2)).mul_(torch.bmm(g1, g2.transpose(1, 2)))
-                elif kind1 == "embed" and kind2 == "embed":
-                    prod = torch.bmm(g1, g2.transpose(1, 2)).mul_(x1[:, :, None] == x2[:, None, :])
-                elif kind1 == "linear":  # g1[token a, id of token b]
-                    gathered = torch.gather(g1, 2, x2[:, None, :].expand(-1, g1.shape[1], -1))
-                    prod = torch.bmm(x1, g2.transpose(1, 2)).mul_(gathered)
-                else:  # g2[token b, id of token a]
-                    gathered = torch.gather(g2, 2, x1[:, None, :].expand(-1, g2.shape[1], -1)).transpose(1, 2)
-                    prod = torch.bmm(g1, x2.transpose(1, 2)).mul_(gathered)
-                pair = prod.view(count, size, t1, size, t2).sum(dim=(2, 4)).to(torch.float64)
-                total.add_(pair)
-                if j != i:
-                    total.add_(pair.transpose(1, 2))
-        rows = blocks[:, :, None].expand(-1, -1, size)
-        cols = blocks[:, None, :].expand(-1, size, -1)
-        cast(torch.Tensor, call.m).index_put_((rows.reshape(-1), cols.reshape(-1)), total.reshape(-1), accumulate=True)
+    def _gram_blocks(self, call: _Call, terms: list[Term]) -> None:
+        add_gram_blocks(cast(torch.Tensor, call.m), terms, self._blocks(call), self.device)
 
     def _sink(self, call: _Call, session: _Session, p: nn.Parameter, offset: int, per: torch.Tensor, rows, gt) -> None:
         """Fold per-example gradients of a block of ``p`` (rows ``rows``) into the call's reductions."""
@@ -914,7 +676,7 @@ class FusedGradientProbe:
         for j, k in enumerate(call.present):
             buffer = session.sums.get(k)
             if buffer is None:
-                buffer = session.sums[k] = torch.zeros(self._layout_numel, dtype=self._dtype, device=self.device)
+                buffer = session.sums[k] = torch.zeros(self._layout.numel, dtype=self._dtype, device=self.device)
             view = buffer[offset : offset + p.numel()]
             if p.dim() <= 1 or rows == slice(None):
                 view.add_(sums[j].to(view.dtype))
@@ -948,15 +710,10 @@ class FusedGradientProbe:
 
     # -- statistics ---------------------------------------------------------------------------------------------------
     def _finish(self, session: _Session, distributed: bool) -> Measurement:
-        g = session.num_groups
         local_counts = session.counts.copy()
         if session.buffered:
             rows = [session.loss_sums, session.counts, session.poisoned.astype(np.float64), session.d, session.t]
-            if distributed:
-                flat = torch.tensor(np.concatenate(rows), dtype=torch.float64, device=self.device)
-                dist.all_reduce(flat, group=self.process_group)
-                rows = list(flat.cpu().numpy().reshape(len(rows), g))
-            loss_sums, counts, poisoned_sums, d, t = rows
+            loss_sums, counts, poisoned_sums, d, t = all_reduce_rows(rows, self.device, self.process_group, distributed)
             poisoned = poisoned_sums > 0
             q, cross = self._sums_products(session, counts, local_counts, distributed)
             return self._result(loss_sums, counts, poisoned, q, d, t, cross, session)
@@ -972,7 +729,7 @@ class FusedGradientProbe:
                 session,
             )
         # per-rank unbiased estimates, combined count-weighted (scalars only)
-        sq, var = _estimates(session.counts, session.q, session.d)
+        sq, var = u_statistics(session.counts, session.q, session.d)
         estimable = session.counts >= 2
         weight = np.where(estimable & ~session.poisoned, session.counts, 0.0)
         rows = [
@@ -980,22 +737,21 @@ class FusedGradientProbe:
             session.counts,
             session.poisoned.astype(np.float64),
             weight,
-            np.where(weight > 0, np.nan_to_num(sq, nan=0.0) * weight, 0.0),
-            np.where(weight > 0, np.nan_to_num(var, nan=0.0) * weight, 0.0),
+            weighted(sq, weight),
+            weighted(var, weight),
             (estimable & ~session.poisoned & ~(np.isfinite(sq) & np.isfinite(var))).astype(np.float64),
             session.t,
         ]
-        flat = torch.tensor(np.concatenate(rows), dtype=torch.float64, device=self.device)
-        dist.all_reduce(flat, group=self.process_group)
-        loss_sums, counts, poisoned_sums, weight, sq_sum, var_sum, bad, t = flat.cpu().numpy().reshape(len(rows), g)
+        loss_sums, counts, poisoned_sums, weight, sq_sum, var_sum, bad, t = all_reduce_rows(
+            rows, self.device, self.process_group, distributed
+        )
         result = Measurement.from_sums(loss_sums, counts)
         poisoned = (poisoned_sums > 0) | (bad > 0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            result.grad_sq_norm = np.where((weight > 0) & ~poisoned, sq_sum / np.maximum(weight, 1e-300), np.nan)
-            result.grad_var = np.where((weight > 0) & ~poisoned, var_sum / np.maximum(weight, 1e-300), np.nan)
-            if session.g_target is not None:
-                result.target_alignment = np.where((counts >= 1) & ~poisoned, t / np.maximum(counts, 1), np.nan)
-                result.target_loss = float(cast(float, session.target_loss))  # set with g_target
+        result.grad_sq_norm = ratio(sq_sum, weight, (weight > 0) & ~poisoned)
+        result.grad_var = ratio(var_sum, weight, (weight > 0) & ~poisoned)
+        if session.g_target is not None:
+            result.target_alignment = ratio(t, counts, (counts >= 1) & ~poisoned)
+            result.target_loss = float(cast(float, session.target_loss))  # set with g_target
         return result
 
     def _sums_products(self, session, counts, local_counts, distributed):
@@ -1006,8 +762,8 @@ class FusedGradientProbe:
         cross = np.zeros((g, g)) if self.gram else None
         if present.size == 0:
             return q, cross
-        numel = self._layout_numel
-        step = max(1, self.chunk_bytes // max(1, present.size * _size(self._dtype)))
+        numel = self._layout.numel
+        step = max(1, self.chunk_bytes // max(1, present.size * element_size(self._dtype)))
         total = torch.zeros(present.size, present.size, dtype=torch.float64, device=self.device)
         for start in range(0, max(numel, 1), step):
             stop = min(numel, start + step)
@@ -1029,153 +785,21 @@ class FusedGradientProbe:
 
     def _result(self, loss_sums, counts, poisoned, q, d, t, cross, session) -> Measurement:
         result = Measurement.from_sums(loss_sums, counts)
-        sq, var = _estimates(counts, q, d)
+        sq, var = u_statistics(counts, q, d)
         sq = np.where(poisoned, np.nan, sq)
         var = np.where(poisoned, np.nan, var)
         result.grad_sq_norm, result.grad_var = sq, var
-        with np.errstate(invalid="ignore", divide="ignore"):
-            if session.g_target is not None:
-                result.target_alignment = np.where((counts >= 1) & ~poisoned, t / np.maximum(counts, 1), np.nan)
-                result.target_loss = float(session.target_loss)
-            if self.gram:
-                c = cross if cross is not None else np.full((len(counts), len(counts)), np.nan)
+        if session.g_target is not None:
+            result.target_alignment = ratio(t, counts, (counts >= 1) & ~poisoned)
+            result.target_loss = float(session.target_loss)
+        if self.gram:
+            c = cross if cross is not None else np.full((len(counts), len(counts)), np.nan)
+            with np.errstate(invalid="ignore", divide="ignore"):
                 gram = c / np.outer(np.maximum(counts, 1), np.maximum(counts, 1))
-                bad = (counts < 1) | poisoned | ~np.isfinite(np.diag(c))
-                gram[bad, :] = np.nan
-                gram[:, bad] = np.nan
-                np.fill_diagonal(gram, sq)
-                result.gram = gram
+            result.gram = mask_gram(gram, (counts < 1) | poisoned | ~np.isfinite(np.diag(c)), sq)
         return result
 
     # -- target gradient (DGA) ----------------------------------------------------------------------------------------
     def _target_gradient(self, target_batch, loss_fn, distributed, run) -> tuple[torch.Tensor, float]:
-        """Mean-loss gradient of the target batch over the covered layout (global under torch.distributed),
-        Adam-preconditioned if asked; ``.grad`` is left as it was (as GradientProbe does)."""
-        if not isinstance(target_batch, Mapping):
-            raise TypeError(f"target_batch must be a mapping of tensors, got {type(target_batch).__name__}")
-        losses = loss_fn(self.module, target_batch)
-        if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.shape[0] == 0:
-            raise ValueError(
-                f"loss_fn must return per-example losses of shape (n,) for the target batch, got "
-                f"{getattr(losses, 'shape', type(losses).__name__)}"
-            )
-        if not losses.requires_grad:
-            raise ValueError("the target batch's loss does not depend on any trainable parameter")
-        params = [p for _, p, _ in self._layout]
-        scale = 1.0
-        grads: list[torch.Tensor | None]
-        if run is _default_backward:
-            grads = list(torch.autograd.grad(losses.sum(), params, allow_unused=True))
-        else:
-            trainable = [p for p in self.module.parameters() if p.requires_grad]
-            saved = [p.grad for p in trainable]
-            for p in trainable:
-                p.grad = None
-            try:
-                anchor = torch.zeros((), dtype=losses.dtype, device=losses.device, requires_grad=True)
-                context = self.model.no_sync() if _is_ddp(self.model) else contextlib.nullcontext()
-                with context:
-                    run(losses.sum() + anchor)
-                scale = float(anchor.grad) if anchor.grad is not None else float("nan")
-                grads = [p.grad for p in params]
-            finally:
-                for p, g in zip(trainable, saved):
-                    p.grad = g
-        buffer = torch.empty(self._layout_numel + 2, dtype=self._dtype, device=self.device)
-        with torch.no_grad():
-            for (_, p, offset), grad in zip(self._layout, grads):
-                view = buffer[offset : offset + p.numel()]
-                if grad is None:
-                    view.zero_()
-                else:
-                    view.copy_(grad.reshape(-1))
-            if scale != 1.0:
-                buffer[:-2].div_(scale if math.isfinite(scale) and scale != 0.0 else float("nan"))
-            buffer[-2] = float(losses.shape[0])
-            buffer[-1] = float(losses.detach().to(torch.float64).sum())
-            del grads
-            if distributed:
-                dist.all_reduce(buffer, group=self.process_group)
-            count = float(buffer[-2])
-            target_loss = float(buffer[-1]) / count
-            g_target = buffer[:-2]
-            g_target.div_(count)
-            if self.preconditioner is not None:
-                self._precondition(g_target)
-        return g_target, target_loss
-
-    def _precondition(self, flat: torch.Tensor) -> None:
-        optimizer = self.preconditioner
-        assert optimizer is not None  # called only with a preconditioner
-        group_of = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                group_of[p] = group
-        for name, p, offset in self._layout:
-            view = flat[offset : offset + p.numel()]
-            state = optimizer.state.get(p)
-            if not state or "exp_avg_sq" not in state:
-                continue
-            second = state["exp_avg_sq"]
-            if second.numel() != p.numel():
-                raise ValueError(
-                    f"preconditioner state exp_avg_sq of {name!r} has shape {tuple(second.shape)}, "
-                    f"parameter has {tuple(p.shape)}; only Adam-style per-element state is supported"
-                )
-            second = second.detach().reshape(-1).to(flat.dtype)
-            betas = group_of.get(p, {}).get("betas")
-            step = state.get("step")
-            if self.bias_correction and betas is not None and step is not None:
-                correction = 1.0 - float(betas[1]) ** float(step)
-                if correction > 0:
-                    second = second / correction
-            view.div_(second.sqrt().add_(self.eps))
-
-    def _average_gradients(self, world: int) -> None:
-        average_gradients(self.module, world, self.device, self.process_group)
-
-
-# -- helpers ----------------------------------------------------------------------------------------------------------
-
-
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _normalised(module: nn.Module, x: torch.Tensor, role: str) -> torch.Tensor:
-    """The normalised input a LayerNorm / RMSNorm multiplies by its weight (recomputed from the saved input)."""
-    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    shape = tuple(cast(tuple[int, ...], module.normalized_shape))
-    module_eps = cast("float | None", module.eps)
-    if role == "norm":
-        return F.layer_norm(x, shape, None, None, cast(float, module_eps))
-    eps = module_eps if module_eps is not None else torch.finfo(x.dtype).eps
-    if hasattr(F, "rms_norm"):
-        return F.rms_norm(x, shape, None, eps)
-    dims = tuple(range(-len(shape), 0))  # pragma: no cover - torch without F.rms_norm
-    return x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
-
-
-def _estimates(counts: np.ndarray, q: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """U-statistic ||mu||^2 = (Q - D) / (n (n - 1)) and sigma^2 = (D - Q / n) / (n - 1); NaN below two examples."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ok = counts >= 2
-        safe = np.where(ok, counts, 2.0)
-        sq = np.where(ok, (q - d) / (safe * (safe - 1.0)), np.nan)
-        var = np.where(ok, (d - q / safe) / (safe - 1.0), np.nan)
-    return sq, var
-
-
-def _per_example_losses(loss_fn: LossFn, model: nn.Module, batch: Mapping, n: int) -> torch.Tensor:
-    losses = loss_fn(model, batch)
-    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (n,):
-        raise ValueError(
-            f"loss_fn must return one loss per example, shape ({n},) for the batch, got "
-            f"{getattr(losses, 'shape', type(losses).__name__)}"
-        )
-    if not losses.dtype.is_floating_point:
-        raise ValueError(f"loss_fn returned dtype {losses.dtype} for the batch; losses must be floating point")
-    return losses
-
-
-_check_inputs = GradientProbe._check_inputs  # the same input checks as the micro-batch probe
+        """Mean-loss gradient of the target batch over the covered layout (``gradmix.probe.target``)."""
+        return target_gradient(self, self._layout, self._dtype, target_batch, loss_fn, run, distributed)

@@ -1,0 +1,233 @@
+"""The sharded probe: per-domain statistics for an FSDP2 (``torch.distributed.fsdp.fully_shard``) model.
+
+Under FSDP2 every parameter is a ``DTensor`` sharded over the ranks, and each backward reduce-scatters (averages)
+the gradients: after a micro-pass, rank r's ``.grad`` holds its *shard* of the gradient averaged over all ranks.
+Per-rank part gradients are never visible, so ``ShardedGradientProbe`` makes its parts global:
+
+* on a measuring step the ranks share the group ids of their shares (two small all-reduces) and lay them out in
+  global order: position i * W + r for example i of rank r, which is the sampler's global batch (rank r's share is
+  global[r::W]). Group k's n_k examples, in that order, are cut into P_k = min(num_splits, n_k) contiguous chunks
+  whose sizes differ by at most one: exactly the parts a one-process ``GradientProbe`` makes from the global batch.
+  A **global part** may span ranks;
+* every rank runs one forward/backward per global part with its own examples of that part (a rank that has none
+  runs a zero-weighted pass, so all ranks issue the same collectives); the change of its gradient shard is its
+  shard of the global part's mean gradient (FSDP's reduce-scatter has summed the ranks' contributions);
+* the running sums of the estimator (``gradmix.probe.estimators.PartAccumulator``: sum_{i != j} m_i m_j <g_i, g_j>
+  and sum_i m_i ||g_i - gbar||^2) are *linear in inner products*, so every rank runs them on its local shard with the
+  global part sizes and the per-rank partial sums add up to the full-vector sums: one all-reduce of a few scalars per
+  group at the end of the step. Nothing is gathered: memory is a few flat buffers the size of the local shard.
+
+The estimates are the probe's usual unbiased ones (||grad L_k||^2 and sigma_k^2 from disjoint parts of i.i.d.
+examples), over global parts: equal, up to float rounding, to a one-process ``GradientProbe`` over the same global
+batch (tested in tests/test_integration_fsdp.py), whatever the number of ranks. ``num_splits`` counts global parts
+per group (with DDP, each rank has its own ``num_splits`` parts). DGA's target alignment and Adam preconditioning
+are not supported under FSDP yet (``NotImplementedError``). The default gradient averaging of FSDP2 (divide by the
+mesh size) is assumed; only 1-D meshes (plain FSDP, not HSDP).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradmix.probe.checks import per_example_losses
+from gradmix.probe.estimators import PartAccumulator, mask_gram, part_estimates
+from gradmix.probe.layout import FlatLayout, is_dtensor, local_shard
+from gradmix.probe.micro import GradientProbe, Session
+from gradmix.probe.parts import chunk_size, slice_batch
+from gradmix.probe.reduce import all_reduce_rows, distributed_active, rank_and_world
+from gradmix.probe.scaling import run_backward, usable_scale
+from gradmix.stats import Measurement
+
+__all__ = ["ShardedGradientProbe"]
+
+
+class ShardedSession(Session):
+    """A ``Session`` that also keeps, per group, this shard's part sums at the end of a measured step."""
+
+    def __init__(self, num_groups: int, measure: bool) -> None:
+        super().__init__(num_groups, measure)
+        self.sharded = np.zeros((num_groups, 5))  # cross, spread, denominator, parts, bad
+
+
+class ShardedGradientProbe(GradientProbe):
+    """``GradientProbe`` for a ``fully_shard``-ed model: statistics from local gradient shards, reduced as scalars.
+
+    Args:
+        model: the FSDP2 root module (``fully_shard`` applied); its probed parameters must be DTensors sharded over
+            one 1-D mesh. A plain module is accepted in a single process (then this is a ``GradientProbe`` with
+            global-part bookkeeping, useful as a reference).
+        parameters, num_splits, gram: as ``GradientProbe`` (``num_splits`` = global parts per group).
+        process_group: default the parameters' mesh group.
+
+    All ranks must call ``backward`` with the same ``measure`` / ``final`` (as with any FSDP forward/backward).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        parameters: Any = None,
+        num_splits: int = 2,
+        gram: bool = False,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(model, parameters=parameters, num_splits=num_splits, gram=gram, process_group=process_group)
+        params = [p for _, p in self.named_parameters]
+        sharded = [is_dtensor(p) for p in params]
+        if any(sharded) and not all(sharded):
+            plain = [name for (name, p), s in zip(self.named_parameters, sharded) if not s][:5]
+            raise ValueError(
+                f"ShardedGradientProbe: some probed parameters are not sharded DTensors ({plain}); "
+                "apply fully_shard to the whole model or select sharded parameters (parameters=...)"
+            )
+        if all(sharded):
+            meshes = {id(p.device_mesh) for p in params}  # type: ignore[attr-defined]
+            mesh = params[0].device_mesh  # type: ignore[attr-defined]
+            if len(meshes) > 1 or mesh.ndim != 1:
+                raise NotImplementedError(
+                    "ShardedGradientProbe supports one 1-D device mesh (FSDP); HSDP / several meshes are not supported"
+                )
+            if self.process_group is None:
+                self.process_group = mesh.get_group()
+        elif distributed_active() and dist.get_world_size() > 1:
+            raise ValueError(
+                "ShardedGradientProbe needs a fully_shard-ed model under torch.distributed; for a DDP "
+                "or plain module use gradmix.probe.GradientProbe"
+            )
+        self._layout = FlatLayout(self.named_parameters, shards=True)  # this rank's shards, end to end
+        self.device = local_shard(params[0].detach()).device
+
+    def _new_session(self, num_groups: int, measure: bool) -> ShardedSession:
+        return ShardedSession(num_groups, measure)
+
+    # -- unsupported pieces -------------------------------------------------------------------------------------
+    def _target_gradient(self, target_batch, loss_fn, distributed, run):
+        raise NotImplementedError(
+            "target alignment (DGA-style methods) is not supported under FSDP yet; use DDP "
+            "(GradientProbe) for methods that need a target gradient"
+        )
+
+    def _global_order(self, ids: torch.Tensor, rank: int, world: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The global (micro-)batch's group ids in global order, with each position's rank and index there.
+
+        Global order interleaves the ranks' shares, position i * world + r for example i of rank r: exactly the
+        sampler's global batch, whose rank-r share is global[r::world]. Ranks with unequal shares are taken in
+        rank order instead. Two small all-reduces (the shares' sizes, then their group ids)."""
+        n = int(ids.numel())
+        if world == 1:
+            return np.zeros(n, dtype=np.int64), np.arange(n), ids.numpy()
+        sizes = torch.zeros(world, dtype=torch.float64, device=self.device)
+        sizes[rank] = n
+        dist.all_reduce(sizes, group=self.process_group)
+        ns = sizes.cpu().numpy().astype(np.int64)
+        table = torch.zeros(world, int(ns.max()), dtype=torch.float64, device=self.device)
+        table[rank, :n] = ids.to(torch.float64) + 1.0  # 0 = padding
+        dist.all_reduce(table, group=self.process_group)
+        table_np = table.cpu().numpy().astype(np.int64) - 1
+        if (ns == ns[0]).all():
+            owner = np.tile(np.arange(world), int(ns[0]))  # position i * world + r -> rank r, index i
+            local_index = np.repeat(np.arange(int(ns[0])), world)
+        else:
+            owner = np.concatenate([np.full(c, r) for r, c in enumerate(ns)])
+            local_index = np.concatenate([np.arange(c) for c in ns])
+        return owner, local_index, table_np[owner, local_index]
+
+    # -- the measured step over global parts ----------------------------------------------------------------------
+    def _measured_backward(self, session, batch, groups, loss_fn, n, divisor, run, final) -> None:
+        num_groups = session.num_groups
+        rank, world = rank_and_world(self.process_group)
+        ids = groups.detach().to("cpu", torch.long).reshape(-1)
+        owner, local_index, global_groups = self._global_order(ids, rank, world)
+        session.add_losses(groups, None)
+        self._open_accumulators(session)
+        numel = self._layout.numel
+        session.calls += 1
+        work = torch.empty(numel, dtype=self._dtype, device=self.device)
+        for k in range(num_groups):
+            # group k's examples in global order, cut into P contiguous chunks as split_indices cuts them in one
+            # process: global part j may span ranks; this rank runs its own examples of it
+            in_group = np.flatnonzero(global_groups == k)
+            total = int(in_group.size)
+            parts = min(self.num_splits, total)
+            begin = 0
+            for j in range(parts):
+                count = chunk_size(total, parts, j)  # the global part's size
+                chunk = in_group[begin : begin + count]
+                begin += count
+                size = float(count)
+                index = torch.from_numpy(local_index[chunk[owner[chunk] == rank]])
+                if len(index):
+                    part = slice_batch(batch, index, n)
+                    losses = per_example_losses(loss_fn, self.model, part, len(index), f"a micro-batch of group {k}")
+                    part_loss_sum = float(losses.detach().to(torch.float64).sum())
+                    session.loss_sums[k] += part_loss_sum
+                    scaled = losses.sum() / divisor
+                    if not math.isfinite(part_loss_sum):
+                        session.finite[k] = False
+                else:  # no example of this global part here: a zero-weighted pass keeps the collectives in step
+                    part = slice_batch(batch, torch.zeros(1, dtype=torch.long), n)
+                    losses = per_example_losses(loss_fn, self.model, part, 1, "a zero-weighted pass")
+                    scaled = losses.sum() * 0.0
+                if not session.finite[k]:  # unmeasurable group (here): still train on it, in step with the others
+                    run_backward(scaled, run)
+                    continue
+                self._layout.snapshot_grad(work)
+                scale = run_backward(scaled, run)
+                with torch.no_grad():
+                    # this rank's shard of scale * (sum over ranks of S_r) / (world * divisor)
+                    self._layout.grad_minus(work)
+                    if not usable_scale(scale):
+                        session.finite[k] = False
+                        continue
+                    work.mul_(world * divisor / (size * scale))  # -> shard of the global part's mean gradient
+                    acc = session.accumulators[k]
+                    if acc is None:
+                        acc = session.accumulators[k] = PartAccumulator(
+                            torch.empty(numel, dtype=self._dtype, device=self.device)
+                        )
+                    session.finite[k] = acc.add(work, size)  # partial (this shard's) cross / spread sums
+        if final:
+            for k in range(num_groups):
+                self._finish_sharded(session, k)
+
+    @staticmethod
+    def _finish_sharded(session: ShardedSession, k: int) -> None:
+        assert session.accumulators is not None  # set by the first measured call
+        acc = session.accumulators[k]
+        row = session.sharded[k]
+        bad = not session.finite[k] or (acc is not None and not bool(torch.isfinite(acc.mean).all()))
+        if acc is not None:
+            row[0], row[1] = acc.cross, acc.spread
+            row[2] = acc.denominator
+            row[3] = acc.num_parts
+            if session.means is not None:
+                session.means[k].copy_(acc.mean)
+        row[4] = 1.0 if bad else 0.0
+        if bad and session.means is not None:
+            session.means[k].fill_(float("nan"))
+        session.accumulators[k] = None
+
+    def _combine(self, session, distributed: bool):
+        if not session.measure:
+            return super()._combine(session, distributed)
+        info = session.sharded
+        rows = [session.loss_sums, session.counts, info[:, 0], info[:, 1], info[:, 4]]
+        loss_sums, counts, cross, spread, bad = all_reduce_rows(rows, self.device, self.process_group, distributed)
+        result = Measurement.from_sums(loss_sums, counts)
+        sq, var = part_estimates(cross, spread, info[:, 2], info[:, 3])
+        result.grad_sq_norm = np.where(bad == 0, sq, np.nan)
+        result.grad_var = np.where(bad == 0, var, np.nan)
+        if session.means is not None:
+            with torch.no_grad():
+                gram_t = (session.means @ session.means.T).to(torch.float64)
+                if distributed:
+                    dist.all_reduce(gram_t, group=self.process_group)
+                gram = gram_t.cpu().numpy()
+            result.gram = mask_gram(gram, counts < 1, result.grad_sq_norm)
+        return result
