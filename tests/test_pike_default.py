@@ -241,3 +241,60 @@ def test_a_crafted_state_is_refused_at_load_and_changes_nothing(field, value, ma
     with pytest.raises(ValueError, match=match):
         method.load_state_dict(state)
     assert json.dumps(method.state_dict()) == before
+
+
+def _with_loss(stats: DomainStats, loss) -> DomainStats:
+    stats.loss = np.asarray(loss, dtype=float)
+    return stats
+
+
+def test_too_few_examples_per_domain_keeps_the_weights_and_says_so_once():
+    method = PiKE(4)
+    first = method.update(record([1.0, 5.0, 1.0, 1.0], [0.1] * 4, [2] * 4, batch_size=8))
+    np.testing.assert_array_equal(first, np.full(4, 0.25))
+    assert method.last_skip_reason is not None and "min_examples_per_domain = 4" in method.last_skip_reason
+    assert "b = 8" in method.last_skip_reason and "\n" not in method.last_skip_reason
+    method.update(record([1.0, 5.0, 1.0, 1.0], [0.1] * 4, [2] * 4, batch_size=8))
+    assert method.last_skip_reason is None  # said once
+    acting = PiKE(4, min_examples_per_domain=0)
+    assert acting.update(record([1.0, 5.0, 1.0, 1.0], [0.1] * 4, [2] * 4, batch_size=8))[1] > 0.3
+
+
+def test_loss_tilt_favours_the_domain_whose_loss_stays_high_and_shows_it():
+    """Equal gradient statistics, one domain's loss 4x the others' in every record: the tilt (after five records)
+    gives it more than uniform; the same records with equal losses stay uniform."""
+    tilted, flat = PiKE(3), PiKE(3)
+    for step in range(8):
+        g, v, n = [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [32, 32, 32]
+        w_tilted = tilted.update(_with_loss(record(g, v, n, batch_size=96, step=step), [4.0, 1.0, 1.0]))
+        w_flat = flat.update(_with_loss(record(g, v, n, batch_size=96, step=step), [1.0, 1.0, 1.0]))
+    assert w_tilted[0] > 0.4 and w_tilted[1] == pytest.approx(w_tilted[2])
+    np.testing.assert_allclose(w_flat, np.full(3, 1 / 3), atol=1e-12)
+    assert tilted.last_terms is not None
+    assert tilted.last_terms["loss_tilt"][0] == pytest.approx(2.0)  # 4 / mean(4, 1, 1)
+
+
+def test_loss_differences_within_their_noise_do_not_move_the_mix():
+    """Losses that differ between domains only by noise from record to record: shrunk to their mean, tilt ~1."""
+    rng = np.random.default_rng(0)
+    method = PiKE(4)
+    for step in range(30):
+        loss = 2.0 + 0.3 * rng.normal(size=4)
+        method.update(_with_loss(record([1.0] * 4, [0.5] * 4, [16] * 4, batch_size=64, step=step), loss))
+    assert method.last_terms is not None
+    assert np.max(np.abs(method.last_terms["loss_tilt"] - 1.0)) < 0.05
+    np.testing.assert_allclose(method.weights, np.full(4, 0.25), atol=0.02)
+
+
+def test_loss_tilt_state_round_trips_and_a_crafted_spread_is_refused():
+    method = PiKE(3)
+    for step in range(6):
+        method.update(_with_loss(record([1.0, 2.0, 3.0], [0.5] * 3, [16] * 3, batch_size=48, step=step), [3, 2, 1]))
+    clone = PiKE(3)
+    clone.load_state_dict(json.loads(json.dumps(method.state_dict())))
+    nxt = _with_loss(record([1.0, 2.0, 3.0], [0.5] * 3, [16] * 3, batch_size=48, step=6), [3, 2, 1])
+    np.testing.assert_array_equal(clone.update(nxt), method.update(nxt))
+    state = json.loads(json.dumps(method.state_dict()))
+    state["loss_spread"] = [0.1, -1.0, 0.1]
+    with pytest.raises(ValueError, match=r"loss_spread\[1\] is -1.0; it must be >= 0"):
+        PiKE(3).load_state_dict(state)
