@@ -246,6 +246,12 @@ class DomainSource(ABC):
     def take(self, indices: np.ndarray) -> torch.Tensor:
         """Examples ``indices`` as a LongTensor of shape (len(indices), T + 1), in the order asked."""
 
+    def _read_into(self, rows: np.ndarray, out: torch.Tensor) -> None:
+        """``take(rows)`` written into ``out``, a slice of the batch ``DomainSet.gather`` is filling; ``rows`` are
+        int64 and already checked to be in range. Kinds that can read straight into it override this: per call
+        overhead counts when a batch holds a few examples of each of many domains."""
+        out.copy_(self.take(rows))
+
 
 @dataclass
 class Domain(DomainSource):
@@ -421,6 +427,9 @@ class TokenFileDomain(DomainSource):
         rows = _as_indices(indices, self._size, self.name)
         # one fancy index: each window is one contiguous read of the mapping, in the order asked
         return torch.from_numpy(np.asarray(self.windows[rows], dtype=np.int64))
+
+    def _read_into(self, rows: np.ndarray, out: torch.Tensor) -> None:
+        out.numpy()[...] = self.windows[rows]  # file dtype -> int64 in the one copy into the batch
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -825,6 +834,10 @@ class DomainSet(Dataset):
         if n and (int(domains.min()) < 0 or int(domains.max()) >= len(self.domains)):
             bad = int(domains[(domains < 0) | (domains >= len(self.domains))][0])
             raise IndexError(f"domain index {bad} is out of range for {len(self.domains)} domains")
+        sizes = np.array([d.size for d in self.domains], dtype=np.int64)[domains]
+        if n and (int(examples.min()) < 0 or bool((examples >= sizes).any())):  # checked once for the whole batch
+            j = int(np.flatnonzero((examples < 0) | (examples >= sizes))[0])
+            _as_indices(examples[j : j + 1], int(sizes[j]), self.domains[int(domains[j])].name)  # raises, naming it
         buffer = torch.empty(n * (width + 2), dtype=torch.long)
         rows = buffer[: n * width].view(n, width)
         out_domains, out_examples = buffer[n * width : n * (width + 1)], buffer[n * (width + 1) :]
@@ -834,7 +847,7 @@ class DomainSet(Dataset):
         run_domains = domains[bounds[:-1]].tolist()
         if len(set(run_domains)) == len(run_domains):  # each domain one run: read into slices
             for d, lo, hi in zip(run_domains, bounds[:-1], bounds[1:], strict=True):
-                rows[lo:hi] = self.domains[d].take(examples[lo:hi])
+                self.domains[d]._read_into(examples[lo:hi], rows[lo:hi])
         else:
             for d in np.unique(domains).tolist():
                 where = np.flatnonzero(domains == d)
