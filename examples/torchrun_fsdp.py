@@ -1,11 +1,15 @@
-"""gradmix inside a torchrun FSDP2 loop (``fully_shard``, gloo on CPU): PiKE mixes three byte-level domains.
+"""gradmix inside a torchrun FSDP2 loop (``fully_shard``, gloo on CPU): PiKE (or DGA) mixes three byte-level domains.
 
     torchrun --standalone --nproc_per_node 2 examples/torchrun_fsdp.py --out runs/fsdp --steps 30
     torchrun --standalone --nproc_per_node 2 examples/torchrun_fsdp.py --out runs/fsdp --steps 30 --resume
+    torchrun --standalone --nproc_per_node 2 examples/torchrun_fsdp.py --out runs/dga --method dga --target changelog
 
 Every rank draws its share of the same global batch from the Mixer's sampler; on measuring steps the
 ``ShardedGradientProbe`` (the probe a Mixer builds for an FSDP2 model) reads per-domain statistics from the local
-gradient shards and all-reduces a few scalars, so every rank computes the same weights. Every 10 steps a checkpoint
+gradient shards and all-reduces a few scalars, so every rank computes the same weights. ``--method dga`` steers the
+mix toward a target domain (``--target``, default the changelog file, which is none of the trained domains): each rank
+backwards its share of a target batch, and the alignments <g_k, g_target> (Adam-preconditioned with the optimizer's
+sharded second moments) are reduced as scalars too; nothing full-size is gathered. Every 10 steps a checkpoint
 folder ``OUT/checkpoints/step-NNNNNN`` holds the model and optimizer shards (torch.distributed.checkpoint) and the
 Mixer state; ``--resume`` continues from the newest complete one (it may be written by another number of ranks: DCP
 re-shards, the sampler keeps the global batches). ``--stop-at M`` leaves right after the checkpoint of step M as if
@@ -68,6 +72,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=12, help="global examples per step")
     parser.add_argument("--num-splits", type=int, default=2, help="global parts per domain on measuring steps")
     parser.add_argument("--trace", action="store_true", help="each rank writes OUT/trace.rank{R}.jsonl (tests)")
+    parser.add_argument("--method", default="pike", choices=["pike", "dga"], help="the mixing method")
+    parser.add_argument("--target", default="changelog", help="--method dga: the target domain (a file in --data-dir)")
     parser.add_argument(
         "--pike-variant",
         default="gradmix",
@@ -90,14 +96,22 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     domains = byte_domains(args.domains.split(","), args.data_dir)
+    probe_params: dict = {"num_splits": args.num_splits}  # FSDP2: a ShardedGradientProbe
+    if args.method == "dga":
+        method_params: dict = {"min_weight": 0.05}
+        target = byte_domains([args.target], args.data_dir).domains[0]
+        probe_params["preconditioner"] = optimizer  # Adam-preconditioned alignment, from the local state shards
+    else:
+        method_params, target = {"variant": args.pike_variant, "min_weight": 0.05}, None
     try:  # a used --out without --resume, or ranks that disagree: the same one-line error on every rank
         mixer = Mixer(
             domains,
-            "pike",
+            args.method,
             batch_size=args.batch_size,
-            method_params={"variant": args.pike_variant, "min_weight": 0.05},
+            method_params=method_params,
             model=model,
-            probe_params={"num_splits": args.num_splits},  # FSDP2: a ShardedGradientProbe
+            probe_params=probe_params,
+            target=target,
             update_every=5,
             log_every=1,
             seed=0,
@@ -128,11 +142,12 @@ def main() -> None:
         weights = mixer.step()
         step = mixer.step_count
         if trace is not None:
-            stats = (
-                None
-                if measured is None or measured.grad_sq_norm is None
-                else {"grad_sq_norm": measured.grad_sq_norm.tolist(), "grad_var": measured.grad_var.tolist()}
-            )
+            stats = None
+            if measured is not None and measured.grad_sq_norm is not None and measured.grad_var is not None:
+                stats = {"grad_sq_norm": measured.grad_sq_norm.tolist(), "grad_var": measured.grad_var.tolist()}
+                if measured.target_alignment is not None:
+                    stats["target_alignment"] = measured.target_alignment.tolist()
+                    stats["target_loss"] = measured.target_loss
             trace.write(
                 json.dumps(
                     {
