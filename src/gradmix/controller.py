@@ -34,12 +34,13 @@ from gradmix.alerts import AlertCallback, AlertConfig, MixingWarning
 from gradmix.checkpoint import capture_rng_state, load_checkpoint_file, restore_rng_state, save_checkpoint_file
 from gradmix.core import GRADIENT_STATS, MixingCore, Schedule
 from gradmix.distributed import check_agreement, is_distributed
+from gradmix.example_sources import count_tokens
 from gradmix.methods import make_method, method_class
 from gradmix.methods.base import MixingMethod, resolve_weight_params
 from gradmix.probe import BackwardFn, Probe, make_probe
 from gradmix.runlock import RunDirError, RunLock, check_run_dir
 from gradmix.sampler import DataExhaustedError, MixtureSampler
-from gradmix.sources import Domain, DomainSet, DomainSource, collate_examples
+from gradmix.sources import Domain, DomainSet, DomainSource, ExampleDomain, collate_examples
 from gradmix.stats import Measurement
 from gradmix.writers import JsonlWriter, make_writers
 
@@ -62,6 +63,12 @@ class MixerConfig:
     warmup_steps: steps before the first update (weights stay at the method's initial weights).
     probe_every: steps between gradient measurements; default = update_every.
     accumulation_steps: micro-batches per optimizer step; batch_size stays the examples per optimizer step.
+    mix_unit: ``"examples"`` (default): weights are shares of the examples drawn. ``"tokens"``: weights are target
+        shares of the real tokens drawn (``count_tokens``: unpadded, unmasked): the sampler draws examples with
+        weights w_k / m_k (normalised), m_k = a domain's mean tokens per example estimated once, at construction,
+        from up to 256 seeded examples (``DomainSet.mean_tokens``). Approximate: realised token shares follow w
+        up to the estimate's error and the spread of example lengths; methods still measure per example; records'
+        ``weights`` are converted back to token shares; ``sizes`` given to methods are in tokens.
     """
 
     batch_size: int
@@ -78,8 +85,11 @@ class MixerConfig:
     alert_min_weight: float | None = None
     alert_repeats: int | None = None
     history_size: int = 1000
+    mix_unit: str = "examples"
 
     def __post_init__(self) -> None:
+        if self.mix_unit not in ("examples", "tokens"):
+            raise ValueError(f"mix_unit must be 'examples' or 'tokens', got {self.mix_unit!r}")
         for name in ("batch_size", "target_batch_size", "history_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -127,7 +137,9 @@ class Mixer:
     """Adaptive data mixing for one training run.
 
     Args:
-        domains: a ``DomainSet`` (or a list of domains).
+        domains: a ``DomainSet`` (or a list of domains): token windows, or any datasets of examples
+            (``DomainSet.from_datasets``; batches are ``collate_fn(examples)`` plus ``domain``, and ``loss_fn`` sees
+            them as collated; ``gradmix.sft.causal_lm_loss`` for causal LM / SFT).
         method: a method name from the registry (``gradmix.register_method`` adds yours) or a ``MixingMethod``.
         batch_size: global batch size (examples per optimizer step, all ranks and micro-batches together).
         method_params: keyword arguments for the method (``sizes`` is filled in for methods that need it). Weights
@@ -195,6 +207,10 @@ class Mixer:
         self.world_size = dist_world if world_size is None else int(world_size)
         self.names = self.domains.names
         k = len(self.names)
+        # mix_unit="tokens": mean tokens per example, to turn token shares into the sampler's example shares
+        tokens_mix = self.config.mix_unit == "tokens"
+        self._token_scale = self.domains.mean_tokens(seed=self.config.seed) if tokens_mix else None
+        self._local_tokens: np.ndarray | None = None  # real tokens per domain this step on this rank (examples)
         accumulation = self.config.accumulation_steps
         if isinstance(accumulation, bool) or not isinstance(accumulation, (int, np.integer)) or accumulation < 1:
             raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation!r}")
@@ -213,13 +229,15 @@ class Mixer:
             cls = method_class(method)
             if cls.needs_sizes and "sizes" not in params:
                 params["sizes"] = self.domains.sizes
+                if self._token_scale is not None:  # sizes in the unit of the mix
+                    params["sizes"] = [round(n * m) for n, m in zip(self.domains.sizes, self._token_scale)]
             self.method = make_method(cls, k, **params)  # an unknown parameter: a ValueError naming it
         self.core = MixingCore(
             self.method,
             self.names,
             batch_size=self.config.batch_size,
             schedule=self.config.schedule(),
-            tokens_per_example=self.domains.window_tokens,
+            tokens_per_example=self.domains.window_tokens if self.domains.is_windows else None,
             alerts=self.config.alerts,
             on_alert=on_alert if self.rank == 0 else None,
             alert_min_weight=self.config.alert_min_weight,
@@ -235,7 +253,7 @@ class Mixer:
         self.sampler = MixtureSampler(
             self.domains.sizes,
             self.config.batch_size,
-            self.method.weights,
+            self._to_sampler(self.method.weights),
             seed=self.config.seed,
             mode=self.config.mode,
             rank=self.rank,
@@ -249,8 +267,13 @@ class Mixer:
         self.target: DomainSource | None = None
         self._target_sampler: MixtureSampler | None = None
         if target is not None:
-            self.target = target if isinstance(target, DomainSource) else Domain("target", torch.as_tensor(target))
-            if self.target.window_tokens != self.domains.window_tokens:
+            if not self.domains.is_windows:  # a set of examples: the target is a dataset of the same kind of examples
+                from gradmix.example_sources import as_example_domain
+
+                self.target = as_example_domain(getattr(target, "name", "target"), target)
+            else:
+                self.target = target if isinstance(target, DomainSource) else Domain("target", torch.as_tensor(target))
+            if self.domains.is_windows and self.target.window_tokens != self.domains.window_tokens:
                 raise ValueError(
                     f"target windows have {self.target.window_tokens} tokens, domains have {self.domains.window_tokens}"
                 )
@@ -295,6 +318,8 @@ class Mixer:
         self._observed: list[Measurement] = []  # local losses from observe() this step
         self._step_result: Measurement | None = None
         self._local_counts = np.zeros(k)  # examples per domain this step on this rank (probe groups only)
+        self._coverage_seen: Any = None  # the probe's coverage report as last recorded
+        self._coverage_pending: Any = None  # ... and a changed one waiting for the next record
         self._num_sampler_events = 0
         self.exhausted_message: str | None = None  # set when ``batches()`` ended because the data ran out
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -364,7 +389,9 @@ class Mixer:
             "format": f"{CHECKPOINT_FORMAT} (gradmix {__version__})",
             "domain_names": list(self.names),
             "domain_sizes": [int(n) for n in self.domains.sizes],
-            "window_tokens": self.domains.window_tokens,
+            "window_tokens": self.domains.window_tokens if self.domains.is_windows else None,
+            "mix_unit": self.config.mix_unit,
+            "token_scale": None if self._token_scale is None else [float(m) for m in self._token_scale],
             "batch_size": int(self.config.batch_size),
             "accumulation_steps": int(self.config.accumulation_steps),
             "seed": int(self.config.seed),
@@ -445,6 +472,9 @@ class Mixer:
         if self._target_sampler is None or self.target is None:
             raise ValueError("this Mixer has no target set")
         _, idx = self._target_sampler.next_arrays()
+        if not self.domains.is_windows:
+            assert isinstance(self.target, ExampleDomain) and self.domains.collate_fn is not None
+            return dict(self.domains.collate_fn(self.target.examples(idx)))
         return {"input_ids": self.target.take(idx)}
 
     # -- schedule -----------------------------------------------------------------------------------------------
@@ -489,6 +519,8 @@ class Mixer:
         domains = batch["domain"].long()
         if self._groups is not None:
             self._local_counts += np.bincount(domains.cpu().numpy(), minlength=len(self.names))
+        if not self.domains.is_windows:
+            self._count_tokens(domains, count_tokens(batch))
         groups = domains if self._groups is None else self._groups[domains.cpu()].to(domains.device)
         target_batch = self.next_target_batch() if (plan.needs_target and first) else None
         if target_batch is not None:  # to the device the training batch lives on
@@ -512,13 +544,23 @@ class Mixer:
             raise
         # time in the probe: the measuring backward passes (0 for a plain backward), summed per record
         self.core.add_probe_seconds(time.perf_counter() - started if plan.measure else 0.0)
+        report = getattr(self.probe, "coverage_report", None)  # what the probe covers: recorded once per change
+        if report is not None and report != self._coverage_seen:
+            self._coverage_seen = self._coverage_pending = report
         if final:
             self._step_result = result
         return result
 
-    def observe(self, domains: torch.Tensor | np.ndarray, losses: torch.Tensor | np.ndarray) -> None:
+    def observe(
+        self,
+        domains: torch.Tensor | np.ndarray,
+        losses: torch.Tensor | np.ndarray,
+        tokens: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
         """Record per-example losses when you run the backward yourself (static and loss-based methods need nothing
-        else). Call once per micro-batch; under torch.distributed the step's sums are all-reduced in ``step()``."""
+        else). Call once per micro-batch; under torch.distributed the step's sums are all-reduced in ``step()``.
+        ``tokens``: real tokens per example (``gradmix.example_sources.count_tokens(batch)``) for the ``tokens``
+        KPI of a set of examples."""
         if self._step_result is not None or (self._micro and not self._observed):
             raise RuntimeError("mixer.observe() and mixer.backward() cannot be mixed within one optimizer step")
         d = np.asarray(domains.detach().cpu() if isinstance(domains, torch.Tensor) else domains, dtype=np.int64)
@@ -533,6 +575,8 @@ class Mixer:
             raise ValueError(f"observe(): domain id {bad} is outside 0..{k - 1} ({self.names})")
         self._begin_micro("mixer.observe()")
         self._observed.append(Measurement.from_losses(d, loss, k))
+        if tokens is not None and not self.domains.is_windows:
+            self._count_tokens(torch.as_tensor(d), torch.as_tensor(np.asarray(tokens)))
 
     def _observed_measurement(self) -> Measurement:
         sums = [m.loss_sums() for m in self._observed]
@@ -559,18 +603,63 @@ class Mixer:
         counts = self._counts(measurement)
         step = self.core.step_count + 1
         outcome = self.core.end_step(
-            counts=counts, sampled_weights=self.sampler.sampled_weights_at(step - 1), passes=self.sampler.passes
+            counts=counts,
+            sampled_weights=self._from_sampler(self.sampler.sampled_weights_at(step - 1)),
+            passes=self.sampler.passes,
+            tokens=self._step_tokens(),
         )
         if outcome.weights_changed:
-            self.sampler.set_weights(outcome.weights)
+            self.sampler.set_weights(self._to_sampler(outcome.weights))
         for event in self.sampler.events[self._num_sampler_events :]:
             self.core.warn(event.message)
             outcome.warnings.append(event.message)
         self._num_sampler_events = len(self.sampler.events)
         self._emit(outcome.warnings)
         if outcome.record is not None:
+            if self._coverage_pending is not None:  # the probe's coverage, in the first record after it changed
+                outcome.record["probe_coverage"] = self._coverage_pending
+                self._coverage_pending = None
             self._write(outcome.record)
         return outcome.weights
+
+    def _to_sampler(self, weights: np.ndarray) -> np.ndarray:
+        """The method's weights as the sampler's example shares (``mix_unit="tokens"``: w_k / m_k, normalised)."""
+        if self._token_scale is None:
+            return weights
+        v = np.asarray(weights, dtype=np.float64) / self._token_scale
+        return v / v.sum()
+
+    def _from_sampler(self, weights: np.ndarray) -> np.ndarray:
+        """The sampler's example shares in the unit of the mix (inverse of ``_to_sampler``)."""
+        if self._token_scale is None:
+            return weights
+        v = np.asarray(weights, dtype=np.float64) * self._token_scale
+        return v / v.sum()
+
+    def _count_tokens(self, domains: torch.Tensor, tokens: torch.Tensor | None) -> None:
+        """Add a micro-batch's real tokens per example (None: the batch does not say) to this step's sums."""
+        if tokens is None:
+            return
+        d = domains.detach().to("cpu", torch.long).numpy().reshape(-1)
+        t = tokens.detach().to("cpu", torch.float64).numpy().reshape(-1)
+        if t.shape != d.shape:
+            raise ValueError(f"{t.size} token counts for {d.size} examples")
+        local = np.bincount(d, weights=t, minlength=len(self.names))[: len(self.names)]
+        self._local_tokens = local if self._local_tokens is None else self._local_tokens + local
+
+    def _step_tokens(self) -> np.ndarray | None:
+        """Global real tokens per domain this step (a set of examples whose batches carry counts), else None."""
+        local, self._local_tokens = self._local_tokens, None
+        if self.domains.is_windows:
+            return None
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            k = len(self.names)  # one all-reduce: the sums and how many ranks had counts
+            t = torch.zeros(k + 1, dtype=torch.float64)
+            if local is not None:
+                t[:k], t[k] = torch.from_numpy(local), 1.0
+            torch.distributed.all_reduce(t)
+            return None if float(t[k]) == 0 else t[:k].numpy()
+        return local
 
     def _counts(self, measurement: Measurement | None) -> np.ndarray | None:
         """Examples per domain in this step's global batch (from the measurement when it is per domain)."""
@@ -704,6 +793,7 @@ class Mixer:
         self._num_sampler_events = int(state.get("sampler_events_seen", len(self.sampler.events)))
         self._loaded_step = self.core.step_count
         self._micro, self._observed, self._step_result = 0, [], None
+        self._local_tokens = None
         if self.probe is not None:
             self.probe.reset()
 

@@ -248,6 +248,7 @@ class MixingCore:
         self._update_losses = _Sums(k)  # since the last update (what a loss-based method sees)
         self._measurements: list[Measurement] = []  # gradient measurements of the current update interval
         self._examples = np.zeros(k)
+        self._tokens: np.ndarray | None = None  # real tokens per domain, when the loop reports them (end_step)
         self._observed_this_step = False
         self._pending_metrics: dict[str, Any] = {}
         self._messages: list[str] = []  # new since the last outcome
@@ -362,11 +363,14 @@ class MixingCore:
         counts: Sequence[float] | np.ndarray | None = None,
         sampled_weights: np.ndarray | None = None,
         passes: np.ndarray | None = None,
+        tokens: Sequence[float] | np.ndarray | None = None,
     ) -> StepOutcome:
         """Finish optimizer step ``step_count + 1``: update the method when due, raise alerts, build the record.
 
         counts: global examples per domain this step (tokens and repeats KPIs); sampled_weights: the mix the step's
-        batch was actually drawn from (default: the method's weights); passes: passes started per domain.
+        batch was actually drawn from (default: the method's weights); passes: passes started per domain; tokens:
+        global real tokens per domain this step (the ``tokens`` KPI then counts these instead of
+        ``tokens_per_example`` x examples: variable-length, padded or masked examples).
         """
         self.step_count += 1
         step = self.step_count
@@ -376,6 +380,11 @@ class MixingCore:
             if arr.shape != (k,):
                 raise ValueError(f"counts has shape {arr.shape}, expected ({k},)")
             self._examples += arr
+        if tokens is not None:
+            arr = np.asarray(tokens, dtype=np.float64)
+            if arr.shape != (k,):
+                raise ValueError(f"tokens has shape {arr.shape}, expected ({k},)")
+            self._tokens = arr if self._tokens is None else self._tokens + arr
         old = self.method.weights
         changed = False
         updated = False
@@ -501,7 +510,9 @@ class MixingCore:
             record["update_step"] = self._update_terms["step"]
             record["update_terms"] = self._update_terms["terms"]
             self._update_terms = None
-        if self.tokens_per_example is not None:
+        if self._tokens is not None:
+            record["tokens"] = dict(zip(self.names, (int(x) for x in self._tokens)))
+        elif self.tokens_per_example is not None:
             record["tokens"] = dict(zip(self.names, (int(x) * self.tokens_per_example for x in self._examples)))
         if passes is not None:
             record["repeats"] = dict(zip(self.names, (int(p) - 1 for p in passes)))
@@ -529,6 +540,7 @@ class MixingCore:
             "step": self.step_count,
             "method": self.method.state_dict(),
             "examples": self._examples.tolist(),
+            "tokens": None if self._tokens is None else self._tokens.tolist(),
             "log_losses": self._log_losses.to_dict(),
             "update_losses": self._update_losses.to_dict(),
             "measurements": [m.to_dict() for m in self._measurements],
@@ -557,6 +569,9 @@ class MixingCore:
         examples = np.asarray(state["examples"], dtype=np.float64)
         if examples.shape != (k,):
             raise ValueError(f"core state field 'examples' has shape {examples.shape}, expected ({k},)")
+        tokens = None if state.get("tokens") is None else np.asarray(state["tokens"], dtype=np.float64)
+        if tokens is not None and (tokens.shape != (k,) or not np.all(tokens >= 0)):
+            raise ValueError(f"core state field 'tokens' must be {k} counts >= 0, got {state.get('tokens')!r}")
         log_losses = _Sums.from_dict(state["log_losses"], k, "log_losses")
         update_losses = _Sums.from_dict(state["update_losses"], k, "update_losses")
         measurements = [Measurement.from_dict(m) for m in state["measurements"]]
@@ -595,6 +610,7 @@ class MixingCore:
             raise
         self.step_count = step
         self._examples, self._log_losses, self._update_losses = examples, log_losses, update_losses
+        self._tokens = tokens
         self._measurements = measurements
         self._monitor, self._eval_losses, self._target_train = monitor, eval_losses, target_train
         self._nonfinite, self._nonfinite_warned = nonfinite.astype(np.int64), warned.astype(bool)

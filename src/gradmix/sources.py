@@ -21,6 +21,10 @@ position in that read. That position is the sampler's cursor, so it is saved in 
 resume the stream is re-read (and discarded) up to that position. Read a stream from one process
 (``num_workers=0`` or ``mixer.batches()``): a stream keeps its read position in the object.
 
+Any other data - SFT examples with label masks, features, images, map-style or iterable datasets of any examples -
+comes in through ``DomainSet.from_datasets`` as ``ExampleDomain``s (``gradmix.example_sources``), batched by a
+``collate_fn``; SFT losses and packing within a domain are in ``gradmix.sft``.
+
 ``DomainSet`` is a map-style torch Dataset addressed by the ``(domain_index, example_index)`` pairs the
 ``MixtureSampler`` yields, so it drops straight into a ``DataLoader(batch_sampler=...)``; its ``__getitems__`` reads
 the DataLoader's whole batch with one ``gather`` (one read per domain, not one per example).
@@ -45,6 +49,7 @@ __all__ = [
     "Domain",
     "DomainSet",
     "DomainSource",
+    "ExampleDomain",
     "GatheredExamples",
     "HFDatasetDomain",
     "StreamDomain",
@@ -251,6 +256,25 @@ class DomainSource(ABC):
         int64 and already checked to be in range. Kinds that can read straight into it override this: per call
         overhead counts when a batch holds a few examples of each of many domains."""
         out.copy_(self.take(rows))
+
+
+class ExampleDomain(DomainSource):
+    """A domain of examples of any structure (``gradmix.example_sources``: ``DatasetDomain``,
+    ``IterableDatasetDomain``), batched by the ``DomainSet``'s ``collate_fn`` instead of stacked as token windows.
+    ``examples(indices)`` returns the examples as a list, in the order asked."""
+
+    @abstractmethod
+    def examples(self, indices: np.ndarray) -> list[Any]:
+        """Examples ``indices`` as a list, in the order asked."""
+
+    @property
+    def window_tokens(self) -> int:
+        raise TypeError(f"domain {self.name!r} holds examples of any structure, not token windows: no window length")
+
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        raise TypeError(
+            f"domain {self.name!r} holds examples of any structure, not token windows: read it with examples()"
+        )
 
 
 @dataclass
@@ -706,25 +730,46 @@ class StreamDomain(DomainSource):
 
 
 class DomainSet(Dataset):
-    """The named domains of one run (any mix of kinds); ``dataset[(d, i)]`` is example i of domain d."""
+    """The named domains of one run (any mix of kinds); ``dataset[(d, i)]`` is example i of domain d.
 
-    def __init__(self, domains: Sequence[DomainSource]) -> None:
+    Two kinds of set. A set of token-window domains (the fast kind) batches by stacking windows: ``input_ids``
+    (n, T + 1), ``domain``, ``index``. A set with any ``ExampleDomain``, or built with a ``collate_fn``
+    (``from_datasets``), batches ``collate_fn(examples)`` (default ``gradmix.example_sources.pad_collate``) plus
+    ``batch["domain"]``; token-window domains in it are read as examples ``{"input_ids": w, "labels": w}``.
+    ``is_windows`` says which kind this is."""
+
+    def __init__(self, domains: Sequence[DomainSource], collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
         domains = list(domains)
         if not domains:
             raise ValueError("a DomainSet needs at least one domain")
         for d in domains:
             if not isinstance(d, DomainSource):
                 raise TypeError(
-                    f"expected domains (Domain, TokenFileDomain, HFDatasetDomain, StreamDomain), got {type(d).__name__}"
+                    f"expected domains (Domain, TokenFileDomain, HFDatasetDomain, StreamDomain, DatasetDomain, "
+                    f"IterableDatasetDomain), got {type(d).__name__}; for any dataset use DomainSet.from_datasets"
                 )
         names = [d.name for d in domains]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate domain names: {dupes}")
-        widths = {d.name: d.window_tokens for d in domains}
-        if len(set(widths.values())) > 1:
-            raise ValueError(f"domains predict different numbers of tokens per example (window): {widths}")
+        if collate_fn is not None and not callable(collate_fn):
+            raise TypeError(f"collate_fn must be callable, got {type(collate_fn).__name__}")
+        self.is_windows = collate_fn is None and not any(isinstance(d, ExampleDomain) for d in domains)
+        self.collate_fn: Callable[[list[Any]], Any] | None = None
+        if self.is_windows:
+            widths = {d.name: d.window_tokens for d in domains}
+            if len(set(widths.values())) > 1:
+                raise ValueError(f"domains predict different numbers of tokens per example (window): {widths}")
+        else:
+            from gradmix.example_sources import as_example_domain, pad_collate
+
+            domains = [as_example_domain(d.name, d) for d in domains]
+            self.collate_fn = collate_fn if collate_fn is not None else pad_collate
         self.domains = domains
+        if not self.is_windows:
+            for k, d in enumerate(domains):  # a collate_fn that cannot batch a domain fails here, naming it
+                assert isinstance(d, ExampleDomain)
+                self.collate(d.examples(np.zeros(1, dtype=np.int64)), np.full(1, k, dtype=np.int64))
 
     # -- constructors -------------------------------------------------------------------------------------------
     @classmethod
@@ -777,6 +822,62 @@ class DomainSet(Dataset):
         """Map-style HF datasets of pre-cut windows, one per domain (see ``HFDatasetDomain``)."""
         return cls([HFDatasetDomain(name, ds, column) for name, ds in datasets.items()])
 
+    @classmethod
+    def from_datasets(
+        cls,
+        datasets: Mapping[str, Any],
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        *,
+        sizes: Mapping[str, int] | None = None,
+        pack: bool = False,
+        max_length: int | None = None,
+        buffer_examples: int = 1024,
+    ) -> DomainSet:
+        """Domains of any data: ``{name: dataset}``, each map-style (``__len__`` + ``__getitem__``: a list, a torch
+        ``Dataset``, an HF ``datasets.Dataset``) or iterable (a torch or HF ``IterableDataset``, any re-iterable, a
+        callable returning a fresh iterator), with examples of any structure (see ``gradmix.example_sources``).
+
+        A batch is ``collate_fn(examples)`` - a dict (a mapping) - plus ``batch["domain"]`` (LongTensor of domain
+        indices); the default ``pad_collate`` stacks tensors and numbers and right-pads variable-length sequences
+        (``labels`` with -100) and adds an ``attention_mask``. Each domain's first example is collated once here, so
+        a ``collate_fn`` that cannot batch a domain fails now, naming it.
+
+        sizes: examples per pass of iterable datasets ({name: n}); an iterable without one is read once to count.
+        pack: pack each domain's examples (dicts with ``input_ids``, optional ``labels``) into rows of at most
+            ``max_length`` tokens, one domain per row (``gradmix.sft.PackedDataset`` / ``PackedIterable``): a row is
+            then the sampler's example, and its ``position_ids`` restart at every packed example.
+        buffer_examples: examples an iterable domain keeps for re-reads (see ``IterableDatasetDomain``).
+
+        A value that already is a domain (token windows, ``DatasetDomain``, ...) is used as it is; with
+        ``collate_fn=None`` and only token-window domains the set stays the fast token-window kind."""
+        from gradmix.example_sources import as_example_domain
+
+        if not isinstance(datasets, Mapping) or not datasets:
+            raise ValueError("from_datasets needs a non-empty {domain name: dataset} mapping")
+        sizes = dict(sizes or {})
+        unknown = sorted(set(sizes) - set(datasets))
+        if unknown:
+            raise ValueError(f"sizes names domains that are not in datasets: {unknown}")
+        if pack and (max_length is None or isinstance(max_length, bool) or int(max_length) < 1):
+            raise ValueError(f"pack=True needs max_length (tokens per packed row) >= 1, got {max_length!r}")
+        domains: list[DomainSource] = []
+        for name, ds in datasets.items():
+            _check_name(name)
+            if isinstance(ds, DomainSource) and not isinstance(ds, ExampleDomain):
+                if pack:
+                    raise ValueError(f"domain {name!r} is already token windows: it cannot be packed (pack=True)")
+                if ds.name != name:
+                    raise ValueError(f"domain {ds.name!r} is given under the name {name!r}")
+                domains.append(ds)
+                continue
+            if pack:
+                from gradmix.sft import pack_dataset
+
+                assert max_length is not None
+                ds = pack_dataset(ds, int(max_length), name=name)
+            domains.append(as_example_domain(name, ds, size=sizes.get(name), buffer_examples=buffer_examples))
+        return cls(domains, collate_fn)
+
     # -- views --------------------------------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
@@ -797,22 +898,37 @@ class DomainSet(Dataset):
 
     @property
     def window_tokens(self) -> int:
+        """Tokens predicted per example (T) of a token-window set; a ``TypeError`` for a set of examples."""
+        if not self.is_windows:
+            raise TypeError("this DomainSet holds examples of any structure (from_datasets), not token windows")
         return self.domains[0].window_tokens
 
     def __len__(self) -> int:
         return sum(self.sizes)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        """Token windows: ``{"input_ids": row, "domain": d, "index": i}``; examples: ``{"example": the example as
+        the dataset gives it, "domain": d, "index": i}``."""
         domain, index = key
+        if not self.is_windows:
+            source = self.domains[domain]
+            assert isinstance(source, ExampleDomain)
+            example = source.examples(np.asarray([index], dtype=np.int64))[0]
+            return {"example": example, "domain": int(domain), "index": int(index)}
         row = self.domains[domain].take(np.asarray([index], dtype=np.int64))[0]
         return {"input_ids": row, "domain": int(domain), "index": int(index)}
 
     def __getitems__(self, keys: Sequence[tuple[int, int]]) -> Sequence[dict[str, Any]]:
         """A DataLoader's whole batch of ``(domain, example)`` keys in one ``gather`` (torch calls this instead of
         ``__getitem__`` per key): one read per domain, not one file read, dict and stack per example. A subclass
-        with its own ``__getitem__`` is read through it, key by key, as before."""
+        with its own ``__getitem__`` is read through it, key by key, as before. For a set of examples the batch is
+        read and collated here (in the DataLoader worker, if any)."""
         if type(self).__getitem__ is not DomainSet.__getitem__:
             return [self[key] for key in keys]
+        if not self.is_windows:
+            pairs = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
+            batch, items = self._gather_examples(pairs[:, 0], pairs[:, 1])
+            return GatheredExamples(batch, items)
         return GatheredExamples(self.get_batch(keys))
 
     def get_batch(self, pairs: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
@@ -820,16 +936,21 @@ class DomainSet(Dataset):
         pairs_arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         return self.gather(pairs_arr[:, 0], pairs_arr[:, 1])
 
-    def gather(self, domains: np.ndarray, examples: np.ndarray) -> dict[str, torch.Tensor]:
+    def gather(self, domains: np.ndarray, examples: np.ndarray) -> dict[Any, Any]:
         """One batch: each domain present is read with a single ``take`` (its examples in batch order).
 
         The sampler hands batches sorted by domain, so each domain is one run of rows, read straight into its slice;
         any other order is grouped by domain first. The three tensors share one buffer, so a DataLoader worker hands
-        a batch too large for its pipe (``_PipedBatch``) over as one shared-memory block rather than three."""
+        a batch too large for its pipe (``_PipedBatch``) over as one shared-memory block rather than three.
+
+        A set of examples reads each domain's examples (``ExampleDomain.examples``, one call per domain) and returns
+        ``collate_fn(examples)`` plus ``domain``."""
         domains = np.asarray(domains, dtype=np.int64).reshape(-1)
         examples = np.asarray(examples, dtype=np.int64).reshape(-1)
         if domains.shape != examples.shape:
             raise ValueError(f"gather needs one example index per domain index, got {domains.size} and {examples.size}")
+        if not self.is_windows:
+            return self._gather_examples(domains, examples)[0]
         n, width = domains.size, self.window_tokens + 1
         if n and (int(domains.min()) < 0 or int(domains.max()) >= len(self.domains)):
             bad = int(domains[(domains < 0) | (domains >= len(self.domains))][0])
@@ -854,6 +975,90 @@ class DomainSet(Dataset):
                 rows[torch.from_numpy(where)] = self.domains[d].take(examples[where])
         return {"input_ids": rows, "domain": out_domains, "index": out_examples}
 
+    # -- sets of examples ---------------------------------------------------------------------------------------
+    def _gather_examples(self, domains: np.ndarray, examples: np.ndarray) -> tuple[dict[Any, Any], list[Any]]:
+        """The collated batch and the examples it was made of (one ``examples`` read per domain present)."""
+        k = len(self.domains)
+        if domains.size and (int(domains.min()) < 0 or int(domains.max()) >= k):
+            bad = int(domains[(domains < 0) | (domains >= k)][0])
+            raise IndexError(f"domain index {bad} is out of range for {k} domains")
+        items: list[Any] = [None] * domains.size
+        for d in dict.fromkeys(domains.tolist()):  # domains in order of first appearance
+            where = np.flatnonzero(domains == d)
+            source = self.domains[d]
+            assert isinstance(source, ExampleDomain)
+            for j, example in zip(where.tolist(), source.examples(examples[where]), strict=True):
+                items[j] = example
+        return self.collate(items, domains), items
+
+    def collate(self, items: list[Any], domains: np.ndarray | Sequence[int]) -> dict[Any, Any]:
+        """``collate_fn(items)`` as a dict plus ``domain`` (LongTensor): what a batch of a set of examples is.
+
+        A ``collate_fn`` that fails, or returns something that is not a mapping (so the domain cannot be attached),
+        or a ``domain`` field of its own, is a ``ValueError`` naming the domain (found by collating each domain's
+        examples alone when the whole batch fails)."""
+        assert self.collate_fn is not None, "collate() is for sets of examples"
+        ids = np.asarray(domains, dtype=np.int64).reshape(-1)
+        present = list(dict.fromkeys(ids.tolist()))
+
+        def where(ds: Sequence[int]) -> str:
+            names = [self.domains[d].name for d in ds]
+            return f"domain {names[0]!r}" if len(names) == 1 else f"domains {names}"
+
+        try:
+            out = self.collate_fn(items)
+        except Exception as exc:
+            for d in present:  # which domain's examples does it fail on?
+                alone = [items[j] for j in np.flatnonzero(ids == d).tolist()]
+                try:
+                    self.collate_fn(alone)
+                except Exception as inner:
+                    raise ValueError(f"{where([d])}: collate_fn failed: {type(inner).__name__}: {inner}") from inner
+            raise ValueError(
+                f"{where(present)}: collate_fn cannot batch their examples together: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(out, Mapping):
+            raise ValueError(
+                f"{where(present)}: collate_fn returned a {type(out).__name__}, not a dict: the batch must be a "
+                "mapping so that gradmix can add batch['domain']"
+            )
+        if "domain" in out:
+            raise ValueError(
+                f"{where(present)}: collate_fn returned a 'domain' field of its own; gradmix sets batch['domain'] to "
+                "the domain index: rename that field"
+            )
+        batch = dict(out)
+        batch["domain"] = torch.from_numpy(ids.copy())
+        return batch
+
+    def mean_tokens(self, sample: int = 256, seed: int = 0) -> np.ndarray:
+        """Mean real tokens per example of each domain (``gradmix.example_sources.count_tokens`` of its collated
+        examples), estimated from up to ``sample`` examples per domain: seeded random ones of a map-style domain, the
+        first ones of a stream. Token windows: exactly T each. A set whose batches carry no token counts (no
+        ``labels`` / ``attention_mask``) is a ``ValueError``."""
+        if self.is_windows:
+            return np.full(len(self.domains), float(self.window_tokens))
+        from gradmix.example_sources import count_tokens
+
+        out = np.zeros(len(self.domains))
+        for k, source in enumerate(self.domains):
+            assert isinstance(source, ExampleDomain)
+            m = min(int(sample), source.size)
+            if source.shuffle:
+                idx = np.sort(np.random.default_rng([seed, k]).choice(source.size, size=m, replace=False))
+            else:
+                idx = np.arange(m)
+            counts = count_tokens(self.collate(source.examples(idx), np.full(m, k)))
+            if counts is None:
+                raise ValueError(
+                    f"domain {source.name!r}: its batches carry no token counts (no 'labels' or 'attention_mask' "
+                    "field), so a mix in tokens cannot be set"
+                )
+            out[k] = float(counts.double().mean())
+            if not out[k] > 0:
+                raise ValueError(f"domain {source.name!r}: its examples hold no tokens (mean 0 in {m} examples)")
+        return out
+
 
 class GatheredExamples(Sequence[dict[str, Any]]):
     """A batch read by ``DomainSet.__getitems__``, handed to the DataLoader's ``collate_fn``.
@@ -862,13 +1067,16 @@ class GatheredExamples(Sequence[dict[str, Any]]):
     ``collate_fn`` sees what it always saw: a sequence of the per-example dicts ``DomainSet[(d, i)]`` gives
     (``input_ids`` row, ``domain`` and ``index`` ints), built on access."""
 
-    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
+    def __init__(self, batch: dict[Any, Any], items: list[Any] | None = None) -> None:
         self.batch = batch
+        self.items = items  # a set of examples: the examples as the datasets gave them
 
     def __len__(self) -> int:
         return int(self.batch["domain"].shape[0])
 
     def _example(self, i: int) -> dict[str, Any]:
+        if self.items is not None:
+            return {"example": self.items[i], "domain": int(self.batch["domain"][i])}
         return {
             "input_ids": self.batch["input_ids"][i],
             "domain": int(self.batch["domain"][i]),
@@ -898,9 +1106,39 @@ def collate_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.T
             "domain": torch.tensor([e["domain"] for e in examples], dtype=torch.long),
             "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
         }
-    if torch.utils.data.get_worker_info() is not None and sum(t.nbytes for t in batch.values()) <= _PIPE_MAX_BYTES:
+    if torch.utils.data.get_worker_info() is not None and _pipeable(batch):
         return _PipedBatch(batch)
     return batch
+
+
+_NUMPY_DTYPES = frozenset(
+    (
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+    )
+)
+
+
+def _pipeable(batch: Mapping[Any, Any]) -> bool:
+    """Small enough for the worker's pipe, and only tensors numpy can carry (a set of examples may hold lists,
+    strings or bfloat16)."""
+    total = 0
+    for value in batch.values():
+        if not isinstance(value, torch.Tensor) or value.dtype not in _NUMPY_DTYPES:
+            return False
+        if value.requires_grad or value.is_sparse or value.device.type != "cpu":
+            return False
+        total += value.nbytes
+    return total <= _PIPE_MAX_BYTES
 
 
 _PIPE_MAX_BYTES = 1 << 21
