@@ -6,7 +6,8 @@ implement it, and ``make_probe`` (the only place that knows all three) picks one
 
 - ``GradientProbe`` (``micro``): per-group micro-batches of the training step; works for any model.
 - ``FusedGradientProbe`` (``fused``): one forward + one backward, per-layer per-example products from module hooks
-  (``coverage``: which parameters the hooks cover; ``products``: the per-layer products); the default.
+  (``coverage``: which parameters the hooks cover, the behaviour test of norm look-alikes, the coverage report;
+  ``products``: the per-layer products; ``attention``: MultiheadAttention's recomputed factors); the default.
 - ``ShardedGradientProbe`` (``sharded``): FSDP2 models, statistics from local gradient shards.
 
 Shared pieces, written once: ``checks`` (input checks), ``scaling`` (loss divisor, backward-scale anchor),

@@ -6,16 +6,22 @@ flat in K).
 batch once (exactly what a plain step does, so ``.grad`` is the mixed batch's mean-loss gradient, bit for bit) and
 reads per-example gradient factors from module hooks:
 
-* forward hooks save each supported module's input (Linear: activations ``A``; Embedding: token ids; LayerNorm /
-  RMSNorm: the input, normalised again when needed);
+* forward hooks save each supported module's input (Linear, HF Conv1D, convolutions: activations ``A``; Embedding:
+  token ids; LayerNorm / RMSNorm: the input, normalised again when needed; GroupNorm, BatchNorm and behaviour-tested
+  norm look-alikes: the normalised input); a MultiheadAttention's hook recomputes its projections' inputs and outputs
+  (``gradmix.probe.attention``);
 * a pre-hook on the autograd node that produced the module's output captures the output gradient ``G`` (robust to
   in-place ops applied to the output afterwards, e.g. ``ReLU(inplace=True)``).
 
-Per-example gradients factor per layer: Linear weight ``g_i = sum_t G_it^T A_it``, bias ``sum_t G_it``, Embedding
-``g_i = sum_t onehot(id_it) G_it^T`` (padding rows excluded), LayerNorm/RMSNorm weight ``sum_t G_it * xhat_it``,
-LayerNorm bias ``sum_t G_it``. Per layer they are reduced at once, never stored for the whole model and never as K
-copies of the gradient, to the n x n matrix ``M_ij = <g_i, g_j>`` (n = examples of the micro-batch, summed over layers)
-and the vector ``t_i = <g_i, g_target>``. Per layer the cheaper of two exact forms is used:
+Per-example gradients factor per layer: Linear weight ``g_i = sum_t G_it^T A_it`` (HF Conv1D, weight (in, out):
+``sum_t A_it^T G_it``), bias ``sum_t G_it``, Embedding ``g_i = sum_t onehot(id_it) G_it^T`` (padding rows excluded),
+LayerNorm/RMSNorm/GroupNorm/BatchNorm weight ``sum_t G_it * xhat_it``, their bias ``sum_t G_it``, convolution weight
+``sum over output positions of G_ip (x) unfold(x_i)_p`` (computed as one convolution weight-gradient with the batch
+folded into the groups, in blocks of output channels, so the unfolded input is never materialised), attention
+in-projection ``sum_t dP_it^T x_it`` and out-projection ``sum_t G_it^T A_it``. Per layer they are reduced at once,
+never stored for the whole model and never as K copies of the gradient, to the n x n matrix ``M_ij = <g_i, g_j>``
+(n = examples of the micro-batch, summed over layers) and the vector ``t_i = <g_i, g_target>``. Per layer the
+cheaper of two exact forms is used (convolutions, grouped or not: the explicit form):
 
 * explicit: per-example gradients of a block of weight rows, ``(n, rows, d_in)`` by one batched matmul
   (``2 n T d_in d_out`` flops, the cost of the layer's weight gradient, transient memory <= ``chunk_bytes``);
@@ -44,19 +50,28 @@ group is NaN everywhere; a group whose loss is not finite in a micro-batch has N
 is untouched), like GradientProbe.
 
 Coverage. Statistics are computed over the selected parameters (``parameters=``, see ``select_parameters``) that are
-held only by supported modules - ``nn.Linear`` (weight, bias), ``nn.Embedding`` (weight; not with
-``scale_grad_by_freq``), ``nn.LayerNorm`` (weight, bias), ``nn.RMSNorm`` (weight) - of exactly those classes or
-subclasses that do not override ``forward``. At run time a parameter also drops out of coverage when a call of its
-module does not see the batch as its leading dimension (e.g. a position embedding called on ``arange(T)``), or when
-the autograd graph shows more uses of it than hooked module calls (a weight used functionally elsewhere, e.g.
-``F.linear(h, embedding.weight)``, or ``MultiheadAttention``'s ``out_proj``). What happens to uncovered parameters is
+held by supported modules (``gradmix.probe.coverage``): ``nn.Linear``, ``nn.Embedding`` (not with
+``scale_grad_by_freq``), ``nn.LayerNorm``, ``nn.RMSNorm``, HF ``Conv1D``, ``nn.Conv1d/2d/3d``, ``nn.GroupNorm``,
+``nn.BatchNorm*`` and ``nn.MultiheadAttention`` (by class: exactly those classes or subclasses that do not override
+``forward``), and LayerNorm / RMSNorm look-alikes of any class, recognised by their behaviour (output =
+normalised(input) * weight (+ bias), checked on every hooked call). At run time a parameter also drops out of
+coverage when a call of its module does not see the batch as its leading dimension (e.g. a position embedding called
+on ``arange(T)``; inside torch Transformer layers built with ``batch_first=False`` the batch is dimension 1), when
+a look-alike's output fails the behaviour test, when a MultiheadAttention's recomputation differs from its output or
+the loss uses its attention weights, or when the autograd graph shows more uses of it than hooked module calls (a
+weight used functionally elsewhere, e.g. ``F.linear(h, embedding.weight)``). What happens to uncovered parameters is
 ``uncovered=``: ``"skip"`` (statistics over the covered ones; ``skipped`` names the rest, a warning says so once),
 ``"fallback"`` (the whole measurement goes through a ``GradientProbe`` over all selected parameters, i.e. today's
 micro-batch path), ``"error"`` (ValueError/RuntimeError naming them) or ``"auto"`` (default: skip when the uncovered
 ones hold at most ``max_skipped_fraction`` of the selected scalars, else fall back). A runtime fallback costs the
-wasted forward of that one call. Limits that cannot be detected: a module whose leading dimension is not the batch
-but happens to have length n (sequence-first layouts with T == n; use batch-first modules), and losses in which
-examples interact (batch norm) - the latter is GradientProbe's assumption too.
+wasted forward of that one call. Every skip and fallback is said once (a warning naming the parameters and the
+reasons) and recorded in ``coverage_report``, which the Mixer writes into its metrics. A limit that cannot be
+detected: a module whose leading dimension is not the batch but happens to have length n (sequence-first layouts
+with T == n outside torch's Transformer layers; use batch-first modules). Examples that interact in the loss: batch
+normalisation in training mode (or without running statistics) normalises over the batch, so the per-example
+gradients the statistics are built from are each example's share of the batch gradient, not its own loss gradient;
+the probe still covers BatchNorm's parameters, keeps ``.grad`` exact (one pass over the whole batch, unlike the
+micro-batch probe, whose parts see other batch statistics), and says once that the statistics are biased.
 
 Accumulation (``final=False``) and torch.distributed. With one call per measurement the probe keeps only the n x n
 matrix. When a measurement spans micro-batches, pairs across micro-batches need the per-group gradient sums: the
@@ -84,8 +99,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradmix.probe import attention
 from gradmix.probe.checks import per_example_losses
-from gradmix.probe.coverage import static_coverage
+from gradmix.probe.coverage import (
+    Normaliser,
+    batch_coupled,
+    coupling_now,
+    coverage_report,
+    describe_uncovered,
+    match_affine,
+    sequence_first,
+    static_coverage,
+    summary_line,
+)
 from gradmix.probe.estimators import mask_gram, ratio, u_statistics, weighted
 from gradmix.probe.layout import FlatLayout, ParameterSpec, flat_dtype, is_ddp, unwrap
 from gradmix.probe.micro import GradientProbe
@@ -94,12 +120,15 @@ from gradmix.probe.products import (
     Term,
     add_gram_blocks,
     add_target_products,
+    channel_normalised,
     contribution_terms,
+    conv_row_blocks,
     element_size,
     embedding_row_blocks,
     example_blocks,
     gram_form_is_cheaper,
     small_parameter_rows,
+    uses_batch_statistics,
     weight_row_blocks,
 )
 from gradmix.probe.protocol import BackwardFn, LossFn
@@ -115,6 +144,10 @@ UNCOVERED = ("auto", "skip", "fallback", "error")
 
 FUSED_ONLY = ("uncovered", "max_skipped_fraction", "exact_global", "chunk_bytes")
 """The settings only the fused probe takes."""
+
+
+_SMALL_ROLES = {"bias", "norm", "rms", "scale", "cscale", "cbias"}
+"""Roles whose per-example gradients are computed at once (vectors the size of a norm weight or a bias)."""
 
 
 class _FallBack(Exception):
@@ -161,6 +194,8 @@ class _Call:
         self.present: list[int] = []
         self.slot: torch.Tensor | None = None  # (n,) slot of each example in ``present`` (on the device)
         self.skip: set[int] = set()  # parameters left out of this call
+        self.rng: dict[int, Any] = {}  # attention module id -> RNG state before its call (dropout replay)
+        self.stale: set[str] = set()  # modules whose kept input was modified in place before the backward
         self.blocks: torch.Tensor | None = None
 
 
@@ -242,6 +277,13 @@ class FusedGradientProbe:
         self.skip_reasons: dict[str, str] = {}
         self._fallback = False
         self._warned = False
+        self._uncovered: dict[str, str] = {}  # every reason said so far (the coverage report's)
+        self._notes: list[str] = []
+        self._report: dict[str, Any] | None = None
+        self._coupled = batch_coupled(self.module)
+        self._coupling_said = False
+        self._affine_forms: dict[int, tuple[str, str, int]] = {}  # module id -> the form its behaviour test found
+        self._sequence_first = sequence_first(self.module)
         # the flat layout (target gradient, per-group sums) is over the statically covered parameters
         self._layout = FlatLayout([(name, p) for name, p in self.selected if id(p) in uses])
         self._by_id = {id(p): (name, p, off) for name, p, off in self._layout}
@@ -275,6 +317,18 @@ class FusedGradientProbe:
         return not self._fallback
 
     @property
+    def coverage_report(self) -> dict[str, Any]:
+        """What a run records about this probe (``gradmix.probe.coverage.coverage_report``): the measuring probe and
+        mode (``fused`` / ``fused_fallback``), the hooks' coverage, the uncovered parameters grouped by reason (every
+        reason said so far, static or at run time) and notes (batch statistics). The Mixer writes it into the next
+        metrics record whenever it changes."""
+        if self._report is None:
+            mode = "fused_fallback" if self._fallback else "fused"
+            probe = "GradientProbe" if self._fallback else "FusedGradientProbe"
+            self._report = coverage_report(probe, mode, self.selected, self._uncovered, self._notes)
+        return self._report
+
+    @property
     def accumulating(self) -> bool:
         return self._session is not None or self._delegate.accumulating
 
@@ -302,10 +356,12 @@ class FusedGradientProbe:
     def _apply_policy(self, reasons: dict[str, str], at_runtime: bool) -> None:
         if not reasons:
             return
-        listing = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:6])
-        if len(reasons) > 6:
-            listing += f"; ... ({len(reasons)} in all)"
         names = dict(self.selected)
+        if len(reasons) <= 6:
+            listing = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+        else:  # grouped by reason, with counts
+            sizes = {name: names[name].numel() for name in reasons if name in names}
+            listing = f"{len(reasons)} parameter tensors: " + summary_line(describe_uncovered(reasons, sizes))
         skipped_numel = sum(names[n].numel() for n in set(reasons) | set(self.skip_reasons) if n in names)
         policy = self.uncovered
         if policy == "auto":
@@ -319,6 +375,8 @@ class FusedGradientProbe:
         if policy == "error":
             error = RuntimeError if at_runtime else ValueError
             raise error(f"FusedGradientProbe cannot cover these parameters: {listing}")
+        self._uncovered.update(reasons)
+        self._report = None
         if policy == "fallback":
             self._fallback = True
             warnings.warn(
@@ -433,6 +491,7 @@ class FusedGradientProbe:
         final call averages ``.grad`` itself (as GradientProbe's measured path does), so that a run-time fallback can
         drop the forward without leaving DDP's reducer waiting for a backward."""
         groups_cpu = groups.detach().to("cpu", torch.long).reshape(-1)
+        self._say_coupling()
         call = _Call(n, groups_cpu, self.device)
         active = self._active_params()
         active_ids = {id(p) for _, p, _ in active}
@@ -449,7 +508,14 @@ class FusedGradientProbe:
             call.slot = slot.to(self.device)
         self._call = call
         context = self.model.no_sync() if is_ddp(self.model) else contextlib.nullcontext()
-        handles = [sub.register_forward_hook(self._make_forward_hook(call, roles)) for sub, roles in modules.items()]
+        handles = []
+        for sub, roles in modules.items():
+            if isinstance(sub, nn.MultiheadAttention):  # its projections' factors are recomputed (probe.attention)
+                pre, hook = self._make_attention_hooks(call, roles)
+                handles.append(sub.register_forward_pre_hook(pre))
+                handles.append(sub.register_forward_hook(hook, with_kwargs=True))
+            else:
+                handles.append(sub.register_forward_hook(self._make_forward_hook(call, roles)))
         try:
             with context:
                 try:
@@ -509,7 +575,13 @@ class FusedGradientProbe:
             call.active = False
             self._call = None
         scale = call.scale
-        if scale is None or not usable_scale(scale) or not math.isfinite(call.factor):
+        if call.stale:
+            warnings.warn(
+                f"FusedGradientProbe: the input of a {', '.join(sorted(call.stale))} was modified in place between "
+                "its call and the backward; this measurement's statistics are NaN (.grad is unaffected)",
+                stacklevel=4,
+            )
+        if scale is None or not usable_scale(scale) or not math.isfinite(call.factor) or call.stale:
             session.poisoned |= counts > 0
             return
         self._fold_call(call, session)
@@ -521,10 +593,12 @@ class FusedGradientProbe:
             x = args[0] if args else None
             n = call.n
             problem = None
-            if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != n or output.dim() == 0:
-                problem = f"a call of its {type(module).__name__} does not see the batch as leading dimension"
-            elif output.shape[0] != n:
-                problem = f"a call of its {type(module).__name__} does not return the batch as leading dimension"
+            bdim = 1 if id(module) in self._sequence_first else 0  # torch Transformer layers, batch_first=False
+            where = "leading dimension" if bdim == 0 else "dimension 1 (sequence-first layer)"
+            if not isinstance(x, torch.Tensor) or x.dim() <= bdim or x.shape[bdim] != n or output.dim() <= bdim:
+                problem = f"a call of its {type(module).__name__} does not see the batch as {where}"
+            elif output.shape[bdim] != n:
+                problem = f"a call of its {type(module).__name__} does not return the batch as {where}"
             elif (
                 isinstance(module, nn.Embedding)
                 and x.dim() == 1
@@ -538,27 +612,164 @@ class FusedGradientProbe:
                     call.problems.setdefault(pid, problem)
                 return None
             base = output._base if (output._base is not None and output._base.numel() == output.numel()) else output
+            strided = None  # a permuted view of the base (e.g. a channels-first norm): read its gradient as such
+            if base is not output and not output.is_contiguous():
+                if base.is_contiguous():
+                    strided = (output.size(), output.stride(), output.storage_offset() - base.storage_offset())
+                else:
+                    base = output
             node = base.grad_fn
             if node is None:
                 return None
             nr = base.output_nr
             shape = output.shape
-            saved = cast(torch.Tensor, x).detach()  # a non-tensor x set ``problem`` above
-            record = {"node": node, "roles": roles}
+            # a non-tensor x set ``problem`` above
+            call_roles, normaliser, problem = self._prepare(module, cast(torch.Tensor, x), output, roles)
+            if problem:
+                for pid, _ in roles:
+                    call.problems.setdefault(pid, problem)
+                return None
+            saved = cast(torch.Tensor, x).detach()
+            version = saved._version
+            if bdim:
+                saved = saved.movedim(bdim, 0)
+            record = {"node": node, "roles": call_roles}
             call.records.append(record)
-            for pid, _ in roles:
+            for pid, _ in call_roles:
                 call.expected[pid] = call.expected.get(pid, 0) + 1  # corrected by the graph check
 
             def prehook(grad_outputs):
                 if call.active and record.get("reachable", True):
                     grad = grad_outputs[nr] if nr < len(grad_outputs) else None
-                    self._on_grad(call, module, roles, saved, grad, shape)
+                    if grad is not None and strided is not None:
+                        flat = grad.detach().contiguous()
+                        grad = flat.as_strided(strided[0], strided[1], flat.storage_offset() + strided[2])
+                    if normaliser is None:
+                        self._on_grad(call, module, call_roles, saved, grad, shape, bdim)
+                    else:
+                        recompute = (normaliser, version)
+                        self._on_normalised_grad(call, module, call_roles, saved, grad, shape, bdim, *recompute)
                 return None
 
             node.register_prehook(prehook)
             return None
 
         return hook
+
+    def _prepare(
+        self, module: nn.Module, x: torch.Tensor, output: torch.Tensor, roles: list[tuple[int, str]]
+    ) -> tuple[list[tuple[int, str]], Normaliser | None, str]:
+        """(roles of this call, normaliser, "") or ([], None, reason). The hook keeps the input (shared with the
+        activations autograd keeps); GroupNorm / BatchNorm and behaviour-tested look-alikes also get the normaliser
+        that turns it into the normalised input in the backward (their roles resolve here: ``scale``/``bias`` for
+        trailing dimensions, ``cscale``/``cbias`` for channels)."""
+        kinds = {role for _, role in roles}
+        if kinds & {"affine", "affine_bias"}:
+            form, normaliser, why = match_affine(module, x, output, self._affine_forms.get(id(module)))
+            if form is None or normaliser is None:
+                return [], None, why
+            self._affine_forms[id(module)] = form
+            channels = form[0] == "channels"
+            names = {"affine": "cscale" if channels else "scale", "affine_bias": "cbias" if channels else "bias"}
+            return [(pid, names[role]) for pid, role in roles], normaliser, ""
+        if isinstance(module, nn.modules.conv._ConvNd):
+            dims = len(module.kernel_size)
+            if x.dim() != dims + 2:
+                return [], None, f"an unbatched call of its {type(module).__name__} (input of {x.dim()} dimensions)"
+            return roles, None, ""
+        if "cscale" in kinds:
+            batch_statistics = isinstance(module, nn.GroupNorm) or uses_batch_statistics(module)
+            synced = isinstance(module, nn.SyncBatchNorm) and batch_statistics
+            if synced and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                return [], None, "its SyncBatchNorm normalises over every rank's batch (the statistics are global)"
+
+            def normaliser(t: torch.Tensor, module=module, batch_statistics=batch_statistics) -> torch.Tensor:
+                return channel_normalised(module, t, batch_statistics)
+
+            return roles, normaliser, ""
+        return roles, None, ""
+
+    def _say_coupling(self) -> None:
+        """Say once, and note in the coverage report, that batch normalisations couple the examples."""
+        if self._coupling_said or not self._coupled:
+            return
+        names = coupling_now(self._coupled)
+        if not names:
+            return
+        self._coupling_said = True
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        note = (
+            f"{len(names)} batch normalisation layer(s) ({shown}) normalise over the batch: one example's loss depends "
+            "on the other examples, so the per-example gradients behind grad_sq_norm / grad_var / alignments are "
+            "each example's share of the batch gradient, not its own loss gradient, and the per-domain statistics "
+            "are biased (.grad is still the mixed batch's exact gradient). Unbiased: BatchNorm in eval mode, or "
+            "GroupNorm / LayerNorm"
+        )
+        self._notes.append(note)
+        self._report = None
+        warnings.warn(f"FusedGradientProbe: {note}; said once", stacklevel=4)
+
+    def _make_attention_hooks(self, call: _Call, roles: list[tuple[int, str]]):
+        """A pre-hook (the RNG state before the call, when dropout is active) and a forward hook (with kwargs) that
+        recomputes the call's projections and captures its output gradient (``gradmix.probe.attention``)."""
+
+        def pre(module, args):
+            if call.active and module.training and module.dropout > 0.0:
+                call.rng[id(module)] = attention.rng_state(self.device)
+            return None
+
+        def hook(module, args, kwargs, output):
+            rng = call.rng.pop(id(module), None)
+            out = output[0] if isinstance(output, tuple) else output
+            if not call.active or not isinstance(out, torch.Tensor) or not out.requires_grad:
+                return None
+            capture, problem = attention.recompute(module, attention.bind(args, kwargs), out, call.n, rng)
+            if capture is None:
+                for pid, _ in roles:
+                    call.problems.setdefault(pid, problem)
+                return None
+            base = out._base
+            if base is None or not base.is_contiguous() or base.grad_fn is None:
+                base = out
+            node = base.grad_fn
+            if node is None:
+                return None
+            nr = base.output_nr
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            aux = [weights.grad_fn] if isinstance(weights, torch.Tensor) and weights.grad_fn is not None else []
+            record = {"node": node, "roles": roles, "aux": aux}
+            call.records.append(record)
+            for pid, _ in roles:
+                call.expected[pid] = call.expected.get(pid, 0) + 1
+            size, stride = out.size(), out.stride()
+            offset = out.storage_offset() - base.storage_offset()
+
+            def prehook(grad_outputs):
+                if call.active and record.get("reachable", True):
+                    grad = grad_outputs[nr] if nr < len(grad_outputs) else None
+                    if grad is not None and base is not out:  # the base's gradient, read in the output's layout
+                        flat = grad.detach().contiguous()
+                        grad = flat.as_strided(size, stride, flat.storage_offset() + offset)
+                    self._on_attention_grad(call, module, roles, capture, grad)
+                return None
+
+            node.register_prehook(prehook)
+            return None
+
+        return pre, hook
+
+    def _on_attention_grad(self, call, module, roles, capture, grad) -> None:
+        found: dict[int, list[Contribution]] = {}
+        if grad is not None:
+            for p, role, saved, g in attention.contributions(module, capture, grad.detach()):
+                found.setdefault(id(p), []).append((role, saved, g, module))
+        for pid, _ in roles:
+            if pid in call.skip:
+                continue
+            call.received[pid] = call.received.get(pid, 0) + 1
+            call.contribs.setdefault(pid, []).extend(found.get(pid, []))
+            if call.received[pid] >= call.expected.get(pid, 0):
+                self._process(call, cast(_Session, self._session), pid)
 
     def _graph_check(self, call: _Call, losses: torch.Tensor, active_ids: set[int]) -> dict[int, str]:
         """Count the autograd uses of each covered parameter reachable from the loss; they must equal the hooked module
@@ -582,14 +793,18 @@ class FusedGradientProbe:
                     visited.add(nxt)
                     stack.append(nxt)
         expected: dict[int, int] = {}
+        problems = {}
         for record in call.records:
             record["reachable"] = record["node"] in visited
             if record["reachable"]:
                 for pid, _ in record["roles"]:
                     expected[pid] = expected.get(pid, 0) + 1
-        problems = {}
+            if any(aux in visited for aux in record.get("aux", ())):
+                for pid, _ in record["roles"]:
+                    if pid not in call.problems:
+                        problems[pid] = "the loss uses the attention weights its MultiheadAttention returns"
         for pid in active_ids:
-            if pid in call.problems:
+            if pid in call.problems or pid in problems:
                 continue
             if edges.get(pid, 0) != expected.get(pid, 0):
                 problems[pid] = (
@@ -599,9 +814,24 @@ class FusedGradientProbe:
         call.expected = expected
         return problems
 
-    def _on_grad(self, call, module, roles, saved, grad, shape) -> None:
+    def _on_normalised_grad(self, call, module, roles, saved, grad, shape, bdim, normaliser, version) -> None:
+        """``_on_grad`` for a norm whose weight's factor is the normalised input, recomputed now from the kept input
+        (unless that input was modified in place after the call: then the call's statistics are poisoned)."""
+        if any(role in ("scale", "cscale") and pid not in call.skip for pid, role in roles):
+            if saved._version != version:
+                call.stale.add(type(module).__name__)
+                grad = None
+            else:
+                raw = saved.movedim(0, bdim) if bdim else saved
+                normalised = normaliser(raw)
+                saved = normalised.movedim(bdim, 0) if bdim else normalised
+        self._on_grad(call, module, roles, saved, grad, shape, bdim)
+
+    def _on_grad(self, call, module, roles, saved, grad, shape, bdim: int = 0) -> None:
         if grad is not None:
             grad = grad.detach().reshape(shape)
+            if bdim:  # a sequence-first layer: batch first, as the products expect
+                grad = grad.movedim(bdim, 0)
         for pid, role in roles:
             if pid in call.skip:
                 continue
@@ -629,11 +859,15 @@ class FusedGradientProbe:
             gt = session.g_target[offset : offset + p.numel()].to(dtype)
         roles = {role for role, *_ in contribs}
         with torch.no_grad():
-            if roles <= {"bias", "norm", "rms"}:  # small parameters: per-example gradients at once
+            if roles <= _SMALL_ROLES:  # small parameters: per-example gradients at once
                 per = small_parameter_rows(contribs, n, p.numel(), dtype, factor, self.device)
                 self._sink(call, session, p, offset, per, slice(None), gt)
                 return
             rows_total, cols = p.shape[0], p.numel() // p.shape[0]
+            if "conv" in roles:  # per-example rows of a convolution weight, blocks of output channels
+                for block, span in conv_row_blocks(contribs, n, rows_total, cols, dtype, factor, self.chunk_bytes):
+                    self._sink(call, session, p, offset, block, span, gt)
+                return
             terms = contribution_terms(contribs, n, rows_total, cols, dtype, factor, self.device)
             if not session.buffered and self._use_gram(call, terms, rows_total, cols, gt is not None):
                 self._gram_blocks(call, terms)

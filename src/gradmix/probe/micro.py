@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradmix.probe.checks import check_settings, per_example_losses
+from gradmix.probe.coverage import batch_coupled, coupling_now, coverage_report
 from gradmix.probe.estimators import PartAccumulator, mask_gram, ratio, weighted
 from gradmix.probe.layout import FlatLayout, ParameterSpec, flat_dtype, is_ddp, select_parameters, single_device, unwrap
 from gradmix.probe.parts import slice_batch, split_indices
@@ -114,6 +116,13 @@ class GradientProbe:
         self._layout = FlatLayout(self.named_parameters)
         self._dtype = flat_dtype(p for _, p in self.named_parameters)
         self._session: Session | None = None
+        self._coupled = batch_coupled(self.module)
+        self._notes: list[str] = []
+        self.coverage_report: dict[str, Any] = coverage_report(
+            type(self).__name__, "micro", self.named_parameters, {}, self._notes
+        )
+        """What a run records about this probe (``gradmix.probe.coverage.coverage_report``); ``make_probe`` replaces
+        it when it chose this probe because the fused hooks cover too little."""
 
     @property
     def num_probed(self) -> int:
@@ -204,7 +213,9 @@ class GradientProbe:
 
     def rebind(self, model: nn.Module) -> GradientProbe:
         """The same probe for another wrapper of the same module (a framework's DDP wrapper built after the probe)."""
-        return type(self)(model, **self.settings())
+        probe = type(self)(model, **self.settings())
+        probe.coverage_report = self.coverage_report
+        return probe
 
     @property
     def accumulating(self) -> bool:
@@ -233,7 +244,24 @@ class GradientProbe:
             run_backward(losses.sum() / divisor, run)
         session.add_losses(groups, losses)
 
+    def _say_coupling(self) -> None:
+        """Say once (and note in the coverage report) that batch normalisations see each part, not the batch."""
+        names = coupling_now(self._coupled) if self._coupled and not self._notes else []
+        if not names:
+            return
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        note = (
+            f"{len(names)} batch normalisation layer(s) ({shown}) normalise over the batch: the micro-batch passes "
+            "normalise over each part instead, so .grad is not the mixed batch's gradient and the per-domain "
+            "statistics are biased (examples are not independent). make_probe's fused probe keeps the batch whole; "
+            "BatchNorm in eval mode, GroupNorm or LayerNorm keep the examples independent"
+        )
+        self._notes.append(note)
+        self.coverage_report = {**self.coverage_report, "notes": list(self._notes)}
+        warnings.warn(f"{type(self).__name__}: {note}; said once", stacklevel=4)
+
     def _measured_backward(self, session, batch, groups, loss_fn, n, divisor, run, final) -> None:
+        self._say_coupling()
         num_groups = session.num_groups
         parts_per_group = split_indices(groups, num_groups, self.num_splits)
         session.add_losses(groups, None)

@@ -1,6 +1,13 @@
 """The fused probe's per-layer products: per-example gradients of one parameter from the factors its module hooks
-captured (Linear activations ``A`` and output gradients ``G``, Embedding ids, normalised LayerNorm/RMSNorm inputs),
-reduced at once to inner products, never stored for the whole model.
+captured (Linear activations ``A`` and output gradients ``G``, Embedding ids, normalised LayerNorm/RMSNorm inputs,
+convolution inputs), reduced at once to inner products, never stored for the whole model.
+
+Roles of a contribution (see ``gradmix.probe.coverage``): ``linear`` (weight (out, in)), ``linear_t`` (HF Conv1D,
+weight (in, out): the same term with the factors swapped), ``bias`` (sum of ``G`` over positions, channels last),
+``embed``, ``norm`` / ``rms`` (``G * xhat`` with ``xhat`` recomputed from the saved input), ``scale`` (``G * xhat``
+with the normalised input saved by the hook, channels last), ``cscale`` / ``cbias`` (the same over channel
+dimension 1: GroupNorm, BatchNorm, convolution bias) and ``conv`` (per-example weight gradients of a convolution,
+``conv_row_blocks``).
 
 A parameter's contributions become ``terms``: ``("linear", a (n, T, C), g (n, T, R))`` or ``("embed", ids (n, T),
 g (n, T, C))`` (padding rows zeroed), already multiplied by the call's factor. Two exact forms give
@@ -11,24 +18,30 @@ flop model that picks one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn import grad as nn_grad
 
 __all__ = [
     "Term",
     "add_gram_blocks",
     "add_target_products",
+    "channel_normalised",
     "contribution_terms",
+    "conv_input",
+    "conv_row_blocks",
     "element_size",
     "embedding_row_blocks",
     "example_blocks",
     "gram_form_is_cheaper",
     "normalised",
     "small_parameter_rows",
+    "uses_batch_statistics",
     "weight_row_blocks",
 ]
 
@@ -57,15 +70,43 @@ def normalised(module: nn.Module, x: torch.Tensor, role: str) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
 
 
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether a BatchNorm normalises with the statistics of the batch (training mode or no running statistics)."""
+    bn = cast(nn.modules.batchnorm._BatchNorm, module)
+    return bn.training or bn.running_mean is None or bn.running_var is None or not bn.track_running_stats
+
+
+def channel_normalised(module: nn.Module, x: torch.Tensor, batch_statistics: bool) -> torch.Tensor:
+    """The normalised input a GroupNorm / BatchNorm multiplies by its weight (channel dimension 1), as the module
+    normalised it: per example and group (GroupNorm), over the batch (BatchNorm with ``batch_statistics``, as
+    ``uses_batch_statistics`` said at its call) or with its running statistics (BatchNorm in eval mode: they do not
+    move)."""
+    x = x.detach()
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+    bn = cast(nn.modules.batchnorm._BatchNorm, module)
+    mean, var = bn.running_mean, bn.running_var
+    if batch_statistics or mean is None or var is None:
+        return F.batch_norm(x, None, None, None, None, True, 0.0, bn.eps)
+    return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), None, None, False, 0.0, bn.eps)
+
+
 def small_parameter_rows(
     contribs: Sequence[Contribution], n: int, numel: int, dtype: torch.dtype, factor: float, device: torch.device
 ) -> torch.Tensor:
     """(n, numel) per-example gradients of a bias / norm weight, all at once."""
     per = torch.zeros(n, numel, dtype=dtype, device=device)
     for role, saved, grad, module in contribs:
+        if role in ("cbias", "cscale"):  # channel dimension 1: (n, C, *spatial)
+            gc = grad.to(dtype).reshape(n, numel, -1)
+            per.add_(gc.sum(2) if role == "cbias" else (gc * saved.to(dtype).reshape(n, numel, -1)).sum(2))
+            continue
         g = grad.to(dtype).reshape(n, -1, numel)
         if role == "bias":
             per.add_(g.sum(1))
+        elif role == "scale":
+            per.add_((g * saved.to(dtype).reshape(n, -1, numel)).sum(1))
         else:
             per.add_((g * normalised(module, saved, role).to(dtype).reshape(n, -1, numel)).sum(1))
     per.mul_(factor)
@@ -87,6 +128,9 @@ def contribution_terms(
         if role == "linear":
             a = saved.to(dtype).reshape(n, -1, cols)
             terms.append(("linear", a, grad.to(dtype).reshape(n, -1, rows_total) * factor))
+        elif role == "linear_t":  # weight (in, out), y = x @ W + b: per-example x^T G, i.e. the linear term swapped
+            a = grad.to(dtype).reshape(n, -1, cols)
+            terms.append(("linear", a, saved.to(dtype).reshape(n, -1, rows_total) * factor))
         elif role == "embed":
             ids = saved.reshape(n, -1).to(device)
             g = grad.to(dtype).reshape(n, -1, cols) * factor
@@ -246,3 +290,89 @@ def add_gram_blocks(m: torch.Tensor, terms: Sequence[Term], blocks: torch.Tensor
     rows = blocks[:, :, None].expand(-1, -1, size)
     cols = blocks[:, None, :].expand(-1, size, -1)
     m.index_put_((rows.reshape(-1), cols.reshape(-1)), total.reshape(-1), accumulate=True)
+
+
+# -- convolutions ---------------------------------------------------------------------------------------------------
+
+
+def conv_input(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(input as the convolution sees it, numeric padding): a padding mode other than zeros and ``"same"`` padding
+    (asymmetric for even kernels, as torch pads it) are applied to the input, so the weight gradient needs only
+    numbers."""
+    conv = cast(nn.modules.conv._ConvNd, module)
+    dims = len(conv.kernel_size)
+    if conv.padding_mode != "zeros":
+        pads = conv._reversed_padding_repeated_twice
+        return F.pad(x, pads, mode=conv.padding_mode), (0,) * dims
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return x, (0,) * dims
+        pads = []
+        for d in reversed(range(dims)):  # F.pad lists the last dimension first
+            total = conv.dilation[d] * (conv.kernel_size[d] - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads), (0,) * dims
+    return x, tuple(int(p) for p in conv.padding)
+
+
+_WEIGHT_GRAD = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight, 3: nn_grad.conv3d_weight}
+
+
+def _conv_rows(
+    module: nn.Module, x: torch.Tensor, padding: tuple[int, ...], grad: torch.Tensor, start: int, stop: int, n: int
+) -> torch.Tensor:
+    """(n, stop - start, cols) per-example gradients of output channels [start, stop) of a convolution weight from its
+    (prepared: ``conv_input``) input: one convolution weight-gradient with the batch folded into the groups (example
+    i's channels form groups of their own), so no unfolded input is materialised. [start, stop) is aligned to the
+    module's groups."""
+    conv = cast(nn.modules.conv._ConvNd, module)
+    groups = conv.groups
+    per_group_out = conv.out_channels // groups
+    in_per_group = conv.in_channels // groups
+    first, last = (0, 1) if groups == 1 else (start // per_group_out, -(-stop // per_group_out))
+    xs = x[:, first * in_per_group : last * in_per_group] if groups > 1 else x
+    gs = grad[:, start:stop]
+    width = stop - start
+    weight_size = (n * width, in_per_group, *conv.kernel_size)
+    rows = _WEIGHT_GRAD[len(conv.kernel_size)](
+        xs.reshape(1, -1, *xs.shape[2:]),
+        weight_size,
+        gs.reshape(1, -1, *gs.shape[2:]),
+        conv.stride,
+        padding,
+        conv.dilation,
+        n * (last - first),
+    )
+    return rows.view(n, width, -1)
+
+
+def conv_row_blocks(
+    contribs: Sequence[Contribution],
+    n: int,
+    rows_total: int,
+    cols: int,
+    dtype: torch.dtype,
+    factor: float,
+    chunk_bytes: int,
+) -> Iterator[tuple[torch.Tensor, slice]]:
+    """Per-example gradients of a convolution weight (rows = output channels) in blocks of rows aligned to the
+    convolution groups, transient memory about ``chunk_bytes``: yields ((n, rows * cols) block, the row slice)."""
+    unit = 1
+    prepared = []
+    for _, saved, grad, module in contribs:
+        groups = cast(nn.modules.conv._ConvNd, module).groups
+        if groups > 1:
+            unit = math.lcm(unit, rows_total // groups)
+        x, padding = conv_input(module, saved.to(dtype))
+        prepared.append((module, x, padding, grad.to(dtype)))
+    step = max(1, chunk_bytes // max(1, n * cols * element_size(dtype)))
+    step = max(unit, step // unit * unit)
+    for start in range(0, rows_total, step):
+        stop = min(rows_total, start + step)
+        block: torch.Tensor | None = None
+        for module, x, padding, grad in prepared:
+            part = _conv_rows(module, x, padding, grad, start, stop, n)
+            block = part if block is None else block.add_(part)
+        assert block is not None  # contribs is never empty
+        block.mul_(factor)
+        yield block.reshape(n, -1), slice(start, stop)

@@ -33,7 +33,10 @@ class Probe(Protocol):
     """Runs a training step's backward so that it also yields per-group gradient statistics.
 
     Implemented by ``GradientProbe`` (micro-batch), ``FusedGradientProbe`` (one forward + one backward) and
-    ``ShardedGradientProbe`` (FSDP2); ``make_probe`` picks one for a model.
+    ``ShardedGradientProbe`` (FSDP2); ``make_probe`` picks one for a model. A probe may also carry a
+    ``coverage_report`` (a JSON-safe dict, ``gradmix.probe.coverage.coverage_report``): the Mixer writes it into its
+    next metrics record as ``probe_coverage`` whenever it changes (not part of the protocol: a probe of your own
+    need not have one).
     """
 
     model: nn.Module
