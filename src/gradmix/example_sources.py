@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from gradmix.sources import DocumentSplitError, DomainSource, ExampleDomain, _as_indices, _check_name
+from gradmix.sources import DocumentSplitError, DomainSource, ExampleDomain, as_indices, check_domain_name
 
 __all__ = [
     "PAD_VALUES",
@@ -127,7 +127,7 @@ class DatasetDomain(ExampleDomain):
     shuffle: ClassVar[bool] = True
 
     def __init__(self, name: str, dataset: Any) -> None:
-        self.name = _check_name(name)
+        self.name = check_domain_name(name)
         if dataset_kind(dataset, name) != "map":
             raise TypeError(f"domain {name!r}: {type(dataset).__name__} is not map-style (__len__ + __getitem__)")
         self.dataset = dataset
@@ -141,7 +141,7 @@ class DatasetDomain(ExampleDomain):
         return self._size
 
     def examples(self, indices: np.ndarray) -> list[Any]:
-        rows = _as_indices(indices, self._size, self.name)
+        rows = as_indices(indices, self._size, self.name)
         keys = rows.tolist()
         if self._batched and keys:
             items = list(self.dataset.__getitems__(keys))
@@ -177,7 +177,7 @@ class IterableDatasetDomain(ExampleDomain):
     shuffle: ClassVar[bool] = False
 
     def __init__(self, name: str, iterable: Any, size: int | None = None, *, buffer_examples: int = 1024) -> None:
-        self.name = _check_name(name)
+        self.name = check_domain_name(name)
         if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
             raise ValueError(f"domain {name!r}: size must be a positive integer (examples per pass) or None: {size!r}")
         if not _positive_int(buffer_examples):
@@ -219,7 +219,7 @@ class IterableDatasetDomain(ExampleDomain):
         return self._size
 
     def examples(self, indices: np.ndarray) -> list[Any]:
-        positions = _as_indices(indices, self.size, self.name)
+        positions = as_indices(indices, self.size, self.name)
         return [self._at(int(p)) for p in positions]
 
     def _at(self, position: int) -> Any:

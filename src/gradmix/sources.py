@@ -202,13 +202,14 @@ def _read_text_source(path: Path) -> list[str]:
     return [p for p in parts if p.strip()]
 
 
-def _check_name(name: Any) -> str:
+def check_domain_name(name: Any) -> str:
+    """A domain name: a non-empty string (every entry point checks it the same way)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"domain name must be a non-empty string, got {name!r}")
     return name
 
 
-def _as_indices(indices: Any, size: int, name: str) -> np.ndarray:
+def as_indices(indices: Any, size: int, name: str) -> np.ndarray:
     """Example indices as a 1-D int64 array, each in [0, size): a wrong index fails here, naming the domain,
     rather than wrapping around (negative) or failing deep inside numpy/Arrow."""
     if isinstance(indices, torch.Tensor):
@@ -286,7 +287,7 @@ class Domain(DomainSource):
     num_documents: int | None = None
 
     def __post_init__(self) -> None:
-        _check_name(self.name)
+        check_domain_name(self.name)
         if not isinstance(self.windows, torch.Tensor):
             self.windows = torch.as_tensor(np.asarray(self.windows))
         if self.windows.dim() != 2:
@@ -313,7 +314,7 @@ class Domain(DomainSource):
         return self.size * self.window_tokens
 
     def take(self, indices: np.ndarray) -> torch.Tensor:
-        return self.windows[torch.from_numpy(_as_indices(indices, self.size, self.name))]
+        return self.windows[torch.from_numpy(as_indices(indices, self.size, self.name))]
 
 
 _BIN_DTYPES = ("uint16", "uint32", "int32", "int64")
@@ -333,7 +334,7 @@ class TokenFileDomain(DomainSource):
     """
 
     def __init__(self, name: str, path: str | Path, window: int | None, dtype: Any = None) -> None:
-        self.name = _check_name(name)
+        self.name = check_domain_name(name)
         self.path = Path(path)
         where = f"token file {str(self.path)!r} (domain {name!r})"
         if not self.path.exists():
@@ -448,7 +449,7 @@ class TokenFileDomain(DomainSource):
         return self._win
 
     def take(self, indices: np.ndarray) -> torch.Tensor:
-        rows = _as_indices(indices, self._size, self.name)
+        rows = as_indices(indices, self._size, self.name)
         # one fancy index: each window is one contiguous read of the mapping, in the order asked
         return torch.from_numpy(np.asarray(self.windows[rows], dtype=np.int64))
 
@@ -483,7 +484,7 @@ class HFDatasetDomain(DomainSource):
     """
 
     def __init__(self, name: str, dataset: Any, column: str = "input_ids") -> None:
-        self.name = _check_name(name)
+        self.name = check_domain_name(name)
         import datasets as hf_datasets
 
         if isinstance(dataset, hf_datasets.IterableDataset):
@@ -519,7 +520,7 @@ class HFDatasetDomain(DomainSource):
         return self._window
 
     def take(self, indices: np.ndarray) -> torch.Tensor:
-        rows = _as_indices(indices, self._size, self.name)
+        rows = as_indices(indices, self._size, self.name)
         if rows.size == 0:
             return torch.empty((0, self._window + 1), dtype=torch.long)
         values = self.dataset[rows.tolist()][self.column]
@@ -572,7 +573,7 @@ class StreamDomain(DomainSource):
         separator: int | None = None,
         buffer_windows: int = 1024,
     ) -> None:
-        self.name = _check_name(name)
+        self.name = check_domain_name(name)
         if not isinstance(window, (int, np.integer)) or window < 1:
             raise ValueError(f"domain {name!r}: window must be an integer >= 1, got {window!r}")
         if size is not None and (not isinstance(size, (int, np.integer)) or size < 1):
@@ -616,7 +617,7 @@ class StreamDomain(DomainSource):
 
     # -- reading ------------------------------------------------------------------------------------------------
     def take(self, indices: np.ndarray) -> torch.Tensor:
-        pos = _as_indices(indices, self.size, self.name)
+        pos = as_indices(indices, self.size, self.name)
         out = torch.empty((pos.size, self._window + 1), dtype=torch.long)
         if pos.size == 0:
             return out
@@ -862,7 +863,7 @@ class DomainSet(Dataset):
             raise ValueError(f"pack=True needs max_length (tokens per packed row) >= 1, got {max_length!r}")
         domains: list[DomainSource] = []
         for name, ds in datasets.items():
-            _check_name(name)
+            check_domain_name(name)
             if isinstance(ds, DomainSource) and not isinstance(ds, ExampleDomain):
                 if pack:
                     raise ValueError(f"domain {name!r} is already token windows: it cannot be packed (pack=True)")
@@ -958,7 +959,7 @@ class DomainSet(Dataset):
         sizes = np.array([d.size for d in self.domains], dtype=np.int64)[domains]
         if n and (int(examples.min()) < 0 or bool((examples >= sizes).any())):  # checked once for the whole batch
             j = int(np.flatnonzero((examples < 0) | (examples >= sizes))[0])
-            _as_indices(examples[j : j + 1], int(sizes[j]), self.domains[int(domains[j])].name)  # raises, naming it
+            as_indices(examples[j : j + 1], int(sizes[j]), self.domains[int(domains[j])].name)  # raises, naming it
         buffer = torch.empty(n * (width + 2), dtype=torch.long)
         rows = buffer[: n * width].view(n, width)
         out_domains, out_examples = buffer[n * width : n * (width + 1)], buffer[n * (width + 1) :]
