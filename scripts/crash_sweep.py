@@ -49,6 +49,8 @@ def gradmix_cmd(config: str, out: Path, steps: int, resume: bool) -> list[str]:
         "train.eval_every=5",
         "--set",
         "mixing.log_every=1",
+        "--set",
+        "threads=1",  # compared bit for bit: "auto" may pick another count for a run killed before a checkpoint
     ]  # a checkpoint and a metrics append on every step: kills land in writes
     return cmd + (["--resume"] if resume else [])
 

@@ -7,10 +7,15 @@ tests use (tests/test_controller.py and the probe tests still carry their own co
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
+
+# `threads = "auto"` (the configs' default) follows the machine's load; the tests compare runs bit for bit, so they
+# pin what "auto" means (gradmix_kit.experiment.threads; tests/test_threads.py unsets it where it tests "auto")
+os.environ.setdefault("GRADMIX_THREADS", "1")
 
 
 def assert_probability_vector(weights, k: int) -> None:

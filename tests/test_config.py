@@ -173,7 +173,7 @@ def test_corpus_errors_are_caught_at_the_top_level(tmp_path, capsys, monkeypatch
     from gradmix_kit.corpora import CorpusError
     from gradmix_kit.experiment import runner
 
-    def broken(_cfg):
+    def broken(_cfg, progress=True):
         raise CorpusError("manifest of corpus 'domains' is corrupt;\nrebuild it")
 
     monkeypatch.setattr(runner, "prepare_data", broken)
@@ -184,7 +184,7 @@ def test_corpus_errors_are_caught_at_the_top_level(tmp_path, capsys, monkeypatch
 def test_unexpected_exceptions_keep_their_traceback(tmp_path, monkeypatch):
     from gradmix_kit.experiment import runner
 
-    def bug(_cfg):
+    def bug(_cfg, progress=True):
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(runner, "prepare_data", bug)

@@ -88,9 +88,11 @@ def test_uninterrupted_run_ranks_logs_and_checkpoints(uninterrupted) -> None:
     with open(out / "logs" / "version_0" / "metrics.csv") as fh:
         logged = list(csv.DictReader(fh))
     for name in ("code", "docs", "legal"):
-        assert f"gradmix/weight/{name}" in logged[0] and f"gradmix/train_loss/{name}" in logged[0]
-    last = [row for row in logged if row.get("gradmix/weight/code")][-1]
-    assert float(last["gradmix/weight/code"]) == pytest.approx(records[-1]["requested_weights"]["code"], rel=1e-6)
+        assert f"gradmix/requested_weights/{name}" in logged[0] and f"gradmix/train_loss/{name}" in logged[0]
+        assert f"gradmix/weights/{name}" in logged[0] and f"gradmix/weight/{name}" not in logged[0]
+    last = [row for row in logged if row.get("gradmix/requested_weights/code")][-1]
+    wanted = records[-1]["requested_weights"]["code"]
+    assert float(last["gradmix/requested_weights/code"]) == pytest.approx(wanted, rel=1e-6)
     assert float(last["gradmix/effective_domains"]) == pytest.approx(records[-1]["effective_domains"], rel=1e-6)
 
 

@@ -72,7 +72,7 @@ def test_run_writes_every_chosen_writer_alerts_and_own_metrics(tmp_path, metric_
     assert summary["eval_metrics_lower_is_better"] == ["defect_rate"]
     assert (out / "metrics.csv").is_file() and list((out / "tensorboard").glob("events.out.tfevents.*"))
     page = (out / "report.html").read_text()
-    assert "<h2>Alerts</h2>" in page and "collapse" in page
+    assert "<h2>Warnings and alerts</h2>" in page and "collapse" in page
     assert (out / "eval_metrics.png").is_file() and (out / "kpis.png").is_file()
 
     # a diagnosis next to the run shows up in its report

@@ -19,6 +19,10 @@ in the run's summary; every writer also gets ``alerts_count``.
 - ``WandbWriter``: ``wandb.log`` (extra ``gradmix[wandb]``); ``mode="offline"`` (or ``WANDB_MODE=offline``) writes a
   local run under ``dir`` that ``wandb sync`` can upload later.
 
+The integrations (HF Trainer, Lightning) hand a record's KPIs to the framework's own loggers under the same names
+with a ``gradmix/`` prefix (``kpi_scalars``: ``gradmix/weights/en``; the HF Trainer adds its ``train/``), and not at
+all when the Mixer has a TensorBoard or W&B writer of its own (``writes_scalars``): one tag per number.
+
 The optional packages are imported when such a writer is built, never by ``import gradmix``.
 """
 
@@ -38,6 +42,7 @@ import numpy as np
 from gradmix.checkpoint import atomic_write
 
 __all__ = [
+    "LOGGER_KPIS",
     "WRITER_NAMES",
     "CsvWriter",
     "JsonlWriter",
@@ -45,12 +50,27 @@ __all__ = [
     "WandbWriter",
     "flatten_record",
     "json_safe",
+    "kpi_scalars",
     "make_writers",
     "scalar_metrics",
+    "writes_scalars",
 ]
 
 WRITER_NAMES = ("jsonl", "csv", "tensorboard", "wandb")
 _LIST_FIELDS = ("alerts", "events")
+# what the integrations hand to a training framework's loggers (HF Trainer, Lightning): these fields of a record,
+# under the writers' names (``kpi_scalars``)
+LOGGER_KPIS = (
+    "weights",
+    "train_loss",
+    "weight_entropy",
+    "effective_domains",
+    "max_weight",
+    "val_loss",
+    "target_val_loss",
+    "alerts_count",
+    "events_count",
+)
 
 
 def json_safe(value: Any) -> Any:
@@ -141,6 +161,24 @@ def scalar_metrics(record: Mapping[str, Any]) -> dict[str, float]:
     for field in _LIST_FIELDS:
         out[f"{field}_count"] = float(len(record.get(field) or []))
     return out
+
+
+def kpi_scalars(record: Mapping[str, Any], prefix: str = "gradmix/") -> dict[str, float]:
+    """The KPIs of a record for a training framework's loggers: the ``scalar_metrics`` of the fields in
+    ``LOGGER_KPIS`` under the writers' own names with ``prefix`` (``gradmix/weights/en``, ``gradmix/train_loss/en``,
+    ``gradmix/weight_entropy``, ...); the alert and event counts only when not 0."""
+    out: dict[str, float] = {}
+    for name, value in scalar_metrics(record).items():
+        if name.split("/", 1)[0] not in LOGGER_KPIS or (name in ("alerts_count", "events_count") and not value):
+            continue
+        out[f"{prefix}{name}"] = value
+    return out
+
+
+def writes_scalars(writers: Sequence[Any]) -> bool:
+    """Whether these writers plot scalars themselves (TensorBoard, W&B): a framework's loggers handed the same
+    KPIs would show every number a second time, under another tag."""
+    return any(isinstance(w, (TensorBoardWriter, WandbWriter)) for w in writers)
 
 
 def _step(record: Mapping[str, Any]) -> int:
@@ -239,7 +277,10 @@ class CsvWriter:
 # -- TensorBoard --------------------------------------------------------------------------------------------------
 class TensorBoardWriter:
     """TensorBoard event files in ``log_dir``: every numeric leaf of a record as a scalar under its flattened name
-    (``weights/en``, ``val_loss/en``, ``weight_entropy``, ...) at the record's step; alerts and events as text."""
+    (``weights/en``, ``val_loss/en``, ``weight_entropy``, ...) at the record's step; alerts and events as text.
+
+    The event file is created with the first record, not when the writer is built: a Mixer (or an HF / Lightning
+    integration, which builds its Mixer before it checks the run folder) does not make its own folder look used."""
 
     def __init__(self, log_dir: str | Path, *, flush_every: int = 1, **summary_writer_kwargs: Any) -> None:
         try:
@@ -251,11 +292,15 @@ class TensorBoardWriter:
         self.log_dir = Path(log_dir)
         self.flush_every = max(1, int(flush_every))
         self._writes = 0
-        self._writer: Any = SummaryWriter(log_dir=str(self.log_dir), **summary_writer_kwargs)
+        self._make = lambda: SummaryWriter(log_dir=str(self.log_dir), **summary_writer_kwargs)
+        self._writer: Any = None
+        self._closed = False
 
     def write(self, record: Mapping[str, Any]) -> None:
-        if self._writer is None:
+        if self._closed:
             raise RuntimeError("TensorBoardWriter.write after close()")
+        if self._writer is None:
+            self._writer = self._make()
         step = _step(record)
         for name, value in scalar_metrics(record).items():
             self._writer.add_scalar(name, value, global_step=step)
@@ -269,6 +314,7 @@ class TensorBoardWriter:
             self._writer.flush()
 
     def close(self) -> None:
+        self._closed = True
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()

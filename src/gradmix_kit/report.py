@@ -840,6 +840,8 @@ def _configuration_rows(runs: Sequence[Run], groups: dict[str, list[Run]], out_d
         threads = run.config.get("threads")
         device = run.config.get("device")
         text = f"{threads} thread(s)" if threads else ("torch's default threads" if "threads" in run.config else "")
+        if threads and run.config.get("threads_requested") == "auto":
+            text += " (auto)"
         return f"{text}, device {device}" if device and text else text
 
     def data_text(run: Run) -> str:
@@ -1006,11 +1008,26 @@ def _diagnosis_sections(runs: Sequence[Run], out_dir: Path) -> list[str]:
     return sections
 
 
+def _interval_text(diagnosis: dict[str, Any], key: str) -> str:
+    bounds = diagnosis.get(key)
+    if not bounds or len(bounds) != 2:
+        return ""
+    level = diagnosis.get("confidence")
+    label = f"{level:.0%} interval" if isinstance(level, (int, float)) else "interval"
+    return f" ({label} {_format_number(bounds[0], 3)} to {_format_number(bounds[1], 3)})"
+
+
 def _diagnosis_summary_html(diagnosis: dict[str, Any]) -> str:
     rows = [
         ["verdict", str(diagnosis.get("verdict", ""))],
-        ["c (max conflict: max over pairs of -cosine, floored at 0)", _format_number(diagnosis.get("c"), 3)],
-        ["c-bar (max positive cosine)", _format_number(diagnosis.get("c_bar"), 3)],
+        [
+            "c (max conflict: max over pairs and blocks of -cosine, floored at 0)",
+            _format_number(diagnosis.get("c"), 3) + _interval_text(diagnosis, "c_interval"),
+        ],
+        [
+            "c-bar (max positive cosine)",
+            _format_number(diagnosis.get("c_bar"), 3) + _interval_text(diagnosis, "c_bar_interval"),
+        ],
         ["share of pairs with cosine < 0", _format_number(diagnosis.get("conflict_fraction"), 3)],
         [
             f"share of pairs with cosine < -{diagnosis.get('threshold', 0.1)}",
@@ -1034,15 +1051,15 @@ def _diagnosis_summary_html(diagnosis: dict[str, Any]) -> str:
 
 
 def _plot_cosine_heatmap(diagnosis: dict[str, Any], path: Path) -> Path | None:
-    """Two panels: the mean cosine over the run, and each pair's worst stretch (lowest rolling mean: what c is)."""
+    """Two panels: the cosine over the whole run, and each pair's worst block (lowest block cosine: what c is)."""
     names = diagnosis.get("domains") or []
     cosine = diagnosis.get("cosine")
     if not names or not cosine:
         return None
-    panels = [("mean over the run", cosine)]
+    panels = [("whole run", cosine)]
     if diagnosis.get("cosine_min_window"):
         window = diagnosis.get("window")
-        panels.append((f"worst stretch ({window}-step rolling mean)", diagnosis["cosine_min_window"]))
+        panels.append((f"worst block (blocks of ~{window} steps)", diagnosis["cosine_min_window"]))
     size = max(4.0, 0.6 * len(names) + 2.5)
     figure = _new_figure(size * len(panels) + 1.0, size)
     image = None
@@ -1088,10 +1105,25 @@ def _plot_cosine_over_time(diagnosis: dict[str, Any], path: Path) -> Path | None
     threshold = diagnosis.get("threshold")
     if isinstance(threshold, (int, float)):
         axes.axhline(-float(threshold), color="crimson", linewidth=0.8, linestyle="--")
+    for block in (diagnosis.get("blocks") or [])[:50]:
+        first, last = block.get("steps") or [None, None]
+        if first is None:
+            continue
+        for index, pair in enumerate(list(series)[:20]):
+            value = (block.get("cosine") or {}).get(pair)
+            lo, hi = (block.get("interval") or {}).get(pair) or [None, None]
+            if value is None or lo is None:
+                continue
+            color = f"C{index % 10}"
+            axes.plot([first, last], [value, value], color=color, linewidth=2.5, alpha=0.8)
+            axes.fill_between([first, last], [lo, lo], [hi, hi], color=color, alpha=0.12, linewidth=0)
     axes.set_ylim(-1.05, 1.05)
     axes.set_xlabel("step")
-    axes.set_ylabel("cosine (per step)")
-    axes.set_title("Per-step gradient cosines between domains (dashed: conflict threshold)")
+    axes.set_ylabel("cosine")
+    axes.set_title(
+        "Gradient cosines: per step (thin, noisy) and per block with interval (thick, shaded); dashed: threshold",
+        fontsize="medium",
+    )
     axes.grid(alpha=0.3)
     if len(series) <= 20:
         axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
@@ -1117,12 +1149,18 @@ def write_diagnosis_report(diagnosis: dict[str, Any], out_dir: str | Path, title
         _figure_html(
             heatmap,
             out,
-            "Cosine between the domains' gradients: mean over the run, and each pair's worst stretch (the basis of c)",
+            "Cosine between the domains' gradients: over the whole run, and each pair's worst block (the basis of c)",
         ),
-        _figure_html(over_time, out, "Per-step cosines (noisy: few examples per domain per step)"),
+        _figure_html(
+            over_time,
+            out,
+            "Per-step cosines (noisy: few examples per domain per step; +-1 means that step's noise exceeded its "
+            "signal) and the block estimates c and c-bar are taken from",
+        ),
         '<p class="note">c and c-bar are the constants of PiKE\'s low gradient conflict assumption '
-        "(arXiv 2502.06244): every pairwise cosine lies in [-c, c-bar]. Estimated from the mean scale-normalised "
-        "Gramian of the run; see gradmix.diagnostics for the exact estimators.</p>",
+        "(arXiv 2502.06244): every pairwise cosine lies in [-c, c-bar]. Estimated per block of steps as the ratio "
+        "of the summed Gramian entries, with simultaneous t-intervals; the verdict is 'not enough evidence' while "
+        "the interval of c straddles a threshold. See gradmix.diagnostics for the exact estimators.</p>",
     ]
     document = (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'

@@ -21,8 +21,11 @@ What it does, on top of the Trainer:
   which pushes new weights to the sampler; the next batch is drawn from them.
 - **Metrics**: the Mixer's ``metrics.jsonl`` (``step``, ``weights``, ``train_loss``, ``weight_entropy``,
   ``effective_domains``, ``max_weight``, ...) goes to ``output_dir``; the same KPIs reach the Trainer's loggers
-  (``gradmix/weight/<domain>``, ``gradmix/train_loss/<domain>``, ``gradmix/weight_entropy``, ...) on the Mixer's log
-  steps (default ``log_every = logging_steps``).
+  under the writers' names (``gradmix/weights/<domain>``, ``gradmix/train_loss/<domain>``,
+  ``gradmix/weight_entropy``, ...; ``gradmix.writers.kpi_scalars``; TensorBoard shows them as ``train/gradmix/...``)
+  on the Mixer's log steps (default ``log_every = logging_steps``) - unless the Mixer writes TensorBoard or W&B
+  itself (``mixer_options={"writers": [..., "tensorboard"]}``): then they are there once, under the Mixer's names
+  (``weights/<domain>``), not a second time through the Trainer (``log_to_trainer`` decides otherwise).
 - **Checkpoints**: every Trainer checkpoint folder gets ``gradmix_state.pt`` (the Mixer's state, written last: its
   presence marks a complete checkpoint). ``train(resume_from_checkpoint=...)`` restores the Mixer first (a checkpoint
   of another run - other domains, method, batch geometry - is a ``ValueError`` before anything else changes), drops
@@ -68,6 +71,7 @@ from gradmix.methods.base import MixingMethod
 from gradmix.probe import Probe
 from gradmix.runlock import RUN_MARKERS, RunDirError, check_run_dir
 from gradmix.sources import DomainSet, DomainSource, HFDatasetDomain
+from gradmix.writers import kpi_scalars, writes_scalars
 
 __all__ = [
     "GRADMIX_STATE_NAME",
@@ -169,20 +173,10 @@ def _trainer_step(checkpoint: Path) -> int | None:
 # -- logging -------------------------------------------------------------------------------------------------------
 
 
-def _flatten_record(record: Mapping[str, Any]) -> dict[str, float]:
-    """The KPIs of one metrics record as flat scalars for the Trainer's loggers."""
-    out: dict[str, float] = {}
-    for name, value in (record.get("weights") or {}).items():
-        out[f"gradmix/weight/{name}"] = float(value)
-    for name, value in (record.get("train_loss") or {}).items():
-        if value is not None:
-            out[f"gradmix/train_loss/{name}"] = float(value)
-    for key in ("weight_entropy", "effective_domains", "max_weight"):
-        if record.get(key) is not None:
-            out[f"gradmix/{key}"] = float(record[key])
-    if record.get("events"):
-        out["gradmix/events"] = float(len(record["events"]))
-    return out
+def _forwards_kpis(log_to_trainer: bool | None, mixer: Mixer) -> bool:
+    """Whether the KPIs go to the Trainer's loggers: as asked, else unless the Mixer plots them itself (TensorBoard,
+    W&B writers), which would show every number twice."""
+    return (not writes_scalars(mixer.writers)) if log_to_trainer is None else bool(log_to_trainer)
 
 
 # -- the callback --------------------------------------------------------------------------------------------------
@@ -208,8 +202,9 @@ class MixingCallback(TrainerCallback):
             )
         after = mixer.history[-1] if mixer.history else None
         if after is not None and after is not before:
-            self.trainer._gradmix_pending_logs.update(_flatten_record(after))
-            control.should_log = True  # the KPIs reach the loggers on the step they describe
+            if _forwards_kpis(self.trainer.gradmix_log_to_trainer, mixer):
+                self.trainer._gradmix_pending_logs.update(kpi_scalars(after))
+            control.should_log = True  # the KPIs reach the loggers on the step they describe (same on every rank)
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -244,6 +239,8 @@ class MixingTrainerMixin(_TrainerBase):
         column: the token column of ``{name: Dataset}`` domains.
         overwrite: let ``train()`` without ``resume_from_checkpoint`` start over a folder that holds a run (its
             ``metrics.jsonl`` and ``checkpoint-*`` folders are deleted); without it that is a ``ValueError``.
+        log_to_trainer: hand the KPIs to the Trainer's loggers (``gradmix/weights/<domain>``, ...). Default (None):
+            yes, unless the Mixer has a TensorBoard or W&B writer itself (one tag per number).
 
     ``args.max_steps`` must be set (the mix is an endless stream; epochs do not apply).
     """
@@ -259,6 +256,7 @@ class MixingTrainerMixin(_TrainerBase):
         per_example_loss: PerExampleLoss | None = None,
         column: str = "input_ids",
         overwrite: bool = False,
+        log_to_trainer: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("train_dataset") is not None:
@@ -327,6 +325,7 @@ class MixingTrainerMixin(_TrainerBase):
                 )
         self.mixer = mixer
         self.gradmix_overwrite = bool(overwrite)
+        self.gradmix_log_to_trainer = log_to_trainer
         self.per_example_loss = per_example_loss if per_example_loss is not None else causal_lm_loss
         self.train_dataset = mixer.domains
         self._gradmix_pending_logs: dict[str, float] = {}

@@ -27,7 +27,11 @@ What the callback does:
 * ``on_train_batch_end``: once per optimizer step (every ``accumulation_steps`` batches) ``mixer.step()``: the core's
   ``end_step`` (method update when due, KPIs, alerts), new weights into the sampler, the record into
   ``run_dir/metrics.jsonl`` (rank 0), and weights / KPIs / per-domain losses into ``pl_module.log`` (the Trainer's
-  loggers), under ``log_prefix``.
+  loggers), under ``log_prefix`` and the writers' names: every step ``gradmix/requested_weights/<domain>`` (the
+  weights the next batch is drawn from), on the Mixer's log steps the record's KPIs (``gradmix/weights/<domain>``,
+  ``gradmix/train_loss/<domain>``, ``gradmix/weight_entropy``, ...; ``gradmix.writers.kpi_scalars``). Not when the
+  Mixer writes TensorBoard or W&B itself (``writers=[..., "tensorboard"]``): each number is shown once
+  (``log_to_trainer`` decides otherwise).
 * ``state_dict`` / ``load_state_dict``: the Mixer's state goes into Lightning's checkpoints (plain Python values); on
   resume it is restored and ``metrics.jsonl`` is cut back to the checkpoint's step, so ``trainer.fit(ckpt_path=...)``
   continues exactly (the same batches, the same weights).
@@ -75,6 +79,7 @@ from gradmix.methods import MixingMethod, resolve_weight_params
 from gradmix.runlock import RunDirError, check_run_dir
 from gradmix.sources import DomainSet
 from gradmix.stats import Measurement
+from gradmix.writers import kpi_scalars, writes_scalars
 
 __all__ = ["MixingCallback", "MixingModuleMixin"]
 
@@ -101,6 +106,8 @@ class MixingCallback(Callback):
             here when ``domains`` is a ``DomainSet``); ``probe_params`` defaults to ``sync_gradients=True``
             (the probe averages gradients itself; see the module docstring).
         log_prefix: prefix of the names logged through ``pl_module.log`` (None: log nothing).
+        log_to_trainer: log the KPIs through ``pl_module.log``; default (None): yes, unless the Mixer has a
+            TensorBoard or W&B writer itself (the same numbers under a second tag).
         overwrite: a fit that does not resume may start over a ``run_dir`` that holds a run (its records are
             deleted); without it that is a ``ValueError``. Resuming is ``trainer.fit(ckpt_path=...)``.
         other keyword arguments: ``MixerConfig`` fields (``update_every``, ``accumulation_steps``, ``seed``, ...).
@@ -117,6 +124,7 @@ class MixingCallback(Callback):
         probe_params: Mapping[str, Any] | None = None,
         target: Any = None,
         log_prefix: str | None = "gradmix/",
+        log_to_trainer: bool | None = None,
         overwrite: bool = False,
         **config: Any,
     ) -> None:
@@ -137,6 +145,7 @@ class MixingCallback(Callback):
         )
         self._probe_params = {"sync_gradients": True, **dict(probe_params or {})}
         self.log_prefix = log_prefix
+        self.log_to_trainer = log_to_trainer
         self.overwrite = bool(overwrite)
         self._restored = False  # a checkpoint's gradmix state was loaded in this fit
         self.mixer: Mixer | None = None
@@ -234,18 +243,14 @@ class MixingCallback(Callback):
             return
         self._micro = 0
         weights = mixer.step()  # the core's end_step, new weights into the sampler, metrics.jsonl on rank 0
-        if self.log_prefix is None:
+        forward = (not writes_scalars(mixer.writers)) if self.log_to_trainer is None else self.log_to_trainer
+        if self.log_prefix is None or not forward:
             return
         p = self.log_prefix
-        values = {f"{p}weight/{name}": float(w) for name, w in zip(mixer.names, weights)}
+        values = {f"{p}requested_weights/{name}": float(w) for name, w in zip(mixer.names, weights)}
         record = mixer.history[-1] if mixer.history and mixer.history[-1].get("step") == mixer.step_count else None
         if record is not None:
-            for key in ("weight_entropy", "effective_domains", "max_weight"):
-                if isinstance(record.get(key), (int, float)):
-                    values[f"{p}{key}"] = float(record[key])
-            for name, loss in (record.get("train_loss") or {}).items():
-                if loss is not None:
-                    values[f"{p}train_loss/{name}"] = float(loss)
+            values.update(kpi_scalars(record, p))
         # identical on every rank: no sync needed
         pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False, batch_size=mixer.config.batch_size)
 

@@ -86,7 +86,9 @@ def add_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--write-coarse", action="store_true", help="also write OUT/coarse/<gNNNN>.jsonl")
     parser.add_argument("--overwrite", action="store_true", help="replace .jsonl files already in OUT/fine")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--quiet", "--no-progress", action="store_true", help="no progress bars (none either off a terminal)"
+    )
     parser.set_defaults(func=run_cluster)
     return parser
 
@@ -124,6 +126,7 @@ def _run_cluster(args: argparse.Namespace) -> int:
         method=args.method,
         coarse_method=args.coarse_method,
         n_init=args.n_init,
+        show_progress=show,
     )
     result.model = model_identity(embedder, None)[1]
 
@@ -140,6 +143,7 @@ def _run_cluster(args: argparse.Namespace) -> int:
         silhouette_sample=args.silhouette_sample,
         n_init=args.n_init,
         precomputed=precomputed,
+        show_progress=show,
     )
 
     hist = None

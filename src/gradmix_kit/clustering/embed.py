@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -291,13 +290,10 @@ def embed_texts(
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: no bar, same result
-        return None
-    return tqdm(total=total, desc="embedding", unit="text", file=sys.stderr)
+    """A bar on a terminal only (``gradmix_kit.progress``: not in logs or pipes, not with GRADMIX_NO_PROGRESS)."""
+    from gradmix_kit.progress import progress_bar
+
+    return progress_bar(total, "embedding", progress=enabled, unit="text", leave=True)
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:

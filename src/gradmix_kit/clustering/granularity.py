@@ -9,6 +9,7 @@ import numpy as np
 
 from gradmix_kit.clustering.errors import ClusterError
 from gradmix_kit.clustering.kmeans import Clustering, check_embeddings, check_k, cluster_embeddings
+from gradmix_kit.progress import progress_bar
 
 __all__ = ["describe_clustering", "format_report", "granularity_report"]
 
@@ -53,23 +54,31 @@ def granularity_report(
     silhouette_sample: int = 2000,
     n_init: int = 3,
     precomputed: dict[int, Clustering] | None = None,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     """Cluster at each k in ``ks`` and describe it (see ``describe_clustering``), to help choose k.
 
     Inertia always falls as k grows, so compare its elbow and the silhouette (higher is better), and watch the
     empty/singleton counts: DGA and the importance baseline over-repeat tiny clusters. ``precomputed`` reuses
-    clusterings already made (e.g. the fine level itself).
+    clusterings already made (e.g. the fine level itself). ``show_progress``: a bar over the k values, on a terminal
+    only (``gradmix_kit.progress``).
     """
     points = check_embeddings(emb)
     ks = sorted({check_k(k, points.shape[0], "report k") for k in ks})
     if not ks:
         raise ClusterError("granularity_report needs at least one k")
     rows = []
-    for k in ks:
-        clustering = (precomputed or {}).get(k) or cluster_embeddings(
-            points, k, seed=seed, method=method, n_init=n_init
-        )
-        rows.append(describe_clustering(points, clustering, seed=seed, silhouette_sample=silhouette_sample))
+    bar = progress_bar(len(ks), "granularity report", progress=show_progress, unit="k", leave=True)
+    try:
+        for k in ks:
+            bar.set_postfix_str(f"k={k}")
+            clustering = (precomputed or {}).get(k) or cluster_embeddings(
+                points, k, seed=seed, method=method, n_init=n_init
+            )
+            rows.append(describe_clustering(points, clustering, seed=seed, silhouette_sample=silhouette_sample))
+            bar.update(1)
+    finally:
+        bar.close()
     return {
         "num_texts": int(points.shape[0]),
         "seed": int(seed),

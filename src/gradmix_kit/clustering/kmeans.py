@@ -22,6 +22,7 @@ import numpy as np
 from gradmix_kit.clustering.embed import EmbedFn, embed_texts, load_embedder, model_identity
 from gradmix_kit.clustering.errors import INSTALL_HINT as _INSTALL_HINT
 from gradmix_kit.clustering.errors import ClusterError, ModelUnavailableError
+from gradmix_kit.progress import progress_bar
 
 __all__ = [
     "COARSE_METHODS",
@@ -236,6 +237,7 @@ def cluster_corpus(
       * ``"nearest"``: a separate k-means with k_coarse on all texts; each fine cluster joins the coarse centroid
         nearest to its own centroid.
     The coarse centroids returned are the size-weighted means of their fine centroids (= the mean of their texts).
+    ``show_progress``: bars for the embedding and the two k-means fits, on a terminal only (``gradmix_kit.progress``).
     """
     if embeddings is None:
         if texts is None:
@@ -261,31 +263,40 @@ def cluster_corpus(
     check_k(k_coarse, k_fine, "k_coarse (at most k_fine)")
 
     warn: list[str] = []
-    fine = cluster_embeddings(points, k_fine, seed=seed, method=method, n_init=n_init)
-    fine_labels, fine_centroids = _drop_empty(fine, "fine", warn)
-    fine_sizes = np.bincount(fine_labels, minlength=fine_centroids.shape[0]).astype(np.float64)
-    if k_coarse > fine_centroids.shape[0]:
-        raise ClusterError(
-            f"k_coarse={k_coarse} is larger than the {fine_centroids.shape[0]} non-empty fine clusters "
-            f"(k_fine={k_fine} requested); lower --coarse-k"
-        )
-
-    if coarse_method == "centroids":
-        coarse = cluster_embeddings(
-            fine_centroids, k_coarse, seed=seed, method="kmeans", n_init=n_init, sample_weight=fine_sizes
-        )
-        fine_to_coarse, _ = _drop_empty(coarse, "coarse", warn)
-    else:
-        coarse_all = cluster_embeddings(points, k_coarse, seed=seed, method=method, n_init=n_init)
-        valid = coarse_all.centroids[coarse_all.sizes > 0]
-        fine_to_coarse = assign_to_clusters(fine_centroids, valid)
-        used = np.unique(fine_to_coarse)
-        if used.size < valid.shape[0]:
-            warn.append(
-                f"coarse: {valid.shape[0] - used.size} of {k_coarse} coarse clusters got no fine cluster "
-                f"and were dropped; {used.size} remain"
+    # k-means reports no progress of its own: the bar counts the two fits and names the one running
+    bar = progress_bar(2, "k-means", progress=show_progress, unit="fit", leave=True)
+    try:
+        bar.set_postfix_str(f"fine: k={k_fine} on {points.shape[0]} texts, {n_init} restart(s)")
+        fine = cluster_embeddings(points, k_fine, seed=seed, method=method, n_init=n_init)
+        bar.update(1)
+        fine_labels, fine_centroids = _drop_empty(fine, "fine", warn)
+        fine_sizes = np.bincount(fine_labels, minlength=fine_centroids.shape[0]).astype(np.float64)
+        if k_coarse > fine_centroids.shape[0]:
+            raise ClusterError(
+                f"k_coarse={k_coarse} is larger than the {fine_centroids.shape[0]} non-empty fine clusters "
+                f"(k_fine={k_fine} requested); lower --coarse-k"
             )
-        fine_to_coarse = np.searchsorted(used, fine_to_coarse)
+
+        bar.set_postfix_str(f"coarse: k={k_coarse} ({coarse_method})")
+        if coarse_method == "centroids":
+            coarse = cluster_embeddings(
+                fine_centroids, k_coarse, seed=seed, method="kmeans", n_init=n_init, sample_weight=fine_sizes
+            )
+            fine_to_coarse, _ = _drop_empty(coarse, "coarse", warn)
+        else:
+            coarse_all = cluster_embeddings(points, k_coarse, seed=seed, method=method, n_init=n_init)
+            valid = coarse_all.centroids[coarse_all.sizes > 0]
+            fine_to_coarse = assign_to_clusters(fine_centroids, valid)
+            used = np.unique(fine_to_coarse)
+            if used.size < valid.shape[0]:
+                warn.append(
+                    f"coarse: {valid.shape[0] - used.size} of {k_coarse} coarse clusters got no fine cluster "
+                    f"and were dropped; {used.size} remain"
+                )
+            fine_to_coarse = np.searchsorted(used, fine_to_coarse)
+        bar.update(1)
+    finally:
+        bar.close()
     k_coarse_kept = int(fine_to_coarse.max()) + 1
     coarse_centroids, _ = _means(fine_centroids, fine_to_coarse, k_coarse_kept, fine_sizes)
     fine_inertia = float(np.sum((points - fine_centroids[fine_labels]) ** 2))

@@ -48,6 +48,7 @@ from gradmix_kit.corpora.store import (
     write_manifest,
 )
 from gradmix_kit.corpora.text import DEFAULT_MAX_DOC_CHARS, DEFAULT_MIN_DOC_CHARS, clean_documents, select_documents
+from gradmix_kit.progress import progress_bar
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -160,6 +161,7 @@ def build_corpus(
     languages: Sequence[str] | None = None,
     allow_apt_update: bool = True,
     fetcher: PackageFetcher | None = None,
+    progress: bool | None = True,
 ) -> Manifest:
     """Build corpus ``name`` under ``data_dir`` (default ``$GRADMIX_DATA`` or ``~/.cache/gradmix``) and return its
     manifest; a complete, checksum-valid build with the same parameters is returned without fetching anything.
@@ -174,6 +176,9 @@ def build_corpus(
             ``apt-get update`` once.
         fetcher: where packages come from; default a ``SourceFetcher`` on ``DATA/_downloads``. Any object with
             ``get(PackageSource) -> FetchedSource`` works (tests build from synthetic package trees).
+        progress: a bar over the domains on standard error while building (a first build takes minutes); shown
+            only on a terminal and without ``GRADMIX_NO_PROGRESS`` (``gradmix_kit.progress``). A cached build shows
+            nothing.
     """
     spec = _spec(name)
     params = _build_params(spec, max_docs_per_domain, max_chars_per_domain, languages)
@@ -217,10 +222,13 @@ def build_corpus(
         active = owned = SourceFetcher(root / DOWNLOADS_SUBDIR, allow_apt_update=allow_apt_update)
     else:
         active = fetcher
+    bar = progress_bar(len(domains), f"building corpus {name}", progress=progress, unit="domain", leave=True)
     try:
         for domain in domains:
+            bar.set_postfix_str(f"{domain.name}: fetching {domain.source.name}")
             source = active.get(domain.source)
             _log.info("corpus %s: domain %s from %s %s", name, domain.name, source.name, source.version)
+            bar.set_postfix_str(f"{domain.name}: extracting from {source.name} {source.version}")
             docs = clean_documents(domain.extract(source))
             if not docs:
                 raise CorpusError(
@@ -245,7 +253,9 @@ def build_corpus(
                 sha256=digest,
                 source_detail=domain.detail,
             )
+            bar.update(1)
     finally:
+        bar.close()
         if owned is not None:
             owned.close()
     manifest = Manifest(
@@ -371,6 +381,7 @@ def build_target(
     *,
     max_docs: int | None = None,
     allow_apt_update: bool = True,
+    progress: bool | None = True,
 ) -> list[str]:
     """Documents of a DGA target set (``available_targets()``), built and cached as corpus ``target_<name>``.
 
@@ -380,5 +391,5 @@ def build_target(
     if name not in TARGET_LABELS:
         raise CorpusError(f"unknown target {name!r}; available: {', '.join(TARGET_LABELS)}")
     corpus = f"target_{name}"
-    build_corpus(corpus, data_dir, max_docs_per_domain=max_docs, allow_apt_update=allow_apt_update)
+    build_corpus(corpus, data_dir, max_docs_per_domain=max_docs, allow_apt_update=allow_apt_update, progress=progress)
     return load_corpus(corpus, data_dir, max_docs_per_domain=max_docs)[name]

@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "name": "experiment",
     "seed": 0,
     "steps": 200,
-    "threads": 0,  # torch threads; 0 = torch's default
+    "threads": "auto",  # torch threads: "auto" (physical cores not busy, at least 1), a count, or 0 (torch's default)
     "device": "cpu",  # where the model trains: "cpu", "cuda", "cuda:1", "mps"
     "data": {
         "corpus": "tiny",  # tiny | multilingual | domains | ... (gradmix_kit.corpora) | a folder of <domain>.jsonl/.txt
@@ -181,6 +181,12 @@ def _list_of(item: Rule, what: str, *, optional: bool = False) -> Rule:
     return rule
 
 
+def _threads(value: Any) -> str | None:
+    if value == "auto" or (_is_int(value) and value >= 0):
+        return None
+    return '"auto" or an integer >= 0 (0: torch\'s default)'
+
+
 def _table(value: Any) -> str | None:
     return None if isinstance(value, dict) else "a table / object"
 
@@ -208,7 +214,7 @@ FIELD_RULES: dict[str, Rule] = {
     "name": _string(),
     "seed": _int(0),
     "steps": _int(1),
-    "threads": _int(0),
+    "threads": _threads,
     "device": _string(),
     "data.corpus": _string(),
     "data.data_dir": _string(optional=True),

@@ -30,6 +30,8 @@ from gradmix.writers import json_safe
 from gradmix_kit.corpora.store import resolve_data_dir
 from gradmix_kit.experiment.config import ConfigError
 from gradmix_kit.experiment.provenance import corpus_record, record_differences
+from gradmix_kit.experiment.threads import ThreadChoice, choose_threads
+from gradmix_kit.progress import progress_bar
 from gradmix_kit.signals import StopSignals
 
 RUN_FOLDER_MARKERS = (*RUN_MARKERS, "checkpoint.pt", "summary.json")
@@ -133,7 +135,9 @@ def _scalar(value: Any) -> float | None:
     return None
 
 
-def _load_corpus_texts(data_cfg: dict[str, Any]) -> tuple[dict[str, list[str]], dict[str, Any]]:
+def _load_corpus_texts(
+    data_cfg: dict[str, Any], progress: bool | None = True
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """domain -> documents: the built-in tiny corpus, a folder of ``<domain>.jsonl`` / ``<domain>.txt`` files (each
     read by ``gradmix.sources.read_documents``), or a named corpus built from registry packages."""
     from gradmix_kit import corpora
@@ -178,7 +182,7 @@ def _load_corpus_texts(data_cfg: dict[str, Any]) -> tuple[dict[str, list[str]], 
             f"data.languages is set, but corpus {corpus!r} has no languages to choose (the multilingual corpora have)"
         )
     try:
-        manifest = corpora.build_corpus(corpus, data_dir, **build)
+        manifest = corpora.build_corpus(corpus, data_dir, progress=progress, **build)
     except corpora.CorpusError as exc:
         raise ConfigError(f"data.corpus {corpus!r}: {exc}") from exc
     texts = corpora.load_corpus(corpus, data_dir, **build)
@@ -205,7 +209,7 @@ def _device(cfg: dict[str, Any]) -> torch.device:
     return device
 
 
-def _load_target_texts(data_cfg: dict[str, Any]) -> list[str]:
+def _load_target_texts(data_cfg: dict[str, Any], progress: bool | None = True) -> list[str]:
     target = data_cfg["target"]
     path = Path(str(target)).expanduser()
     if path.exists():
@@ -217,7 +221,7 @@ def _load_target_texts(data_cfg: dict[str, Any]) -> list[str]:
             f"data.target {target!r} is neither a known target set nor an existing file or folder; "
             f"known target sets: {', '.join(corpora.available_targets())}"
         )
-    return list(corpora.build_target(target, resolve_data_dir(data_cfg.get("data_dir"))))
+    return list(corpora.build_target(target, resolve_data_dir(data_cfg.get("data_dir")), progress=progress))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -285,12 +289,13 @@ def _tokenizer_for(train_texts: dict[str, list[str]], data_cfg: dict[str, Any], 
     return tokenizer
 
 
-def prepare_data(cfg: dict[str, Any]) -> PreparedData:
-    """Corpus -> split -> tokenizer -> windows (train domains, validation windows, target sets)."""
+def prepare_data(cfg: dict[str, Any], progress: bool | None = True) -> PreparedData:
+    """Corpus -> split -> tokenizer -> windows (train domains, validation windows, target sets). ``progress``: a bar
+    while a corpus is built (on a terminal only, ``gradmix_kit.progress``)."""
     from gradmix_kit.experiment.tokenizer import encode_documents
 
     data_cfg = cfg["data"]
-    texts, info = _load_corpus_texts(data_cfg)
+    texts, info = _load_corpus_texts(data_cfg, progress)
     if data_cfg.get("domains"):
         missing = [d for d in data_cfg["domains"] if d not in texts]
         if missing:
@@ -305,7 +310,7 @@ def prepare_data(cfg: dict[str, Any]) -> PreparedData:
 
     target_docs: list[str] | None = None
     if data_cfg.get("target"):
-        target_docs = _load_target_texts(data_cfg)
+        target_docs = _load_target_texts(data_cfg, progress)
         if len(target_docs) < 2:
             raise ValueError(f"target set {data_cfg['target']!r} has {len(target_docs)} document(s); need >= 2")
 
@@ -347,7 +352,7 @@ def prepare_data(cfg: dict[str, Any]) -> PreparedData:
         manifest=info.get("manifest"),
         target=target_docs,
         target_name=None if data_cfg.get("target") is None else str(data_cfg["target"]),
-        threads=cfg.get("threads"),
+        threads=None if cfg.get("threads") == "auto" else cfg.get("threads"),  # None: torch's count now in use
     )
     info.update(
         {
@@ -463,6 +468,7 @@ def run_experiment(
     write_plots: bool = True,
     stop: StopSignals | None = None,
     overwrite: bool = False,
+    threads: ThreadChoice | None = None,
 ) -> dict[str, Any]:
     """Train one model with one mixing method; write the run folder; return the summary.
 
@@ -471,7 +477,11 @@ def run_experiment(
     ``checkpoint.pt``; without one, start over) or ``overwrite`` (delete the old run's files, start over).
 
     ``stop`` (a ``StopSignals`` the caller entered): a SIGTERM / SIGINT during training ends the run at the next
-    step boundary with a checkpoint and raises ``RunInterrupted``; ``--resume`` continues from there."""
+    step boundary with a checkpoint and raises ``RunInterrupted``; ``--resume`` continues from there.
+
+    ``threads``: the thread count chosen by the caller (``gradmix compare`` chooses one for all its runs); default:
+    from the config's ``threads`` (``gradmix_kit.experiment.threads.choose_threads``; a resumed ``"auto"`` run keeps
+    the count recorded in its ``config.json``)."""
     run_dir = Path(run_dir)
     _import_plugins(cfg)
     cls = method_class(cfg["mixing"]["method"])  # an unknown name fails here, before the data is prepared
@@ -494,7 +504,14 @@ def run_experiment(
             flags=("--resume", "--overwrite"),
         )
         return _train_locked(
-            cfg, run_dir, data=data, progress=progress, resume=resume, write_plots=write_plots, stop=stop
+            cfg,
+            run_dir,
+            data=data,
+            progress=progress,
+            resume=resume,
+            write_plots=write_plots,
+            stop=stop,
+            threads=threads,
         )
     finally:
         lock.release()
@@ -509,14 +526,17 @@ def _train_locked(
     resume: bool,
     write_plots: bool,
     stop: StopSignals | None,
+    threads: ThreadChoice | None = None,
 ) -> dict[str, Any]:
     """The body of ``run_experiment``, run while the folder's lock is held."""
     from gradmix_kit.experiment.evaluation import evaluate_continuation, evaluate_loss
     from gradmix_kit.experiment.model import GPT, GPTConfig, per_example_loss
 
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    data = data or prepare_data(cfg)
+    if threads is None:
+        previous = _recorded_threads(run_dir) if resume and (run_dir / "checkpoint.pt").exists() else None
+        threads = choose_threads(cfg.get("threads", "auto"), previous=previous)
+    threads.apply()
+    data = data or prepare_data(cfg, progress=progress)
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     train_cfg, mix_cfg = cfg["train"], cfg["mixing"]
@@ -582,6 +602,9 @@ def _train_locked(
     resolved["target"] = cfg["data"].get("target")
     resolved["data_info"] = data.info
     resolved["model_parameters"] = sum(p.numel() for p in model.parameters())
+    resolved["threads"] = threads.threads  # the count in use (the numbers depend on it)
+    resolved["threads_requested"] = threads.requested
+    resolved["threads_note"] = threads.note
     write_json_atomic(run_dir / "config.json", resolved)
 
     start = 0
@@ -606,20 +629,7 @@ def _train_locked(
     steps = int(cfg["steps"])
     eval_every = int(train_cfg["eval_every"])
     iterator = range(start, steps)
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=steps,
-                initial=start,
-                desc=f"{cfg['name']}:{mix_cfg['method']}:s{seed}",
-                leave=False,
-                dynamic_ncols=True,
-            )
-        except ImportError:
-            bar = None
+    bar = progress_bar(steps, f"{cfg['name']}:{mix_cfg['method']}:s{seed}", progress=progress, initial=start)
 
     def evaluate(step: int) -> dict[str, Any]:
         out: dict[str, Any] = {"val_loss": evaluate_loss(model, data.val_windows)}
@@ -740,6 +750,7 @@ def _train_locked(
         "step_time_s": float(np.median(step_times)) if step_times else None,
         "events": len([r for r in mixer.history if r.get("events")]),
         "steps_done": mixer.step_count,
+        "threads": threads.threads,
     }
     alerts = [a for r in _read_records(metrics_path) for a in (r.get("alerts") or [])]
     summary["alerts"] = len(alerts)
@@ -767,6 +778,17 @@ def _train_locked(
         except ImportError as exc:  # matplotlib is optional
             warnings.warn(f"no plots written: {exc}", stacklevel=2)
     return summary
+
+
+def _recorded_threads(folder: Path, name: str = "config.json") -> int | None:
+    """The thread count a run (``config.json``: ``threads``) or a comparison (``corpus_record.json``:
+    ``software.torch_threads``) recorded, or None."""
+    try:
+        record = json.loads((folder / name).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    value = record.get("software", {}).get("torch_threads") if name == "corpus_record.json" else record.get("threads")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
@@ -806,7 +828,12 @@ def run_comparison(
     for method in methods:
         method_class(method_of(method))  # an unknown name fails before any training
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(cfg)
+    # one thread count for every run (runs of one count are bit-identical; the runs go one after another)
+    previous = _recorded_threads(out_dir, "corpus_record.json") if resume else None
+    threads = choose_threads(cfg.get("threads", "auto"), previous=previous)
+    threads.apply()
+    log(f"threads: {threads.note}")
+    data = prepare_data(cfg, progress=progress)
     log(f"data: {json.dumps(data.info.get('train_windows'))} train windows per domain")
     record = data.info["corpus_record"]
     write_json_atomic(out_dir / "corpus_record.json", record)
@@ -851,6 +878,7 @@ def run_comparison(
                     resume=resume,
                     stop=stop,
                     overwrite=overwrite,
+                    threads=threads,
                 )
             line = f"{name:28s} avg val {summary['avg_val_loss']:.4f}  worst {summary['worst_val_loss']:.4f}"
             if "avg_val_accuracy" in summary:
@@ -958,9 +986,8 @@ def run_diagnosis(
         raise ValueError(f"diagnose: --steps must be a positive integer, got {steps!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    data = data or prepare_data(cfg)
+    choose_threads(cfg.get("threads", "auto")).apply()
+    data = data or prepare_data(cfg, progress=progress)
     names = list(data.train.names)
     if len(names) < 2:
         raise ValueError(f"diagnose needs at least 2 domains; the config has {names}")
@@ -1018,14 +1045,16 @@ def run_diagnosis(
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if result is not None and result.gram is not None:
-            grams.append(result.gram)
+            grams.append(result)  # the Measurement: its Gramian and per-domain example counts
             measured_steps.append(step + 1)
             losses.append(result.mean_loss)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    diagnosis = diagnose(grams, names, steps=measured_steps, threshold=threshold)
+    # without training every step probes the same iterate: one block (no phases to keep apart)
+    window = max(1, len(grams)) if checkpoint is not None else None
+    diagnosis = diagnose(grams, names, steps=measured_steps, threshold=threshold, window=window)
     record = json_safe(diagnosis.to_dict())
     record.update(
         {
