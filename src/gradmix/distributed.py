@@ -16,6 +16,15 @@ agree (one collective, at construction) and raises the same one-line ``RankMisma
 each field that differs and which ranks hold which value. An error one rank hit before the check (rank 0 could not
 take the run folder) travels with the same collective, so every rank stops with it instead of waiting for a peer
 that has left.
+
+**Exit under gloo.** A gloo run that returns normally after ``destroy_process_group()`` can abort a rank at
+interpreter exit ("terminate called without an active exception", SIGABRT). This is a torch fault (2.13): once
+``torch._dynamo`` has been imported while the group exists (DDP and optimizers import it), torch keeps the group and
+its worker threads alive until the process ends. Any collective on a tensor made in Python, gradmix's statistics
+included, can leave a worker thread to release that tensor, and the thread needs the GIL for it. If that happens
+while the interpreter is finalising, CPython ends the thread inside a C++ destructor. Leave with ``os._exit`` after a
+barrier, ``destroy_process_group()`` and flushed output. docs/bad_inputs.md has the details and a reproducer without
+gradmix.
 """
 
 from __future__ import annotations

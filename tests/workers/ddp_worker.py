@@ -64,9 +64,10 @@ def main() -> None:
                 + "\n"
             )
     # every rank past its last collective, the group destroyed; then leave without the interpreter's finalisation:
-    # torch's gloo teardown aborts a rank there now and then ("terminate called without an active exception", about
-    # 1 run in 6 of this worker, also with destroy_process_group; 0 of 16 for a minimal DDP script), after all
-    # results are written. Not gradmix's state: see the closing note of issue #22.
+    # there a gloo worker thread that still releases a collective's tensor made in Python (gradmix's statistics) needs
+    # the GIL, CPython ends the thread and std::terminate aborts the rank ("terminate called without an active
+    # exception", SIGABRT; 5 of 128 runs of this worker without os._exit, more under load). A torch fault,
+    # reproduced without gradmix: docs/bad_inputs.md, "gloo: SIGABRT at interpreter exit".
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

@@ -184,6 +184,10 @@ class _Call:
         self.factor = 1.0  # divisor / backward scale: turns captured gradients into per-example loss gradients
         self.scale: float | None = None
         self.records: list[dict[str, Any]] = []  # one per hooked module call
+        # the hooks this call puts on autograd nodes, removed when it ends: a hook on a node that reaches the node back
+        # (through ``records``) is a cycle through C++ that gc never frees, and it would keep the call (its saved
+        # inputs), the probe and the model alive for the rest of the process
+        self.node_hooks: list[Any] = []
         self.problems: dict[int, str] = {}  # param id -> reason (found during the forward)
         self.expected: dict[int, int] = {}
         self.received: dict[int, int] = {}
@@ -565,7 +569,7 @@ class FusedGradientProbe:
                         call.factor = divisor / scale if usable_scale(scale) else float("nan")
                         return None
 
-                    anchored.grad_fn.register_prehook(on_scale)
+                    call.node_hooks.append(anchored.grad_fn.register_prehook(on_scale))
                     run(anchored)
             # contributions whose other uses never received a gradient (unused outputs) are complete now
             for pid in list(call.contribs):
@@ -574,6 +578,10 @@ class FusedGradientProbe:
         finally:
             call.active = False
             self._call = None
+            for handle in call.node_hooks:
+                handle.remove()
+            call.node_hooks.clear()
+            call.records.clear()
         scale = call.scale
         if call.stale:
             warnings.warn(
@@ -651,7 +659,7 @@ class FusedGradientProbe:
                         self._on_normalised_grad(call, module, call_roles, saved, grad, shape, bdim, *recompute)
                 return None
 
-            node.register_prehook(prehook)
+            call.node_hooks.append(node.register_prehook(prehook))
             return None
 
         return hook
@@ -753,7 +761,7 @@ class FusedGradientProbe:
                     self._on_attention_grad(call, module, roles, capture, grad)
                 return None
 
-            node.register_prehook(prehook)
+            call.node_hooks.append(node.register_prehook(prehook))
             return None
 
         return pre, hook
