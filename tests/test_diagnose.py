@@ -55,7 +55,7 @@ def test_a_conflict_phase_is_found_even_when_the_run_mean_is_positive():
     d = diagnose(grams, ["a", "b"])
     assert d.cosine[0][1] is not None
     assert d.cosine[0][1] > 0  # the run mean hides it ...
-    assert d.c == pytest.approx(0.6, abs=0.1) and d.verdict == "strong"  # ... the rolling window does not
+    assert d.c == pytest.approx(0.6, abs=0.1) and d.verdict == "strong"  # ... the blocks of steps do not
     assert 11 <= d.conflicting_pairs[0]["steps"][0] <= 16
 
 
@@ -147,6 +147,15 @@ def test_gradmix_diagnose_reports_conflict_and_agreement(tmp_path, kind, capsys)
         assert result["cosine"][0][1] > 0.5 and result["c_bar"] > 0.5
         assert "low-conflict assumption holds" in result["recommendation"]
     assert "Recommendation" in page and "cosine_heatmap.png" in page
+    assert result["c_interval"][0] <= result["c"] <= result["c_interval"][1] and "interval" in printed
+    # the case: 5 steps once said "low conflict" on the conflicting corpus; now: not enough evidence
+    short = tmp_path / f"short-{kind}"
+    config = tmp_path / f"{kind}.toml"
+    assert main(["diagnose", str(config), "--steps", "5", "--out", str(short), "--no-progress"]) == 0
+    result = json.loads((short / "diagnosis.json").read_text())
+    assert result["verdict"] == "not enough evidence" and result["usable_measurements"] == 5
+    assert "Not enough evidence yet (5 usable steps" in result["recommendation"]
+    assert "not enough evidence" in capsys.readouterr().out
 
 
 def test_gradmix_diagnose_from_a_checkpoint_does_not_train(tmp_path):
@@ -187,4 +196,5 @@ def test_gradmix_diagnose_from_a_checkpoint_does_not_train(tmp_path):
     )
     result = json.loads((out / "diagnosis.json").read_text())
     assert result["source"].startswith("checkpoint") and result["num_measurements"] == 3
+    assert result["window"] == 3 and len(result["blocks"]) == 1  # one iterate: one block
     assert main(["diagnose", str(config), "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2

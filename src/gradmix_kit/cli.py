@@ -123,12 +123,17 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     def show(value: Any, digits: int = 3) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
+    def interval(key: str) -> str:
+        bounds = result.get(key)
+        return f" ({result.get('confidence', 0.9):.0%} interval {bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else ""
+
     print(
-        f"gradient conflict between {len(result['domains'])} domains over {result['usable_measurements']} "
-        f"measured steps: {result['verdict']}"
+        f"gradient conflict between {len(result['domains'])} domains, {result['usable_measurements']} usable of "
+        f"{result['num_measurements']} measured steps: {result['verdict']}"
     )
     print(
-        f"c = {show(result['c'])}, c_bar = {show(result['c_bar'])}, conflicting pairs: "
+        f"c = {show(result['c'])}{interval('c_interval')}, "
+        f"c_bar = {show(result['c_bar'])}{interval('c_bar_interval')}, conflicting pairs: "
         f"{show(result['conflict_fraction'], 2)} (below -{result['threshold']:g}: "
         f"{show(result['conflict_fraction_threshold'], 2)})"
     )

@@ -36,6 +36,7 @@ __all__ = [
     "ToySetting",
     "best_static",
     "example_2_1_weights",
+    "mixer_model",
     "oracle_method",
     "random_settings",
     "run_exact",
@@ -299,25 +300,16 @@ def best_static(problem: ToyProblem, seeds: Sequence[int], grid: int = 7) -> tup
 # -- the default Mixer path --------------------------------------------------------------------------------------
 
 
-def run_mixer(
-    problem: ToyProblem,
-    method: str,
-    *,
-    seed: int,
-    update_every: int = 10,
-    method_params: Mapping[str, Any] | None = None,
-) -> ToyRun:
-    """The toy problem through ``gradmix.Mixer`` as a user runs it: a ``Linear(d, 1)`` model (its weight is theta),
-    per-example loss ``1/2 a_k lin(u_k)^2 + lin(x)``, the Mixer's own probe and schedule, plain SGD with step eta.
-
-    Each domain is a stream of example ids; example i of task k carries noise drawn from a generator seeded by
-    (seed, k, i), so the data do not depend on the mix."""
-    from gradmix import Mixer
+def mixer_model(
+    problem: ToyProblem, *, seed: int, size: int
+) -> tuple[Any, torch.nn.Module, Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]]:
+    """The Mixer path's pieces for ``problem`` (what ``run_mixer`` trains and ``diagnose_known.measure_toy``
+    probes): a ``DomainSet`` of ``size`` example ids per task, a ``Linear(d, 1)`` float64 model whose weight is
+    theta_0, and the per-example loss ``1/2 a_k lin(u_k)^2 + lin(x)``. Example i of task k carries noise drawn from
+    a generator seeded by (seed, k, i), so the data do not depend on the mix."""
     from gradmix.sources import Domain, DomainSet
 
-    s = problem.setting
-    k, d, b = s.num_tasks, problem.dim, s.batch_size
-    size = b * s.steps + b  # enough fresh examples per task for any mix
+    k, d = problem.setting.num_tasks, problem.dim
     domains = DomainSet([Domain(f"task{i}", torch.arange(size).unsqueeze(1).repeat(1, 2)) for i in range(k)])
     noise = torch.from_numpy(
         np.stack(
@@ -338,6 +330,28 @@ def run_mixer(
         ids = batch["input_ids"][:, 0].long()
         signal = net(directions[task] * root_curv[task, None]).squeeze(1)
         return 0.5 * signal**2 + net(noise[task, ids]).squeeze(1)
+
+    return domains, model, per_example_loss
+
+
+def run_mixer(
+    problem: ToyProblem,
+    method: str,
+    *,
+    seed: int,
+    update_every: int = 10,
+    method_params: Mapping[str, Any] | None = None,
+) -> ToyRun:
+    """The toy problem through ``gradmix.Mixer`` as a user runs it: a ``Linear(d, 1)`` model (its weight is theta),
+    per-example loss ``1/2 a_k lin(u_k)^2 + lin(x)``, the Mixer's own probe and schedule, plain SGD with step eta.
+
+    Each domain is a stream of example ids; example i of task k carries noise drawn from a generator seeded by
+    (seed, k, i), so the data do not depend on the mix."""
+    from gradmix import Mixer
+
+    s = problem.setting
+    k, b = s.num_tasks, s.batch_size
+    domains, model, per_example_loss = mixer_model(problem, seed=seed, size=b * s.steps + b)
 
     mixer = Mixer(
         domains,
