@@ -57,6 +57,8 @@ def method_params(name: str) -> dict[str, Any]:
         params["target_counts"] = [5, 0, 3, 1, 0]
     if name == "fixed":
         params["weights"] = [0.1, 0.2, 0.3, 0.2, 0.2]
+    if name == "schedule":
+        params["schedule"] = [(1, [0.1, 0.2, 0.3, 0.2, 0.2]), (50, [0.3, 0.1, 0.1, 0.4, 0.1])]
     return params
 
 

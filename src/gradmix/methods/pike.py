@@ -407,8 +407,9 @@ class PiKE(MixingMethod):
             jump = 0.5 * (loss - self._last_loss) ** 2
             first = self._loss_records < 2
             spread = np.where(first, jump, beta * self._loss_spread + (1.0 - beta) * jump)
+        fresh &= np.isfinite(blended)  # extreme losses overflow the pooled values: such a record is left out
         self._ema_loss[fresh] = blended[fresh]
-        has_last = fresh & np.isfinite(self._last_loss)
+        has_last = fresh & np.isfinite(self._last_loss) & np.isfinite(spread)
         self._loss_spread[has_last] = spread[has_last]
         self._loss_records[fresh] += 1
         self._last_loss[fresh] = loss[fresh]
