@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -143,17 +144,28 @@ def test_wandb_offline_run_written_and_read_back(tmp_path, monkeypatch):
     writer.close()
     assert run_dir is not None and run_dir.name.startswith("offline-run-")
     (log,) = list(run_dir.glob("*.wandb"))
-    history, summary = [], {}
-    for record in _read_wandb_records(log):
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            history.append(
-                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            )
-        elif kind == "summary":
-            summary.update(
-                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.summary.update}
-            )
+    # wandb's service process may still be writing the offline file after finish() returns on a loaded machine:
+    # read it again until the summary (written last) is there, for at most 60 s
+    deadline = time.monotonic() + 60.0
+    while True:
+        history: list[dict] = []
+        summary: dict = {}
+        for record in _read_wandb_records(log):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                history.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
+            elif kind == "summary":
+                summary.update(
+                    {
+                        item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                        for item in record.summary.update
+                    }
+                )
+        if "alerts" in summary or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert [h["_step"] for h in history] == [1, 2, 3]
     assert [h["weights/en"] for h in history] == [0.5, 0.6, 0.7]
     assert history[1]["val_loss/de"] == 2.4 and history[1]["alerts_count"] == 1
