@@ -243,7 +243,7 @@ def test_variance_term_penalises_noisy_domain():
 
 
 def test_invalid_domain_keeps_its_weight_exactly():
-    method = PiKE(3, zeta1=0.5, zeta2=1.0, stats_ema=0.5, max_log_step=0.4)
+    method = PiKE(3, zeta1=0.5, zeta2=1.0, stats_ema=0.5, max_log_step=0.4, reuse_pooled=False)
     before = method.update(stats([1.0, 2.0, 3.0], [10.0, 20.0, 60.0]))
     for bad in (np.nan, np.inf, -np.inf):
         after = method.update(stats([4.0, bad, 1.0], [3.0, 5.0, 2.0]))
@@ -253,6 +253,24 @@ def test_invalid_domain_keeps_its_weight_exactly():
         before = after
     after = method.update(stats([4.0, 2.0, 1.0], [3.0, np.nan, 2.0]))  # NaN variance: same rule
     assert after[1] == pytest.approx(before[1], rel=1e-12)
+
+
+def test_unmeasured_domain_takes_part_with_its_pooled_statistics():
+    """Default: a domain measured before but missing now is compared on its pooled statistics, not frozen; one
+    never measured keeps its weight exactly."""
+    method = PiKE(3, min_examples_per_domain=0, min_batch_per_domain=0, uniform_mix=0.0)
+    method.update(stats([1.0, 1.0, np.nan], [1.0, 1.0, np.nan]))
+    never = method.weights[2]
+    assert method.update(stats([1.0, 1.0, np.nan], [1.0, 1.0, np.nan]))[2] == pytest.approx(never, rel=1e-12)
+    # domain 1's pooled gain is far above domain 0's: missing this time, it still draws weight from domain 0
+    method = PiKE(2, min_examples_per_domain=0, min_batch_per_domain=0, uniform_mix=0.0, shrinkage=False)
+    method.update(stats([1.0, 9.0], [0.1, 0.1]))
+    before = method.weights
+    after = method.update(stats([1.0, np.nan], [0.1, np.nan]))
+    assert after[1] >= before[1] - 1e-12 and after[1] > 0.5
+    frozen = PiKE(2, min_examples_per_domain=0, min_batch_per_domain=0, uniform_mix=0.0, reuse_pooled=False)
+    kept = frozen.update(stats([1.0, 9.0], [0.1, 0.1]))[1]
+    assert frozen.update(stats([1.0, np.nan], [0.1, np.nan]))[1] == pytest.approx(kept, rel=1e-12)
 
 
 def test_no_valid_domain_skips_update():

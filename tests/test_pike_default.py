@@ -298,3 +298,58 @@ def test_loss_tilt_state_round_trips_and_a_crafted_spread_is_refused():
     state["loss_spread"] = [0.1, -1.0, 0.1]
     with pytest.raises(ValueError, match=r"loss_spread\[1\] is -1.0; it must be >= 0"):
         PiKE(3).load_state_dict(state)
+
+
+def test_pooled_measurements_weigh_each_estimate_by_its_precision():
+    """Two measurements of one interval, 2 and 10 examples: ||g||^2-hat weighted by pairs (2 vs 90), sigma^2-hat by
+    n - 1 (1 vs 9); grad_examples is the n of one batch with the same pairs (n (n - 1) = 92)."""
+    from gradmix.stats import Measurement, pool_measurements
+
+    def measured(n: float, sq: float, var: float) -> Measurement:
+        return Measurement(
+            loss=np.array([1.0]), examples=np.array([n]), mean_loss=1.0, grad_sq_norm=np.array([sq]),
+            grad_var=np.array([var]),
+        )  # fmt: skip
+
+    pooled = pool_measurements([measured(2, 10.0, 4.0), measured(10, 1.0, 2.0)], step=20, batch_size=12)
+    assert pooled.grad_sq_norm is not None and pooled.grad_var is not None and pooled.grad_examples is not None
+    assert pooled.grad_sq_norm[0] == pytest.approx((2 * 10.0 + 90 * 1.0) / 92)
+    assert pooled.grad_var[0] == pytest.approx((1 * 4.0 + 9 * 2.0) / 10)
+    n_eff = pooled.grad_examples[0]
+    assert n_eff * (n_eff - 1) == pytest.approx(92.0)
+    assert pooled.examples is not None and pooled.examples[0] == 12  # counts stay counts
+
+
+def test_core_measures_several_steps_when_one_batch_is_too_small_for_pike():
+    from gradmix.core import MixingCore
+
+    def probe_every(batch_size: int, k: int, **given) -> int | None:
+        core = MixingCore(make_method("pike", k), [f"d{i}" for i in range(k)], batch_size=batch_size,
+                          update_every=10, **given)  # fmt: skip
+        return core.schedule.probe_every
+
+    assert probe_every(64, 4) == 10  # 16 per domain in one batch: one measuring step
+    assert probe_every(12, 5) == 5  # 20 wanted, 12 per batch: 2 measurements
+    assert probe_every(10, 5) == 5  # exactly 2 batches
+    assert probe_every(8, 4) == 5  # 16 wanted: 2 batches of 8
+    assert probe_every(10, 4, probe_every=10) == 10  # the user's choice stays
+    assert probe_every(4, 4) == 10  # 1 per batch: the mix cannot be realised, nothing to measure for
+    assert probe_every(16, 3) == 10
+    assert probe_every(64, 4) == probe_every(64, 4)
+    assert MixingCore(make_method("uniform", 8), [f"d{i}" for i in range(8)], batch_size=8).schedule.probe_every is None
+
+
+def test_identical_domains_with_noisy_losses_near_zero_keep_the_tilt_at_one():
+    """Losses around 0 with noise (a converged objective measured per batch): the joint test sees no difference
+    between the domains, so the tilt stays 1 and the weights stay uniform; one domain clearly higher moves it."""
+    rng = np.random.default_rng(0)
+    method = PiKE(5)
+    for step in range(30):
+        g, v, n = [1.0] * 5, [0.5] * 5, [16] * 5
+        weights = method.update(_with_loss(record(g, v, n, batch_size=80, step=step), rng.normal(0.0, 0.05, 5)))
+    np.testing.assert_allclose(weights, np.full(5, 0.2), atol=1e-12)
+    high = PiKE(5)
+    for step in range(30):
+        losses = rng.normal(0.0, 0.05, 5) + np.array([1.0, 0, 0, 0, 0])
+        weights = high.update(_with_loss(record([1.0] * 5, [0.5] * 5, [16] * 5, batch_size=80, step=step), losses))
+    assert weights[0] > 0.3

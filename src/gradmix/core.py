@@ -20,7 +20,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -85,6 +85,18 @@ class Schedule:
             return False
         next_update = math.ceil(step / self.update_every) * self.update_every
         return self.update_due(next_update)
+
+
+def auto_probe_every(schedule: Schedule, method: MixingMethod, batch_size: int) -> int:
+    """The default ``probe_every``: the largest divisor of ``update_every`` whose measurements of one interval add
+    up to the examples the method wants per update (``examples_to_measure``); ``update_every`` (one measuring step)
+    when one batch is enough, 1 (every step) when even that falls short. Small batches are cheap to measure."""
+    wanted = int(method.examples_to_measure(batch_size))
+    every = schedule.update_every
+    if wanted <= batch_size:
+        return every
+    divisors = [d for d in range(every, 0, -1) if every % d == 0]
+    return next((d for d in divisors if (every // d) * batch_size >= wanted), 1)
 
 
 @dataclass(frozen=True)
@@ -241,6 +253,8 @@ class MixingCore:
         self.on_alert = on_alert
         self.tokens_per_example = tokens_per_example
         self.needs_gradients = bool(method.required_stats & GRADIENT_STATS)
+        if self.needs_gradients and self.schedule.probe_every is None:
+            self.schedule = replace(self.schedule, probe_every=auto_probe_every(self.schedule, method, self.batch_size))
         self.step_count = 0
         k = len(self.names)
         self._per_domain = method.num_stat_groups == k and method.probe_groups() is None

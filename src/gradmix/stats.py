@@ -23,6 +23,7 @@ _VECTOR_FIELDS = (
     "loss",
     "tokens",
     "examples",
+    "grad_examples",
     "grad_sq_norm",
     "grad_var",
     "target_alignment",
@@ -42,6 +43,9 @@ class DomainStats:
         loss: mean training loss per domain.
         tokens: tokens seen per domain in the interval.
         examples: examples the estimates for each domain were computed from.
+        grad_examples: for statistics pooled from several measurements, the number of examples one batch would need
+            to give ``grad_sq_norm`` and ``grad_var`` the same precision (None: ``examples``); methods that weigh
+            the statistics by their noise use it.
         batch_size: global batch size b (PiKE's variance term is scaled by 1/(2b)).
         grad_sq_norm: unbiased estimate of ||grad L_k||^2 (squared norm of the domain's mean gradient).
         grad_var: unbiased estimate of sigma_k^2, the trace of the per-sample gradient covariance of domain k.
@@ -56,6 +60,7 @@ class DomainStats:
     loss: np.ndarray | None = None
     tokens: np.ndarray | None = None
     examples: np.ndarray | None = None
+    grad_examples: np.ndarray | None = None
     batch_size: int | None = None
     grad_sq_norm: np.ndarray | None = None
     grad_var: np.ndarray | None = None
@@ -236,15 +241,34 @@ def pool_measurements(measurements: list[Measurement], step: int, batch_size: in
     counts = np.sum([c for _, c in sums], axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         out["loss"] = np.where(counts > 0, loss_sum / np.where(counts > 0, counts, 1.0), np.nan)
+    # Unbiased per-domain estimates from small groups are weighted by their precision: ||g||^2-hat by its pairs
+    # n (n - 1) (its noise is ~ 2 sigma^4 / (n (n - 1))), sigma^2-hat by n - 1; a plain mean would let a measurement
+    # with 2 examples count as much as one with 20. The other statistics are averaged.
+    per_measurement = np.stack([np.asarray(m.examples, dtype=np.float64) for m in measurements])
+    precision = {
+        "grad_sq_norm": per_measurement * (per_measurement - 1.0),
+        "grad_var": per_measurement - 1.0,
+    }
+    pairs = None
     for key in ("grad_sq_norm", "grad_var", "target_alignment", "gram"):
         values = [getattr(m, key) for m in measurements if getattr(m, key) is not None]
         if values:
             stacked = np.stack(values)
             with np.errstate(invalid="ignore"):
                 finite = np.isfinite(stacked)
+                if key in precision and len(values) == len(measurements):
+                    weight = np.where(finite, np.maximum(precision[key], 0.0), 0.0)
+                    total = np.where(finite, stacked, 0.0) * weight
+                    mass = weight.sum(axis=0)
+                    out[key] = np.where(mass > 0, total.sum(axis=0) / np.where(mass > 0, mass, 1.0), np.nan)
+                    if key == "grad_sq_norm":
+                        pairs = mass
+                    continue
                 total = np.where(finite, stacked, 0.0).sum(axis=0)
                 n = finite.sum(axis=0)
                 out[key] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+    if pairs is not None:  # n_eff (n_eff - 1) = sum of the pairs behind the pooled ||g||^2-hat
+        out["grad_examples"] = 0.5 + np.sqrt(0.25 + pairs)
     target_losses = [m.target_loss for m in measurements if m.target_loss is not None]
     return DomainStats(
         step=step,

@@ -341,6 +341,7 @@ def run_mixer(
     seed: int,
     update_every: int = 10,
     method_params: Mapping[str, Any] | None = None,
+    probe_every: int | None = None,
 ) -> ToyRun:
     """The toy problem through ``gradmix.Mixer`` as a user runs it: a ``Linear(d, 1)`` model (its weight is theta),
     per-example loss ``1/2 a_k lin(u_k)^2 + lin(x)``, the Mixer's own probe and schedule, plain SGD with step eta.
@@ -359,6 +360,7 @@ def run_mixer(
         b,
         model=model,
         update_every=update_every,
+        probe_every=probe_every,
         seed=seed,
         method_params=method_params,
         log_every=10**9,

@@ -279,6 +279,12 @@ class MixingMethod(ABC):
         """
         return None
 
+    def examples_to_measure(self, batch_size: int) -> int:
+        """Examples the gradient statistics of one update should be pooled from (0: one measuring batch is enough).
+        When one batch of ``batch_size`` has fewer, the core measures several steps of each update interval (unless
+        the user set ``probe_every``)."""
+        return 0
+
     @property
     def num_stat_groups(self) -> int:
         groups = self.probe_groups()

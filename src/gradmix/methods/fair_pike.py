@@ -77,6 +77,11 @@ class FairPiKE(PiKE):
         assert stats.loss is not None  # update() has already run stats.require(required_stats)
         return super()._valid_domains(stats) & np.isfinite(stats.loss)
 
+    def _can_reuse(self, stats: DomainStats) -> np.ndarray:
+        """The tilt needs this batch's loss: a domain without one cannot stand in with pooled statistics."""
+        assert stats.loss is not None  # required by Fair-PiKE
+        return np.isfinite(np.asarray(stats.loss, dtype=np.float64))
+
     def _domain_tilt(self, stats: DomainStats, valid: np.ndarray) -> np.ndarray:
         """y_k / mean(y) = n_valid * softmax(tau L)_k over the valid domains (0 elsewhere), raised to tilt_power."""
         if self.tau == 0.0:

@@ -12,7 +12,7 @@ Three named variants (``variant=``), each a set of defaults for the parameters b
 - ``"gradmix"`` (default): the bound itself, minimised on the simplex (``water_filling``, the conceptual form, so the
   self-limiting term kappa_k is kept), fed statistics pooled over updates and shrunk by their standard errors, with
   the unknown L*eta averaged over a range, the gain tilted by each domain's relative loss, mixed with uniform, and
-  held still when the batch has fewer than 4 examples per domain. See ``PiKE`` for each piece and why.
+  held still when the statistics or the batch have too few examples per domain. See ``PiKE`` for each piece.
 - ``"paper"``: Algorithm 1 literally: ``w_k <- w_k exp(zeta1 ||grad L_k||^2 - (zeta2 / 2b) sigma_k^2)`` on the raw
   statistics, renormalised; no normaliser, EMA, clip, floor or shrinkage.
 - ``"conceptual"``: the paper's conceptual PiKE: the bound minimised with known constants ``lr`` and ``smoothness``
@@ -37,7 +37,7 @@ import numpy as np
 from gradmix.methods.base import MixingMethod, normalize_log_weights
 from gradmix.stats import DomainStats, StatsError
 
-__all__ = ["PiKE", "shrink_to_mean", "water_filling"]
+__all__ = ["PiKE", "homogeneity_shrinkage", "shrink_to_mean", "water_filling"]
 
 # kappa below this fraction of the problem's scale is treated as exactly 0 (its reciprocal would overflow).
 _KAPPA_ZERO = 1e-280
@@ -178,6 +178,8 @@ _RAW_STATISTICS: dict[str, Any] = {
     "lr_smoothness": None,
     "loss_tilt": 0.0,
     "min_examples_per_domain": 0.0,
+    "min_batch_per_domain": 0.0,
+    "reuse_pooled": False,
 }
 _VARIANTS: dict[str, dict[str, Any]] = {
     "gradmix": {
@@ -189,6 +191,8 @@ _VARIANTS: dict[str, dict[str, Any]] = {
         "lr_smoothness": (0.5, 1.0, 2.0),
         "loss_tilt": 1.0,
         "min_examples_per_domain": 4.0,
+        "min_batch_per_domain": 2.0,
+        "reuse_pooled": True,
     },
     "paper": {**_RAW_STATISTICS, "mode": "practical"},
     "conceptual": {**_RAW_STATISTICS, "mode": "conceptual"},
@@ -216,6 +220,24 @@ def shrink_to_mean(values: np.ndarray, variances: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(shrunk), shrunk, values)
 
 
+def homogeneity_shrinkage(values: np.ndarray, variances: np.ndarray, evidence: float) -> float:
+    """One factor in [0, 1] for all deviations from the mean: ``max(0, 1 - evidence (K - 1) / Q)`` with
+    ``Q = sum_k (x_k - m)^2 / v_k``, a positive-part James-Stein factor. Q is about K - 1 when the entries differ by
+    noise alone, so with ``evidence = 2`` equal entries measured with noise stay equal unless Q reaches twice that
+    (per-entry shrinkage lets about a third of pure-noise deviations through in part). 0 = no test (factor 1)."""
+    if evidence == 0.0:
+        return 1.0
+    deviation = values - float(np.mean(values))
+    if not np.any(deviation != 0):
+        return 0.0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        terms = np.where(deviation == 0, 0.0, deviation * deviation / np.nan_to_num(variances, nan=0.0))
+        statistic = float(np.sum(terms))
+    if not math.isfinite(statistic):  # a deviation with no noise at all: certain
+        return 1.0
+    return max(0.0, 1.0 - evidence * (values.size - 1) / statistic)
+
+
 class PiKE(MixingMethod):
     """PiKE: per-domain sampling weights from squared gradient norms and gradient variances.
 
@@ -239,14 +261,23 @@ class PiKE(MixingMethod):
        weight as soon as its statistics call for it; a starved domain cannot be forgotten. 0.65 is the share at which
        the held-out settings of the toy family stayed at parity with uniform while the suite kept its gains
        (BENCHMARKS.md, "PiKE on its own toy problem"); 0 gives the bound's mix alone.
-    5. **Loss tilt** (``loss_tilt = 1``, gradmix's, not the paper's): the gain term ||grad L_k||^2 is scaled by
-       L_k / mean_j L_j (losses pooled like the statistics, differences within their noise shrunk away). The bound
-       is one step long and feeds the domain whose loss falls fastest now; a fast domain converges anyway while a
-       slow one's loss is what is left at the end (on the toy problem the bound's own per-step optimum with exact
-       statistics loses to uniform in 4 of 10 suite settings). 0 switches it off.
-    6. **Enough examples to compare** (``min_examples_per_domain = 4``): with fewer than 4 examples per domain per
-       batch (b / K < 4) the estimates and their standard errors are too noisy to tell domains apart, and moving
-       the mix then cost up to 1.15x on the toy family; the weights stay as they are and the method says so once.
+    5. **Loss tilt** (``loss_tilt = 1``, gradmix's, not the paper's): the gain term ||grad L_k||^2 (and with it
+       kappa_k) is scaled by L_k / mean_j L_j, losses pooled like the statistics; differences count only beyond
+       their noise (per-domain shrinkage and a joint test, ``homogeneity_shrinkage`` with
+       ``loss_tilt_evidence = 2``: on identical tasks measured with noise the tilt stays 1). The bound is one step
+       long and feeds the domain whose loss falls fastest now; a fast domain converges anyway while a slow one's
+       loss is what is left at the end (on the toy problem the bound's own per-step optimum with exact statistics
+       loses to uniform in 4 of 10 suite settings). The variance term is not tilted: a domain's noise lands on the
+       shared parameters and costs every domain. 0 switches it off.
+    6. **Enough examples to compare** (``min_examples_per_domain = 4``, ``min_batch_per_domain = 2``): the
+       statistics of one update are pooled from at least 4 examples per domain - when one batch has fewer, the
+       core measures several steps of the interval (``examples_to_measure``; pooled estimates weighted by their
+       precision, ``gradmix.stats.pool_measurements``) - and a batch with fewer than 2 examples per domain cannot
+       realise a mix finely enough to gain from it (on the toy family moving it there cost up to 1.2x): with
+       either short, the weights stay as they are and the method says so once.
+    7. **No frozen domains** (``reuse_pooled = True``): a domain with too few examples in this measurement takes
+       part with its pooled statistics; before, its weight was frozen, and a domain the noise had pushed low stayed
+       low because it was rarely measured again.
 
     ``variant="paper"``: Algorithm 1 literally (``mode="practical"``, raw statistics, constant zeta, no EMA, clip,
     floor, shrinkage or normaliser). ``variant="conceptual"``: the bound with the given ``lr`` and ``smoothness`` on
@@ -296,6 +327,9 @@ class PiKE(MixingMethod):
         lr_smoothness: float | Sequence[float] | None = _UNSET,
         loss_tilt: float = _UNSET,
         min_examples_per_domain: float = _UNSET,
+        min_batch_per_domain: float = _UNSET,
+        reuse_pooled: bool = _UNSET,
+        loss_tilt_evidence: float = 2.0,
         lr: float = _UNSET,
         smoothness: float = _UNSET,
         c: float = 0.0,
@@ -356,6 +390,11 @@ class PiKE(MixingMethod):
         self.min_examples_per_domain = _positive_float(
             pick("min_examples_per_domain", min_examples_per_domain), "min_examples_per_domain", allow_zero=True
         )
+        self.min_batch_per_domain = _positive_float(
+            pick("min_batch_per_domain", min_batch_per_domain), "min_batch_per_domain", allow_zero=True
+        )
+        self.reuse_pooled = bool(pick("reuse_pooled", reuse_pooled))
+        self.loss_tilt_evidence = _positive_float(loss_tilt_evidence, "loss_tilt_evidence", allow_zero=True)
         self._said_too_few = False
         with np.errstate(divide="ignore"):
             self._log_weights = np.log(self._weights)
@@ -372,12 +411,23 @@ class PiKE(MixingMethod):
         self.last_terms: dict[str, np.ndarray] | None = None
         self._last_tilt: np.ndarray = np.ones(self.num_domains)
 
+    def examples_to_measure(self, batch_size: int) -> int:
+        """Examples the statistics of one update should be pooled from: ``min_examples_per_domain`` per domain,
+        when the batch can realise a mix at all (``min_batch_per_domain``); 0 otherwise (the weights stay)."""
+        if self.num_domains == 1 or batch_size / self.num_domains < self.min_batch_per_domain:
+            return 0
+        return math.ceil(self.min_examples_per_domain * self.num_domains)
+
     # -- hooks for Fair-PiKE -------------------------------------------------------------------------------------
     def _valid_domains(self, stats: DomainStats) -> np.ndarray:
         """Domains whose statistics can be used this update."""
         # update() has already run stats.require(required_stats), so both fields are present.
         assert stats.grad_sq_norm is not None and stats.grad_var is not None
         return np.isfinite(stats.grad_sq_norm) & np.isfinite(stats.grad_var)
+
+    def _can_reuse(self, stats: DomainStats) -> np.ndarray:
+        """Domains whose pooled statistics may stand in for a missing measurement (all for PiKE)."""
+        return np.ones(self.num_domains, dtype=bool)
 
     tilt_variance: bool = True  # whether _domain_tilt also scales the variance term (moot for PiKE: tilt is 1)
 
@@ -417,7 +467,11 @@ class PiKE(MixingMethod):
         known = valid & np.isfinite(self._ema_loss) & (self._loss_records >= 5)
         if int(known.sum()) < 2:
             return ones
-        pooled = shrink_to_mean(self._ema_loss[known], self._loss_spread[known] * (1.0 - beta) / (1.0 + beta))
+        losses = self._ema_loss[known]
+        noise = self._loss_spread[known] * (1.0 - beta) / (1.0 + beta)
+        centre = float(np.mean(losses))
+        together = homogeneity_shrinkage(losses, noise, self.loss_tilt_evidence)
+        pooled = centre + together * (shrink_to_mean(losses, noise) - centre)
         pooled = np.maximum(pooled, 0.0)  # a pooled loss below 0 is estimation noise around a converged one
         mean = float(np.mean(pooled))
         if not mean > 0:
@@ -451,7 +505,13 @@ class PiKE(MixingMethod):
         return sq_noise, var_noise
 
     def _smoothed(
-        self, sq_norm: np.ndarray, var: np.ndarray, valid: np.ndarray, examples: np.ndarray | None = None
+        self,
+        sq_norm: np.ndarray,
+        var: np.ndarray,
+        valid: np.ndarray,
+        examples: np.ndarray | None = None,
+        *,
+        usable: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Fold this record into the EMA state (and the EMA's sampling variance) and return the statistics to use:
         EMA or raw, shrunk toward their mean over the valid domains when ``shrinkage`` is on."""
@@ -471,11 +531,15 @@ class PiKE(MixingMethod):
             ema[valid] = blended[valid]
         sq_out = self._ema_sq_norm.copy() if beta > 0 else sq_norm.copy()
         var_out = self._ema_var.copy() if beta > 0 else var.copy()
-        if self.shrinkage and int(valid.sum()) > 1:
+        compared = valid if usable is None else usable
+        stale = compared & ~valid
+        sq_out[stale] = self._ema_sq_norm[stale]
+        var_out[stale] = self._ema_var[stale]
+        if self.shrinkage and int(compared.sum()) > 1:
             sq_noise_out = self._ema_sq_norm_noise if beta > 0 else sq_noise
             var_noise_out = self._ema_var_noise if beta > 0 else var_noise
-            sq_out[valid] = np.maximum(shrink_to_mean(sq_out[valid], sq_noise_out[valid]), 0.0)
-            var_out[valid] = np.maximum(shrink_to_mean(var_out[valid], var_noise_out[valid]), 0.0)
+            sq_out[compared] = np.maximum(shrink_to_mean(sq_out[compared], sq_noise_out[compared]), 0.0)
+            var_out[compared] = np.maximum(shrink_to_mean(var_out[compared], var_noise_out[compared]), 0.0)
         return sq_out, var_out
 
     def _update(self, stats: DomainStats) -> np.ndarray | None:
@@ -483,14 +547,20 @@ class PiKE(MixingMethod):
         if self.num_domains == 1:
             return np.ones(1)
         b = self._batch_size(stats)
-        if b / self.num_domains < self.min_examples_per_domain:
+        # Examples the statistics were pooled from (all measurements of the interval; the core measures several
+        # steps when one batch has too few, see ``examples_to_measure``).
+        measured = b if stats.examples is None else max(b, float(np.nansum(stats.examples)))
+        per_domain = measured / self.num_domains
+        if per_domain < self.min_examples_per_domain or b / self.num_domains < self.min_batch_per_domain:
             # Said once: it is a property of the set-up, not of this update.
             if not self._said_too_few:
                 self.last_skip_reason = (
-                    f"{self.name}: the batch gives {b / self.num_domains:.3g} examples per domain (b = {b:g}, "
-                    f"K = {self.num_domains}) < min_examples_per_domain = {self.min_examples_per_domain:g}; the "
-                    "statistics cannot tell the domains apart, so the weights stay as they are (raise the batch, "
-                    "or set min_examples_per_domain=0 to act anyway)"
+                    f"{self.name}: {per_domain:.3g} measured examples per domain per update and "
+                    f"{b / self.num_domains:.3g} per batch (b = {b:g}, K = {self.num_domains}; needed: "
+                    f"min_examples_per_domain = {self.min_examples_per_domain:g}, min_batch_per_domain = "
+                    f"{self.min_batch_per_domain:g}); the statistics cannot tell the domains apart or the batch "
+                    "cannot realise a mix, so the weights stay as they are (raise the batch or probe_every, or set "
+                    "both to 0 to act anyway)"
                 )
                 self._said_too_few = True
             return None
@@ -511,7 +581,15 @@ class PiKE(MixingMethod):
                 f"{self.name}: every measured squared gradient norm is zero; nothing to compare, update skipped"
             )
             return None
-        sq_norm, var = self._smoothed(sq_norm, var, valid, stats.examples)
+        examples = stats.examples if stats.grad_examples is None else stats.grad_examples
+        if self.reuse_pooled:
+            # A domain measured before but not this time (too few examples in this batch) takes part with its
+            # pooled statistics instead of having its weight frozen: a domain the noise pushed low stays comparable.
+            pooled = np.isfinite(self._ema_sq_norm) & np.isfinite(self._ema_var) & self._can_reuse(stats)
+            sq_norm, var = self._smoothed(sq_norm, var, valid, examples, usable=valid | pooled)
+            valid = valid | pooled
+        else:
+            sq_norm, var = self._smoothed(sq_norm, var, valid, examples)
         sq_norm = np.where(valid, np.maximum(sq_norm, 0.0), np.nan)
         if not np.any(sq_norm[valid] > 0):
             measured = np.asarray(stats.grad_sq_norm)[valid]
@@ -521,14 +599,18 @@ class PiKE(MixingMethod):
             )
             return None
         loss_tilt = self._loss_tilt(stats, valid)
-        tilt = self._domain_tilt(stats, valid) * loss_tilt
+        domain_tilt = self._domain_tilt(stats, valid)
+        tilt = domain_tilt * loss_tilt
         divisor = float(np.mean(sq_norm[valid])) if self.normalize == "mean_sq_norm" else 1.0
         if not divisor > 0:  # the EMA of a domain may still be 0 while its current value is not
             self.last_skip_reason = f"{self.name}: mean squared gradient norm is zero; update skipped"
             return None
         with np.errstate(over="ignore", invalid="ignore"):
             gain_stat = np.where(valid, tilt * sq_norm / divisor, 0.0)
-            var_stat = np.where(valid, (tilt if self.tilt_variance else 1.0) * var / divisor, 0.0)
+            # The loss tilt weighs what a domain's examples *gain*; their noise lands on the shared parameters and
+            # costs every domain, so it is not tilted (tilting it made a domain whose loss looked converged free to
+            # sample, and the bound then gave it most of the batch).
+            var_stat = np.where(valid, (domain_tilt if self.tilt_variance else 1.0) * var / divisor, 0.0)
         new_log: np.ndarray | None
         if self.mode == "practical":
             new_log = self._practical_step(gain_stat, var_stat, valid, b)
