@@ -11,6 +11,7 @@ examples) and ``.grad`` after the measuring backward with a plain step's ``.grad
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Callable
 
@@ -349,13 +350,16 @@ def measure_and_compare(model, loss_fn, batch, target=None, skipped=(), groups=G
 
 
 @pytest.mark.parametrize("with_target", [False, True])
-def test_gpt2_conv1d(with_target):
+def test_gpt2_conv1d(with_target, caplog):
     model = gpt2()
     batch, target = ids_batch(len(GROUPS), 1), (ids_batch(5, 2) if with_target else None)
     assert fused_coverage(model)[1] == {}  # every Conv1D weight and bias is covered statically
-    # wpe is called on position ids of shape (1, T): no per-example factor; a small share, skipped with a warning
-    with pytest.warns(UserWarning, match=r"transformer\.wpe\.weight"):
+    # wpe is called on position ids of shape (1, T): no per-example factor; a small share, skipped and logged (the
+    # default's own choice: no warning)
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="gradmix.probe.fused"):
+        warnings.simplefilter("error")
         probe, _ = measure_and_compare(model, hf_lm_loss, batch, target, skipped=["transformer.wpe.weight"])
+    assert any("transformer.wpe.weight" in record.getMessage() for record in caplog.records)
     report = probe.coverage_report
     assert report["mode"] == "fused" and report["uncovered"][0]["parameters"] == ["transformer.wpe.weight"]
     assert report["hook_coverage"] == pytest.approx(1 - model.transformer.wpe.weight.numel() / probe._selected_numel)
@@ -682,7 +686,7 @@ def test_attention_weights_in_the_loss_are_detected():
         probe.backward(ids_batch(len(GROUPS), 23), GROUPS, 3, lm_loss, measure=True)
 
 
-def test_mixer_records_the_coverage_report_once(tmp_path):
+def test_mixer_records_the_coverage_report_once(tmp_path, caplog):
     from gradmix import Mixer
     from gradmix.sources import Domain
 
@@ -690,11 +694,12 @@ def test_mixer_records_the_coverage_report_once(tmp_path):
     domains = [Domain(name, torch.randint(0, 64, (40, 8), generator=gen)) for name in ("a", "b")]
     model = NormZoo(bad=True).float()
     mixer = Mixer(domains, "pike", 8, model=model, update_every=2, log_every=1, run_dir=tmp_path)
-    with pytest.warns(UserWarning, match=r"bad\.weight"):
+    with caplog.at_level(logging.INFO, logger="gradmix.probe.fused"):  # the default's skip: logged, recorded
         for batch in mixer.batches(4):
             mixer.backward(model, batch, lm_loss)
             model.zero_grad()
             mixer.step()
+    assert any("bad.weight" in record.getMessage() for record in caplog.records)
     mixer.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     reports = [r["probe_coverage"] for r in records if "probe_coverage" in r]

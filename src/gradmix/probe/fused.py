@@ -64,8 +64,10 @@ weight used functionally elsewhere, e.g. ``F.linear(h, embedding.weight)``). Wha
 ``"fallback"`` (the whole measurement goes through a ``GradientProbe`` over all selected parameters, i.e. today's
 micro-batch path), ``"error"`` (ValueError/RuntimeError naming them) or ``"auto"`` (default: skip when the uncovered
 ones hold at most ``max_skipped_fraction`` of the selected scalars, else fall back). A runtime fallback costs the
-wasted forward of that one call. Every skip and fallback is said once (a warning naming the parameters and the
-reasons) and recorded in ``coverage_report``, which the Mixer writes into its metrics. A limit that cannot be
+wasted forward of that one call. Every skip and fallback is said once and recorded in ``coverage_report``, which
+the Mixer writes into its metrics: a fallback (it costs time) and a skip you asked for as a warning naming the
+parameters and the reasons, the default's own small skip (``"auto"``, e.g. position embeddings) as an INFO log record
+of ``gradmix.probe.fused`` (nothing to act on). A limit that cannot be
 detected: a module whose leading dimension is not the batch but happens to have length n (sequence-first layouts
 with T == n outside torch's Transformer layers; use batch-first modules). Examples that interact in the loss: batch
 normalisation in training mode (or without running statistics) normalises over the batch, so the per-example
@@ -89,6 +91,7 @@ Every rank returns the same Measurement.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
 from collections.abc import Mapping
@@ -393,11 +396,16 @@ class FusedGradientProbe:
             self.skip_reasons[name] = why
             if name in names:
                 self._skipped_ids.add(id(names[name]))
-        warnings.warn(
+        message = (
             f"FusedGradientProbe: statistics leave out {len(reasons)} parameter tensor(s) "
-            f"({skipped_numel} of {self._selected_numel} selected scalars): {listing}",
-            stacklevel=3,
+            f"({skipped_numel} of {self._selected_numel} selected scalars): {listing}"
         )
+        if self.uncovered == "auto":
+            # The default's own choice (a small share of the scalars, e.g. position embeddings): nothing for the
+            # user to act on, so it is logged once and kept in ``coverage_report``, not raised as a warning.
+            logging.getLogger(__name__).info(message)
+        else:
+            warnings.warn(message, stacklevel=3)
 
     # -- public entry point ---------------------------------------------------------------------------------------
     def backward(
