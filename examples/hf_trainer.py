@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments
+from _trainer_callbacks import SlowDown, StopAt
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from gradmix.distributed import default_timeout
 from gradmix.integrations.hf import MixingTrainer, hf_domains, last_checkpoint, windows_dataset
@@ -40,28 +40,6 @@ def load_domains(names: list[str]):
         text = "\n".join(line for line in text.splitlines() if line.strip() != "<|doc|>")
         datasets[name] = windows_dataset(np.frombuffer(text.encode("utf-8"), dtype=np.uint8), WINDOW)
     return hf_domains(datasets)
-
-
-class StopAt(TrainerCallback):
-    """Exit the process right after the checkpoint of step ``step`` is complete, as if it had been killed."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            print(f"stopping right after the checkpoint at step {self.step}", flush=True)
-            os._exit(0)
-
-
-class SlowDown(TrainerCallback):
-    """Sleep after every optimizer step (lets a test kill the process at a random point of a tiny run)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def on_step_end(self, args, state, control, **kwargs):
-        time.sleep(self.seconds)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,14 +30,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings its usage un
 import argparse
 import importlib
 import inspect
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from _trainer_callbacks import SlowDown, StopAt
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import SFTConfig
 
 from gradmix.distributed import default_timeout
@@ -143,28 +143,6 @@ def load_sources() -> tuple[PreTrainedTokenizerFast, dict[str, list[dict]], list
     sources = {name: [sft_example(tokenizer, q, a) for q, a in items] for name, items in pairs.items()}
     target = [sft_example(tokenizer, q, a) for q, a in held_out]
     return tokenizer, sources, target
-
-
-class StopAt(TrainerCallback):
-    """Exit the process right after the checkpoint of step ``step`` is complete, as if it had been killed."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            print(f"stopping right after the checkpoint at step {self.step}", flush=True)
-            os._exit(0)
-
-
-class SlowDown(TrainerCallback):
-    """Sleep after every optimizer step (lets a test kill the process at a random point of a tiny run)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def on_step_end(self, args, state, control, **kwargs):
-        time.sleep(self.seconds)
 
 
 def main(argv: list[str] | None = None) -> MixingSFTTrainer:

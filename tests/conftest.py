@@ -8,7 +8,11 @@ tests use (tests/test_controller.py and the probe tests still carry their own co
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +89,31 @@ def loss_fn():
 @pytest.fixture
 def make_domains():
     return make_toy_domains
+
+
+def kill_after_checkpoint(
+    cmd: Sequence[str], marker: Path, *, env: dict[str, str], cwd: Path, past: float, timeout: float
+) -> None:
+    """Start ``cmd``, wait until ``marker`` (a complete checkpoint's last file) exists, let it run ``past`` seconds
+    more and SIGKILL it; the process must still have been running (killed mid-run, not finished)."""
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            if proc.poll() is not None:
+                assert proc.stderr is not None
+                raise AssertionError(f"the run ended before its checkpoint:\n{proc.stderr.read()[-4000:]!r}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {marker} within the timeout")
+            time.sleep(0.02)
+        time.sleep(past)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL

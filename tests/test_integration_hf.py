@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from conftest import kill_after_checkpoint
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -124,30 +124,14 @@ def test_stop_and_resume_logs_the_weights_of_an_uninterrupted_run(tmp_path, tmp_
 def test_sigkill_and_resume_logs_the_weights_of_an_uninterrupted_run(tmp_path, tmp_path_factory):
     reference = _reference(tmp_path_factory, "pike", 1)
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        _cmd(out, "--step-delay", "0.1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=ROOT
+    kill_after_checkpoint(
+        _cmd(out, "--step-delay", "0.1"),
+        out / "checkpoint-10" / "gradmix_state.pt",
+        env=_env(),
+        cwd=ROOT,
+        past=0.35,  # a few steps past the checkpoint
+        timeout=TIMEOUT,
     )
-    try:
-        marker = out / "checkpoint-10" / "gradmix_state.pt"
-        deadline = time.monotonic() + TIMEOUT
-        while not marker.exists():
-            if proc.poll() is not None:
-                assert proc.stderr is not None
-                raise AssertionError(f"the run ended before its first checkpoint:\n{proc.stderr.read()[-4000:]!r}")
-            if time.monotonic() > deadline:
-                raise AssertionError("no checkpoint-10 within the timeout")
-            time.sleep(0.02)
-        time.sleep(0.35)  # a few steps past the checkpoint
-        assert proc.poll() is None, "the run finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-        if proc.stderr is not None:
-            proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
     written = [r["step"] for r in _records(out)]
     assert 10 <= len(written) < STEPS, written  # killed mid-run, after checkpoint 10
     resumed = _run(out, "--resume")
@@ -161,7 +145,11 @@ def _example_module():
     spec = importlib.util.spec_from_file_location("gradmix_hf_trainer_example", EXAMPLE)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(EXAMPLE.parent))  # the example imports its sibling _trainer_callbacks, as when run
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
     return module
 
 
