@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gradmix import MixtureSampler, WeightError
@@ -100,14 +100,31 @@ def test_ties_have_no_index_bias():
     st.integers(1, 24),
     st.integers(0, 99),
 )
+@example(  # found by CI: weights toggling to 0; the lag is measured against T_k with the hand-over
+    history=[[0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.5, 0.0],
+             [0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.25]],
+    batch=5,
+    seed=0,
+)  # fmt: skip
 def test_zero_weight_gets_nothing_and_batches_stay_full(history, batch, seed):
     _, out = run_reference([30] * 4, batch, history, seed)
-    for (d, _, _, _drawn), w in zip(out, history):
+    # T_k as docs/sampling.md defines it (guarantee 6): before each batch a weight-0 domain's residual T_k - C_k is
+    # handed to the domains with weight, in proportion to their weights. Without the hand-over the plain sum of
+    # b * w_k drifts from it by up to a residual per zero-weight batch (e.g. 2.11 after 6 batches, 5 examples).
+    target, drawn = np.zeros(4), np.zeros(4)
+    for (d, _, _, _), w in zip(out, history):
         assert len(d) == batch
         counts = np.bincount(d, minlength=4)
         assert np.all(counts[np.asarray(w) == 0] == 0)
-    lag = out[-1][2] - out[-1][3]
-    assert np.all(np.abs(lag) < 2)
+        share = np.asarray(w) / np.sum(w)
+        residual = target - drawn
+        off = (share <= 0) & (residual != 0)
+        target += share * residual[off].sum()
+        target[off] = drawn[off]
+        target += batch * share
+        drawn += counts
+        lag = target - drawn
+        assert lag.min() > -1 - 1e-9 and lag.max() < 2, lag
 
 
 @settings(max_examples=200, deadline=None)
