@@ -7,6 +7,7 @@ tests use (tests/test_controller.py and the probe tests still carry their own co
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -117,3 +118,9 @@ def kill_after_checkpoint(
         if proc.stderr is not None:
             proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run folder's ``metrics.jsonl``, in order."""
+    with (run_dir / "metrics.jsonl").open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_after_checkpoint
+from conftest import kill_after_checkpoint, read_metrics
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -50,11 +50,6 @@ def _run(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProc
     return done
 
 
-def _records(out: Path) -> list[dict]:
-    with (out / "metrics.jsonl").open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def _assert_same_weights(reference: list[dict], resumed: list[dict]) -> None:
     assert [r["step"] for r in reference] == list(range(1, STEPS + 1))
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # no duplicated or missing step
@@ -86,7 +81,7 @@ def _reference(tmp_path_factory, method: str, accum: int) -> list[dict]:
                 DROPOUT,
             ]
         )
-        records = _records(out)
+        records = read_metrics(out)
         for field in ("step", "weights", "train_loss", "weight_entropy", "effective_domains", "max_weight"):
             assert all(field in r for r in records), field
         assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
@@ -114,11 +109,11 @@ def test_stop_and_resume_logs_the_weights_of_an_uninterrupted_run(tmp_path, tmp_
     out = tmp_path / "run"
     stopped = _run(out, "--method", method, "--grad-accum", str(accum), "--stop-at", "20")
     assert "stopping right after the checkpoint at step 20" in stopped.stdout
-    assert [r["step"] for r in _records(out)] == list(range(1, 21))
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 21))
     assert not (out / "checkpoint-30").exists()
     resumed = _run(out, "--method", method, "--grad-accum", str(accum), "--resume")
     assert "checkpoint-20" in resumed.stdout
-    _assert_same_weights(reference, _records(out))
+    _assert_same_weights(reference, read_metrics(out))
 
 
 def test_sigkill_and_resume_logs_the_weights_of_an_uninterrupted_run(tmp_path, tmp_path_factory):
@@ -132,11 +127,11 @@ def test_sigkill_and_resume_logs_the_weights_of_an_uninterrupted_run(tmp_path, t
         past=0.35,  # a few steps past the checkpoint
         timeout=TIMEOUT,
     )
-    written = [r["step"] for r in _records(out)]
+    written = [r["step"] for r in read_metrics(out)]
     assert 10 <= len(written) < STEPS, written  # killed mid-run, after checkpoint 10
     resumed = _run(out, "--resume")
     assert "resume from" in resumed.stdout and "scratch" not in resumed.stdout
-    _assert_same_weights(reference, _records(out))
+    _assert_same_weights(reference, read_metrics(out))
 
 
 def _example_module():
@@ -164,7 +159,7 @@ def test_resume_of_another_run_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint-10.*method 'pike'.*'odm'"):
         example.main(["--out", str(out), "--steps", "20", "--resume", "--method", "odm"])
     # the refused resumes changed nothing: no step past the checkpoint was trained or logged
-    assert [r["step"] for r in _records(out)] == list(range(1, 11))
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 11))
     assert not (out / "checkpoint-20").exists()
     # a folder without gradmix state (another trainer's, or one a crash left half-written) is named in the error,
     # and resume_from_checkpoint=True passes over it
@@ -212,7 +207,7 @@ def test_a_used_output_dir_needs_resume_or_overwrite_and_a_live_owner_is_refused
         example.main(["--out", str(out), "--steps", "10"])
     assert (out / "metrics.jsonl").read_bytes() == before
     example.main(["--out", str(out), "--steps", "10", "--overwrite"])
-    assert [r["step"] for r in _records(out)] == list(range(1, 11))
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 11))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10"]  # the old run's 20 is gone
 
     code = (
@@ -227,4 +222,4 @@ def test_a_used_output_dir_needs_resume_or_overwrite_and_a_live_owner_is_refused
     finally:
         owner.kill()
         owner.communicate(timeout=60)
-    assert [r["step"] for r in _records(out)] == list(range(1, 11))
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 11))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_after_checkpoint
+from conftest import kill_after_checkpoint, read_metrics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -55,12 +55,7 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return done
 
 
-def _records(out: Path) -> list[dict]:
-    with (out / "metrics.jsonl").open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def _assert_same_records(reference: list[dict], resumed: list[dict]) -> None:
+def _assert_sameread_metrics(reference: list[dict], resumed: list[dict]) -> None:
     assert [r["step"] for r in reference] == list(range(1, STEPS + 1))
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # no duplicated or missing step
     for a, b in zip(reference, resumed):
@@ -103,7 +98,7 @@ def _reference(tmp_path_factory, *flags: str) -> list[dict]:
     if flags not in _REFERENCES:
         out = tmp_path_factory.mktemp("ref")
         _example().main(["--out", str(out), "--steps", str(STEPS), *flags])
-        records = _records(out)
+        records = read_metrics(out)
         for field in ("step", "weights", "train_loss", "tokens", "weight_entropy", "effective_domains", "max_weight"):
             assert all(field in r for r in records), field
         assert all(set(r["weights"]) == set(SOURCES) for r in records)
@@ -135,11 +130,11 @@ def test_stop_and_resume_logs_the_records_of_an_uninterrupted_run(tmp_path, tmp_
     out = tmp_path / "run"
     stopped = _run(out, "--method", method, "--stop-at", "10")
     assert "stopping right after the checkpoint at step 10" in stopped.stdout
-    assert [r["step"] for r in _records(out)] == list(range(1, 11))
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 11))
     assert not (out / "checkpoint-15").exists()
     resumed = _run(out, "--method", method, "--resume")
     assert "resume from" in resumed.stdout and "checkpoint-10" in resumed.stdout
-    _assert_same_records(reference, _records(out))
+    _assert_sameread_metrics(reference, read_metrics(out))
 
 
 @pytest.mark.integration
@@ -154,11 +149,11 @@ def test_sigkill_and_resume_logs_the_records_of_an_uninterrupted_run(tmp_path, t
         past=0.5,  # a few steps past the checkpoint
         timeout=TIMEOUT,
     )
-    written = [r["step"] for r in _records(out)]
+    written = [r["step"] for r in read_metrics(out)]
     assert 5 <= len(written) < STEPS, written  # killed mid-run, after checkpoint 5
     resumed = _run(out, "--resume")
     assert "resume from" in resumed.stdout and "scratch" not in resumed.stdout
-    _assert_same_records(reference, _records(out))
+    _assert_sameread_metrics(reference, read_metrics(out))
 
 
 @pytest.mark.integration
@@ -195,7 +190,7 @@ def test_gradient_accumulation_gives_the_run_of_one_batch(tmp_path):
     one, two = tmp_path / "accum1", tmp_path / "accum2"
     example.main(["--out", str(one), "--steps", str(STEPS), "--grad-accum", "1", "--dropout", "0"])
     example.main(["--out", str(two), "--steps", str(STEPS), "--grad-accum", "2", "--dropout", "0"])
-    a, b = _records(one), _records(two)
+    a, b = read_metrics(one), read_metrics(two)
     assert len({json.dumps(r["weights"]) for r in a}) >= 4
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
     for x, y in zip(a, b):
@@ -214,7 +209,7 @@ def test_gradient_checkpointing_changes_no_number(tmp_path, tmp_path_factory):
     example = _example()
     trainer = example.main(["--out", str(out), "--steps", str(STEPS), "--no-gradient-checkpointing"])
     assert not trainer.args.gradient_checkpointing
-    records = _records(out)
+    records = read_metrics(out)
     for x, y in zip(reference, records):
         for name in SOURCES:
             assert y["weights"][name] == pytest.approx(x["weights"][name], rel=1e-6), x["step"]
@@ -316,7 +311,7 @@ def test_packing_packs_each_source_apart(tmp_path):
     assert batch["input_ids"].shape[1] <= 160
     assert int((batch["position_ids"] == 0).sum()) > batch["input_ids"].shape[0]  # restarts inside rows
     trainer.train()
-    records = _records(tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(v) for r in records for v in r["train_loss"].values())
 

@@ -335,7 +335,6 @@ def test_core_measures_several_steps_when_one_batch_is_too_small_for_pike():
     assert probe_every(10, 4, probe_every=10) == 10  # the user's choice stays
     assert probe_every(4, 4) == 10  # 1 per batch: the mix cannot be realised, nothing to measure for
     assert probe_every(16, 3) == 10
-    assert probe_every(64, 4) == probe_every(64, 4)
     assert MixingCore(make_method("uniform", 8), [f"d{i}" for i in range(8)], batch_size=8).schedule.probe_every is None
 
 
