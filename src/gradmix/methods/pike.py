@@ -514,7 +514,8 @@ class PiKE(MixingMethod):
         usable: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Fold this record into the EMA state (and the EMA's sampling variance) and return the statistics to use:
-        EMA or raw, shrunk toward their mean over the valid domains when ``shrinkage`` is on."""
+        EMA or raw, shrunk toward their mean over the compared domains when ``shrinkage`` is on. The compared
+        domains are ``valid`` (measured now) or ``usable`` (also those measured before, at their pooled values)."""
         sq_noise, var_noise = self._estimate_noise(sq_norm, var, examples)
         beta = self.stats_ema
         pairs = (
