@@ -1,13 +1,15 @@
-"""What the README's and docs' python blocks assume a reader already has: tests/test_docs_blocks.py runs every block
-in a namespace built here.
+"""What the README's and the docs' python blocks assume a reader already has: tests/test_docs_blocks.py runs every
+block in a namespace built here.
 
-A block is a snippet of a larger program: it uses names the reader defined before (``model``, ``tokenizer``,
-``en_docs``, ``optimizer``, ...). ``namespace_for(source)`` gives such a block a small real object for every name it
-uses but neither defines nor imports, and nothing else: library names (``torch``, ``Mixer``, ``TrainingArguments``)
-must be imported by the block itself, as a reader copying it would have to. A name with no fixture here is an error
-that names it (so a block that uses a new name fails until a fixture is added, rather than running against a stub).
+Many blocks run as they are (the complete examples of the how-to pages define everything they use). The others are
+snippets of a larger program: they use names the reader defined before, usually in an earlier block of the same page
+(``model``, ``tokenizer``, ``en_docs``, ``optimizer``, ``domains``, ...). ``namespace_for(source)`` gives such a block
+a small real object for every name it uses but neither defines nor imports, and nothing else: library names
+(``torch``, ``Mixer``, ``TrainingArguments``) must be imported by the block itself, as a reader copying it would have
+to. A name with no fixture here is an error that names it (so a block that uses a new name fails until a fixture is
+added, rather than running against a stub).
 
-What a name means depends on the block, as it does in the README: ``model`` is a small GPT in the plain-loop
+What a name means depends on the block, as it does on the pages: ``model`` is a small GPT in the plain-loop
 blocks, a tiny ``LlamaForCausalLM`` in the SFT and TRL blocks, a tiny GPT-2 in the Hugging Face Trainer block and
 an MLP in the digit-classifier block; ``code_ds`` holds SFT examples in the SFT blocks and token windows in the HF
 Trainer block. ``kind_of(source)`` picks the world a block lives in; each world is a ``Fixtures`` class whose
@@ -36,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "src" / "gradmix_kit" / "data" / "tiny"
 NUM_STEPS = 20  # `num_steps` in the loops: one update of the quickstart's mix (update_every=20), a measuring step
-WINDOW = 16  # tokens per example of the `domains` the later blocks reuse (the quickstart builds its own, of 128)
+WINDOW = 16  # tokens per example of the `domains` the snippets reuse (the README's quickstart builds its own, of 64)
 
 STDLIB_MODULES = ("bisect", "collections", "difflib", "fnmatch", "heapq", "json", "shutil", "statistics", "textwrap")
 
@@ -242,54 +244,6 @@ class LMFixtures(Fixtures):
 
     def make_num_steps(self) -> int:
         return NUM_STEPS
-
-    # MixingCore, driven by hand: the reference losses, a measured batch and its counts
-    def make_names(self) -> list[str]:
-        return list(self.get("domains").names)
-
-    def make_sampler(self) -> Any:
-        from gradmix import MixtureSampler
-
-        domains = self.get("domains")
-        return MixtureSampler(domains.sizes, 32, seed=0, domain_names=domains.names)
-
-    def _first_batch(self) -> dict[str, torch.Tensor]:
-        if "_batch" not in self._made:
-            from gradmix import MixtureSampler
-
-            domains = self.get("domains")
-            sampler = MixtureSampler(domains.sizes, 32, seed=0, domain_names=domains.names)  # a batch of its own
-            self._made["_batch"] = domains.gather(*sampler.next_arrays())
-        return self._made["_batch"]
-
-    def make_measurement(self) -> Any:
-        from gradmix.stats import Measurement
-
-        batch = self._first_batch()
-        with torch.no_grad():
-            losses = self.get("per_example_loss")(self.get("model"), batch)
-        return Measurement.from_losses(batch["domain"], losses, len(self.get("names")))
-
-    def make_examples_per_domain(self) -> np.ndarray:
-        return np.bincount(self._first_batch()["domain"].numpy(), minlength=len(self.get("names")))
-
-    def make_ref(self) -> list[float]:
-        """DoReMi's reference losses: a (here: untrained) reference model's loss per domain."""
-        return self.get("measurement").loss.tolist()
-
-    def make_stats(self) -> Any:
-        """One update's statistics, as the probe reports them (numbers of a plausible size)."""
-        from gradmix import DomainStats
-
-        return DomainStats(
-            step=20,
-            num_domains=3,
-            loss=np.array([3.1, 2.7, 3.4]),
-            examples=np.array([12.0, 9.0, 11.0]),
-            batch_size=32,
-            grad_sq_norm=np.array([0.8, 0.5, 1.1]),
-            grad_var=np.array([6.0, 4.5, 9.0]),
-        )
 
     def make_MyMethod(self) -> type:
         import gradmix
