@@ -1,4 +1,5 @@
-"""Where metrics records go. One record = one JSON object per logged step (see DESIGN: ``metrics.jsonl``).
+"""Where metrics records go. One record = one JSON object per logged step (``metrics.jsonl``; the fields are listed
+in docs/howto/monitoring.md).
 
 Four writers, one set of metric names. A record's nested mappings are flattened with ``/``
 (``weights/en``, ``train_loss/en``, ``val_loss/en``, ``train_val_gap/en``, ``update_terms/gain/en``,

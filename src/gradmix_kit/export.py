@@ -1,4 +1,5 @@
-"""Take a learned mix out of a run: ``gradmix export RUN_DIR --format F [--weights final|average] [--out FILE]``.
+"""Take a learned mix out of a run:
+``gradmix export RUN_DIR --format F [--weights final|average|schedule] [--out FILE]``.
 
 Engines that fix their blend before training (Megatron-LM / NeMo ``--data-path`` blends, OLMo-core source mixtures,
 torchtitan's multi-source dataset, HF ``datasets.interleave_datasets(probabilities=...)``) cannot run a live mixer.
