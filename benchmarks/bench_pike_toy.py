@@ -75,8 +75,11 @@ def run_arm(seeds: range, build: Callable[[int], ToyRun]) -> tuple[np.ndarray, l
     return finals, [r.expected for r in runs], shares
 
 
-def run_setting(setting: ToySetting, seeds: range, every: int, *, best: bool) -> dict[str, Any]:
-    """Every arm on one setting: ratios to uniform (paired by seed), intervals, steps, realised shares."""
+def run_setting(
+    setting: ToySetting, seeds: range, every: int, *, best: bool, only: set[str] | None = None
+) -> dict[str, Any]:
+    """Every arm (or those in ``only``) on one setting: ratios to uniform (paired by seed), intervals, steps,
+    realised shares."""
     started = time.perf_counter()
     problem = ToyProblem(setting)
     k = setting.num_tasks
@@ -99,6 +102,8 @@ def run_setting(setting: ToySetting, seeds: range, every: int, *, best: bool) ->
     for label, params in VARIANTS.items():
         arms.append((f"{label} mixer", mixer("pike", params)))
     for name, build in arms:
+        if only is not None and name not in only:
+            continue
         finals, curves, shares = run_arm(seeds, build)
         on_mixer = name.endswith("mixer")
         baseline = uniform_mixer if on_mixer else uniform_exact
@@ -130,7 +135,23 @@ def main() -> None:
     )
     parser.add_argument("--random-seed", type=int, default=123)
     parser.add_argument("--json")
+    parser.add_argument(
+        "--arms",
+        help="comma-separated arms to run (default: all), e.g. 'default mixer' after a change to the default alone",
+    )
+    parser.add_argument(
+        "--update-json",
+        help="replace the run arms in this earlier --json result (same settings and seeds; the other arms are kept "
+        "as they were: their code did not change) and write it back",
+    )
     args = parser.parse_args()
+    only = None if not args.arms else {a.strip() for a in args.arms.split(",")}
+    previous: dict[str, Any] | None = None
+    if args.update_json:
+        with open(args.update_json) as fh:
+            previous = json.load(fh)
+        if previous["seeds"] != args.seeds or previous["update_every"] != args.update_every:
+            raise SystemExit(f"--update-json {args.update_json}: seeds/update_every differ from this run's")
     warnings.simplefilter("ignore")  # skipped updates at tiny batches are expected here; the table says what happened
     settings = random_settings(args.random, args.random_seed) if args.random else suite()
     if args.settings:
@@ -143,23 +164,34 @@ def main() -> None:
     print(f"| setting | {' | '.join(columns)} | default mixer: steps to uniform's final (uniform's steps) |")
     print("|" + "---|" * (len(columns) + 2))
     for setting in settings:
-        row = run_setting(setting, seeds, every, best=not args.no_best_static)
+        row = run_setting(setting, seeds, every, best=not args.no_best_static and only is None, only=only)
+        if previous is not None:
+            earlier = next((r for r in previous["settings"] if r["name"] == setting.name), None)
+            if earlier is None:
+                raise SystemExit(f"--update-json: setting {setting.name!r} is not in {args.update_json}")
+            row = {**earlier, "arms": {**earlier["arms"], **row["arms"]}}
         out["settings"].append(row)
         cells = [row["arms"]["best static"]["ratio"] if "best static" in row["arms"] else None]
         text = ["-" if cells[0] is None else f"{cells[0]:.2f}"]
-        text += [f"{row['arms'][c]['ratio']:.2f} ± {row['arms'][c]['ci95']:.2f}" for c in columns[1:]]
-        reach = row["arms"]["default mixer"]["steps_to_uniform_final"]
+        text += [
+            f"{row['arms'][c]['ratio']:.2f} ± {row['arms'][c]['ci95']:.2f}" if c in row["arms"] else "-"
+            for c in columns[1:]
+        ]
+        reach = row["arms"].get("default mixer", {}).get("steps_to_uniform_final")
         text.append(f"{'-' if reach is None else reach} ({setting.steps})")
         print(f"| {setting.name} | {' | '.join(text)} |", flush=True)
-    ratios = np.array([r["arms"]["default mixer"]["ratio"] for r in out["settings"]])
+    ratios = np.array([r["arms"]["default mixer"]["ratio"] for r in out["settings"] if "default mixer" in r["arms"]])
+    if not ratios.size:
+        ratios = np.array([math.nan])
     out["default_mixer_mean_ratio"] = float(ratios.mean())
     out["default_mixer_max_ratio"] = float(ratios.max())
     print(
         f"\ndefault through the Mixer: mean ratio {ratios.mean():.3f}, max {ratios.max():.3f} "
         f"(goal: mean <= 0.90, every setting <= 1.02)"
     )
-    if args.json:
-        with open(args.json, "w") as fh:
+    target = args.json or args.update_json
+    if target:
+        with open(target, "w") as fh:
             json.dump(out, fh, indent=1)
 
 

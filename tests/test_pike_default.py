@@ -107,10 +107,12 @@ def test_default_stays_uniform_when_differences_are_within_noise():
 
 
 def test_a_starved_domain_is_measured_again_and_recovers():
-    """Domain 2's gradient is tiny and noisy: the default gives it its floor, 0.65/K of the batch, which at b = 16,
+    """Domain 2's gradient is tiny and noisy: the bound gives it its floor, 0.65/K of the batch, which at b = 16,
     K = 3 is >= 2 examples, so it is measured at every measuring step; when its loss grows (a large ||g||^2), it
     regains more than its uniform share within a few updates."""
-    method = make_method("pike", 3)
+    # mix_evidence off: from ~4 examples the default rightly cannot tell ||g||^2 = 0 from 4 and stays nearer the
+    # even split (0.25); this test is about the floor itself (the Mixer test below runs the full default)
+    method = make_method("pike", 3, mix_evidence=0.0)
     b = 16
     for step in range(20):
         w = method.update(record([4.0, 4.0, 0.0], [1.0, 1.0, 400.0], b * method.weights, batch_size=b, step=step))
@@ -352,3 +354,56 @@ def test_identical_domains_with_noisy_losses_near_zero_keep_the_tilt_at_one():
         losses = rng.normal(0.0, 0.05, 5) + np.array([1.0, 0, 0, 0, 0])
         weights = high.update(_with_loss(record([1.0] * 5, [0.5] * 5, [16] * 5, batch_size=80, step=step), losses))
     assert weights[0] > 0.3
+
+
+def _sampled_record(rng, grad_sq_norm, grad_var, n, batch_size, step):
+    """One measurement of K domains with n examples each, estimates drawn with the sampling noise PiKE assumes."""
+    g, s = np.asarray(grad_sq_norm, dtype=float), np.asarray(grad_var, dtype=float)
+    sd = np.sqrt(2 * s * s / (n * (n - 1)) + 4 * g * s / n)
+    return record(
+        g + sd * rng.standard_normal(g.size),
+        s * rng.chisquare(n - 1, g.size) / (n - 1),
+        [n] * g.size,
+        batch_size=batch_size,
+        step=step,
+    )
+
+
+def test_mix_evidence_keeps_noise_out_of_the_mix_and_lets_a_real_difference_through():
+    """Equal domains measured with noise: the bound's mix deviates from the even split by noise alone, and the
+    evidence factor pulls part of that back (pure noise gives Q ~ K - 1, so a factor of about 1/2 at
+    mix_evidence = 0.5); one domain with a clearly larger gradient keeps (nearly) all of its lead."""
+    spread = {}
+    for evidence in (0.0, 0.5):
+        rng = np.random.default_rng(1)
+        method = PiKE(4, mix_evidence=evidence, loss_tilt=0.0)
+        deviations = []
+        for step in range(40):
+            weights = method.update(_sampled_record(rng, [1.0] * 4, [4.0] * 4, 8, 32, step))
+            deviations.append(np.abs(weights - 0.25).max())
+        spread[evidence] = float(np.mean(deviations[10:]))
+        assert method.last_terms is not None
+        if evidence:
+            assert "mix_evidence_factor" in method.last_terms
+    assert spread[0.5] < 0.75 * spread[0.0], spread
+    clear = {}
+    for evidence in (0.0, 0.5):
+        rng = np.random.default_rng(2)
+        method = PiKE(4, mix_evidence=evidence, loss_tilt=0.0)
+        for step in range(40):
+            weights = method.update(_sampled_record(rng, [8.0, 1.0, 1.0, 1.0], [4.0] * 4, 8, 32, step))
+        clear[evidence] = weights[0]
+    assert clear[0.5] > 0.25 + 0.8 * (clear[0.0] - 0.25), clear
+
+
+def test_mix_evidence_draws_repeat_on_resume():
+    """The bootstrap draws are seeded by the update count: a run resumed from its state gives bit-identical weights."""
+    rng = np.random.default_rng(3)
+    records = [_sampled_record(rng, [2.0, 1.0, 1.0], [4.0] * 3, 8, 24, step) for step in range(12)]
+    original = PiKE(3, mix_evidence=0.5)
+    for rec in records[:6]:
+        original.update(rec)
+    resumed = PiKE(3, mix_evidence=0.5)
+    resumed.load_state_dict(json.loads(json.dumps(original.state_dict())))
+    for rec in records[6:]:
+        np.testing.assert_array_equal(resumed.update(rec), original.update(rec))

@@ -180,6 +180,7 @@ _RAW_STATISTICS: dict[str, Any] = {
     "min_examples_per_domain": 0.0,
     "min_batch_per_domain": 0.0,
     "reuse_pooled": False,
+    "mix_evidence": 0.0,
 }
 _VARIANTS: dict[str, dict[str, Any]] = {
     "gradmix": {
@@ -193,6 +194,7 @@ _VARIANTS: dict[str, dict[str, Any]] = {
         "min_examples_per_domain": 4.0,
         "min_batch_per_domain": 2.0,
         "reuse_pooled": True,
+        "mix_evidence": 0.5,
     },
     "paper": {**_RAW_STATISTICS, "mode": "practical"},
     "conceptual": {**_RAW_STATISTICS, "mode": "conceptual"},
@@ -256,12 +258,19 @@ class PiKE(MixingMethod):
        product L*eta matters; it is unknown in real training, so the solution is averaged over
        ``lr_smoothness = (0.5, 1, 2)`` (eta = 1/L and a factor 2 either way; a single value if you know it).
        No normaliser: the minimiser is invariant to scaling both statistics, so nothing grows as gradients shrink.
-    4. **Mixed with uniform** (``uniform_mix = 0.65``): w = 0.35 w_bound + 0.65 / K. Every domain keeps at least
+    4. **Only as far as the evidence goes** (``mix_evidence = 0.5``, gradmix's): the bound's mix is pulled toward
+       the even split by a positive-part James-Stein factor ``1 - mix_evidence (K - 1) / Q``, Q the squared
+       deviation from the even split over its sampling variance, which a parametric bootstrap of the statistics
+       gives (``mix_draws = 64`` redraws, each minimised like the estimate; ``_evidence_shrunk``). Water-filling
+       turns small differences of noisy statistics into large weight differences; pure noise gives Q ~ K - 1, so
+       such a mix is halved. On the toy family it took the worst held-out setting from 1.17x to 0.99x uniform
+       (BENCHMARKS.md); 0 switches it off.
+    5. **Mixed with uniform** (``uniform_mix = 0.65``): w = 0.35 w_bound + 0.65 / K. Every domain keeps at least
        0.65 / K of the batch, so it is measured at every measuring step (>= 2 examples when b >= 3.1 K) and regains
        weight as soon as its statistics call for it; a starved domain cannot be forgotten. 0.65 is the share at which
        the held-out settings of the toy family stayed at parity with uniform while the suite kept its gains
        (BENCHMARKS.md, "PiKE on its own toy problem"); 0 gives the bound's mix alone.
-    5. **Loss tilt** (``loss_tilt = 1``, gradmix's, not the paper's): the gain term ||grad L_k||^2 (and with it
+    6. **Loss tilt** (``loss_tilt = 1``, gradmix's, not the paper's): the gain term ||grad L_k||^2 (and with it
        kappa_k) is scaled by L_k / mean_j L_j, losses pooled like the statistics; differences count only beyond
        their noise (per-domain shrinkage and a joint test, ``homogeneity_shrinkage`` with
        ``loss_tilt_evidence = 2``: on identical tasks measured with noise the tilt stays 1). The bound is one step
@@ -269,13 +278,13 @@ class PiKE(MixingMethod):
        loss is what is left at the end (on the toy problem the bound's own per-step optimum with exact statistics
        loses to uniform in 4 of 10 suite settings). The variance term is not tilted: a domain's noise lands on the
        shared parameters and costs every domain. 0 switches it off.
-    6. **Enough examples to compare** (``min_examples_per_domain = 4``, ``min_batch_per_domain = 2``): the
+    7. **Enough examples to compare** (``min_examples_per_domain = 4``, ``min_batch_per_domain = 2``): the
        statistics of one update are pooled from at least 4 examples per domain - when one batch has fewer, the
        core measures several steps of the interval (``examples_to_measure``; pooled estimates weighted by their
        precision, ``gradmix.stats.pool_measurements``) - and a batch with fewer than 2 examples per domain cannot
        realise a mix finely enough to gain from it (on the toy family moving it there cost up to 1.2x): with
        either short, the weights stay as they are and the method says so once.
-    7. **No frozen domains** (``reuse_pooled = True``): a domain with too few examples in this measurement takes
+    8. **No frozen domains** (``reuse_pooled = True``): a domain with too few examples in this measurement takes
        part with its pooled statistics; before, its weight was frozen, and a domain the noise had pushed low stayed
        low because it was rarely measured again.
 
@@ -330,6 +339,8 @@ class PiKE(MixingMethod):
         min_batch_per_domain: float = _UNSET,
         reuse_pooled: bool = _UNSET,
         loss_tilt_evidence: float = 2.0,
+        mix_evidence: float = _UNSET,
+        mix_draws: int = 64,
         lr: float = _UNSET,
         smoothness: float = _UNSET,
         c: float = 0.0,
@@ -395,6 +406,13 @@ class PiKE(MixingMethod):
         )
         self.reuse_pooled = bool(pick("reuse_pooled", reuse_pooled))
         self.loss_tilt_evidence = _positive_float(loss_tilt_evidence, "loss_tilt_evidence", allow_zero=True)
+        self.mix_evidence = _positive_float(pick("mix_evidence", mix_evidence), "mix_evidence", allow_zero=True)
+        if isinstance(mix_draws, bool) or not isinstance(mix_draws, int) or mix_draws < 2:
+            raise ValueError(f"pike: mix_draws must be an integer >= 2, got {mix_draws!r}")
+        self.mix_draws = mix_draws
+        # sampling variances of the statistics of this update (after pooling) and of the bound's inputs built on them
+        self._last_noise: tuple[np.ndarray, np.ndarray] | None = None
+        self._stat_noise: tuple[np.ndarray, np.ndarray] | None = None
         self._said_too_few = False
         with np.errstate(divide="ignore"):
             self._log_weights = np.log(self._weights)
@@ -536,9 +554,10 @@ class PiKE(MixingMethod):
         stale = compared & ~valid
         sq_out[stale] = self._ema_sq_norm[stale]
         var_out[stale] = self._ema_var[stale]
+        sq_noise_out = self._ema_sq_norm_noise if beta > 0 else sq_noise
+        var_noise_out = self._ema_var_noise if beta > 0 else var_noise
+        self._last_noise = (sq_noise_out.copy(), var_noise_out.copy())
         if self.shrinkage and int(compared.sum()) > 1:
-            sq_noise_out = self._ema_sq_norm_noise if beta > 0 else sq_noise
-            var_noise_out = self._ema_var_noise if beta > 0 else var_noise
             sq_out[compared] = np.maximum(shrink_to_mean(sq_out[compared], sq_noise_out[compared]), 0.0)
             var_out[compared] = np.maximum(shrink_to_mean(var_out[compared], var_noise_out[compared]), 0.0)
         return sq_out, var_out
@@ -612,6 +631,16 @@ class PiKE(MixingMethod):
             # costs every domain, so it is not tilted (tilting it made a domain whose loss looked converged free to
             # sample, and the bound then gave it most of the batch).
             var_stat = np.where(valid, (domain_tilt if self.tilt_variance else 1.0) * var / divisor, 0.0)
+            # the sampling variances of the two statistics as they enter the bound (for ``mix_evidence``)
+            self._stat_noise = None
+            if self._last_noise is not None and self.mix_evidence > 0:
+                var_scale = np.broadcast_to(
+                    np.asarray(domain_tilt if self.tilt_variance else 1.0) / divisor, tilt.shape
+                )
+                self._stat_noise = (
+                    np.where(valid, np.square(tilt / divisor) * self._last_noise[0], 0.0),
+                    np.where(valid, np.square(var_scale) * self._last_noise[1], 0.0),
+                )
         new_log: np.ndarray | None
         if self.mode == "practical":
             new_log = self._practical_step(gain_stat, var_stat, valid, b)
@@ -672,6 +701,41 @@ class PiKE(MixingMethod):
         # Divided by eta, the bound reads lam_k = -beta G_k + (L eta / 2b) S_k, kappa_k = L eta gamma G_k: the same
         # minimiser, and only the product L*eta is left. Unknown, it is averaged over ``lr_smoothness``.
         mass = float(np.sum(self._weights[valid]))
+        result = self._bound_mix(gain_stat, var_stat, valid, b, beta, gamma, mass)
+        if result is None:
+            return None
+        bound_mix, lams, kappas = result
+        evidence = 1.0
+        if mass > 0 and self.mix_evidence > 0 and self._stat_noise is not None:
+            bound_mix, evidence = self._evidence_shrunk(bound_mix, gain_stat, var_stat, valid, b, beta, gamma, mass)
+        weights = self._weights.copy()
+        if mass > 0:
+            mixed = (1.0 - self.uniform_mix) * bound_mix + self.uniform_mix / bound_mix.size
+            weights[valid] = mass * mixed / mixed.sum()
+        self.last_terms = {
+            "lam": np.where(valid, np.mean(lams, axis=0), np.nan),
+            "kappa": np.where(valid, np.mean(kappas, axis=0), np.nan),
+        }
+        if mass > 0:
+            self.last_terms["bound_weights"] = np.where(valid, 0.0, np.nan)
+            self.last_terms["bound_weights"][valid] = bound_mix
+            if self.mix_evidence > 0:
+                self.last_terms["mix_evidence_factor"] = np.where(valid, evidence, np.nan)
+        with np.errstate(divide="ignore"):
+            return np.log(weights)
+
+    def _bound_mix(
+        self,
+        gain_stat: np.ndarray,
+        var_stat: np.ndarray,
+        valid: np.ndarray,
+        b: float,
+        beta: float,
+        gamma: float,
+        mass: float,
+    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]] | None:
+        """The bound's minimiser over the valid domains (summing to ``mass``), averaged over ``lr_smoothness``, with
+        the per-product lam and kappa; None (and ``last_skip_reason``) when the statistics overflow the bound."""
         bound_mix = np.zeros(int(valid.sum()))
         lams, kappas = [], []
         for product in self.lr_smoothness:
@@ -686,19 +750,51 @@ class PiKE(MixingMethod):
             if mass > 0:
                 # min over w_valid summing to m  ==  m * water_filling(m lam, m^2 kappa)
                 bound_mix += water_filling(mass * lam[valid], mass**2 * kappa[valid]) / len(self.lr_smoothness)
-        weights = self._weights.copy()
-        if mass > 0:
-            mixed = (1.0 - self.uniform_mix) * bound_mix + self.uniform_mix / bound_mix.size
-            weights[valid] = mass * mixed / mixed.sum()
-        self.last_terms = {
-            "lam": np.where(valid, np.mean(lams, axis=0), np.nan),
-            "kappa": np.where(valid, np.mean(kappas, axis=0), np.nan),
-        }
-        if mass > 0:
-            self.last_terms["bound_weights"] = np.where(valid, 0.0, np.nan)
-            self.last_terms["bound_weights"][valid] = bound_mix
-        with np.errstate(divide="ignore"):
-            return np.log(weights)
+        return bound_mix, lams, kappas
+
+    def _evidence_shrunk(
+        self,
+        bound_mix: np.ndarray,
+        gain_stat: np.ndarray,
+        var_stat: np.ndarray,
+        valid: np.ndarray,
+        b: float,
+        beta: float,
+        gamma: float,
+        mass: float,
+    ) -> tuple[np.ndarray, float]:
+        """The bound's mix pulled toward the even split by how well its deviation stands out of its sampling noise:
+        ``centre + max(0, 1 - mix_evidence (K - 1) / Q) (mix - centre)``, Q = sum_k (mix_k - centre)^2 / Var_k.
+
+        Var_k comes from a parametric bootstrap: ``mix_draws`` redraws of the statistics from their sampling
+        distributions (normal, the pooled standard errors), each minimised like the estimate. Water-filling turns
+        small differences of noisy statistics into large weight differences; this keeps the mix where the
+        statistics cannot tell it from the even split (gradmix's, not the paper's). The draws are seeded by the
+        update count, so a resumed run repeats them. Returns the mix and the factor (1 = kept whole)."""
+        assert self._stat_noise is not None
+        gain_noise, var_noise = (np.sqrt(np.nan_to_num(noise)) for noise in self._stat_noise)
+        rng = np.random.default_rng(self.num_updates)
+        draws = []
+        for _ in range(self.mix_draws):
+            gain = np.maximum(gain_stat + rng.standard_normal(gain_stat.shape) * gain_noise, 0.0)
+            var = np.maximum(var_stat + rng.standard_normal(var_stat.shape) * var_noise, 0.0)
+            if not np.any(gain[valid] > 0):
+                continue
+            drawn = self._bound_mix(gain, var, valid, b, beta, gamma, mass)
+            if drawn is not None:
+                draws.append(drawn[0])
+        self.last_skip_reason = None  # an overflowing draw is not a reason to skip this update
+        if len(draws) < 2:
+            return bound_mix, 1.0
+        spread = np.var(np.array(draws), axis=0, ddof=1)
+        centre = mass / bound_mix.size
+        deviation = bound_mix - centre
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            statistic = float(np.sum(np.where(deviation == 0, 0.0, deviation * deviation / spread)))
+        if not statistic > 0:
+            return np.full_like(bound_mix, centre), 0.0
+        factor = 1.0 if math.isinf(statistic) else max(0.0, 1.0 - self.mix_evidence * (bound_mix.size - 1) / statistic)
+        return centre + factor * deviation, factor
 
     def _commit(self, new_log: np.ndarray) -> np.ndarray:
         """Renormalise, apply the uniform floor (to the state too) and return the new weights."""
