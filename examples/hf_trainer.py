@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient_accumulation_steps")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (all processes)")
     parser.add_argument("--method", default="pike")
+    parser.add_argument(
+        "--pike-variant",
+        default="gradmix",
+        choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
+        help="PiKE's variant (the resume tests use gradmix_v1, whose weights move within a few steps here; the default "
+        "keeps the even split until its statistics tell the domains apart)",
+    )
     parser.add_argument("--domains", default="code,docs,legal", help="comma-separated tiny-corpus files")
     parser.add_argument("--update-every", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny model)")
@@ -107,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     resume = last_checkpoint(args.out) if args.resume else None
     if args.resume and resume is None:
         print(f"no complete checkpoint in {args.out}: starting over", flush=True)  # killed before checkpoint 10
-    method_params = {"min_weight": 0.05} if args.method in ("pike", "fair_pike") else {}
+    method_params: dict[str, object] = {"min_weight": 0.05} if args.method in ("pike", "fair_pike") else {}
+    if args.method == "pike":
+        method_params["variant"] = args.pike_variant
     trainer = MixingTrainer(
         model=model,
         args=training_args,

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -93,11 +94,21 @@ def make_domains():
 
 
 def kill_after_checkpoint(
-    cmd: Sequence[str], marker: Path, *, env: dict[str, str], cwd: Path, past: float, timeout: float
+    cmd: Sequence[str],
+    marker: Path,
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    past: float,
+    timeout: float,
+    tree: bool = False,
 ) -> None:
     """Start ``cmd``, wait until ``marker`` (a complete checkpoint's last file) exists, let it run ``past`` seconds
-    more and SIGKILL it; the process must still have been running (killed mid-run, not finished)."""
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
+    more and SIGKILL it; the process must still have been running (killed mid-run, not finished). ``tree``: ``cmd``
+    is a launcher (torchrun): it and every process it started are SIGKILLed (tests/workers/process_tree.py)."""
+    proc = subprocess.Popen(
+        list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=tree
+    )
     try:
         deadline = time.monotonic() + timeout
         while not marker.exists():
@@ -109,15 +120,27 @@ def kill_after_checkpoint(
             time.sleep(0.02)
         time.sleep(past)
         assert proc.poll() is None, "the run finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        _kill(proc, tree)
     finally:
         if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
+            _kill(proc, tree)
         if proc.stderr is not None:
             proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
+
+
+def _kill(proc: subprocess.Popen, tree: bool) -> None:
+    """SIGKILL ``proc`` (and with ``tree`` every process it started) and wait for it."""
+    if tree:
+        workers = str(Path(__file__).parent / "workers")
+        if workers not in sys.path:
+            sys.path.insert(0, workers)
+        from process_tree import kill_tree
+
+        kill_tree(proc)
+    else:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -8,6 +8,10 @@ Checkpoints: ``save_sharded_checkpoint`` / ``load_sharded_checkpoint`` write a f
 optimizer through ``torch.distributed.checkpoint`` (each rank writes its shards; loading re-shards to the current
 world size), the Mixer state (rank 0, a verified gradmix file) and, last, a ``COMPLETE`` marker: a folder without it
 (a run killed while saving) is never resumed from.
+
+Frameworks that apply ``fully_shard`` after the Mixer was built (accelerate's FSDP2 plugin inside the HF Trainer,
+Lightning's ``ModelParallelStrategy``) hand their probe to ``reshard_probe``, which rebuilds it as a
+``ShardedGradientProbe`` with the same settings once the parameters are DTensors.
 """
 
 from __future__ import annotations
@@ -26,10 +30,36 @@ from gradmix.checkpoint import write_json_atomic
 
 __all__ = [
     "checkpoint_dir",
+    "has_dtensor_parameters",
     "latest_checkpoint",
     "load_sharded_checkpoint",
+    "reshard_probe",
     "save_sharded_checkpoint",
 ]
+
+
+# -- probes ---------------------------------------------------------------------------------------------------------
+
+
+def has_dtensor_parameters(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a ``DTensor`` (``fully_shard`` / FSDP2 or another DTensor sharding)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def reshard_probe(probe: Any, model: nn.Module) -> Any:
+    """``probe`` as a ``ShardedGradientProbe`` of ``model`` when ``model``'s parameters are DTensors and ``probe`` is
+    not one yet (built before the framework applied ``fully_shard``): same probed parameters (by name), splits, Gram,
+    preconditioner. Otherwise ``probe`` itself. A mesh the sharded probe does not support is its one-line
+    ``NotImplementedError``."""
+    from gradmix.probe import ShardedGradientProbe
+
+    if probe is None or isinstance(probe, ShardedGradientProbe) or not has_dtensor_parameters(model):
+        return probe
+    if probe.accumulating:
+        raise RuntimeError("gradmix: the model was sharded in the middle of an optimizer step")
+    settings = dict(probe.settings())
+    keep = ("parameters", "num_splits", "gram", "preconditioner", "eps", "bias_correction")
+    return ShardedGradientProbe(model, **{key: settings[key] for key in keep if key in settings})
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------

@@ -45,8 +45,23 @@ What it does, on top of the Trainer:
   ``int(gradmix.distributed.default_timeout().total_seconds())``) so that a hung rank does not block the others for
   torch's 30 minutes.
 
-Not supported: ``torch.nn.DataParallel`` (n_gpu > 1 in one process; use DDP via torchrun/accelerate), DeepSpeed,
-hyperparameter search (checkpoint folders under ``run-*``).
+- **Sharded training**: FSDP2 through accelerate's plugin (``TrainingArguments(fsdp="full_shard",
+  fsdp_config={"version": 2, ...})``; examples/hf_trainer_fsdp.py): accelerate shards the model in place when
+  ``train()`` starts, and the first ``training_step`` rebuilds the probe as a ``ShardedGradientProbe`` with the same
+  settings (``gradmix.integrations.fsdp.reshard_probe``): gradient methods measure from the local gradient shards and
+  all-reduce a few scalars (the same weights on every rank; equal to one process over the same global batch up to
+  float rounding). The Trainer's sharded checkpoints carry ``gradmix_state.pt`` and resume exactly as above. accelerate
+  builds FSDP only on GPUs/accelerators: on CPU it would silently train with DDP, so ``fsdp=...`` on CPU is a one-line
+  ``ValueError``. Under FSDP2 DGA's alignment is plain (no Adam preconditioner: the Trainer builds its optimizer
+  after sharding, long after the Mixer). DeepSpeed ZeRO-2/3 runs loss-only and static methods (on CPU too, resuming
+  exactly from its checkpoints; FSDP1 is not refused for them either, untested here: accelerate's FSDP needs GPUs);
+  a gradient method under DeepSpeed or FSDP1 is a one-line ``ValueError`` at construction (``sharding_refusal``):
+  FSDP1's flat parameters and DeepSpeed's partitioned gradients (reduced inside the engine's backward, which also
+  steps on every call) hide what the probe measures. ``last_measurement`` holds the step's pooled measurement
+  (statistics on measuring steps) after its last micro-batch.
+
+Not supported: ``torch.nn.DataParallel`` (n_gpu > 1 in one process; use DDP via torchrun/accelerate), gradient
+methods under DeepSpeed or FSDP1, hyperparameter search (checkpoint folders under ``run-*``).
 """
 
 from __future__ import annotations
@@ -67,10 +82,12 @@ from transformers import Trainer, TrainerCallback
 from gradmix.checkpoint import load_checkpoint_file, save_checkpoint_file
 from gradmix.controller import Mixer
 from gradmix.distributed import raise_on_any_rank
+from gradmix.integrations.fsdp import has_dtensor_parameters, reshard_probe
 from gradmix.methods.base import MixingMethod
-from gradmix.probe import Probe
+from gradmix.probe import Probe, ShardedGradientProbe
 from gradmix.runlock import RUN_MARKERS, RunDirError, check_run_dir
 from gradmix.sources import DomainSet, DomainSource, HFDatasetDomain
+from gradmix.stats import Measurement
 from gradmix.writers import kpi_scalars, writes_scalars
 
 __all__ = [
@@ -81,6 +98,7 @@ __all__ = [
     "causal_lm_loss",
     "hf_domains",
     "last_checkpoint",
+    "sharding_refusal",
     "windows_dataset",
 ]
 
@@ -179,6 +197,37 @@ def _forwards_kpis(log_to_trainer: bool | None, mixer: Mixer) -> bool:
     return (not writes_scalars(mixer.writers)) if log_to_trainer is None else bool(log_to_trainer)
 
 
+# -- sharding ------------------------------------------------------------------------------------------------------
+
+
+def _fsdp_version(trainer: Any) -> int | None:
+    """The FSDP version accelerate runs (1 or 2), or None without FSDP."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    return int(getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1))
+
+
+def sharding_refusal(method: str, needs_gradients: bool, *, deepspeed: bool, fsdp_version: int | None) -> str | None:
+    """Why a Trainer sharded this way cannot carry ``method`` (one line), or None. FSDP2 is fine (the probe becomes a
+    ``ShardedGradientProbe`` once accelerate has sharded the model); FSDP1's flat parameters and DeepSpeed's
+    partitioned gradients hide what a gradient method measures. Loss-only and static methods run under any of them."""
+    if not needs_gradients:
+        return None
+    if deepspeed:
+        return (
+            f"MixingTrainer: method {method!r} needs gradient statistics, which DeepSpeed hides (its engine reduces "
+            "and partitions the gradients inside backward and steps on every backward call); use FSDP2 "
+            "(TrainingArguments(fsdp='full_shard', fsdp_config={'version': 2}), examples/hf_trainer_fsdp.py) or a "
+            "loss-only method"
+        )
+    if fsdp_version is not None and fsdp_version != 2:
+        return (
+            f"MixingTrainer: method {method!r} needs gradient statistics, which FSDP{fsdp_version} (flat parameters) "
+            "hides; use FSDP2: TrainingArguments(fsdp='full_shard', fsdp_config={'version': 2})"
+        )
+    return None
+
+
 # -- the callback --------------------------------------------------------------------------------------------------
 
 
@@ -275,12 +324,20 @@ class MixingTrainerMixin(_TrainerBase):
                 f"MixingTrainer does not support torch.nn.DataParallel (n_gpu={targs.n_gpu} in one "
                 "process); launch one process per device (torchrun / accelerate launch)"
             )
+        fsdp_asked = bool(getattr(targs, "fsdp", None)) and not getattr(self, "is_fsdp_xla_enabled", False)
+        if fsdp_asked and not getattr(self, "is_fsdp_enabled", False):
+            raise ValueError(
+                "MixingTrainer: TrainingArguments(fsdp=...) but accelerate did not enable FSDP (it shards only on "
+                "GPUs/accelerators; on CPU it falls back to DDP without saying so): run on GPUs "
+                "(examples/hf_trainer_fsdp.py) or drop fsdp=... to train with DDP"
+            )
         # The sampler's state resumes exactly; the Trainer must not skip already-seen batches a second time.
         targs.ignore_data_skip = True
         accumulation = int(targs.gradient_accumulation_steps)
         world_size, rank = int(targs.world_size), int(targs.process_index)
         batch_size = int(targs.per_device_train_batch_size) * accumulation * world_size
 
+        built = mixer is None
         if mixer is None:
             if isinstance(domains, Mapping):
                 domains = hf_domains(domains, column=column)
@@ -323,7 +380,18 @@ class MixingTrainerMixin(_TrainerBase):
                     f"TrainingArguments give {wanted} (batch_size = per_device_train_batch_size x "
                     "gradient_accumulation_steps x world size)"
                 )
+        refusal = sharding_refusal(
+            mixer.method.name,
+            mixer.needs_gradients,
+            deepspeed=bool(getattr(self, "is_deepspeed_enabled", False)),
+            fsdp_version=_fsdp_version(self),
+        )
+        if refusal is not None:
+            if built:
+                mixer.close()  # the run folder's lock is free again
+            raise ValueError(refusal)
         self.mixer = mixer
+        self.last_measurement: Measurement | None = None
         self.gradmix_overwrite = bool(overwrite)
         self.gradmix_log_to_trainer = log_to_trainer
         self.per_example_loss = per_example_loss if per_example_loss is not None else causal_lm_loss
@@ -353,11 +421,18 @@ class MixingTrainerMixin(_TrainerBase):
 
     # -- training step ---------------------------------------------------------------------------------------------
     def _ensure_probe(self, model: torch.nn.Module) -> None:
-        """Under DDP the probe must drive the DistributedDataParallel wrapper the Trainer builds after __init__: rebuild
-        it there once, with the same settings (probed parameters, splits, Gram, preconditioner)."""
+        """The probe must drive the model as the Trainer prepared it after __init__: under DDP its
+        DistributedDataParallel wrapper (rebuilt there once, with the same settings: probed parameters, splits, Gram,
+        preconditioner); under FSDP2 (accelerate's plugin shards the model in place when ``train()`` starts) a
+        ``ShardedGradientProbe`` with the same settings."""
         probe: Probe | None = self.mixer.probe
+        if probe is None or probe.accumulating:
+            return
+        if not isinstance(probe, ShardedGradientProbe) and has_dtensor_parameters(model):
+            self.mixer.probe = reshard_probe(probe, model)
+            return
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        if probe is None or probe.model is model or probe.accumulating or not ddp or model.module is not probe.module:
+        if probe.model is model or not ddp or model.module is not probe.module:
             return
         self.mixer.probe = probe.rebind(model)
 
@@ -376,6 +451,7 @@ class MixingTrainerMixin(_TrainerBase):
         self._ensure_probe(model)
         with self.compute_loss_context_manager():
             result = self.mixer.backward(model, inputs, self.per_example_loss, backward_fn=self.accelerator.backward)
+        self.last_measurement = result
         if result is None:
             return torch.zeros((), device=self.args.device)
         loss_sum, counts = result.loss_sums()

@@ -19,7 +19,8 @@
 What the callback does:
 
 * ``setup``: builds the ``Mixer`` (rank and world size from the Trainer) - the reference composition of core, sampler,
-  probe and metrics writer; ``callback.mixer`` is it.
+  probe and metrics writer; ``callback.mixer`` is it. Under ``ModelParallelStrategy`` (FSDP2) it is built at
+  ``on_fit_start`` instead, after ``configure_model`` has sharded the module.
 * ``dataloader()`` (returned by the mixin's ``train_dataloader``): an iterable over the live sampler, each rank its
   share of the same global batch (micro-batches when ``accumulation_steps > 1``). Lightning injects no distributed
   sampler into it (it is an ``IterableDataset``). Lightning fetches one batch ahead, so a weight change after step t
@@ -50,7 +51,17 @@ averages the gradients once itself (``GradientProbe(sync_gradients=True)``), so 
 probe expects. Loss-only and static methods also work with automatic optimization: call ``mixing_observe(batch,
 per_example_losses)`` in ``training_step`` (or nothing, for static methods).
 
-Supported strategies: single device and DDP (``"ddp"``, ``"ddp_spawn"``). A checkpoint from another run (other
+Supported strategies: single device, DDP (``"ddp"``, ``"ddp_spawn"``) and FSDP2 through ``ModelParallelStrategy``
+(``data_parallel_size=N, tensor_parallel_size=1``; the module applies ``fully_shard`` on
+``self.device_mesh["data_parallel"]`` in ``configure_model``; examples/lightning_fsdp.py). Under it the Mixer is built
+at ``on_fit_start``, once the module is sharded, so gradient methods measure through the ``ShardedGradientProbe``
+(statistics from the local gradient shards, a few all-reduced scalars: the same weights on every rank, equal to one
+process over the same global batch up to float rounding; ``probe_params`` without ``sync_gradients``); the Mixer's
+state goes into Lightning's sharded checkpoints (``meta.pt`` beside the DCP shards) and comes back exactly.
+``FSDPStrategy`` (FSDP1, flat parameters; CUDA only) runs loss-only and static methods; a gradient method there is a
+one-line ``ValueError`` at ``on_fit_start`` naming ModelParallelStrategy. ``DeepSpeedStrategy`` (its engine runs the
+backward and partitions the gradients) and tensor parallelism (``tensor_parallel_size > 1``: every rank draws its own
+share of the batch) are one-line ``NotImplementedError``s at ``setup``. A checkpoint from another run (other
 domains, method, batch geometry) is a ``ValueError`` at restore. One written under another world size is accepted:
 the sampler's global batches are the same and each rank takes its new share (the probe's per-rank statistics then
 follow the new world size), with a ``MixingWarning`` saying so.
@@ -70,11 +81,13 @@ import torch
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 except ImportError as exc:  # pragma: no cover
     raise ImportError("gradmix.integrations.lightning needs Lightning: pip install 'gradmix[lightning]'") from exc
 
 from gradmix.controller import Mixer, MixingWarning
 from gradmix.distributed import raise_on_any_rank
+from gradmix.integrations.fsdp import has_dtensor_parameters
 from gradmix.methods import MixingMethod, resolve_weight_params
 from gradmix.runlock import RunDirError, check_run_dir
 from gradmix.sources import DomainSet
@@ -94,6 +107,35 @@ class _LiveBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         return iter(self.mixer.batches())
+
+
+def _is_model_parallel(strategy: Any) -> bool:
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def _is_fsdp1(strategy: Any) -> bool:
+    return isinstance(strategy, FSDPStrategy)
+
+
+def _check_strategy(strategy: Any) -> None:
+    """Refuse, in one line, what the callback cannot drive: DeepSpeed (its engine runs the backward and partitions the
+    gradients itself) and tensor parallelism (ranks of one tensor-parallel group must see the same examples, but the
+    sampler gives every rank its own share)."""
+    name = type(strategy).__name__
+    if "DeepSpeed" in name:
+        raise NotImplementedError(
+            f"MixingCallback does not support {name}: DeepSpeed's engine runs the backward and partitions the "
+            "gradients itself; use ModelParallelStrategy with fully_shard (FSDP2, examples/lightning_fsdp.py) or DDP"
+        )
+    if _is_model_parallel(strategy):
+        mesh = strategy.device_mesh
+        tensor_parallel = int(mesh["tensor_parallel"].size()) if "tensor_parallel" in (mesh.mesh_dim_names or ()) else 1
+        if tensor_parallel > 1:
+            raise NotImplementedError(
+                f"MixingCallback: ModelParallelStrategy with tensor_parallel_size={tensor_parallel} is not supported "
+                "(every rank draws its own share of the batch); use ModelParallelStrategy(data_parallel_size="
+                f"{strategy.world_size}, tensor_parallel_size=1) with fully_shard (FSDP2)"
+            )
 
 
 class MixingCallback(Callback):
@@ -143,7 +185,8 @@ class MixingCallback(Callback):
             target=target,
             **config,
         )
-        self._probe_params = {"sync_gradients": True, **dict(probe_params or {})}
+        self._explicit_probe_params = dict(probe_params or {})
+        self._probe_params = {"sync_gradients": True, **self._explicit_probe_params}
         self.log_prefix = log_prefix
         self.log_to_trainer = log_to_trainer
         self.overwrite = bool(overwrite)
@@ -162,15 +205,15 @@ class MixingCallback(Callback):
             if self.mixer.run_lock is not None:
                 self.mixer.run_lock.acquire()  # a later fit: the folder is ours again (released at teardown)
             return
-        strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "ModelParallel" in strategy or "DeepSpeed" in strategy:
-            raise NotImplementedError(
-                f"MixingCallback supports single-device and DDP strategies, not {strategy}; "
-                "for FSDP2 use a torchrun loop with gradmix.integrations.fsdp"
-            )
+        _check_strategy(trainer.strategy)
+        if _is_model_parallel(trainer.strategy):
+            return  # built at on_fit_start: configure_model (fully_shard) and the strategy's setup come first
+        self._build(trainer, pl_module, dict(self._probe_params))
+
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe_params: dict[str, Any]) -> None:
         self.mixer = Mixer(
             model=pl_module,
-            probe_params=self._probe_params,
+            probe_params=probe_params,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             resume=True,  # the folder's records are kept or refused at on_train_start, once a restore is known
@@ -180,9 +223,31 @@ class MixingCallback(Callback):
             state, self._pending = self._pending, None
             self._restore(state)
 
+    def _build_model_parallel(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """ModelParallelStrategy: the Mixer (and its probe) over the module as configure_model left it. Gradient
+        methods need its parameters to be FSDP2 DTensors (``fully_shard`` on the strategy's data-parallel mesh):
+        the probe is then a ``ShardedGradientProbe`` (FSDP2 reduces the gradients itself, so no ``sync_gradients``)."""
+        probe_params = {key: value for key, value in self._probe_params.items() if key != "sync_gradients"}
+        if "sync_gradients" in self._explicit_probe_params:
+            raise ValueError(
+                "MixingCallback: probe_params['sync_gradients'] does not apply under ModelParallelStrategy "
+                "(FSDP2 reduces the gradients itself)"
+            )
+        self._build(trainer, pl_module, probe_params)
+        mixer = self._require()
+        if mixer.needs_gradients and trainer.world_size > 1 and not has_dtensor_parameters(pl_module):
+            raise ValueError(
+                f"MixingCallback: method {mixer.method.name!r} needs gradient statistics, but under "
+                "ModelParallelStrategy the module's parameters are not sharded: apply fully_shard(..., "
+                "mesh=self.device_mesh['data_parallel']) in configure_model (examples/lightning_fsdp.py)"
+            )
+
     def _require(self) -> Mixer:
         if self.mixer is None:
-            raise RuntimeError("the MixingCallback has no Mixer yet: it is built in setup(), when trainer.fit starts")
+            raise RuntimeError(
+                "the MixingCallback has no Mixer yet: it is built when trainer.fit starts (setup(); on_fit_start() "
+                "under ModelParallelStrategy)"
+            )
         return self.mixer
 
     def dataloader(self, **kwargs: Any) -> torch.utils.data.DataLoader:
@@ -194,7 +259,16 @@ class MixingCallback(Callback):
         return torch.utils.data.DataLoader(_LiveBatches(mixer), batch_size=None, **kwargs)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mixer is None and _is_model_parallel(trainer.strategy):
+            self._build_model_parallel(trainer, pl_module)
         mixer = self._require()
+        strategy = type(trainer.strategy).__name__
+        if mixer.needs_gradients and _is_fsdp1(trainer.strategy):
+            raise ValueError(
+                f"MixingCallback: method {mixer.method.name!r} needs gradient statistics, which {strategy} "
+                "(FSDP1, flat parameters) hides; use ModelParallelStrategy with fully_shard in configure_model "
+                "(FSDP2, examples/lightning_fsdp.py) or a loss-only method"
+            )
         accumulation = mixer.accumulation_steps
         if pl_module.automatic_optimization and trainer.accumulate_grad_batches != accumulation:
             raise ValueError(
