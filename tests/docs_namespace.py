@@ -17,6 +17,9 @@ Trainer block. ``kind_of(source)`` picks the world a block lives in; each world 
 blocks, everything trained or written to is fresh). Nothing is downloaded: the text is the repo's tiny built-in
 corpus (src/gradmix_kit/data/tiny; its license texts stand in for `de_docs`) and questions about the standard
 library; tokenizers are trained here, models are built from configs with random weights.
+
+Blocks marked ``# docs-test: torchrun`` are not run here but as programs of their own under torchrun; what they take
+from the reader's earlier code comes from tests/docs_torchrun_prelude.py.
 """
 
 from __future__ import annotations

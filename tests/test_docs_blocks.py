@@ -10,10 +10,22 @@ hub and W&B kept offline. Tracebacks point into the markdown file: the block is 
 its lines where they are in the file. Blocks that train through a framework (HF Trainer, TRL, Lightning) are marked
 ``integration`` (CI runs them: scripts/test.sh); the rest are fast unit tests.
 
-Blocks that are not run. A block that cannot run on a CPU machine (a GPU, several nodes, a torchrun launch) or is
-deliberately not runnable says so on its first line, a comment a reader sees in the rendered page::
+Blocks run under torchrun. A block that is a program for ``torchrun`` (it initialises a process group) says so on its
+first line, a comment a reader sees in the rendered page::
 
-    # docs-test: skip (needs torchrun with 2 processes)
+    # docs-test: torchrun
+
+It runs as a program of its own under ``torchrun --standalone --nproc_per_node 2`` with gloo on the CPU (marked
+``integration``, like the other torchrun tests), in a temporary working directory: a ``train.py`` that imports from
+tests/docs_torchrun_prelude.py the names the block takes from the reader's earlier code (``make_model``,
+``domains``, ``per_example_loss``, ``num_steps``), then runs the block, compiled under the markdown file's name and
+lines, in its module globals. Every rank must exit 0 within ``TORCHRUN_TIMEOUT_S``; what a page documents about a
+block's run (a checkpoint resumed, an abort at exit and its workaround) is checked too.
+
+Blocks that are not run. A block that cannot run on a CPU machine (a GPU, several nodes) or is deliberately not
+runnable says so on its first line::
+
+    # docs-test: skip (needs a GPU)
 
 and is skipped with that reason. Nothing else skips a block.
 
@@ -25,10 +37,14 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -44,6 +60,7 @@ PAGES = sorted(DOCS_DIR.rglob("*.md"))
 DOCS = [ROOT / "README.md", *PAGES]
 FENCE = re.compile(r"^```([\w+-]*)\s*$")
 SKIP = re.compile(r"^#\s*docs-test:\s*skip\s*\((?P<reason>.+)\)\s*$")
+TORCHRUN = re.compile(r"^#\s*docs-test:\s*torchrun\s*$")
 SHELL = ("bash", "sh", "shell", "console")
 SLOW = ("gradmix.integrations.hf", "gradmix.integrations.trl", "gradmix.integrations.lightning")  # a framework trains
 ENV = {
@@ -77,6 +94,11 @@ class Block:
         first = self.source.split("\n", 1)[0].strip()
         mark = SKIP.match(first)
         return mark["reason"] if mark else None
+
+    @property
+    def torchrun(self) -> bool:
+        """The block's first line is ``# docs-test: torchrun``: a program for torchrun, run under it."""
+        return bool(TORCHRUN.match(self.source.split("\n", 1)[0].strip()))
 
 
 def read_blocks(path: Path) -> list[Block]:
@@ -112,6 +134,8 @@ def prose_lines(path: Path) -> list[tuple[int, str]]:
 
 ALL_BLOCKS = [block for path in DOCS for block in read_blocks(path)]
 PYTHON_BLOCKS = [block for block in ALL_BLOCKS if block.lang == "python"]
+IN_PROCESS_BLOCKS = [block for block in PYTHON_BLOCKS if not block.torchrun]
+TORCHRUN_BLOCKS = [block for block in PYTHON_BLOCKS if block.torchrun]
 TOML_BLOCKS = [block for block in ALL_BLOCKS if block.lang == "toml"]  # pieces of `gradmix run` configs
 
 
@@ -125,20 +149,25 @@ def _param(block: Block):
 
 
 def test_the_docs_have_their_blocks_and_every_skip_mark_is_a_first_line():
-    """The collection itself: every page is found (subfolders too), the files have their blocks, and a skip mark is
-    only ever the visible first line of a python or toml block (an old-style HTML comment mark is an error)."""
+    """The collection itself: every page is found (subfolders too), the files have their blocks, and a mark (skip,
+    torchrun) is only ever the visible first line of a python or toml block (an old-style HTML comment mark is an
+    error); the torchrun blocks of the DDP / FSDP2 page and of the gloo abort reproducer are found as such."""
     assert ROOT / "docs" / "howto" / "plain_loop.md" in PAGES  # pages in subfolders are collected
     assert sum(b.path.name == "README.md" for b in PYTHON_BLOCKS) >= 3
     assert len(PYTHON_BLOCKS) >= 25
     assert len(TOML_BLOCKS) >= 2
+    torchrun_pages = {str(b.path.relative_to(ROOT)) for b in TORCHRUN_BLOCKS}
+    assert torchrun_pages >= {"docs/howto/distributed.md", "docs/bad_inputs.md"}
     for block in ALL_BLOCKS:
         for offset, line in enumerate(block.source.splitlines()):
             if "docs-test:" in line:
                 where = f"{block.name} (line {block.line + 1 + offset})"
-                assert offset == 0 and SKIP.match(line.strip()), (
-                    f"{where}: a docs-test mark must be the block's first line: # docs-test: skip (reason)"
+                assert offset == 0 and (SKIP.match(line.strip()) or TORCHRUN.match(line.strip())), (
+                    f"{where}: a docs-test mark must be the block's first line: # docs-test: skip (reason) or "
+                    "# docs-test: torchrun"
                 )
                 assert block.lang in ("python", "toml"), f"{where}: only python and toml blocks are run"
+                assert block.lang == "python" or not TORCHRUN.match(line.strip()), f"{where}: torchrun runs python"
     for path in DOCS:
         for number, line in prose_lines(path):
             assert not re.search(r"<!--\s*docs-test", line), (
@@ -147,7 +176,7 @@ def test_the_docs_have_their_blocks_and_every_skip_mark_is_a_first_line():
             )
 
 
-@pytest.mark.parametrize("block", [_param(b) for b in PYTHON_BLOCKS])
+@pytest.mark.parametrize("block", [_param(b) for b in IN_PROCESS_BLOCKS])
 def test_python_block_runs(block: Block, tmp_path, monkeypatch):
     import torch
 
@@ -200,6 +229,175 @@ def _missing_optional(exc: BaseException | None) -> str | None:
 
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# -- blocks run under torchrun ----------------------------------------------------------------------------------------
+
+PRELUDE = Path(__file__).with_name("docs_torchrun_prelude.py")
+NPROC = 2
+TORCHRUN_TIMEOUT_S = 120
+TORCHRUN_ENV = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
+@dataclass(frozen=True)
+class Launch:
+    returncode: int
+    output: str  # stdout and stderr of the launcher and its ranks, interleaved
+    seconds: float
+
+
+def _prelude_assignments() -> dict[str, ast.expr]:
+    tree = ast.parse(PRELUDE.read_text(encoding="utf-8"))
+    return {
+        target.id: node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+
+
+@cache
+def prelude_names() -> tuple[str, ...]:
+    """The names the prelude hands a block: its ``__all__``."""
+    return tuple(ast.literal_eval(_prelude_assignments()["__all__"]))
+
+
+def prelude_num_steps() -> int:
+    return int(ast.literal_eval(_prelude_assignments()["num_steps"]))
+
+
+def write_torchrun_script(block: Block, folder: Path) -> Path:
+    """``folder/train.py``, the program a torchrun block is: an import of the prelude names the block uses (the prelude
+    copied next to it, when the block uses any), then the block (``folder/block.txt``), compiled under the markdown
+    file's name with its lines where they are in the file and run in this module's own globals, as the same code
+    written in the file would be (they live until the interpreter's exit, which matters to the gloo abort
+    reproducer). Everything else the block imports itself, as a reader copying it must."""
+    used = sorted(docs_namespace.free_names(block.source))
+    missing = [name for name in used if name not in prelude_names()]
+    if missing:
+        raise docs_namespace.MissingFixture(
+            f"{block.name} uses {', '.join(missing)}, which it neither defines nor imports, and "
+            f"tests/{PRELUDE.name} does not provide it (its __all__: {', '.join(prelude_names())})"
+        )
+    lines = []
+    if used:
+        (folder / PRELUDE.name).write_text(PRELUDE.read_text(encoding="utf-8"), encoding="utf-8")
+        lines.append(f"from {PRELUDE.stem} import {', '.join(used)}  # tests/{PRELUDE.name}")
+    code = folder / "block.txt"  # the block, its lines where they are in the markdown file
+    code.write_text("\n" * block.line + block.source, encoding="utf-8")
+    read = f"open({str(code)!r}, encoding='utf-8').read()"  # binds no name in the block's globals
+    lines.append(f"exec(compile({read}, {str(block.path)!r}, 'exec'))  # {block.name}")
+    script = folder / "train.py"
+    script.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return script
+
+
+def run_torchrun(block: Block, folder: Path, *args: str) -> Launch:
+    """``torchrun --standalone --nproc_per_node 2 train.py ARGS`` in ``folder``, train.py the block's program (gloo on
+    loopback, one thread per rank, ``examples/`` importable, the hub and W&B offline); the launcher and its ranks are
+    killed after ``TORCHRUN_TIMEOUT_S``."""
+    path = write_torchrun_script(block, folder)
+    pythonpath = [str(ROOT / "examples"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, **ENV, **TORCHRUN_ENV, "PYTHONPATH": os.pathsep.join(pythonpath)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NPROC)]
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [*command, str(path), *args],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: a timeout ends the launcher and every rank
+    )
+    try:
+        output, _ = proc.communicate(timeout=TORCHRUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun {path.name} {' '.join(args)}: not done in {TORCHRUN_TIMEOUT_S} s:\n{output[-4000:]}")
+    return Launch(proc.returncode, output, time.perf_counter() - started)
+
+
+def _exitcodes(output: str) -> list[int]:
+    """The exit codes torchrun reports for the ranks that failed (``exitcode  : -6 (pid: ...)``)."""
+    return [int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+)", output)]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("block", TORCHRUN_BLOCKS, ids=[b.name for b in TORCHRUN_BLOCKS])
+def test_torchrun_block_runs(block: Block, tmp_path):
+    """A ``# docs-test: torchrun`` block runs as written under torchrun with 2 gloo processes and every rank exits 0.
+    A block that trains with a Mixer logs its metrics records in step order up to num_steps. A block that saves sharded
+    checkpoints (the FSDP2 page) leaves them complete, and launched again with its newest checkpoint cut short (no
+    ``COMPLETE`` marker: never resumed from, as the page says) it resumes from the one before and logs the same
+    records as the uninterrupted run (metrics.jsonl cut back to the checkpoint, then continued)."""
+    first = run_torchrun(block, tmp_path)
+    print(f"{block.name}: torchrun ({NPROC} processes) ran in {first.seconds:.1f} s")
+    assert first.returncode == 0, f"{block.name}: torchrun exited {first.returncode}:\n{first.output[-4000:]}"
+    metrics = sorted(tmp_path.rglob("metrics.jsonl"))
+    if "Mixer(" in block.source:
+        assert metrics, f"{block.name}: the run wrote no metrics.jsonl"
+    steps = prelude_num_steps()
+    for path in metrics:  # a record every log_every steps (the Mixer's default: 10), the last one at num_steps
+        logged = [r["step"] for r in _records(path)]
+        assert logged and logged == sorted(set(logged)) and logged[-1] == steps, f"{path}: steps {logged}"
+    if "save_sharded_checkpoint" not in block.source:
+        return
+    (run_dir,) = {path.parent for path in metrics}
+    saved = sorted((run_dir / "checkpoints").iterdir())
+    assert [folder.name for folder in saved] == [f"step-{s:06d}" for s in range(10, steps + 1, 10)]
+    assert all((folder / "COMPLETE").is_file() for folder in saved)
+    kept = {folder.name: (folder / "COMPLETE").stat().st_mtime_ns for folder in saved[:-1]}
+    uninterrupted = _records(run_dir / "metrics.jsonl")
+    (saved[-1] / "COMPLETE").unlink()  # as if the last save had been cut short
+    again = run_torchrun(block, tmp_path)
+    print(f"{block.name}: resumed in {again.seconds:.1f} s")
+    assert again.returncode == 0, f"{block.name}: the second launch exited {again.returncode}:\n{again.output[-4000:]}"
+    assert (saved[-1] / "COMPLETE").is_file()  # the last steps ran again and saved again
+    assert {name: (run_dir / "checkpoints" / name / "COMPLETE").stat().st_mtime_ns for name in kept} == kept, (
+        "the second launch started over instead of resuming from the newest complete checkpoint"
+    )
+    resumed = _records(run_dir / "metrics.jsonl")
+    fields = ("step", "weights", "requested_weights", "train_loss")
+    assert [[r.get(f) for f in fields] for r in resumed] == [[r.get(f) for f in fields] for r in uninterrupted]
+
+
+@pytest.mark.integration
+def test_gloo_abort_reproducer_and_its_workaround(tmp_path):
+    """docs/bad_inputs.md, "gloo: SIGABRT at interpreter exit": the reproducer (run as written, without ``keep``, by
+    ``test_torchrun_block_runs``: 0 of 20 aborted) with ``keep`` either ends cleanly or aborts at exit with
+    SIGABRT ("terminate called without an active exception"), nothing else (it aborts in about half the runs, so
+    one run cannot show the abort); with the page's workaround in place of its last line it ends cleanly on every
+    rank."""
+    block = next(b for b in TORCHRUN_BLOCKS if b.path.name == "bad_inputs.md" and "KEEP" in b.source)
+    workaround = next(  # the page's one-line workaround: `dist.barrier(); ...; os._exit(0)`
+        span
+        for number, line in prose_lines(block.path)
+        if number > block.line
+        for span in INLINE_CODE.findall(line)
+        if "destroy_process_group()" in span and "os._exit(0)" in span
+    )
+    last = "dist.destroy_process_group()\n"
+    assert block.source.endswith(last), f"{block.name}: the reproducer no longer ends with {last.strip()}"
+    fixed = replace(block, source=block.source[: -len(last)] + f"import os; {workaround}\n")
+
+    (tmp_path / "keep").mkdir()
+    kept = run_torchrun(block, tmp_path / "keep", "keep")
+    aborted = kept.returncode != 0
+    print(f"{block.name} keep: {'aborted at exit' if aborted else 'ended cleanly'} in {kept.seconds:.1f} s")
+    if aborted:
+        codes = set(_exitcodes(kept.output))  # a rank that aborted; torchrun then stops the other one (SIGTERM)
+        abort, stopped = -int(signal.SIGABRT), -int(signal.SIGTERM)
+        assert "terminate called" in kept.output and abort in codes and codes <= {abort, stopped}, (
+            f"{block.name} keep: failed other than by the documented abort at exit:\n{kept.output[-4000:]}"
+        )
+
+    (tmp_path / "workaround").mkdir()
+    clean = run_torchrun(fixed, tmp_path / "workaround", "keep")
+    print(f"{block.name} keep + workaround: ran in {clean.seconds:.1f} s")
+    assert clean.returncode == 0, f"{block.name} + workaround: exited {clean.returncode}:\n{clean.output[-4000:]}"
 
 
 @pytest.mark.parametrize("block", [_param(b) for b in TOML_BLOCKS])
