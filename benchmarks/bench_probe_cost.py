@@ -24,6 +24,18 @@ not in it; the micro-batch probe reads 1.00 since its micro-passes add no flops,
 Timing: wall-clock ratio, and the ratio of process CPU time (``time.process_time``, all threads), which is less
 sensitive to other load on a shared machine.
 Results: benchmarks/results/probe_cost.json (rewritten after every row) (and a Markdown table on stdout).
+
+``--layers``: the per-layer cost model (``gradmix.probe.products.form_costs`` / ``choose_form``) against
+measurement, one weight matrix at a time (Llama-style 10M and 50M shapes, n x T tokens, K groups): for each form -
+explicit per-example rows, per-group sums, token-level Gram blocks - the model's extra cost over a plain step (in ms
+at the rate the plain weight-gradient matmul runs here) and transient bytes, its choice, and the measured time
+(process CPU time, min over ``--repeats``) and peak memory (over the memory before; CPU: peak RSS, see
+``bench_step_time.PeakMemory``) of the same code the probe runs. The explicit and per-group forms replace autograd's
+weight gradient when the probe reroutes the layer (``gradmix.probe.reroute``), so their measured extra is their time
+minus the plain weight gradient's; the Gram form's is its whole time. ``--no-reroute``: layers autograd keeps (tied,
+autocast).
+
+    python benchmarks/bench_probe_cost.py --layers [--ks 4 64] [--seq 64 128] [--device cuda]
 """
 
 from __future__ import annotations
@@ -227,15 +239,249 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# -- per-layer: the cost model against measurement (--layers) ---------------------------------------------------------
+
+LAYERS = {
+    # name: (rows, cols) of the weight: Llama-style 10M (d 256, MLP 688, vocab 8192) and 50M (d 512, MLP 1376, 16384)
+    "10M attention 256x256": (256, 256),
+    "10M mlp up 688x256": (688, 256),
+    "10M mlp down 256x688": (256, 688),
+    "10M lm head 8192x256": (8192, 256),
+    "50M attention 512x512": (512, 512),
+    "50M mlp up 1376x512": (1376, 512),
+    "50M lm head 16384x512": (16384, 512),
+}
+
+
+def layer_forms(terms, grouping, rows, cols, n, device, block_bytes, reroute):
+    """The probe's per-layer code for each form (gradmix.probe.fused: _process, _sink, _fold_rows), as callables."""
+    from gradmix.probe.products import (
+        add_gram_blocks,
+        example_blocks,
+        example_norms,
+        explicit_block_bytes,
+        explicit_reductions,
+        group_row_blocks,
+        weight_row_blocks,
+    )
+
+    dtype = terms[0][2].dtype
+    grad = torch.empty(rows, cols, dtype=dtype, device=device)
+
+    def explicit():
+        budget = explicit_block_bytes(block_bytes, n, grouping.rows)
+        for per, span in weight_row_blocks(terms, n, rows, cols, dtype, device, budget):
+            _, sums, _, column_sums = explicit_reductions(per, grouping, False, reroute)
+            if sums is not per:
+                torch.linalg.vector_norm(sums, dim=1)
+            if column_sums is not None:
+                grad[span].view(-1).copy_(column_sums)
+
+    def groups():
+        if grouping.multi.numel():
+            example_norms(terms, grouping.multi, n, rows, cols, dtype, device, block_bytes)
+        for sums, span in group_row_blocks(terms, grouping, rows, cols, dtype, device, block_bytes):
+            torch.linalg.vector_norm(sums, dim=1)
+            if reroute:
+                torch.sum(sums, dim=0, out=grad[span].view(-1))
+
+    blocks = example_blocks(grouping_cpu(grouping), n, False, device)
+    m = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=device)
+
+    def gram():
+        add_gram_blocks(m, terms, blocks, device)
+
+    return {"explicit": explicit, "groups": groups, "gram": gram}, blocks
+
+
+def grouping_cpu(grouping) -> torch.Tensor:
+    """The group id of each example (CPU), from a Grouping."""
+    return torch.tensor(grouping.present)[grouping.slot.cpu()]
+
+
+def layer_rows(args) -> list[dict]:
+    from gradmix.probe.products import Grouping, choose_form, form_costs
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    block_bytes = 64 * 1024 * 1024 if cuda else 2 * 1024 * 1024
+    chunk_bytes = 64 * 1024 * 1024
+    rows_out = []
+    chosen = {
+        name: shape for name, shape in LAYERS.items() if not args.only_layer or any(p in name for p in args.only_layer)
+    }
+    for name, (rows, cols) in chosen.items():
+        for seq in args.seq:
+            for k in args.ks:
+                n = args.batch
+                gen = torch.Generator().manual_seed(k)
+                groups = torch.randint(0, k, (n,), generator=gen)
+                grouping = Grouping(groups, device)
+                a = torch.randn(n, seq, cols, generator=gen).to(device)
+                g = torch.randn(n, seq, rows, generator=gen).to(device)
+                terms = [("linear", a, g)]
+                forms, blocks = layer_forms(terms, grouping, rows, cols, n, device, block_bytes, not args.no_reroute)
+                costs = form_costs(
+                    n,
+                    terms,
+                    rows,
+                    cols,
+                    blocks,
+                    False,
+                    chunk_bytes,
+                    grouping=grouping,
+                    weight_grad_from_blocks=not args.no_reroute,
+                    block_bytes=block_bytes,
+                )
+                choice = choose_form(costs, chunk_bytes)
+
+                def weight_grad(a=a, g=g, rows=rows, cols=cols):
+                    return g.reshape(-1, rows).T @ a.reshape(-1, cols)
+
+                timed = {"weight_grad": weight_grad, **forms}
+                times: dict[str, list[float]] = {key: [] for key in timed}
+                for _ in range(args.repeats):
+                    for key, fn in timed.items():
+                        sync(args.device)
+                        c0 = time.perf_counter() if cuda else time.process_time()
+                        fn()
+                        sync(args.device)
+                        times[key].append((time.perf_counter() if cuda else time.process_time()) - c0)
+                best = {key: min(v) * 1000 for key, v in times.items()}
+                rate = 2.0 * n * seq * rows * cols / (best["weight_grad"] / 1000)  # flop/s of the plain matmul
+                replaced = 0.0 if args.no_reroute else best["weight_grad"]
+                measured = {
+                    "explicit": best["explicit"] - replaced,
+                    "groups": best["groups"] - replaced,
+                    "gram": best["gram"],
+                }
+                row = {
+                    "layer": name,
+                    "rows": rows,
+                    "cols": cols,
+                    "batch": n,
+                    "seq": seq,
+                    "K": k,
+                    "groups_present": grouping.rows,
+                    "shared_examples": int(grouping.multi.numel()),
+                    "reroute": not args.no_reroute,
+                    "weight_grad_ms": best["weight_grad"],
+                    "model_ms": {f: 1000 * c.flops / rate for f, c in costs.items()},
+                    "model_mb": {f: c.bytes / 2**20 for f, c in costs.items()},
+                    "model_choice": choice,
+                    "measured_extra_ms": measured,
+                    "measured_best": min(measured, key=lambda f: measured[f]),
+                    "fits_chunk": {f: f == "explicit" or c.bytes <= chunk_bytes for f, c in costs.items()},
+                }
+                rows_out.append(row)
+                print(
+                    f"{name} T={seq} K={k}: model {choice} "
+                    + ", ".join(f"{f} {row['model_ms'][f]:.1f}" for f in costs)
+                    + " | measured "
+                    + ", ".join(f"{f} {measured[f]:.1f}" for f in measured)
+                    + f" (weight grad {best['weight_grad']:.1f} ms)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return rows_out
+
+
+def layer_memory(rows_out: list[dict], args) -> None:
+    """Peak memory of each form, after all timings (``bench_step_time.exact_rss_peaks`` changes the allocator)."""
+    from bench_step_time import PeakMemory, exact_rss_peaks
+
+    from gradmix.probe.products import Grouping
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if not cuda and not exact_rss_peaks():
+        return
+    block_bytes = 64 * 1024 * 1024 if cuda else 2 * 1024 * 1024
+    for row in rows_out:
+        n, seq, rows, cols = row["batch"], row["seq"], row["rows"], row["cols"]
+        gen = torch.Generator().manual_seed(row["K"])
+        groups = torch.randint(0, row["K"], (n,), generator=gen)
+        grouping = Grouping(groups, device)
+        a = torch.randn(n, seq, cols, generator=gen).to(device)
+        g = torch.randn(n, seq, rows, generator=gen).to(device)
+        forms, _ = layer_forms([("linear", a, g)], grouping, rows, cols, n, device, block_bytes, row["reroute"])
+        peaks = {}
+        for key, fn in forms.items():
+            fn()  # first call: allocations that stay (the weight gradient buffer is allocated outside)
+            with PeakMemory(args.device) as peak:
+                fn()
+            peaks[key] = peak.peak / 2**20
+        row["measured_mb"] = peaks
+
+
+def layer_table(rows_out: list[dict]) -> str:
+    forms = ("explicit", "groups", "gram")
+    lines = [
+        "| layer | n x T | K (present, shared) | model extra ms: explicit / groups / gram | model choice | measured "
+        "extra ms: explicit / groups / gram | measured best | model MB: explicit / groups / gram | measured MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows_out:
+        mb = r.get("measured_mb", {})
+        lines.append(
+            f"| {r['layer']} | {r['batch']}x{r['seq']} | {r['K']} ({r['groups_present']}, {r['shared_examples']}) | "
+            + " / ".join(f"{r['model_ms'][f]:.1f}" for f in forms)
+            + f" | {r['model_choice']} | "
+            + " / ".join(f"{r['measured_extra_ms'][f]:.1f}" for f in forms)
+            + f" | {r['measured_best']} | "
+            + " / ".join(f"{r['model_mb'][f]:.0f}" + ("" if r["fits_chunk"][f] else "*") for f in forms)
+            + " | "
+            + " / ".join(f"{mb.get(f, float('nan')):.0f}" for f in forms)
+            + " |"
+        )
+    lines.append("")
+    lines.append("(* over chunk_bytes: the model never picks it)")
+    return "\n".join(lines)
+
+
+def layers_main(args) -> None:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda: no GPU here; nothing to measure", file=sys.stderr)
+        return
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    rows_out = layer_rows(args)
+    layer_memory(rows_out, args)
+    markdown = layer_table(rows_out)
+    print(markdown)
+    agree = sum(r["model_choice"] == r["measured_best"] for r in rows_out)
+    print(f"\nmodel choice = measured best in {agree} of {len(rows_out)} cases", file=sys.stderr)
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"device": args.device, "threads": args.threads, "torch": torch.__version__}
+        meta["seconds"] = time.perf_counter() - started
+        out.write_text(json.dumps({"meta": meta, "rows": rows_out, "markdown": markdown}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two small models, fewer configurations (~1 min)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; --layers: 1)")
     parser.add_argument("--batch-scale", type=int, default=None, help="multiply the batch (default 1; 4 on cuda)")
     parser.add_argument("--only-model", nargs="*", help="subset of model names")
-    parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "probe_cost.json"))
+    parser.add_argument("--json", default=None, help="results file (default results/probe_cost.json; --layers: none)")
+    parser.add_argument("--layers", action="store_true", help="the per-layer cost model against measurement")
+    parser.add_argument("--ks", nargs="+", type=int, default=[4, 16, 64, 256], help="--layers: numbers of groups")
+    parser.add_argument("--seq", nargs="+", type=int, default=[64, 128], help="--layers: tokens per example")
+    parser.add_argument("--batch", type=int, default=16, help="--layers: examples")
+    parser.add_argument("--repeats", type=int, default=5, help="--layers: timings per form (the minimum counts)")
+    parser.add_argument("--only-layer", nargs="*", help="--layers: subset of layer names (substring match)")
+    parser.add_argument("--no-reroute", action="store_true", help="--layers: autograd keeps the weight gradient")
     args = parser.parse_args()
+    if args.layers:
+        args.threads = 1 if args.threads is None else args.threads
+        layers_main(args)
+        return
+    args.threads = 2 if args.threads is None else args.threads
+    if args.json is None:
+        args.json = str(Path(__file__).parent / "results" / "probe_cost.json")
     torch.set_num_threads(args.threads)
     batch_scale = args.batch_scale or (4 if args.device.startswith("cuda") else 1)
     rows = []

@@ -3,8 +3,9 @@ flat in K).
 
 ``FusedGradientProbe`` has the same ``backward(...)`` signature and result type (``gradmix.stats.Measurement``) as
 ``GradientProbe``, so the Mixer can use either. Instead of re-running the batch as per-group micro-batches, it runs the
-batch once (exactly what a plain step does, so ``.grad`` is the mixed batch's mean-loss gradient, bit for bit) and
-reads per-example gradient factors from module hooks:
+batch once (what a plain step does, so ``.grad`` is the mixed batch's mean-loss gradient: bit for bit, or to float
+rounding for the Linear weights whose gradient is summed from the per-example rows, see below) and reads per-example
+gradient factors from module hooks:
 
 * forward hooks save each supported module's input (Linear, HF Conv1D, convolutions: activations ``A``; Embedding:
   token ids; LayerNorm / RMSNorm: the input, normalised again when needed; GroupNorm, BatchNorm and behaviour-tested
@@ -19,18 +20,35 @@ LayerNorm/RMSNorm/GroupNorm/BatchNorm weight ``sum_t G_it * xhat_it``, their bia
 ``sum over output positions of G_ip (x) unfold(x_i)_p`` (computed as one convolution weight-gradient with the batch
 folded into the groups, in blocks of output channels, so the unfolded input is never materialised), attention
 in-projection ``sum_t dP_it^T x_it`` and out-projection ``sum_t G_it^T A_it``. Per layer they are reduced at once,
-never stored for the whole model and never as K copies of the gradient, to the n x n matrix ``M_ij = <g_i, g_j>``
-(n = examples of the micro-batch, summed over layers) and the vector ``t_i = <g_i, g_target>``. Per layer the
-cheaper of two exact forms is used (convolutions, grouped or not: the explicit form):
+never stored for the whole model and never as K copies of the gradient, to what the statistics need: per group k
+``||S_k||^2`` (or ``<S_k, S_j>`` with the Gramian), per example ``||g_i||^2`` and per group ``<S_k, g_target>``
+(n = examples of the micro-batch, summed over layers; under accumulation the per-group sums themselves). A weight
+matrix takes the cheapest of three exact forms (``products.form_costs`` / ``choose_form``: flops, a multiply-add
+counted as 2, and a memory-bound pass in flop-equivalents; a form whose transient memory exceeds ``chunk_bytes`` is
+never chosen; ``layer_forms`` says which each parameter took; convolutions: the explicit rows):
 
-* explicit: per-example gradients of a block of weight rows, ``(n, rows, d_in)`` by one batched matmul
-  (``2 n T d_in d_out`` flops, the cost of the layer's weight gradient, transient memory <= ``chunk_bytes``);
-* Gram trick: ``M_ij = sum_{t,s} <A_it, A_js> <G_it, G_js>`` (``(nT)^2 (d_in + d_out)`` flops), cheaper when
-  ``nT`` is small next to the layer width (MLPs on feature vectors, short sequences) - used when no target and no
-  per-group sums are needed.
+* explicit: per-example gradients of a block of weight rows, ``(n, rows, d_in)`` by one batched matmul (the work of
+  the layer's weight gradient), then their squared norms and per-group sums (a pass each) - never the n x n product
+  of the rows;
+* per group: one matmul per group over its tokens (the gradient of the group's sub-batch, the same work again), plus
+  ``||g_i||^2`` of the examples that share a group (token Gram matrices, ``2 T^2 (d_in + d_out)`` flops each) - for
+  large groups, where n rows would cost more than the squared norms;
+* Gram trick: ``<g_i, g_j> = sum_{t,s} <A_it, A_js> <G_it, G_js>`` within each block of examples (``(nT)^2 (d_in +
+  d_out)`` flops), cheaper when ``nT`` is small next to the layer width (MLPs on feature vectors, short sequences) -
+  used when no per-group sums are needed (no accumulation).
+
+The weight gradient is not computed twice (``gradmix.probe.reroute``). The forward hook of an ``nn.Linear`` / HF
+``Conv1D`` call returns the layer's output through a custom autograd Function whose backward computes the input and
+bias gradients and takes the weight gradient from the probe, which sums it from the rows it builds anyway (the
+explicit and per-group forms' column sums); the original output is detached, so autograd never runs the layer's own
+weight-gradient matmul. Where the Gram form is cheaper, the layer is called twice, the parameter is skipped or the
+backward scale is unusable, the Function computes ``G^T A`` itself, as autograd would. A weight tied to another
+module, autocast / half precision (the layer's own backward rounds through it) and an output that is not a plain
+``x W^T + b`` in its autograd graph (e.g. changed by another forward hook) keep autograd's path entirely. Where a
+measuring step so computes a weight gradient beside the rows, it is said once per reason (an INFO record).
 
 Parameters used by several modules (tied embedding / LM head, a layer called twice) are handled: their
-contributions are summed into the same per-example block before any product is taken.
+contributions are summed into the same per-example rows before any product is taken.
 
 Statistics (per group k with members I_k, n_k = |I_k|, S_k = sum_{i in I_k} g_i, Q_k = ||S_k||^2,
 D_k = sum_{i in I_k} ||g_i||^2):
@@ -120,22 +138,29 @@ from gradmix.probe.layout import FlatLayout, ParameterSpec, flat_dtype, is_ddp, 
 from gradmix.probe.micro import GradientProbe
 from gradmix.probe.products import (
     Contribution,
+    Grouping,
     Term,
     add_gram_blocks,
     add_target_products,
     channel_normalised,
+    choose_form,
     contribution_terms,
     conv_row_blocks,
     element_size,
     embedding_row_blocks,
     example_blocks,
-    gram_form_is_cheaper,
+    example_norms,
+    explicit_block_bytes,
+    explicit_reductions,
+    form_costs,
+    group_row_blocks,
     small_parameter_rows,
     uses_batch_statistics,
     weight_row_blocks,
 )
 from gradmix.probe.protocol import BackwardFn, LossFn
 from gradmix.probe.reduce import all_reduce_rows, average_gradients
+from gradmix.probe.reroute import Reroute, RerouteSite, plain_linear_output
 from gradmix.probe.scaling import anchor_for, default_backward, scale_of, setup_call, usable_scale
 from gradmix.probe.target import target_gradient
 from gradmix.stats import Measurement
@@ -151,6 +176,11 @@ FUSED_ONLY = ("uncovered", "max_skipped_fraction", "exact_global", "chunk_bytes"
 
 _SMALL_ROLES = {"bias", "norm", "rms", "scale", "cscale", "cbias"}
 """Roles whose per-example gradients are computed at once (vectors the size of a norm weight or a bias)."""
+
+_CPU_BLOCK_BYTES = 4 * 1024 * 1024
+"""On CPU, the explicit and per-group forms' row blocks (at most ``chunk_bytes``): small enough to stay in cache
+between the matmul that writes a block and the reductions that read it, large enough that the per-block Python
+work stays small. On a GPU the blocks take ``chunk_bytes`` (fewer, larger kernels)."""
 
 
 class _FallBack(Exception):
@@ -195,15 +225,26 @@ class _Call:
         self.expected: dict[int, int] = {}
         self.received: dict[int, int] = {}
         self.contribs: dict[int, list[Contribution]] = {}
-        self.m: torch.Tensor | None = None  # (n, n) float64
-        self.d: torch.Tensor | None = None  # (n,) float64, buffered mode
-        self.t: torch.Tensor | None = None  # (n,) float64
-        self.present: list[int] = []
-        self.slot: torch.Tensor | None = None  # (n,) slot of each example in ``present`` (on the device)
+        self.m: torch.Tensor | None = None  # (n + 1, n + 1) float64: the Gram form's within-block products
+        self.t: torch.Tensor | None = None  # (n,) float64: the Gram form's target products
         self.skip: set[int] = set()  # parameters left out of this call
         self.rng: dict[int, Any] = {}  # attention module id -> RNG state before its call (dropout replay)
         self.stale: set[str] = set()  # modules whose kept input was modified in place before the backward
         self.blocks: torch.Tensor | None = None
+        # the explicit form works per group: the call's groups, ||g_i||^2, and per group ||S_k||^2 (or <S_k, S_j>
+        # with the Gramian) and <S_k, g_target>
+        self.grouping = Grouping(groups_cpu, device)
+        self.present = self.grouping.present
+        self.d = torch.zeros(n, dtype=torch.float64, device=device)
+        self.group_q = torch.zeros(len(self.present), dtype=torch.float64, device=device)
+        self.group_cross: torch.Tensor | None = None  # (P, P), gram
+        self.group_t = torch.zeros(len(self.present), dtype=torch.float64, device=device)
+        # the weight gradient formed from the blocks (gradmix.probe.reroute): rerouted calls per parameter, the
+        # parameters whose gradient the probe forms (one reachable, rerouted call), the gradients not yet taken
+        self.rerouted: dict[int, int] = {}
+        self.owned: set[int] = set()
+        self.weight_grads: dict[int, torch.Tensor] = {}
+        self.kept: dict[str, list[str]] = {}  # reason -> layers whose weight gradient stays with autograd
 
 
 class FusedGradientProbe:
@@ -300,6 +341,11 @@ class FusedGradientProbe:
         self._apply_policy(reasons, at_runtime=False)
         self._session: _Session | None = None
         self._call: _Call | None = None
+        self._kept_said: set[str] = set()
+        self.layer_forms: dict[str, str] = {}
+        """The per-layer form of the last measuring call, by parameter name: ``small`` (vector parameters),
+        ``conv``, ``embedding``, ``gram`` (token-level Gram blocks), ``explicit`` (per-example row blocks),
+        ``groups`` (per-group sums); ``+grad``: their rows also gave the weight gradient, which autograd skipped."""
 
     # -- views ----------------------------------------------------------------------------------------------------
     @property
@@ -513,11 +559,11 @@ class FusedGradientProbe:
                 modules.setdefault(sub, []).append((id(p), role))
         call.m = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=self.device)  # row/col n: padding sink
         call.t = torch.zeros(n, dtype=torch.float64, device=self.device) if session.g_target is not None else None
-        if session.buffered:
-            call.d = torch.zeros(n, dtype=torch.float64, device=self.device)
-            present, slot = torch.unique(groups_cpu, return_inverse=True)
-            call.present = present.tolist()
-            call.slot = slot.to(self.device)
+        if self.gram and not session.buffered:
+            call.group_cross = torch.zeros(
+                len(call.present), len(call.present), dtype=torch.float64, device=self.device
+            )
+        self.layer_forms = {}
         self._call = call
         context = self.model.no_sync() if is_ddp(self.model) else contextlib.nullcontext()
         handles = []
@@ -553,6 +599,16 @@ class FusedGradientProbe:
                         call.expected.pop(pid, None)
                         call.contribs.pop(pid, None)
                 call.skip = set(problems) | self._skipped_ids
+                # the probe forms the weight gradient of a parameter with exactly one rerouted, reachable call
+                call.owned = {
+                    pid
+                    for pid, count in call.rerouted.items()
+                    if count == 1 and call.expected.get(pid, 0) == 1 and pid not in call.skip
+                }
+                for pid, count in call.rerouted.items():
+                    if count > 1 and pid not in call.skip:
+                        call.kept.setdefault(f"called {count} times in one forward", []).append(self._by_id[pid][0])
+                self._say_kept(call)
                 values = losses.detach().to("cpu", torch.float64)
                 ids = groups_cpu.numpy()
                 num_groups = session.num_groups
@@ -590,6 +646,7 @@ class FusedGradientProbe:
                 handle.remove()
             call.node_hooks.clear()
             call.records.clear()
+            call.weight_grads.clear()  # formed for a call the backward never reached
         scale = call.scale
         if call.stale:
             warnings.warn(
@@ -627,9 +684,18 @@ class FusedGradientProbe:
                 for pid, _ in roles:
                     call.problems.setdefault(pid, problem)
                 return None
+            # a non-tensor x set ``problem`` above
+            call_roles, normaliser, problem = self._prepare(module, cast(torch.Tensor, x), output, roles)
+            if problem:
+                for pid, _ in roles:
+                    call.problems.setdefault(pid, problem)
+                return None
+            replaced = self._reroute(call, module, cast(torch.Tensor, x), output, call_roles)
             base = output._base if (output._base is not None and output._base.numel() == output.numel()) else output
             strided = None  # a permuted view of the base (e.g. a channels-first norm): read its gradient as such
-            if base is not output and not output.is_contiguous():
+            if replaced is not None:  # the output is now the Reroute node's: its gradient arrives there
+                base = replaced
+            elif base is not output and not output.is_contiguous():
                 if base.is_contiguous():
                     strided = (output.size(), output.stride(), output.storage_offset() - base.storage_offset())
                 else:
@@ -639,12 +705,6 @@ class FusedGradientProbe:
                 return None
             nr = base.output_nr
             shape = output.shape
-            # a non-tensor x set ``problem`` above
-            call_roles, normaliser, problem = self._prepare(module, cast(torch.Tensor, x), output, roles)
-            if problem:
-                for pid, _ in roles:
-                    call.problems.setdefault(pid, problem)
-                return None
             saved = cast(torch.Tensor, x).detach()
             version = saved._version
             if bdim:
@@ -668,9 +728,54 @@ class FusedGradientProbe:
                 return None
 
             call.node_hooks.append(node.register_prehook(prehook))
-            return None
+            return replaced
 
         return hook
+
+    def _reroute(
+        self, call: _Call, module: nn.Module, x: torch.Tensor, output: torch.Tensor, roles: list[tuple[int, str]]
+    ) -> torch.Tensor | None:
+        """The output of a Linear / HF Conv1D call rerouted through ``reroute.Reroute`` (so that its weight gradient
+        can come from the per-example blocks), or None where autograd keeps the layer: another layout, a weight
+        tied to another module, autocast / half precision, an output that is not a plain linear map of the input
+        (``reroute.plain_linear_output``). The decision depends on the module and its call only, so activation
+        checkpointing's recomputation inside the backward takes the same path as the forward (it must save the same
+        tensors); a recomputed call adds a use, so the probe then leaves that weight gradient to the Function."""
+        linear = [(pid, role) for pid, role in roles if role in ("linear", "linear_t")]
+        if len(linear) != 1:
+            return None
+        pid, role = linear[0]
+        weight = module._parameters.get("weight")
+        bias = module._parameters.get("bias")
+        if weight is None or id(weight) != pid or not weight.requires_grad:
+            return None
+        name = self._by_id[pid][0]
+        if len(self._uses.get(pid, ())) != 1:
+            call.kept.setdefault("a weight shared with another module (tied)", []).append(name)
+            return None
+        why = plain_linear_output(output, x, weight, bias, role == "linear_t")
+        if why:
+            call.kept.setdefault(why, []).append(name)
+            return None
+        call.rerouted[pid] = call.rerouted.get(pid, 0) + 1
+        site = RerouteSite(call.weight_grads, pid, role == "linear_t")
+        return cast(torch.Tensor, Reroute.apply(output.detach(), x, weight, bias, site))
+
+    def _say_kept(self, call: _Call) -> None:
+        """Say once per reason (an INFO record of ``gradmix.probe.fused``) which layers keep autograd's weight
+        gradient, so that a measuring step computes theirs twice."""
+        for why, names in call.kept.items():
+            if why in self._kept_said:
+                continue
+            self._kept_said.add(why)
+            unique = list(dict.fromkeys(names))
+            shown = ", ".join(unique[:4]) + (f", ... ({len(unique)} layers)" if len(unique) > 4 else "")
+            logging.getLogger(__name__).info(
+                "FusedGradientProbe: the weight gradient of %s is left to autograd (a measuring step computes it "
+                "beside the per-example blocks there): %s; said once",
+                shown,
+                why,
+            )
 
     def _prepare(
         self, module: nn.Module, x: torch.Tensor, output: torch.Tensor, roles: list[tuple[int, str]]
@@ -681,7 +786,13 @@ class FusedGradientProbe:
         trailing dimensions, ``cscale``/``cbias`` for channels)."""
         kinds = {role for _, role in roles}
         if kinds & {"affine", "affine_bias"}:
-            form, normaliser, why = match_affine(module, x, output, self._affine_forms.get(id(module)))
+            known = self._affine_forms.get(id(module))
+            # A module whose form a full call matched is re-checked on its first slice only: the check reads the
+            # whole activation otherwise (5-8% of a Llama measuring step); the normaliser works on any slice.
+            sample = known is not None and x.dim() > 1 and x.shape[0] > 1 and output.shape == x.shape
+            form, normaliser, why = match_affine(
+                module, x[:1] if sample else x, output[:1] if sample else output, known
+            )
             if form is None or normaliser is None:
                 return [], None, why
             self._affine_forms[id(module)] = form
@@ -862,11 +973,12 @@ class FusedGradientProbe:
         return torch.float64 if p.dtype == torch.float64 else torch.float32
 
     def _process(self, call: _Call, session: _Session, pid: int) -> None:
-        """Reduce one parameter's captured contributions to the call's products (``gradmix.probe.products``)."""
+        """Reduce one parameter's captured contributions to the call's products (``gradmix.probe.products``); for a
+        parameter the call owns (``reroute``) the explicit form's per-group sums also give its weight gradient."""
         contribs = call.contribs.pop(pid, [])
         if not contribs:
             return
-        _, p, offset = self._by_id[pid]
+        name, p, offset = self._by_id[pid]
         n = call.n
         dtype = self._cdtype(p)
         factor = call.factor
@@ -877,26 +989,58 @@ class FusedGradientProbe:
         with torch.no_grad():
             if roles <= _SMALL_ROLES:  # small parameters: per-example gradients at once
                 per = small_parameter_rows(contribs, n, p.numel(), dtype, factor, self.device)
-                self._sink(call, session, p, offset, per, slice(None), gt)
+                self._sink(call, session, p, offset, per, slice(None), gt, 1.0)
+                self.layer_forms[name] = "small"
                 return
             rows_total, cols = p.shape[0], p.numel() // p.shape[0]
             if "conv" in roles:  # per-example rows of a convolution weight, blocks of output channels
                 for block, span in conv_row_blocks(contribs, n, rows_total, cols, dtype, factor, self.chunk_bytes):
-                    self._sink(call, session, p, offset, block, span, gt)
+                    self._sink(call, session, p, offset, block, span, gt, 1.0)
+                self.layer_forms[name] = "conv"
                 return
-            terms = contribution_terms(contribs, n, rows_total, cols, dtype, factor, self.device)
-            if not session.buffered and self._use_gram(call, terms, rows_total, cols, gt is not None):
-                self._gram_blocks(call, terms)
+            terms = contribution_terms(contribs, n, rows_total, cols, dtype, self.device)
+            owned = pid in call.owned and call.scale is not None and usable_scale(factor) and p.dtype == dtype
+            choice = self._cheapest_form(call, terms, rows_total, cols, gt is not None, owned, not session.buffered)
+            if not session.buffered and self._use_gram(call, terms, rows_total, cols, gt is not None, owned, choice):
+                add_gram_blocks(cast(torch.Tensor, call.m), terms, self._blocks(call), self.device, factor * factor)
                 if gt is not None:
                     # allocated when the session has a target
-                    add_target_products(cast(torch.Tensor, call.t), terms, gt.view(rows_total, cols), n)
+                    add_target_products(cast(torch.Tensor, call.t), terms, gt.view(rows_total, cols), n, factor)
+                self.layer_forms[name] = "gram"
                 return
             if all(kind == "embed" for kind, *_ in terms):  # only the rows the batch touches: compact them
-                for block, rows in embedding_row_blocks(terms, n, cols, dtype, self.device, self.chunk_bytes):
-                    self._sink(call, session, p, offset, block, rows, gt)
+                budget = explicit_block_bytes(self._block_bytes(), n, call.grouping.rows)
+                for block, rows in embedding_row_blocks(terms, n, cols, dtype, self.device, budget):
+                    self._sink(call, session, p, offset, block, rows, gt, factor)
+                self.layer_forms[name] = "embedding"
                 return
-            for block, span in weight_row_blocks(terms, n, rows_total, cols, dtype, self.device, self.chunk_bytes):
-                self._sink(call, session, p, offset, block, span, gt)
+            grouping = call.grouping
+            block_bytes = self._block_bytes()
+            grad = torch.empty(rows_total, cols, dtype=p.dtype, device=p.device) if owned else None
+            form = "explicit"
+            if choice == "gram":  # the Gram form not taken (accumulation): the cheaper of the other two
+                choice = self._cheapest_form(call, terms, rows_total, cols, gt is not None, owned)
+            if grouping.multi.numel() and choice == "groups":
+                form = "groups"  # ||g_i||^2 of the examples that share a group, then one matmul per group
+                norms = example_norms(terms, grouping.multi, n, rows_total, cols, dtype, self.device, block_bytes)
+                call.d.index_add_(0, grouping.multi, norms, alpha=factor * factor)
+                blocks = group_row_blocks(terms, grouping, rows_total, cols, dtype, self.device, block_bytes)
+                for sums, span in blocks:
+                    self._fold_rows(call, session, p, offset, sums, span, gt, factor, grouping.row_slot, True)
+                    if grad is not None:  # unscaled per-group sums: their sum is G^T A, what autograd computes
+                        torch.sum(sums, dim=0, out=grad[span].view(-1))
+            else:
+                budget = explicit_block_bytes(block_bytes, n, grouping.rows)
+                for per, span in weight_row_blocks(terms, n, rows_total, cols, dtype, self.device, budget):
+                    column_sums = self._sink(call, session, p, offset, per, span, gt, factor, grad is not None)
+                    if grad is not None:  # unscaled: G^T A, what autograd would compute
+                        grad[span].view(-1).copy_(cast(torch.Tensor, column_sums))
+            if grad is not None:
+                call.weight_grads[pid] = grad.view(p.shape)
+            self.layer_forms[name] = form + ("+grad" if owned else "")
+
+    def _block_bytes(self) -> int:
+        return self.chunk_bytes if self.device.type == "cuda" else min(self.chunk_bytes, _CPU_BLOCK_BYTES)
 
     def _blocks(self, call: _Call) -> torch.Tensor:
         """The call's example blocks (``products.example_blocks``), computed once per call."""
@@ -904,55 +1048,149 @@ class FusedGradientProbe:
             call.blocks = example_blocks(call.groups_cpu, call.n, self.gram, self.device)
         return call.blocks
 
-    def _use_gram(self, call: _Call, terms: list[Term], rows: int, cols: int, target: bool = False) -> bool:
-        """Whether the token-level Gram form is cheaper for this parameter (``products.gram_form_is_cheaper``)."""
-        return gram_form_is_cheaper(call.n, terms, rows, cols, self._blocks(call), target, self.chunk_bytes)
+    def _use_gram(
+        self,
+        call: _Call,
+        terms: list[Term],
+        rows: int,
+        cols: int,
+        target: bool = False,
+        reroute: bool = False,
+        choice: str | None = None,
+    ) -> bool:
+        """Whether the token-level Gram form is the cheapest for this parameter (``products.form_costs``;
+        ``reroute``: the other forms' matmuls would replace autograd's weight gradient; ``choice``: the cheapest
+        form, when already known)."""
+        if choice is None:
+            choice = self._cheapest_form(call, terms, rows, cols, target, reroute, gram=True)
+        return choice == "gram"
 
-    def _gram_blocks(self, call: _Call, terms: list[Term]) -> None:
-        add_gram_blocks(cast(torch.Tensor, call.m), terms, self._blocks(call), self.device)
+    def _cheapest_form(
+        self, call: _Call, terms: list[Term], rows: int, cols: int, target: bool, reroute: bool, gram: bool = False
+    ) -> str:
+        """The cheapest form (``products.choose_form``) among the explicit and per-group ones, and the Gram form if
+        ``gram``."""
+        costs = form_costs(
+            call.n,
+            terms,
+            rows,
+            cols,
+            self._blocks(call),
+            target,
+            self.chunk_bytes,
+            grouping=call.grouping,
+            weight_grad_from_blocks=reroute,
+            block_bytes=self._block_bytes(),
+        )
+        embed_only = all(kind == "embed" for kind, *_ in terms)  # compacted rows: no per-group form
+        allowed = ("explicit",) + (() if embed_only else ("groups",)) + (("gram",) if gram else ())
+        return choose_form(costs, self.chunk_bytes, allowed)
 
-    def _sink(self, call: _Call, session: _Session, p: nn.Parameter, offset: int, per: torch.Tensor, rows, gt) -> None:
-        """Fold per-example gradients of a block of ``p`` (rows ``rows``) into the call's reductions."""
-        cols = p.numel() // p.shape[0] if p.dim() > 1 else 1
+    def _sink(
+        self,
+        call: _Call,
+        session: _Session,
+        p: nn.Parameter,
+        offset: int,
+        per: torch.Tensor,
+        rows,
+        gt,
+        scale: float,
+        total: bool = False,
+    ) -> torch.Tensor | None:
+        """Fold ``scale`` x per-example gradients (n, width) of a block of ``p`` (rows ``rows``) into the call's
+        reductions (``products.explicit_reductions``: squared norms, per-group sums; then ``_fold_rows``) - never
+        the n x n product of the rows, whose cost rivals the batched matmul's. With ``total`` returns the block's
+        unscaled gradient (the column sums of ``per``)."""
+        grouping = call.grouping
+        square = scale * scale
+        every_group = session.buffered or call.group_cross is not None
+        norms, sums, slots, column_sums = explicit_reductions(per, grouping, every_group, total)
+        norms.mul_(square)
+        call.d.add_(norms)
+        if sums is per or len(slots) == grouping.rows:  # every group's sum (the rows themselves when all alone)
+            self._fold_rows(
+                call, session, p, offset, sums, rows, gt, scale, slots, False, norms if sums is per else None
+            )
+            return column_sums
+        # the examples alone are their groups' sums: their norms and target products; the shared groups' from sums
+        call.group_q.index_add_(0, grouping.single_slots, norms.index_select(0, grouping.singles))
         if gt is not None:
-            gt_block = gt if p.dim() <= 1 or rows == slice(None) else gt.view(p.shape[0], cols)[rows].reshape(-1)
-            cast(torch.Tensor, call.t).add_((per @ gt_block).to(torch.float64))
-        if not session.buffered:
-            cast(torch.Tensor, call.m)[: call.n, : call.n].add_((per @ per.T).to(torch.float64))
-            return
-        cast(torch.Tensor, call.d).add_((per * per).sum(dim=1).to(torch.float64))
-        sums = torch.zeros(len(call.present), per.shape[1], dtype=per.dtype, device=per.device)
-        sums.index_add_(0, cast(torch.Tensor, call.slot), per)
-        for j, k in enumerate(call.present):
+            targets = (per @ self._target_block(p, gt, rows)).to(torch.float64)
+            call.group_t.index_add_(0, grouping.slot, targets, alpha=scale)
+        self._fold_rows(call, session, p, offset, sums, rows, None, scale, slots, False)
+        return column_sums
+
+    def _target_block(self, p: nn.Parameter, gt: torch.Tensor, rows) -> torch.Tensor:
+        """The target gradient's entries of rows ``rows`` of ``p``, flat."""
+        if p.dim() <= 1 or rows == slice(None):
+            return gt
+        return gt.view(p.shape[0], p.numel() // p.shape[0])[rows].reshape(-1)
+
+    def _fold_rows(
+        self, call: _Call, session: _Session, p, offset, sums, rows, gt, scale, slots, singles, norms=None
+    ) -> None:
+        """Fold ``scale`` x per-group sums (row j: group slot ``slots[j]``) of a block of ``p`` into the call's
+        per-group reductions (or the session's running sums when accumulating); ``singles``: the first rows are
+        ``grouping.singles``' own gradients, whose squared norms are also their ``||g_i||^2``; ``norms``: the
+        rows' scaled squared norms when already computed."""
+        square = scale * scale
+        if gt is not None:
+            call.group_t.index_add_(0, slots, (sums @ self._target_block(p, gt, rows)).to(torch.float64), alpha=scale)
+        if norms is None:
+            norms = torch.linalg.vector_norm(sums, dim=1).to(torch.float64).square_().mul_(square)
+        if singles:
+            alone = call.grouping.singles
+            call.d.index_add_(0, alone, norms[: len(alone)])
+        if session.buffered:
+            self._add_sums(call, session, p, offset, sums, rows, scale, slots)
+        elif call.group_cross is not None:
+            cross = (sums @ sums.T).to(torch.float64).mul_(square)
+            call.group_cross.index_put_((slots[:, None], slots[None, :]), cross, accumulate=True)
+        else:
+            call.group_q.index_add_(0, slots, norms)
+
+    def _add_sums(self, call: _Call, session: _Session, p: nn.Parameter, offset: int, sums, rows, scale, slots) -> None:
+        """Add ``scale`` x a block's per-group sums to the session's running gradient sums (accumulation)."""
+        cols = p.numel() // p.shape[0] if p.dim() > 1 else 1
+        for j, slot in enumerate(call.grouping.slot_list(slots)):
+            k = call.present[slot]
             buffer = session.sums.get(k)
             if buffer is None:
                 buffer = session.sums[k] = torch.zeros(self._layout.numel, dtype=self._dtype, device=self.device)
             view = buffer[offset : offset + p.numel()]
+            row = sums[j].to(view.dtype)
             if p.dim() <= 1 or rows == slice(None):
-                view.add_(sums[j].to(view.dtype))
+                view.add_(row, alpha=scale)
             elif isinstance(rows, slice):
-                view.view(p.shape[0], cols)[rows].add_(sums[j].view(-1, cols).to(view.dtype))
+                view.view(p.shape[0], cols)[rows].add_(row.view(-1, cols), alpha=scale)
             else:
-                view.view(p.shape[0], cols).index_add_(0, rows, sums[j].view(-1, cols).to(view.dtype))
+                view.view(p.shape[0], cols).index_add_(0, rows, row.view(-1, cols), alpha=scale)
 
     def _fold_call(self, call: _Call, session: _Session) -> None:
-        """Per-group sums of the call's n x n matrix / vectors (block sums never mix a NaN example into another
-        group)."""
+        """Per-group sums of the call's products: the Gram form's n x n matrix / vectors and the explicit form's
+        per-group numbers (block sums never mix a NaN example into another group)."""
         ids = call.groups_cpu.numpy()
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
-        present, starts = np.unique(sorted_ids, return_index=True)
-        if call.t is not None:
-            t = call.t.cpu().numpy()[order]
-            session.t[present] += np.add.reduceat(t, starts)
+        present, starts = np.unique(sorted_ids, return_index=True)  # == call.present
+        if session.g_target is not None:
+            t = call.group_t.cpu().numpy()
+            if call.t is not None:
+                t = t + np.add.reduceat(call.t.cpu().numpy()[order], starts)
+            session.t[present] += t
+        d = call.d.cpu().numpy()
         if session.buffered:
-            d = cast(torch.Tensor, call.d).cpu().numpy()[order]
-            session.d[present] += np.add.reduceat(d, starts)
+            session.d[present] += np.add.reduceat(d[order], starts)
             return
         m = cast(torch.Tensor, call.m)[: call.n, : call.n].cpu().numpy()[np.ix_(order, order)]
         blocks = np.add.reduceat(np.add.reduceat(m, starts, axis=0), starts, axis=1)
+        if call.group_cross is not None:
+            blocks = blocks + call.group_cross.cpu().numpy()
+        else:
+            blocks[np.diag_indices_from(blocks)] += call.group_q.cpu().numpy()
         session.q[present] += np.diag(blocks)
-        session.d[present] += np.add.reduceat(np.diag(m), starts)
+        session.d[present] += np.add.reduceat(np.diag(m) + d[order], starts)
         if self.gram:
             cross = np.zeros((session.num_groups, session.num_groups))
             cross[np.ix_(present, present)] = blocks

@@ -10,17 +10,27 @@ dimension 1: GroupNorm, BatchNorm, convolution bias) and ``conv`` (per-example w
 ``conv_row_blocks``).
 
 A parameter's contributions become ``terms``: ``("linear", a (n, T, C), g (n, T, R))`` or ``("embed", ids (n, T),
-g (n, T, C))`` (padding rows zeroed), already multiplied by the call's factor. Two exact forms give
-``M_ij = <g_i, g_j>``: explicit per-example row blocks (``weight_row_blocks`` / ``embedding_row_blocks``, transient
-memory bounded by ``chunk_bytes``) or token-level Gram blocks (``add_gram_blocks``); ``gram_form_is_cheaper`` is the
-flop model that picks one.
+g (n, T, C))`` (padding rows zeroed), not multiplied by the call's factor (the products are: a scalar on a few
+numbers instead of a copy of every output gradient). Three exact forms give what the statistics need (per example
+``||g_i||^2``, per group ``||S_k||^2`` or ``<S_k, S_j>``, ``<S_k, g_target>``):
+
+* explicit per-example row blocks (``weight_row_blocks`` / ``embedding_row_blocks``), reduced per block by
+  ``explicit_reductions`` (squared norms, per-group sums, column sums);
+* per-group sums (``group_row_blocks``: one matmul per group) and the squared norms of the examples that share a
+  group (``example_norms``);
+* token-level Gram blocks (``add_gram_blocks``), no rows at all.
+
+The first two compute, in their rows, the layer's weight gradient (their column sums): ``gradmix.probe.reroute`` hands
+it to autograd, which then skips its own. ``form_costs`` counts each form's extra work over a plain step (matmul
+flops, a multiply-add counted as 2 as ``torch.utils.flop_counter`` does, plus memory-bound passes) and its transient
+memory; ``choose_form`` takes the cheapest within ``chunk_bytes``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +38,28 @@ from torch import nn
 from torch.nn import grad as nn_grad
 
 __all__ = [
+    "FORMS",
+    "MATMUL_INNER",
+    "PASS_FLOPS",
+    "FormCost",
+    "Grouping",
     "Term",
     "add_gram_blocks",
     "add_target_products",
     "channel_normalised",
+    "choose_form",
     "contribution_terms",
     "conv_input",
     "conv_row_blocks",
     "element_size",
     "embedding_row_blocks",
     "example_blocks",
+    "example_norms",
+    "explicit_block_bytes",
+    "explicit_reductions",
+    "form_costs",
     "gram_form_is_cheaper",
+    "group_row_blocks",
     "normalised",
     "small_parameter_rows",
     "uses_batch_statistics",
@@ -119,21 +140,22 @@ def contribution_terms(
     rows_total: int,
     cols: int,
     dtype: torch.dtype,
-    factor: float,
     device: torch.device,
 ) -> list[Term]:
-    """The ``terms`` of a weight matrix (Linear weight, Embedding table) from its contributions."""
+    """The ``terms`` of a weight matrix (Linear weight, Embedding table) from its contributions, unscaled: the
+    call's factor is applied to the products (a scalar on n x n / per-group numbers), not to a copy of every output
+    gradient."""
     terms: list[Term] = []
     for role, saved, grad, module in contribs:
         if role == "linear":
             a = saved.to(dtype).reshape(n, -1, cols)
-            terms.append(("linear", a, grad.to(dtype).reshape(n, -1, rows_total) * factor))
+            terms.append(("linear", a, grad.to(dtype).reshape(n, -1, rows_total)))
         elif role == "linear_t":  # weight (in, out), y = x @ W + b: per-example x^T G, i.e. the linear term swapped
             a = grad.to(dtype).reshape(n, -1, cols)
-            terms.append(("linear", a, saved.to(dtype).reshape(n, -1, rows_total) * factor))
+            terms.append(("linear", a, saved.to(dtype).reshape(n, -1, rows_total)))
         elif role == "embed":
             ids = saved.reshape(n, -1).to(device)
-            g = grad.to(dtype).reshape(n, -1, cols) * factor
+            g = grad.to(dtype).reshape(n, -1, cols)
             padding_idx = cast(nn.Embedding, module).padding_idx  # the embed role is an Embedding's weight
             if padding_idx is not None:
                 g = g.masked_fill((ids == padding_idx).unsqueeze(-1), 0.0)
@@ -143,16 +165,18 @@ def contribution_terms(
     return terms
 
 
-def add_target_products(t: torch.Tensor, terms: Sequence[Term], target: torch.Tensor, n: int) -> None:
-    """t_i += <g_i, g_target> = sum_t <G_it, g_target A_it>: one matmul, no per-example rows (``target`` is the
-    parameter's (rows, cols) slice of the target gradient)."""
+def add_target_products(
+    t: torch.Tensor, terms: Sequence[Term], target: torch.Tensor, n: int, scale: float = 1.0
+) -> None:
+    """t_i += scale * <g_i, g_target> = scale * sum_t <G_it, g_target A_it>: one matmul, no per-example rows
+    (``target`` is the parameter's (rows, cols) slice of the target gradient)."""
     rows_total, cols = target.shape
     for kind, x, g in terms:
         if kind == "linear":
             proj = (x.reshape(-1, cols) @ target.T).view(n, -1, rows_total)
-            t.add_((proj * g).sum(dim=(1, 2)).to(torch.float64))
+            t.add_((proj * g).sum(dim=(1, 2)).to(torch.float64), alpha=scale)
         else:
-            t.add_((g * target[x]).sum(dim=(1, 2)).to(torch.float64))
+            t.add_((g * target[x]).sum(dim=(1, 2)).to(torch.float64), alpha=scale)
 
 
 def embedding_row_blocks(
@@ -185,19 +209,26 @@ def weight_row_blocks(
     chunk_bytes: int,
 ) -> Iterator[tuple[torch.Tensor, slice]]:
     """Per-example gradients of a weight matrix in blocks of rows (one batched matmul per Linear term): yields
-    ((n, rows * cols) block, the block's row slice)."""
-    step = max(1, chunk_bytes // max(1, n * cols * element_size(dtype)))
+    ((n, rows * cols) block, the block's row slice). Every block is a view of one buffer, written in place (no
+    allocation, no page faults per block): use a block before asking for the next."""
+    step = min(rows_total, max(1, chunk_bytes // max(1, n * cols * element_size(dtype))))
+    buffer = torch.empty(n * step * cols, dtype=dtype, device=device)
     for start in range(0, rows_total, step):
         stop = min(rows_total, start + step)
-        rows_block: torch.Tensor | None = None  # the first batched matmul allocates it (no zero fill)
+        block = buffer[: n * (stop - start) * cols].view(n, stop - start, cols)
+        written = False  # the first batched matmul writes the block (no zero fill), the others add to it
         for kind, x, g in terms:
             if kind == "linear" and x.shape[1] > 1:
                 product = g[:, :, start:stop].transpose(1, 2)
-                rows_block = torch.bmm(product, x) if rows_block is None else rows_block.baddbmm_(product, x)
+                if written:
+                    block.baddbmm_(product, x)
+                else:
+                    torch.bmm(product, x, out=block)
+                written = True
                 continue
-            if rows_block is None:
-                rows_block = torch.zeros(n, stop - start, cols, dtype=dtype, device=device)
-            block = rows_block
+            if not written:
+                block.zero_()
+                written = True
             if kind == "linear":
                 block.add_(g[:, 0, start:stop, None] * x[:, 0, None, :])
             else:
@@ -207,8 +238,193 @@ def weight_row_blocks(
                 block.view(-1, cols).index_add_(
                     0, ex[keep] * (stop - start) + (ids[keep] - start), g.reshape(-1, cols)[keep]
                 )
-        assert rows_block is not None  # terms is never empty
-        yield rows_block.reshape(n, -1), slice(start, stop)
+        yield block.view(n, -1), slice(start, stop)
+
+
+class Grouping:
+    """A call's examples laid out by group for the per-group form: the examples alone in their group first (in batch
+    order), then each group of several examples contiguously. Row j of a per-group block (``group_row_blocks``) is
+    the sum over group ``present[row_slot[j]]``; its first ``len(singles)`` rows are single examples' gradients."""
+
+    def __init__(self, groups_cpu: torch.Tensor, device: torch.device) -> None:
+        present, slot = torch.unique(groups_cpu, return_inverse=True)
+        counts = torch.bincount(slot)
+        alone = counts[slot] == 1
+        members = [torch.nonzero(slot == k).reshape(-1) for k in torch.nonzero(counts > 1).reshape(-1).tolist()]
+        singles = torch.nonzero(alone).reshape(-1)
+        multi = torch.cat(members) if members else singles.new_zeros(0)
+        perm = torch.cat([singles, multi])
+        row_of = torch.empty_like(slot)  # example -> its group's row
+        row_of[singles] = torch.arange(len(singles))
+        spans: list[tuple[int, int]] = []
+        start = len(singles)
+        for j, m in enumerate(members):
+            row_of[m] = len(singles) + j
+            spans.append((start, start + len(m)))
+            start += len(m)
+        self.n = int(groups_cpu.numel())
+        self.present: list[int] = present.tolist()
+        self.slot = slot.to(device)  # (n,) example -> slot in ``present``
+        self.singles = singles.to(device)  # examples alone in their group, batch order
+        self.multi = multi.to(device)  # examples of larger groups, in layout order
+        self.spans = spans  # layout ranges of the larger groups
+        self.perm = perm.to(device)  # layout -> example
+        self.identity = bool(torch.equal(perm, torch.arange(self.n)))
+        self.row_of = row_of.to(device)
+        self.row_slot = torch.cat([slot[singles], slot[[int(m[0]) for m in members]]]).to(device)
+        self.single_slots = self.row_slot[: len(singles)]  # slots of the groups of one example
+        self.shared_slots = self.row_slot[len(singles) :]  # slots of the groups of several
+        self.shared_group = (row_of[multi] - len(singles)).to(device)  # example of ``multi`` -> its shared group
+        self._summing: dict[tuple[torch.dtype, bool, bool], torch.Tensor] = {}
+        self._lists = {
+            id(self.slot): slot.tolist(),
+            id(self.row_slot): self.row_slot.tolist() if device.type == "cpu" else self.row_slot.cpu().tolist(),
+        }
+
+    @property
+    def rows(self) -> int:
+        return len(self.present)
+
+    def slot_list(self, slots: torch.Tensor) -> list[int]:
+        """``slots`` (``slot`` or ``row_slot``) as a list, without a device sync."""
+        known = self._lists.get(id(slots))
+        return known if known is not None else slots.tolist()
+
+    def summing(self, dtype: torch.dtype, every: bool = True, total: bool = False) -> torch.Tensor:
+        """0/1 matrix whose product with per-example rows gives the per-group sums in row order (one pass): of
+        every group, or (``every=False``) of the groups of several examples only; ``total`` puts a row of ones
+        (the column sums) first."""
+        key = (dtype, every, total)
+        matrix = self._summing.get(key)
+        if matrix is None:
+            device = self.slot.device
+            first = 0 if every else len(self.singles)
+            count = (self.rows - first) + int(total)
+            matrix = torch.zeros(count, self.n, dtype=dtype, device=device)
+            members = torch.arange(self.n, device=device) if every else self.multi
+            matrix[self.row_of[members] - first + int(total), members] = 1.0
+            if total:
+                matrix[0] = 1.0
+            self._summing[key] = matrix
+        return matrix
+
+
+def group_row_blocks(
+    terms: Sequence[Term],
+    grouping: Grouping,
+    rows_total: int,
+    cols: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_bytes: int,
+) -> Iterator[tuple[torch.Tensor, slice]]:
+    """Per-group sums of the per-example gradients of a weight matrix, in blocks of rows: yields ((P, rows * cols)
+    block in ``grouping``'s row order, the row slice). Single examples by one batched matmul, each larger group by
+    one matmul over its tokens (the gradient of the group's sub-batch): together the work of the weight gradient,
+    and the per-example rows of a larger group are never materialised."""
+    singles = len(grouping.singles)
+    ordered = []
+    for kind, x, g in terms:
+        if not grouping.identity:
+            x, g = x.index_select(0, grouping.perm), g.index_select(0, grouping.perm)
+        ordered.append((kind, x, g))
+    row_of = grouping.row_of.index_select(0, grouping.perm)  # layout position -> row
+    count = grouping.rows
+    step = max(1, block_bytes // max(1, count * cols * element_size(dtype)))
+    for start in range(0, rows_total, step):
+        stop = min(rows_total, start + step)
+        width = stop - start
+        block = torch.empty(count, width, cols, dtype=dtype, device=device)
+        written = False  # the first term writes the block (no zero fill), the others add to it
+        for kind, x, g in ordered:
+            if kind == "embed":
+                if not written:
+                    block.zero_()
+                    written = True
+                ex = row_of.repeat_interleave(x.shape[1])
+                ids = x.reshape(-1)
+                keep = (ids >= start) & (ids < stop)
+                block.view(-1, cols).index_add_(0, ex[keep] * width + (ids[keep] - start), g.reshape(-1, cols)[keep])
+                continue
+            if singles:
+                product = g[:singles, :, start:stop].transpose(1, 2)
+                if written:
+                    block[:singles].baddbmm_(product, x[:singles])
+                else:
+                    torch.bmm(product, x[:singles], out=block[:singles])
+            for j, (a, b) in enumerate(grouping.spans):
+                gk = g[a:b, :, start:stop].reshape(-1, width)
+                xk = x[a:b].reshape(-1, cols)
+                if written:
+                    block[singles + j].addmm_(gk.T, xk)
+                else:
+                    torch.mm(gk.T, xk, out=block[singles + j])
+            written = True
+        yield block.view(count, -1), slice(start, stop)
+
+
+def explicit_block_bytes(block_bytes: int, n: int, groups: int) -> int:
+    """The budget of one block of per-example rows, so that the block and its per-group sums (and column sums)
+    together stay within ``block_bytes`` (``groups`` = n: every example alone, the rows are the sums)."""
+    return block_bytes if groups >= n else max(1, block_bytes * n // (n + groups + 1))
+
+
+def explicit_reductions(
+    per: torch.Tensor, grouping: Grouping, every_group: bool = False, total: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(squared norms of the rows, float64 (n,); per-group sums; the group slot of each sum's row; with ``total``
+    the column sums of ``per``, i.e. the block's gradient) of a block of per-example rows.
+
+    One pass for the norms; then the sums: none when every group has one example (the rows are the sums: ``per``
+    itself); every group's with ``every_group`` or when no example is alone; otherwise only the groups of several
+    examples (an example alone is its own group's sum: its norm is that group's). The sums (and the total) take one
+    pass: on CPU a matmul with a 0/1 matrix (a row of ones for the total), unless a row is not finite - a NaN would
+    leak through the zeros into every group - then ``index_add`` of the rows (gathered when only some groups)."""
+    norms = torch.linalg.vector_norm(per, dim=1).to(torch.float64).square_()
+    alone = len(grouping.singles)
+    if alone == grouping.n:
+        return norms, per, grouping.slot, per.sum(dim=0) if total else None
+    every = every_group or alone == 0
+    if per.device.type == "cpu" and bool(torch.isfinite(norms).all()):
+        out = grouping.summing(per.dtype, every, total) @ per
+        if total:
+            return norms, out[1:], grouping.row_slot if every else grouping.shared_slots, out[0]
+        return norms, out, grouping.row_slot if every else grouping.shared_slots, None
+    if every:
+        sums = torch.zeros(grouping.rows, per.shape[1], dtype=per.dtype, device=per.device)
+        sums.index_add_(0, grouping.row_of, per)
+        return norms, sums, grouping.row_slot, sums.sum(dim=0) if total else None
+    sums = torch.zeros(len(grouping.shared_slots), per.shape[1], dtype=per.dtype, device=per.device)
+    sums.index_add_(0, grouping.shared_group, per.index_select(0, grouping.multi))
+    return norms, sums, grouping.shared_slots, per.sum(dim=0) if total else None
+
+
+def example_norms(
+    terms: Sequence[Term],
+    examples: torch.Tensor,
+    n: int,
+    rows: int,
+    cols: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_bytes: int,
+) -> torch.Tensor:
+    """(len(examples),) float64 ``||g_i||^2`` of the given examples: from token-level Gram matrices (``sum_{t,s}
+    <a_t, a_s><g_t, g_s>``, ``2 T^2 (rows + cols)`` flops per example) or, where that costs more than the example's
+    gradient itself (``2 T rows cols``: long sequences, small layers), from its explicit rows."""
+    m = examples.numel()
+    if m == 0:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    sub = [(kind, x.index_select(0, examples), g.index_select(0, examples)) for kind, x, g in terms]
+    tokens = sum(x.shape[1] for _, x, _ in terms)
+    if tokens * (rows + cols) <= rows * cols:
+        scratch = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=device)
+        add_gram_blocks(scratch, sub, torch.arange(m, device=device)[:, None], device)
+        return scratch.diagonal()[:m].clone()
+    total = torch.zeros(m, dtype=torch.float64, device=device)
+    for block, _ in weight_row_blocks(sub, m, rows, cols, dtype, device, block_bytes):
+        total.add_(torch.linalg.vector_norm(block, dim=1).to(torch.float64).square_())
+    return total
 
 
 def example_blocks(groups_cpu: torch.Tensor, n: int, gram: bool, device: torch.device) -> torch.Tensor:
@@ -225,44 +441,191 @@ def example_blocks(groups_cpu: torch.Tensor, n: int, gram: bool, device: torch.d
     return index.to(device)
 
 
-def gram_form_is_cheaper(
-    n: int, terms: Sequence[Term], rows: int, cols: int, blocks: torch.Tensor, target: bool, chunk_bytes: int
-) -> bool:
-    """Flop model: per-example row blocks (batched matmul + n x n products) vs token-level Gram blocks.
+PASS_FLOPS = 12.0
+"""Flop-equivalents of one element of a memory-bound pass (a norm, a sum, a copy, a small-inner-dimension matmul)
+in the cost model: one CPU core reads about 12e9 float32 elements/s in such a pass and does about 130e9 flop/s in
+the weight gradient's matmul. ``benchmarks/bench_probe_cost.py --layers`` prints the model beside measurements."""
 
-    Everything is counted in flops (a multiply-add is 2): the Gram form used to be counted in multiply-adds against
-    the batched matmul in flops, which made it look twice as cheap as it is (it was picked for an 8192 x 256 LM head
-    at K = 64: +7% flops and +26% peak memory)."""
-    explicit = 0.0
-    for kind, x, _ in terms:
-        explicit += 2.0 * x.shape[0] * x.shape[1] * rows * cols if kind == "linear" else 0.0
-    if all(kind == "embed" for kind, *_ in terms):
-        touched = min(rows, sum(x.numel() for _, x, _ in terms))
-        explicit += 2.0 * n * n * touched * cols + float(n) * touched * cols
+MATMUL_INNER = 16.0
+"""A matmul whose inner (summed) dimension is k runs at about k / (k + MATMUL_INNER) of the speed of one with a
+large one (the weight gradient's is n T): per-example rows (k = T) cost more than the weight gradient they replace."""
+
+FORMS = ("explicit", "groups", "gram")
+"""The per-layer forms of a weight matrix's products: per-example row blocks, per-group sums (plus the squared norms
+of the examples that share a group), token-level Gram blocks."""
+
+
+class FormCost(NamedTuple):
+    """What one per-layer form costs beyond a plain step: ``flops`` (matmul flops - a multiply-add counted as 2, the
+    unit ``torch.utils.flop_counter`` uses - plus ``PASS_FLOPS`` per element of the memory-bound passes),
+    ``matmul`` (the matmul flops alone, as ``FlopCounterMode`` counts them) and ``bytes`` (its transient buffers
+    alive at once; the captured factors every form reads are not counted)."""
+
+    flops: float
+    matmul: float
+    bytes: float
+
+
+def form_costs(
+    n: int,
+    terms: Sequence[Term],
+    rows: int,
+    cols: int,
+    blocks: torch.Tensor,
+    target: bool,
+    chunk_bytes: int,
+    *,
+    grouping: Grouping | None = None,
+    weight_grad_from_blocks: bool = False,
+    block_bytes: int | None = None,
+) -> dict[str, FormCost]:
+    """The cost of each form (``FORMS``) of one parameter's products, in flops and bytes.
+
+    ``blocks``: the call's example blocks (``example_blocks``, the Gram form's); ``grouping``: the call's groups
+    (default: the rows of ``blocks``, every example in a group of its own unless a block has several);
+    ``weight_grad_from_blocks``: the explicit and per-group forms' matmuls replace autograd's weight gradient
+    (``reroute``), so they cost nothing extra; ``block_bytes``: their row blocks (default ``chunk_bytes``)."""
+    size = element_size(terms[0][2].dtype)
+    count, width = blocks.shape
+    block_bytes = chunk_bytes if block_bytes is None else block_bytes
+    if grouping is not None:
+        groups, shared = grouping.rows, int(grouping.multi.numel())
     else:
-        explicit += 2.0 * n * n * rows * cols + float(n) * rows * cols
-    count, size = blocks.shape
-    gram = 0.0
-    largest = 0
+        groups = count
+        shared = int(sum(int((blocks[j] < n).sum()) for j in range(count) if int((blocks[j] < n).sum()) > 1))
+    embed_only = all(kind == "embed" for kind, *_ in terms)
+    touched = min(rows, sum(x.numel() for _, x, _ in terms)) if embed_only else rows
+    numel = float(touched) * cols
+    tokens = sum(x.shape[1] for _, x, _ in terms)
+    factors = float(n) * sum(x.shape[1] * ((rows + cols) if kind == "linear" else (cols + 2)) for kind, x, _ in terms)
+    weight_grad = sum(2.0 * n * x.shape[1] * rows * cols for kind, x, _ in terms if kind == "linear")
+    index_adds = sum(2.0 * n * x.shape[1] * cols for kind, x, _ in terms if kind == "embed")
+    paid = 0.0 if weight_grad_from_blocks else weight_grad
+    # the matmuls' slowdown over the weight gradient's: inner dimension T per example, n_k T per group
+    per_example_slowdown = sum(
+        2.0 * n * x.shape[1] * rows * cols * MATMUL_INNER / x.shape[1] for kind, x, _ in terms if kind == "linear"
+    )
+    group_tokens = float(n) / max(1, groups)
+    per_group_slowdown = per_example_slowdown / group_tokens
+
+    def per_group(rows_of_sums: float) -> float:
+        """Flop-equivalents of the per-group form's passes over its sums: squared norms, target products, the
+        weight gradient as their column sums."""
+        work = PASS_FLOPS + (2.0 if target else 0.0) + (PASS_FLOPS if weight_grad_from_blocks else 0.0)
+        return rows_of_sums * numel * work
+
+    # explicit (``explicit_reductions``): per-example rows and their squared norms (a pass); when groups are shared,
+    # one pass (a 0/1 matmul) for their sums and the column sums; the norms of the shared groups' sums
+    step = min(touched, max(1, explicit_block_bytes(block_bytes, n, groups) // max(1, n * cols * size)))
+    alone = n - shared
+    shared_groups = groups - alone
+    if not shared:
+        rows_read = n * (2.0 if weight_grad_from_blocks else 1.0)
+    else:
+        rows_read = 2.0 * n + shared_groups
+    targets = 2.0 * (groups if not alone else n) * numel if target else 0.0
+    explicit = FormCost(
+        paid + per_example_slowdown + index_adds + rows_read * numel * PASS_FLOPS + targets,
+        paid,
+        float(n + (shared_groups + 1 if shared else 0)) * step * cols * size,
+    )
+
+    # per group: the examples in layout order (a copy: read and write), one matmul per group, the shared examples'
+    # squared norms (``example_norms``: their factors gathered, then token Gram matrices or explicit rows)
+    step = min(touched, max(1, block_bytes // max(1, groups * cols * size)))
+    copies = 0.0 if grouping is None or grouping.identity else factors
+    shared_factors = factors * shared / max(1, n)
+    gram_norms = 2.0 * shared * tokens * tokens * (rows + cols) + 3.0 * shared_factors * 2.0 * PASS_FLOPS
+    explicit_norms = (
+        2.0 * shared * tokens * rows * cols + shared * numel * PASS_FLOPS + shared_factors * 2.0 * PASS_FLOPS
+    )
+    by_gram = gram_norms <= explicit_norms
+    group_form = FormCost(
+        paid
+        + per_group_slowdown
+        + index_adds
+        + copies * 2.0 * PASS_FLOPS
+        + min(gram_norms, explicit_norms)
+        + per_group(groups),
+        paid + 2.0 * shared * tokens * (tokens * (rows + cols) if by_gram else rows * cols),
+        (copies + 2.0 * shared_factors) * size + float(groups) * step * cols * size,
+    )
+
+    # token-level Gram blocks (autograd keeps its weight gradient)
+    matmul = 0.0
+    elementwise = 0.0
+    gathered = 0.0
+    concatenated = 0.0
+    largest = 0.0
     for i, (kind1, x1, _) in enumerate(terms):
+        length = x1.shape[1]
+        factor_width = (rows + cols) if kind1 == "linear" else (cols + 2)  # ids are int64: two float32 columns
+        gathered += float(count) * width * length * factor_width * size
+        concatenated = max(concatenated, float(n + 1) * length * factor_width * size)
         for kind2, x2, _ in terms[i:]:
-            tokens1, tokens2 = size * x1.shape[1], size * x2.shape[1]
-            largest = max(largest, count * tokens1 * tokens2)
-            width = (rows + cols) if kind1 == kind2 == "linear" else (cols + 2)
-            gram += 2.0 * count * tokens1 * tokens2 * width
-    if target:
-        explicit += float(n) * rows * cols
-        for kind, x, _ in terms:
-            gram += (2.0 * rows * cols if kind == "linear" else 2.0 * cols) * x.shape[0] * x.shape[1]
-    if 3 * largest * element_size(terms[0][2].dtype) > chunk_bytes:
-        return False
-    return gram < explicit
+            pairs = float(count) * (width * x1.shape[1]) * (width * x2.shape[1])
+            largest = max(largest, pairs)
+            pair_width = (rows + cols) if kind1 == kind2 == "linear" else (cols + 2)
+            matmul += 2.0 * pairs * pair_width
+            elementwise += 2.0 * pairs
+        if target:
+            matmul += 2.0 * n * length * rows * cols if kind1 == "linear" else 0.0
+            elementwise += 2.0 * n * length * (rows if kind1 == "linear" else cols)
+    elementwise += (4.0 * gathered + 2.0 * concatenated) / size  # copies (read, write); the gather indexes too
+    gram = FormCost(
+        matmul + elementwise * PASS_FLOPS,
+        matmul,
+        gathered + concatenated + 2.0 * largest * size + float(count) * width * width * 8,
+    )
+    return {"explicit": explicit, "groups": group_form, "gram": gram}
 
 
-def add_gram_blocks(m: torch.Tensor, terms: Sequence[Term], blocks: torch.Tensor, device: torch.device) -> None:
-    """M_ij += <g_i, g_j> for i, j in the same block from token-level Gram matrices, all blocks in one batched matmul
-    (blocks padded with a zero example): <g_i, g_j> = sum over token pairs of (linear-linear) <a, a'><g, g'>,
-    (embed-embed) [id == id'] <g, g'>, (linear-embed) <a, g'> g[id']."""
+def choose_form(costs: Mapping[str, FormCost], chunk_bytes: int, allowed: Sequence[str] = FORMS) -> str:
+    """The form of least ``flops`` among the ``allowed`` ones whose transient memory fits ``chunk_bytes`` (the
+    explicit form always fits: its row blocks are sized to). Memory is a bound, not a price: within it, time
+    decides."""
+    fits = [form for form in allowed if form == "explicit" or costs[form].bytes <= chunk_bytes]
+    return min(fits, key=lambda form: costs[form].flops)
+
+
+def gram_form_is_cheaper(
+    n: int,
+    terms: Sequence[Term],
+    rows: int,
+    cols: int,
+    blocks: torch.Tensor,
+    target: bool,
+    chunk_bytes: int,
+    *,
+    grouping: Grouping | None = None,
+    weight_grad_from_blocks: bool = False,
+) -> bool:
+    """Whether ``choose_form`` picks the token-level Gram form over the explicit one (``form_costs``: both in flops,
+    a multiply-add is 2, and the Gram form's transient memory held against ``chunk_bytes``).
+
+    Before, the Gram form was counted in multiply-adds against the batched matmul in flops (2x too cheap) and only
+    its token-pair products were held against ``chunk_bytes``, not the gathered copies of the output gradients: at
+    K = 64 it was picked for an 8192 x 256 LM head (n = 16, T = 64): +7% flops and +116 MB peak memory."""
+    costs = form_costs(
+        n,
+        terms,
+        rows,
+        cols,
+        blocks,
+        target,
+        chunk_bytes,
+        grouping=grouping,
+        weight_grad_from_blocks=weight_grad_from_blocks,
+    )
+    return choose_form(costs, chunk_bytes, ("explicit", "gram")) == "gram"
+
+
+def add_gram_blocks(
+    m: torch.Tensor, terms: Sequence[Term], blocks: torch.Tensor, device: torch.device, scale: float = 1.0
+) -> None:
+    """M_ij += scale * <g_i, g_j> for i, j in the same block from token-level Gram matrices, all blocks in one
+    batched matmul (blocks padded with a zero example): <g_i, g_j> = sum over token pairs of (linear-linear)
+    <a, a'><g, g'>, (embed-embed) [id == id'] <g, g'>, (linear-embed) <a, g'> g[id']."""
     count, size = blocks.shape
     flat: list[tuple[str, Any, torch.Tensor, int]] = []
     for kind, x, g in terms:
@@ -291,6 +654,8 @@ def add_gram_blocks(m: torch.Tensor, terms: Sequence[Term], blocks: torch.Tensor
             total.add_(pair)
             if j != i:
                 total.add_(pair.transpose(1, 2))
+    if scale != 1.0:
+        total.mul_(scale)
     rows = blocks[:, :, None].expand(-1, -1, size)
     cols = blocks[:, None, :].expand(-1, size, -1)
     m.index_put_((rows.reshape(-1), cols.reshape(-1)), total.reshape(-1), accumulate=True)
