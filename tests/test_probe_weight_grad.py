@@ -431,6 +431,30 @@ def test_activation_checkpointing():
     np.testing.assert_allclose(checkpointed.grad_var, plain.grad_var, rtol=1e-9)
 
 
+def test_reentrant_checkpointing_is_said_not_measured_silently():
+    """Reentrant checkpointing runs the forward without autograd and recomputes it inside the backward, where the
+    hooks cannot see it: the probe must not report statistics that silently leave those layers out. With
+    ``uncovered="error"`` it names the cause; with ``"fallback"`` it says so and measures on the micro-batch path
+    (which reads ``.grad`` and so sees the recomputed backward)."""
+    model = llama()
+    batch = ids_batch(len(GROUPS), 15)
+    plain = FusedGradientProbe(model).backward(batch, GROUPS, 3, hf_lm_loss, measure=True)
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' deprecation notes
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    with pytest.raises((ValueError, RuntimeError), match="use_reentrant"):
+        FusedGradientProbe(model, uncovered="error").backward(batch, GROUPS, 3, hf_lm_loss, measure=True)
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallen = FusedGradientProbe(model, uncovered="fallback").backward(batch, GROUPS, 3, hf_lm_loss, measure=True)
+    assert any("use_reentrant" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert plain is not None and fallen is not None and fallen.grad_sq_norm is not None
+    assert np.all(np.isfinite(fallen.grad_sq_norm))  # measured on the micro-batch path (its own estimator)
+
+
 # -- the products: per-group sums and norms against brute force -------------------------------------------------------
 
 

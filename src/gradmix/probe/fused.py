@@ -661,7 +661,20 @@ class FusedGradientProbe:
 
     def _make_forward_hook(self, call: _Call, roles: list[tuple[int, str]]):
         def hook(module, args, output):
-            if not call.active or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            if not call.active or not isinstance(output, torch.Tensor):
+                return None
+            if not output.requires_grad:
+                if not torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters(recurse=False)):
+                    # Reentrant activation checkpointing runs the forward without autograd and recomputes it inside
+                    # the backward, after the hooks are gone: the per-example gradients of this call are never seen.
+                    problem = (
+                        f"a call of its {type(module).__name__} ran without autograd during the measured forward "
+                        "(reentrant activation checkpointing - torch.utils.checkpoint(use_reentrant=True) or HF "
+                        "gradient_checkpointing_kwargs={'use_reentrant': True} - or a no_grad block): its gradient "
+                        "is recomputed where the probe cannot see it; use use_reentrant=False"
+                    )
+                    for pid, _ in roles:
+                        call.problems.setdefault(pid, problem)
                 return None
             x = args[0] if args else None
             n = call.n
