@@ -68,6 +68,7 @@ MODULES: tuple[tuple[str, str], ...] = (
     ("gradmix.permutation", "seeded bijections: one exact permutation per domain and pass"),
     ("gradmix.integrations.hf", "Hugging Face `Trainer` (`pip install 'gradmix[hf]'`)"),
     ("gradmix.integrations.trl", "TRL `SFTTrainer` (`pip install 'gradmix[trl]'`)"),
+    ("gradmix.integrations.torchtitan", "torchtitan (`pip install 'gradmix[torchtitan]'`)"),
     ("gradmix.integrations.lightning", "Lightning (`pip install 'gradmix[lightning]'`)"),
     ("gradmix.integrations.fsdp", "FSDP2 sharded checkpoints"),
 )

@@ -14,6 +14,10 @@ if [ ! -f "$VENV/.gradmix-installed" ] || [ "$ROOT/pyproject.toml" -nt "$VENV/.g
   # CPU build of torch, pinned here only (an unpinned torch pulls a multi-GB CUDA build); gradmix needs a range.
   python -m pip install -q "torch==2.13.0"
   python -m pip install -q -e "$ROOT[test,cluster,dev]"
+  # torchtitan for its integration tests, without its pins: torchtitan 0.3.0 pins datasets < 4.8 and an older
+  # huggingface_hub than transformers 5 needs; the parts gradmix uses (dataloader, checkpoint manager) touch neither.
+  python -m pip install -q --no-deps "torchtitan==0.3.0" "spmd_types==0.2.3" "torchdata==0.11.0" \
+    "torch_checkpointing==0.1.1" "tyro==1.0.17" "typeguard==4.6.1" "docstring_parser==0.18.0"
   touch "$VENV/.gradmix-installed"
 fi
 # Debian package lists, needed once by the corpus builders (apt-get download of text packages).
