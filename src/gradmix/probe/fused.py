@@ -667,14 +667,14 @@ class FusedGradientProbe:
                 if not torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters(recurse=False)):
                     # Reentrant activation checkpointing runs the forward without autograd and recomputes it inside
                     # the backward, after the hooks are gone: the per-example gradients of this call are never seen.
-                    problem = (
+                    unseen = (
                         f"a call of its {type(module).__name__} ran without autograd during the measured forward "
                         "(reentrant activation checkpointing - torch.utils.checkpoint(use_reentrant=True) or HF "
                         "gradient_checkpointing_kwargs={'use_reentrant': True} - or a no_grad block): its gradient "
                         "is recomputed where the probe cannot see it; use use_reentrant=False"
                     )
                     for pid, _ in roles:
-                        call.problems.setdefault(pid, problem)
+                        call.problems.setdefault(pid, unseen)
                 return None
             x = args[0] if args else None
             n = call.n
