@@ -40,7 +40,8 @@ class FairPiKE(PiKE):
     ``loss_tilt=0`` (PiKE's own loss tilt is off here by default: the two would count the losses twice) and a
     large tau puts the whole gain on the highest-loss domain. ``tau = 3`` is the paper's best fairness/average
     trade-off. ``loss`` is the current per-domain training loss; a NaN/Inf loss makes the domain invalid for the
-    update (its weight is kept, as in PiKE). Every other parameter is PiKE's, ``variant`` included.
+    update (its weight is kept, as in PiKE). Every other parameter is PiKE's, ``variant`` included, except that
+    ``mix_evidence`` defaults to 0: the tilt toward high-loss domains is the objective, not a noisy estimate.
     """
 
     name: ClassVar[str] = "fair_pike"
@@ -62,6 +63,9 @@ class FairPiKE(PiKE):
             raise ValueError(f"fair_pike: tilt_power must be 1 or 2, got {tilt_power!r}")
         # Fair-PiKE's own tilt already scales the gain by the losses; PiKE's horizon tilt is not applied twice.
         pike_params.setdefault("loss_tilt", 0.0)
+        # Its mix leans on the losses by design (a fairness objective, not an estimate to be tested against the
+        # gradient statistics' noise): PiKE's evidence factor is off unless asked for.
+        pike_params.setdefault("mix_evidence", 0.0)
         super().__init__(num_domains, **pike_params)
         self.tau = tau_value
         self.tilt_power = int(tilt_power)
