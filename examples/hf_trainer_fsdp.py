@@ -41,12 +41,11 @@ import warnings
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from _trainer_callbacks import StopAt
 from hf_trainer import WINDOW, load_domains
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
-from gradmix.distributed import default_timeout
+from gradmix.distributed import default_timeout, exit_rank
 from gradmix.integrations.hf import MixingTrainer, last_checkpoint
 
 CHECKPOINT_EVERY = 10
@@ -163,8 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     except ValueError as exc:
         print(f"rank {rank}: cannot start: {exc}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(2)  # no process-group teardown: the other rank may not be there any more
+        exit_rank(2, wait_for_peers=False)  # no process-group teardown: the other rank may not be there any more
     if args.stop_at is not None:
         trainer.add_callback(StopAt(args.stop_at))
     if rank == 0:
@@ -175,18 +173,6 @@ def main(argv: list[str] | None = None) -> None:
         print("final weights", dict(zip(domains.names, np.round(trainer.mixer.weights, 4).tolist())), flush=True)
 
 
-def finish() -> None:
-    """The normal end under torchrun: every rank past its last collective, the process group destroyed, then out
-    without the interpreter's teardown, during which torch's gloo aborts a rank now and then ("terminate called
-    without an active exception"), after all work is saved (as examples/torchrun_fsdp.py ends)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
     main()
-    finish()
+    exit_rank()

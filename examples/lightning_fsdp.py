@@ -27,19 +27,17 @@ import argparse
 import json
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-import torch.distributed as dist
 from _tiny_gpt import DATA_DIR, DEFAULT_DOMAINS, TinyGPT, byte_domains, per_example_loss
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 
-from gradmix.distributed import default_timeout
+from gradmix.distributed import default_timeout, exit_rank
 from gradmix.integrations.lightning import MixingCallback, MixingModuleMixin
 
 CHECKPOINT_EVERY = 10
@@ -114,9 +112,7 @@ class CheckpointEvery(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.stop_at is not None and trainer.global_step == self.stop_at:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+            exit_rank(0, wait_for_peers=False)  # as if killed right after the checkpoint
 
 
 def newest_checkpoint(folder: Path) -> Path | None:
@@ -220,18 +216,6 @@ def main() -> None:
         )
 
 
-def finish() -> None:
-    """The normal end under torchrun: every rank past its last collective, the process group destroyed, then out
-    without the interpreter's teardown, during which torch's gloo aborts a rank now and then ("terminate called
-    without an active exception"), after all work is saved (as examples/torchrun_fsdp.py ends)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
     main()
-    finish()
+    exit_rank()

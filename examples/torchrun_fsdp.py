@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from gradmix import Mixer
-from gradmix.distributed import init_process_group
+from gradmix.distributed import exit_rank, init_process_group
 from gradmix.integrations.fsdp import (
     latest_checkpoint,
     load_sharded_checkpoint,
@@ -43,22 +42,6 @@ from gradmix.integrations.fsdp import (
 )
 
 CHECKPOINT_EVERY = 10
-
-
-def leave(code: int = 0) -> None:
-    """Exit where a rank cannot wait for its peers (an error, a simulated kill): flush, skip the C++ teardown."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def finish() -> None:
-    """The normal end: every rank past its last collective, the process group destroyed, then ``leave``: torch's gloo
-    teardown during interpreter finalisation aborts a rank now and then ("terminate called without an active
-    exception"), after all work is saved."""
-    dist.barrier()
-    dist.destroy_process_group()
-    leave(0)
 
 
 def main() -> None:
@@ -120,7 +103,7 @@ def main() -> None:
         )
     except ValueError as exc:
         print(f"rank {rank}: cannot start: {exc}", file=sys.stderr)
-        leave(2)
+        exit_rank(2, wait_for_peers=False)
     if args.resume:
         folder = latest_checkpoint(out)
         if folder is not None:
@@ -128,7 +111,7 @@ def main() -> None:
                 load_sharded_checkpoint(folder, mixer, model, optimizer)
             except ValueError as exc:
                 print(f"rank {rank}: cannot resume: {exc}", file=sys.stderr)
-                leave(2)
+                exit_rank(2, wait_for_peers=False)
             if rank == 0:
                 print(f"resumed from {folder} at step {mixer.step_count} ({world} ranks)")
         else:
@@ -163,11 +146,11 @@ def main() -> None:
         if step % CHECKPOINT_EVERY == 0:
             save_sharded_checkpoint(out, mixer, model, optimizer)
         if args.stop_at is not None and step == args.stop_at:
-            leave(0)  # as if killed right after the checkpoint
+            exit_rank(0, wait_for_peers=False)  # as if killed right after the checkpoint
     mixer.close()  # flushes the writers and releases the run folder's lock
     if rank == 0:
         print(f"done: {mixer.step_count} steps, weights {dict(zip(mixer.names, mixer.weights.round(4).tolist()))}")
-    finish()
+    exit_rank()
 
 
 if __name__ == "__main__":

@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,25 +47,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from gradmix import Mixer
-from gradmix.distributed import init_process_group
+from gradmix.distributed import exit_rank, init_process_group
 
 CHECKPOINT_EVERY = 10
 LR_HORIZON = 1000  # the LR schedule's length: fixed, so a run's --steps does not change its learning rates
-
-
-def leave(code: int = 0) -> NoReturn:
-    """Exit where a rank cannot wait for its peers (an error, a simulated kill): flush, skip the C++ teardown."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def finish() -> None:
-    """Every rank past its last collective, the process group destroyed, then ``leave`` (gloo's teardown at
-    interpreter exit aborts a rank now and then, after all work is saved)."""
-    dist.barrier()
-    dist.destroy_process_group()
-    leave(0)
 
 
 class TrainState:
@@ -125,7 +109,7 @@ def main() -> None:
         from gradmix.integrations.torchtitan import MixingDataLoader, titan_batch
     except ImportError as exc:
         print(f"cannot start: {exc} (pip install 'gradmix[torchtitan]')", file=sys.stderr)
-        leave(2)
+        exit_rank(2, wait_for_peers=False)
 
     init_process_group("gloo")  # torch's, with gradmix's timeout
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -195,7 +179,7 @@ def main() -> None:
         mixer = dataloader.mixer
     except ValueError as exc:
         print(f"rank {rank}: cannot start: {exc}", file=sys.stderr)
-        leave(2)
+        exit_rank(2, wait_for_peers=False)
     loss_fn = dataloader.observing(CrossEntropyLoss.Config().build())
 
     state = TrainState()
@@ -220,7 +204,7 @@ def main() -> None:
         loaded = checkpointer.load()  # as Trainer.train(): the newest checkpoint in OUT/checkpoint, if any
     except ValueError as exc:
         print(f"rank {rank}: cannot resume: {exc}", file=sys.stderr)
-        leave(2)
+        exit_rank(2, wait_for_peers=False)
     if loaded and rank == 0:
         print(f"resumed from {out / 'checkpoint' / f'step-{state.step}'} at step {state.step} ({world} ranks)")
     if state.step != mixer.step_count:
@@ -268,12 +252,12 @@ def main() -> None:
             trace.flush()
         checkpointer.save(state.step, last_step=state.step == args.steps)
         if args.stop_at is not None and state.step == args.stop_at:
-            leave(0)  # as if killed right after the checkpoint
+            exit_rank(0, wait_for_peers=False)  # as if killed right after the checkpoint
     dataloader.close()  # flushes the Mixer's writers and releases the run folder's lock
     checkpointer.close()
     if rank == 0:
         print(f"done: {mixer.step_count} steps, weights {dict(zip(mixer.names, mixer.weights.round(4).tolist()))}")
-    finish()
+    exit_rank()
 
 
 if __name__ == "__main__":

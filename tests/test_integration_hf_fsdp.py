@@ -66,14 +66,16 @@ pytest.importorskip("datasets")
 pytestmark = pytest.mark.integration
 
 
-def test_fsdp_on_cpu_is_a_one_line_error_on_every_rank(tmp_path) -> None:
-    """accelerate would train this unsharded (DDP) on CPU; gradmix says so and stops before touching --out."""
+def test_fsdp_on_cpu_is_a_one_line_error(tmp_path) -> None:
+    """accelerate would train this unsharded (DDP) on CPU; gradmix says so and stops before touching --out. Every
+    rank raises it, but torchrun stops the other ranks as soon as one exits, so under load only the first may get to
+    print: each line printed is the one-line error, and at least one is."""
     out = tmp_path / "run"
     cmd = [*torchrun(EXAMPLE), "--out", str(out), "--steps", "20"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=ENV, cwd=ROOT)
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if "cannot start:" in line]
-    assert sorted(line.split(":")[0] for line in lines) == ["rank 0", "rank 1"], res.stderr[-3000:]
+    assert lines and {line.split(":")[0] for line in lines} <= {"rank 0", "rank 1"}, res.stderr[-3000:]
     for line in lines:
         assert "TrainingArguments(fsdp=...) but accelerate did not enable FSDP" in line
         assert "run on GPUs (examples/hf_trainer_fsdp.py) or drop fsdp=... to train with DDP" in line

@@ -22,9 +22,9 @@ interpreter exit ("terminate called without an active exception", SIGABRT). This
 ``torch._dynamo`` has been imported while the group exists (DDP and optimizers import it), torch keeps the group and
 its worker threads alive until the process ends. Any collective on a tensor made in Python, gradmix's statistics
 included, can leave a worker thread to release that tensor, and the thread needs the GIL for it. If that happens
-while the interpreter is finalising, CPython ends the thread inside a C++ destructor. Leave with ``os._exit`` after a
-barrier, ``destroy_process_group()`` and flushed output. docs/bad_inputs.md has the details and a reproducer without
-gradmix.
+while the interpreter is finalising, CPython ends the thread inside a C++ destructor. ``exit_rank()`` leaves with
+``os._exit`` after a barrier, ``destroy_process_group()`` and flushed output. docs/bad_inputs.md has the details and
+a reproducer without gradmix.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ import datetime
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -44,6 +45,7 @@ __all__ = [
     "RankMismatchError",
     "check_agreement",
     "default_timeout",
+    "exit_rank",
     "init_process_group",
     "is_distributed",
     "raise_on_any_rank",
@@ -83,6 +85,19 @@ def init_process_group(
     elif not isinstance(timeout, datetime.timedelta):
         timeout = datetime.timedelta(seconds=float(timeout))
     torch.distributed.init_process_group(backend, timeout=timeout, **kwargs)
+
+
+def exit_rank(code: int = 0, *, wait_for_peers: bool = True) -> NoReturn:
+    """End this torchrun rank without the interpreter's finalisation (see "Exit under gloo" above): with
+    ``wait_for_peers`` every rank passes a barrier and the process group is destroyed first (the normal end, after all
+    work is saved); without it (an error, a simulated kill: the peers may be gone) it only flushes and leaves."""
+    dist = torch.distributed
+    if wait_for_peers and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_distributed() -> bool:
