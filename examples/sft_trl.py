@@ -153,6 +153,13 @@ def main(argv: list[str] | None = None) -> MixingSFTTrainer:
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     parser.add_argument("--overwrite", action="store_true", help="start over, deleting the run already in --out")
     parser.add_argument("--method", default="pike", help="uniform, pike, fair_pike, dga (toward the target), odm, ...")
+    parser.add_argument(
+        "--pike-variant",
+        default="gradmix",
+        choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
+        help="PiKE's variant (the resume tests use gradmix_v1, whose weights move within a few steps here; the default "
+        "keeps the even split until its statistics tell the sources apart)",
+    )
     parser.add_argument("--grad-accum", type=int, default=2, help="gradient_accumulation_steps")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (all processes)")
     parser.add_argument("--update-every", type=int, default=2, help="steps between weight updates")
@@ -223,7 +230,11 @@ def main(argv: list[str] | None = None) -> MixingSFTTrainer:
         processing_class=tokenizer,
         domains=sources,
         method=args.method,
-        method_params={"min_weight": 0.05} if args.method in ("pike", "fair_pike") else None,
+        method_params=(
+            {"min_weight": 0.05, **({"variant": args.pike_variant} if args.method == "pike" else {})}
+            if args.method in ("pike", "fair_pike")
+            else None
+        ),
         mixer_options=mixer_options,
         overwrite=args.overwrite or (args.resume and resume is None),
     )
