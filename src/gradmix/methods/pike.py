@@ -787,14 +787,9 @@ class PiKE(MixingMethod):
         if len(draws) < 2:
             return bound_mix, 1.0
         spread = np.var(np.array(draws), axis=0, ddof=1)
-        centre = mass / bound_mix.size
-        deviation = bound_mix - centre
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            statistic = float(np.sum(np.where(deviation == 0, 0.0, deviation * deviation / spread)))
-        if not statistic > 0:
-            return np.full_like(bound_mix, centre), 0.0
-        factor = 1.0 if math.isinf(statistic) else max(0.0, 1.0 - self.mix_evidence * (bound_mix.size - 1) / statistic)
-        return centre + factor * deviation, factor
+        centre = mass / bound_mix.size  # the mean of bound_mix, which sums to mass
+        factor = homogeneity_shrinkage(bound_mix, spread, self.mix_evidence)
+        return centre + factor * (bound_mix - centre), factor
 
     def _commit(self, new_log: np.ndarray) -> np.ndarray:
         """Renormalise, apply the uniform floor (to the state too) and return the new weights."""
