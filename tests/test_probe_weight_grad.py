@@ -31,7 +31,6 @@ from gradmix.probe.products import (
     example_norms,
     explicit_reductions,
     form_costs,
-    gram_form_is_cheaper,
     group_row_blocks,
     weight_row_blocks,
 )
@@ -536,9 +535,6 @@ def test_lm_head_at_k64_is_not_put_in_the_gram_form():
     for reroute in (False, True):
         costs = form_costs(n, terms, rows, cols, blocks, False, chunk, grouping=layout, weight_grad_from_blocks=reroute)
         assert costs["gram"].bytes > chunk > costs["explicit"].bytes
-        assert not gram_form_is_cheaper(
-            n, terms, rows, cols, blocks, False, chunk, grouping=layout, weight_grad_from_blocks=reroute
-        )
         assert choose_form(costs, chunk) != "gram"
         if not reroute:  # counted in multiply-adds, as before, the Gram form's matmuls looked cheaper
             assert costs["gram"].matmul / 2 < costs["explicit"].matmul

@@ -58,7 +58,6 @@ __all__ = [
     "explicit_block_bytes",
     "explicit_reductions",
     "form_costs",
-    "gram_form_is_cheaper",
     "group_row_blocks",
     "normalised",
     "small_parameter_rows",
@@ -586,38 +585,6 @@ def choose_form(costs: Mapping[str, FormCost], chunk_bytes: int, allowed: Sequen
     decides."""
     fits = [form for form in allowed if form == "explicit" or costs[form].bytes <= chunk_bytes]
     return min(fits, key=lambda form: costs[form].flops)
-
-
-def gram_form_is_cheaper(
-    n: int,
-    terms: Sequence[Term],
-    rows: int,
-    cols: int,
-    blocks: torch.Tensor,
-    target: bool,
-    chunk_bytes: int,
-    *,
-    grouping: Grouping | None = None,
-    weight_grad_from_blocks: bool = False,
-) -> bool:
-    """Whether ``choose_form`` picks the token-level Gram form over the explicit one (``form_costs``: both in flops,
-    a multiply-add is 2, and the Gram form's transient memory held against ``chunk_bytes``).
-
-    Before, the Gram form was counted in multiply-adds against the batched matmul in flops (2x too cheap) and only
-    its token-pair products were held against ``chunk_bytes``, not the gathered copies of the output gradients: at
-    K = 64 it was picked for an 8192 x 256 LM head (n = 16, T = 64): +7% flops and +116 MB peak memory."""
-    costs = form_costs(
-        n,
-        terms,
-        rows,
-        cols,
-        blocks,
-        target,
-        chunk_bytes,
-        grouping=grouping,
-        weight_grad_from_blocks=weight_grad_from_blocks,
-    )
-    return choose_form(costs, chunk_bytes, ("explicit", "gram")) == "gram"
 
 
 def add_gram_blocks(
