@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 
 import numpy as np
@@ -161,8 +160,8 @@ def main(argv: list[str] | None = None) -> None:
             overwrite=args.overwrite or (args.resume and resume is None),
         )
     except ValueError as exc:
-        print(f"rank {rank}: cannot start: {exc}", file=sys.stderr, flush=True)
-        exit_rank(2, wait_for_peers=False)  # no process-group teardown: the other rank may not be there any more
+        # no process-group teardown: the other rank may not be there any more
+        exit_rank(2, wait_for_peers=False, message=f"rank {rank}: cannot start: {exc}")
     if args.stop_at is not None:
         trainer.add_callback(StopAt(args.stop_at))
     if rank == 0:

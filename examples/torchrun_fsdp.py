@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -102,16 +101,14 @@ def main() -> None:
             resume=args.resume,
         )
     except ValueError as exc:
-        print(f"rank {rank}: cannot start: {exc}", file=sys.stderr)
-        exit_rank(2, wait_for_peers=False)
+        exit_rank(2, wait_for_peers=False, message=f"rank {rank}: cannot start: {exc}")
     if args.resume:
         folder = latest_checkpoint(out)
         if folder is not None:
             try:
                 load_sharded_checkpoint(folder, mixer, model, optimizer)
             except ValueError as exc:
-                print(f"rank {rank}: cannot resume: {exc}", file=sys.stderr)
-                exit_rank(2, wait_for_peers=False)
+                exit_rank(2, wait_for_peers=False, message=f"rank {rank}: cannot resume: {exc}")
             if rank == 0:
                 print(f"resumed from {folder} at step {mixer.step_count} ({world} ranks)")
         else:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -108,8 +107,7 @@ def main() -> None:
 
         from gradmix.integrations.torchtitan import MixingDataLoader, titan_batch
     except ImportError as exc:
-        print(f"cannot start: {exc} (pip install 'gradmix[torchtitan]')", file=sys.stderr)
-        exit_rank(2, wait_for_peers=False)
+        exit_rank(2, wait_for_peers=False, message=f"cannot start: {exc} (pip install 'gradmix[torchtitan]')")
 
     init_process_group("gloo")  # torch's, with gradmix's timeout
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -178,8 +176,7 @@ def main() -> None:
     try:  # a used --out without --resume, or ranks that disagree: the same one-line error on every rank
         mixer = dataloader.mixer
     except ValueError as exc:
-        print(f"rank {rank}: cannot start: {exc}", file=sys.stderr)
-        exit_rank(2, wait_for_peers=False)
+        exit_rank(2, wait_for_peers=False, message=f"rank {rank}: cannot start: {exc}")
     loss_fn = dataloader.observing(CrossEntropyLoss.Config().build())
 
     state = TrainState()
@@ -203,8 +200,7 @@ def main() -> None:
     try:
         loaded = checkpointer.load()  # as Trainer.train(): the newest checkpoint in OUT/checkpoint, if any
     except ValueError as exc:
-        print(f"rank {rank}: cannot resume: {exc}", file=sys.stderr)
-        exit_rank(2, wait_for_peers=False)
+        exit_rank(2, wait_for_peers=False, message=f"rank {rank}: cannot resume: {exc}")
     if loaded and rank == 0:
         print(f"resumed from {out / 'checkpoint' / f'step-{state.step}'} at step {state.step} ({world} ranks)")
     if state.step != mixer.step_count:

@@ -106,3 +106,19 @@ def test_a_hung_rank_fails_its_peer_within_gradmix_timeout(tmp_path: Path) -> No
     result = json.loads(Path(f"{out}.rank0.json").read_text())  # rank 0 wrote it before torchrun ended rank 1
     assert result["error"] is not None, (result, res.stderr[-2000:])
     assert result["elapsed"] < 60, result
+
+
+def test_exit_rank_writes_its_message_as_one_whole_line_before_leaving() -> None:
+    """The message goes to stderr with its newline in one write (two ranks failing together once printed their lines
+    run together), then the process ends with the given code without the interpreter's finalisation."""
+    script = (
+        "import sys\n"
+        "from gradmix.distributed import exit_rank\n"
+        "sys.stderr.write = lambda text, write=sys.stderr.write: write(f'<{text}>')\n"
+        "exit_rank(3, wait_for_peers=False, message='rank 0: cannot start: bad input')\n"
+        "print('not reached')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 3
+    assert res.stderr == "<rank 0: cannot start: bad input\n>"
+    assert "not reached" not in res.stdout

@@ -190,13 +190,18 @@ def test_deepspeed_loss_only_method_resumes_exactly(tmp_path, deepspeed_uninterr
         assert a["weights"] == b["weights"] and a["train_loss"] == b["train_loss"], a["step"]
 
 
-def test_deepspeed_with_a_gradient_method_is_refused_on_every_rank(tmp_path) -> None:
+def test_deepspeed_with_a_gradient_method_is_a_one_line_refusal(tmp_path) -> None:
+    """Every rank refuses; torchrun stops the others as soon as one exits, so under load only the first may print.
+    Each line printed is whole (``exit_rank(message=...)`` writes it at once: two ranks' lines once ran together
+    here) and names the cause, and at least one is."""
     pytest.importorskip("deepspeed")
     res = _run_example(tmp_path / "run", "--deepspeed", "2", "--method", "pike", "--steps", "5", check=False)
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if "cannot start:" in line]
-    assert len(lines) == 2, res.stderr[-3000:]
-    assert all("method 'pike' needs gradient statistics, which DeepSpeed hides" in line for line in lines)
+    assert lines and {line.split(":")[0] for line in lines} <= {"rank 0", "rank 1"}, res.stderr[-3000:]
+    for line in lines:
+        assert line.count("cannot start:") == 1, line
+        assert "method 'pike' needs gradient statistics, which DeepSpeed hides" in line
 
 
 # -- the 2-rank worker (launched by the test above through torchrun) -------------------------------------------------

@@ -87,10 +87,16 @@ def init_process_group(
     torch.distributed.init_process_group(backend, timeout=timeout, **kwargs)
 
 
-def exit_rank(code: int = 0, *, wait_for_peers: bool = True) -> NoReturn:
+def exit_rank(code: int = 0, *, wait_for_peers: bool = True, message: str | None = None) -> NoReturn:
     """End this torchrun rank without the interpreter's finalisation (see "Exit under gloo" above): with
     ``wait_for_peers`` every rank passes a barrier and the process group is destroyed first (the normal end, after all
-    work is saved); without it (an error, a simulated kill: the peers may be gone) it only flushes and leaves."""
+    work is saved); without it (an error, a simulated kill: the peers may be gone) it only flushes and leaves.
+
+    ``message`` (one line, e.g. ``f"rank {rank}: cannot start: {exc}"``) goes to stderr first, in a single write:
+    ``print(..., file=sys.stderr)`` writes the text and its newline separately (stderr writes through), so when every
+    rank fails at once their lines run together."""
+    if message is not None:
+        sys.stderr.write(message.rstrip("\n") + "\n")
     dist = torch.distributed
     if wait_for_peers and dist.is_available() and dist.is_initialized():
         dist.barrier()
