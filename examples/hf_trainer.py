@@ -27,6 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from gradmix.distributed import default_timeout
 from gradmix.integrations.hf import MixingTrainer, hf_domains, last_checkpoint, windows_dataset
+from gradmix.methods.pike import PiKE
 
 TINY = Path(__file__).resolve().parents[1] / "src" / "gradmix_kit" / "data" / "tiny"
 WINDOW = 32  # predicted tokens per example (rows hold WINDOW + 1 byte ids)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--pike-variant",
         default="gradmix",
-        choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
+        choices=PiKE.variants,
         help="PiKE's variant (the resume tests use gradmix_v1, whose weights move within a few steps here; the default "
         "keeps the even split until its statistics tell the domains apart)",
     )

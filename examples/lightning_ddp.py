@@ -31,6 +31,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from gradmix.distributed import default_timeout
 from gradmix.integrations.lightning import MixingCallback, MixingModuleMixin
+from gradmix.methods.pike import PiKE
 
 CHECKPOINT_EVERY = 10
 
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument(
         "--pike-variant",
         default="gradmix",
-        choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
+        choices=PiKE.variants,
         help="PiKE's variant (the tests use gradmix_v1, whose weights move within a few steps here)",
     )
     args = parser.parse_args()

@@ -39,6 +39,7 @@ from torch.distributed.fsdp import fully_shard
 
 from gradmix.distributed import default_timeout, exit_rank
 from gradmix.integrations.lightning import MixingCallback, MixingModuleMixin
+from gradmix.methods.pike import PiKE
 
 CHECKPOINT_EVERY = 10
 MARKER = "COMPLETE"
@@ -143,7 +144,7 @@ def main() -> None:
     parser.add_argument(
         "--pike-variant",
         default="gradmix",
-        choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
+        choices=PiKE.variants,
         help="PiKE's variant (the tests use gradmix_v1, whose weights move within a few steps here)",
     )
     args = parser.parse_args()

@@ -43,6 +43,7 @@ from trl import SFTConfig
 from gradmix.distributed import default_timeout
 from gradmix.integrations.hf import last_checkpoint
 from gradmix.integrations.trl import MixingSFTTrainer
+from gradmix.methods.pike import PiKE
 
 TINY = Path(__file__).resolve().parents[1] / "src" / "gradmix_kit" / "data" / "tiny"
 MODULES = (  # standard-library modules whose functions' docstrings make the "explain" source
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> MixingSFTTrainer:
     parser.add_argument(
         "--pike-variant",
         default="gradmix",
-        choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
+        choices=PiKE.variants,
         help="PiKE's variant (the resume tests use gradmix_v1, whose weights move within a few steps here; the default "
         "keeps the even split until its statistics tell the sources apart)",
     )
@@ -224,17 +225,16 @@ def main(argv: list[str] | None = None) -> MixingSFTTrainer:
     mixer_options: dict = {"update_every": args.update_every}
     if args.method in ("dga", "doge"):
         mixer_options["target"] = target
+    method_params: dict[str, object] = {"min_weight": 0.05} if args.method in ("pike", "fair_pike") else {}
+    if args.method == "pike":
+        method_params["variant"] = args.pike_variant
     trainer = MixingSFTTrainer(
         model=model,
         args=sft_args,
         processing_class=tokenizer,
         domains=sources,
         method=args.method,
-        method_params=(
-            {"min_weight": 0.05, **({"variant": args.pike_variant} if args.method == "pike" else {})}
-            if args.method in ("pike", "fair_pike")
-            else None
-        ),
+        method_params=method_params,
         mixer_options=mixer_options,
         overwrite=args.overwrite or (args.resume and resume is None),
     )

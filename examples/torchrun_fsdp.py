@@ -39,6 +39,7 @@ from gradmix.integrations.fsdp import (
     load_sharded_checkpoint,
     save_sharded_checkpoint,
 )
+from gradmix.methods.pike import PiKE
 
 CHECKPOINT_EVERY = 10
 
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument(
         "--pike-variant",
         default="gradmix",
-        choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
+        choices=PiKE.variants,
         help="PiKE's variant (the tests use gradmix_v1, whose weights move within a few steps here)",
     )
     args = parser.parse_args()

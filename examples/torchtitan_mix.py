@@ -47,6 +47,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from gradmix import Mixer
 from gradmix.distributed import exit_rank, init_process_group
+from gradmix.methods.pike import PiKE
 
 CHECKPOINT_EVERY = 10
 LR_HORIZON = 1000  # the LR schedule's length: fixed, so a run's --steps does not change its learning rates
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument(
         "--pike-variant",
         default="gradmix",
-        choices=["gradmix", "paper", "conceptual", "gradmix_v1"],
+        choices=PiKE.variants,
         help="--method pike: PiKE's variant (the tests use gradmix_v1, whose weights move within a few steps here)",
     )
     parser.add_argument(

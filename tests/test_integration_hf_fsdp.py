@@ -66,17 +66,23 @@ pytest.importorskip("datasets")
 pytestmark = pytest.mark.integration
 
 
-def test_fsdp_on_cpu_is_a_one_line_error(tmp_path) -> None:
-    """accelerate would train this unsharded (DDP) on CPU; gradmix says so and stops before touching --out. Every
-    rank raises it, but torchrun stops the other ranks as soon as one exits, so under load only the first may get to
-    print: each line printed is the one-line error, and at least one is."""
-    out = tmp_path / "run"
-    cmd = [*torchrun(EXAMPLE), "--out", str(out), "--steps", "20"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=ENV, cwd=ROOT)
+def refusal_lines(res: subprocess.CompletedProcess) -> list[str]:
+    """The ranks' one-line "cannot start" errors of a failed 2-rank run. Every rank raises it, but torchrun stops the
+    other ranks as soon as one exits, so under load only the first may get to print: at least one line, each from
+    rank 0 or 1 and whole (``exit_rank(message=...)`` writes it at once; two ranks' lines once ran together)."""
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if "cannot start:" in line]
     assert lines and {line.split(":")[0] for line in lines} <= {"rank 0", "rank 1"}, res.stderr[-3000:]
-    for line in lines:
+    assert all(line.count("cannot start:") == 1 for line in lines), lines
+    return lines
+
+
+def test_fsdp_on_cpu_is_a_one_line_error(tmp_path) -> None:
+    """accelerate would train this unsharded (DDP) on CPU; gradmix says so and stops before touching --out."""
+    out = tmp_path / "run"
+    cmd = [*torchrun(EXAMPLE), "--out", str(out), "--steps", "20"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=ENV, cwd=ROOT)
+    for line in refusal_lines(res):
         assert "TrainingArguments(fsdp=...) but accelerate did not enable FSDP" in line
         assert "run on GPUs (examples/hf_trainer_fsdp.py) or drop fsdp=... to train with DDP" in line
     assert not (out / "metrics.jsonl").exists() and not list(out.glob("checkpoint-*"))
@@ -191,16 +197,9 @@ def test_deepspeed_loss_only_method_resumes_exactly(tmp_path, deepspeed_uninterr
 
 
 def test_deepspeed_with_a_gradient_method_is_a_one_line_refusal(tmp_path) -> None:
-    """Every rank refuses; torchrun stops the others as soon as one exits, so under load only the first may print.
-    Each line printed is whole (``exit_rank(message=...)`` writes it at once: two ranks' lines once ran together
-    here) and names the cause, and at least one is."""
     pytest.importorskip("deepspeed")
     res = _run_example(tmp_path / "run", "--deepspeed", "2", "--method", "pike", "--steps", "5", check=False)
-    assert res.returncode != 0
-    lines = [line for line in res.stderr.splitlines() if "cannot start:" in line]
-    assert lines and {line.split(":")[0] for line in lines} <= {"rank 0", "rank 1"}, res.stderr[-3000:]
-    for line in lines:
-        assert line.count("cannot start:") == 1, line
+    for line in refusal_lines(res):
         assert "method 'pike' needs gradient statistics, which DeepSpeed hides" in line
 
 

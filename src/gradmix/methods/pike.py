@@ -7,7 +7,7 @@ change of the average loss after one SGD step is bounded by ``sum_k (w_k lam_k +
     kappa_k =  L eta^2 gamma ||grad L_k||^2
     beta    = min_k (1 + c (2 - K - b / b_k)),   gamma = 1 + c_bar (K - 1)
 
-Three named variants (``variant=``), each a set of defaults for the parameters below:
+Four named variants (``variant=``, listed in ``PiKE.variants``), each a set of defaults for the parameters below:
 
 - ``"gradmix"`` (default): the bound itself, minimised on the simplex (``water_filling``, the conceptual form, so the
   self-limiting term kappa_k is kept), fed statistics pooled over updates and shrunk by their standard errors, with
@@ -318,6 +318,7 @@ class PiKE(MixingMethod):
     name: ClassVar[str] = "pike"
     required_stats: ClassVar[frozenset[str]] = frozenset({"grad_sq_norm", "grad_var"})
     recommended_update_interval: ClassVar[int] = 20
+    variants: ClassVar[tuple[str, ...]] = tuple(_VARIANTS)  # the names ``variant=`` accepts
 
     def __init__(
         self,
@@ -351,7 +352,7 @@ class PiKE(MixingMethod):
         if variant is _UNSET:  # ``mode`` alone keeps its meaning from before variants existed
             variant = {"practical": "gradmix_v1", "conceptual": "conceptual"}.get(mode, "gradmix")
         if variant not in _VARIANTS:
-            raise ValueError(f"pike: variant must be one of {tuple(_VARIANTS)}, got {variant!r}")
+            raise ValueError(f"pike: variant must be one of {self.variants}, got {variant!r}")
         defaults = _VARIANTS[variant]
         self.variant = variant
 
