@@ -2,6 +2,8 @@
 
     python benchmarks/bench_pike_toy.py [--seeds 16] [--update-every 10] [--settings NAME,...] [--json PATH]
     python benchmarks/bench_pike_toy.py --random 20 --seeds 8 --no-best-static    (settings it was not chosen on)
+    python benchmarks/bench_pike_toy.py --arms "default mixer" --default-params '{"shrinkage_centre": "median"}'
+                                                                                  (a candidate in the default's place)
 
 For every setting of ``gradmix_kit.pike_toy.suite()`` (K = 2-8 tasks, curvatures and noise levels 10-100x apart,
 b = 4-64, eta from 0.05 to 0.9 of the stability limit, two settings with positive gradient cosines), or with
@@ -76,7 +78,13 @@ def run_arm(seeds: range, build: Callable[[int], ToyRun]) -> tuple[np.ndarray, l
 
 
 def run_setting(
-    setting: ToySetting, seeds: range, every: int, *, best: bool, only: set[str] | None = None
+    setting: ToySetting,
+    seeds: range,
+    every: int,
+    *,
+    best: bool,
+    only: set[str] | None = None,
+    variants: dict[str, dict[str, Any]] = VARIANTS,
 ) -> dict[str, Any]:
     """Every arm (or those in ``only``) on one setting: ratios to uniform (paired by seed), intervals, steps,
     realised shares."""
@@ -97,9 +105,9 @@ def run_setting(
         weights, score = best_static(problem, range(2))
         row["arms"]["best static"] = {"ratio": score / float(np.mean(uniform_exact[:2])), "weights": weights.tolist()}
     arms: list[tuple[str, Callable[[int], ToyRun]]] = [("oracle", exact(lambda: oracle_method(problem), 1))]
-    for label, params in VARIANTS.items():
+    for label, params in variants.items():
         arms.append((f"{label} exact", exact(functools.partial(make_method, "pike", k, **params), every)))
-    for label, params in VARIANTS.items():
+    for label, params in variants.items():
         arms.append((f"{label} mixer", mixer("pike", params)))
     for name, build in arms:
         if only is not None and name not in only:
@@ -144,7 +152,16 @@ def main() -> None:
         help="replace the run arms in this earlier --json result (same settings and seeds; the other arms are kept "
         "as they were: their code did not change) and write it back",
     )
+    parser.add_argument(
+        "--default-params",
+        type=json.loads,
+        default={},
+        help="PiKE parameters (JSON) for the 'default' arms: a candidate screened in the default's place",
+    )
     args = parser.parse_args()
+    if args.default_params and args.update_json:
+        parser.error("--default-params with --update-json would file a candidate's numbers as the default's")
+    variants = {**VARIANTS, "default": dict(args.default_params)}
     only = None if not args.arms else {a.strip() for a in args.arms.split(",")}
     previous: dict[str, Any] | None = None
     if args.update_json:
@@ -160,11 +177,15 @@ def main() -> None:
     seeds = range(args.seeds)
     every = args.update_every
     out: dict[str, Any] = {"seeds": args.seeds, "update_every": every, "settings": []}
+    if args.default_params:
+        out["default_params"] = args.default_params
     columns = ["best static", "oracle"] + [f"{v} exact" for v in VARIANTS] + [f"{v} mixer" for v in VARIANTS]
     print(f"| setting | {' | '.join(columns)} | default mixer: steps to uniform's final (uniform's steps) |")
     print("|" + "---|" * (len(columns) + 2))
     for setting in settings:
-        row = run_setting(setting, seeds, every, best=not args.no_best_static and only is None, only=only)
+        row = run_setting(
+            setting, seeds, every, best=not args.no_best_static and only is None, only=only, variants=variants
+        )
         if previous is not None:
             earlier = next((r for r in previous["settings"] if r["name"] == setting.name), None)
             if earlier is None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gradmix.methods import make_method
-from gradmix.methods.pike import PiKE, shrink_to_mean, water_filling
+from gradmix.methods.pike import PiKE, shrink_to_mean, shrinkage_centre, water_filling
 from gradmix.stats import DomainStats
 from gradmix_kit.pike_toy import ToyProblem, ToySetting, example_2_1_weights, run_exact, run_mixer, suite
 
@@ -90,6 +90,35 @@ def test_shrink_to_mean():
     np.testing.assert_allclose(shrink_to_mean(values, np.full(3, 1e6)), np.full(3, 4.0))  # all noise: the mean
     shrunk = shrink_to_mean(values, np.array([0.0, 0.0, 1.0]))
     assert shrunk[2] == pytest.approx(4.0 + (1 - 1 / 25) * 5.0)
+
+
+def test_shrinkage_centres_of_a_noisy_entry():
+    """One entry at -800 with standard error 1000 beside three precise ones near 35: the plain mean follows the
+    noisy entry below 0, the precision-weighted centre stays with the precise ones, the median sits between."""
+    values = np.array([40.0, 36.0, -800.0, 30.0])
+    variances = np.array([4.0, 4.0, 1e6, 4.0])
+    assert shrinkage_centre(values, variances, "mean") == pytest.approx(-173.5)
+    assert 30.0 <= shrinkage_centre(values, variances, "precision") <= 40.0
+    assert shrinkage_centre(values, variances, "median") == pytest.approx(33.0)
+    assert 30.0 <= shrink_to_mean(values, variances, "precision")[2] <= 40.0
+    assert shrink_to_mean(values, variances)[2] < 0  # the default's prior: the noisy entry pulls its centre along
+    # equal noise: the weighted centre is the plain mean; exact entries: the mean of those
+    assert shrinkage_centre(values, np.full(4, 9.0), "precision") == pytest.approx(float(np.mean(values)))
+    assert shrinkage_centre(values, np.array([0.0, 4.0, 1e6, 0.0]), "precision") == pytest.approx(35.0)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        shrinkage_centre(values, variances, "mode")
+
+
+@pytest.mark.parametrize("centre, low, high", [("mean", 0.0, 0.0), ("precision", 25.0, 45.0)])
+def test_shrinkage_centre_reaches_the_statistics_pike_compares(centre, low, high):
+    """Domain 2's ||g||^2 is measured on 4 examples with a huge variance and reads -3000: under the mean centre it
+    is shrunk to the (negative) mean and clipped to 0, under the precision centre to the precise domains' level."""
+    method = PiKE(4, shrinkage_centre=centre, loss_tilt=0.0)
+    method.update(record([40.0, 36.0, -3000.0, 30.0], [1.0, 1.0, 1e4, 1.0], [4, 4, 4, 4], batch_size=16, step=1))
+    assert method.last_terms is not None
+    assert low <= method.last_terms["grad_sq_norm"][2] <= high
+    with pytest.raises(ValueError, match="shrinkage_centre"):
+        PiKE(4, shrinkage_centre="mode")
 
 
 def test_default_stays_uniform_when_differences_are_within_noise():

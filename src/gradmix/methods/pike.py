@@ -37,7 +37,7 @@ import numpy as np
 from gradmix.methods.base import MixingMethod, normalize_log_weights
 from gradmix.stats import DomainStats, StatsError
 
-__all__ = ["PiKE", "homogeneity_shrinkage", "shrink_to_mean", "water_filling"]
+__all__ = ["PiKE", "homogeneity_shrinkage", "shrink_to_mean", "shrinkage_centre", "water_filling"]
 
 # kappa below this fraction of the problem's scale is treated as exactly 0 (its reciprocal would overflow).
 _KAPPA_ZERO = 1e-280
@@ -45,6 +45,7 @@ _KAPPA_ZERO = 1e-280
 _HARD_LOG_STEP = 1e3
 
 _NORMALIZERS = ("mean_sq_norm", "none")
+_CENTRES = ("mean", "precision", "median")
 _MODES = ("practical", "conceptual")
 
 
@@ -209,16 +210,49 @@ _VARIANTS: dict[str, dict[str, Any]] = {
 _UNSET: Any = object()
 
 
-def shrink_to_mean(values: np.ndarray, variances: np.ndarray) -> np.ndarray:
-    """Pull each entry toward the mean of all entries by its sampling noise (a positive-part James-Stein rule per
-    entry): ``m + max(0, 1 - v_k / (x_k - m)^2) (x_k - m)``. A deviation smaller than its standard error is noise and
-    vanishes; a large one is kept almost whole. Equal estimates stay equal; NaN variances mean "no shrinkage"."""
+def shrinkage_centre(values: np.ndarray, variances: np.ndarray, kind: str = "mean") -> float:
+    """The common value ``shrink_to_mean`` pulls the entries toward. It is a prior on how the domains differ, and
+    the data cannot choose it when a few examples per domain are all there is (BENCHMARKS.md, the sixth round):
+
+    - ``"mean"``: the plain mean. A noisy entry pulls the centre with it, toward its own true value if that is large
+      (a slow, noisy domain keeps some of its gain) and toward 0 if its noise is negative.
+    - ``"precision"``: a random-effects mean, entry k weighted by ``1 / (v_k + tau^2)`` with the between-entry
+      variance tau^2 from DerSimonian-Laird; entries with variance 0 or NaN count as exact (the centre is their
+      mean when there are any). Noisy entries barely move it: right when they resemble the precise ones.
+    - ``"median"``: robust to the extremes, between the two.
+    """
+    if kind == "mean":
+        return float(np.mean(values))
+    if kind == "median":
+        return float(np.median(values))
+    if kind != "precision":
+        raise ValueError(f"shrinkage_centre: kind must be one of {_CENTRES}, got {kind!r}")
+    with np.errstate(all="ignore"):
+        noise = np.nan_to_num(variances, nan=0.0)
+        exact = ~(noise > 0)
+        if np.any(exact):
+            return float(np.mean(values[exact]))
+        weight = 1.0 / noise
+        fixed = float(np.sum(weight * values) / np.sum(weight))
+        heterogeneity = float(np.sum(weight * (values - fixed) ** 2))
+        scale = float(np.sum(weight) - np.sum(weight * weight) / np.sum(weight))
+        between = max(0.0, (heterogeneity - (values.size - 1)) / scale) if scale > 0 else 0.0
+        weight = 1.0 / (noise + between)
+        centre = float(np.sum(weight * values) / np.sum(weight))
+    return centre if math.isfinite(centre) else float(np.mean(values))
+
+
+def shrink_to_mean(values: np.ndarray, variances: np.ndarray, centre: str = "mean") -> np.ndarray:
+    """Pull each entry toward the entries' common value (``shrinkage_centre``, the mean by default) by its sampling
+    noise (a positive-part James-Stein rule per entry): ``m + max(0, 1 - v_k / (x_k - m)^2) (x_k - m)``. A deviation
+    smaller than its standard error is noise and vanishes; a large one is kept almost whole. Equal estimates stay
+    equal; NaN variances mean "no shrinkage"."""
     with np.errstate(all="ignore"):  # extreme statistics: overflow falls back to the unshrunk values below
-        centre = float(np.mean(values))
-        deviation = values - centre
+        middle = shrinkage_centre(values, variances, centre)
+        deviation = values - middle
         keep = np.maximum(0.0, 1.0 - np.nan_to_num(variances, nan=0.0) / (deviation * deviation))
         keep = np.where(deviation == 0, 0.0, np.nan_to_num(keep, nan=0.0))
-        shrunk = centre + keep * deviation
+        shrunk = middle + keep * deviation
     return np.where(np.isfinite(shrunk), shrunk, values)
 
 
@@ -252,7 +286,9 @@ class PiKE(MixingMethod):
     2. **Shrinkage** (``shrinkage=True``): each statistic is pulled toward its mean over the domains by its standard
        error (``shrink_to_mean``). A measuring batch with a few examples per domain gives estimates whose noise is
        larger than the differences between domains; without this, noise alone moved the mix (and a positive noise
-       draw of a noisy domain's ||g||^2 gave it most of the batch).
+       draw of a noisy domain's ||g||^2 gave it most of the batch). The centre is a prior the data cannot choose at
+       a few examples per domain (``shrinkage_centre``: ``"mean"``, the default, or ``"precision"`` or
+       ``"median"``); the mean keeps the toy family's best suite and worst case (BENCHMARKS.md, the sixth round).
     3. **The bound, minimised** (``mode="conceptual"``): water-filling of Thm 3.4 with the self-limiting term
        kappa_k, which Algorithm 1 drops (without it, nothing but a floor stops the drift onto one task). Only the
        product L*eta matters; it is unknown in real training, so the solution is averaged over
@@ -333,6 +369,7 @@ class PiKE(MixingMethod):
         min_weight: float = 0.0,
         max_log_step: float | None = _UNSET,
         shrinkage: bool = _UNSET,
+        shrinkage_centre: str = "mean",
         uniform_mix: float = _UNSET,
         lr_smoothness: float | Sequence[float] | None = _UNSET,
         loss_tilt: float = _UNSET,
@@ -380,6 +417,9 @@ class PiKE(MixingMethod):
         step_cap = pick("max_log_step", max_log_step)
         self.max_log_step = None if step_cap is None else _positive_float(step_cap, "max_log_step")
         self.shrinkage = bool(pick("shrinkage", shrinkage))
+        if shrinkage_centre not in _CENTRES:
+            raise ValueError(f"pike: shrinkage_centre must be one of {_CENTRES}, got {shrinkage_centre!r}")
+        self.shrinkage_centre = shrinkage_centre
         mix = float(pick("uniform_mix", uniform_mix))
         if not (math.isfinite(mix) and 0.0 <= mix <= 1.0):
             raise ValueError(f"pike: uniform_mix must be in [0, 1], got {uniform_mix!r}")
@@ -559,8 +599,9 @@ class PiKE(MixingMethod):
         var_noise_out = self._ema_var_noise if beta > 0 else var_noise
         self._last_noise = (sq_noise_out.copy(), var_noise_out.copy())
         if self.shrinkage and int(compared.sum()) > 1:
-            sq_out[compared] = np.maximum(shrink_to_mean(sq_out[compared], sq_noise_out[compared]), 0.0)
-            var_out[compared] = np.maximum(shrink_to_mean(var_out[compared], var_noise_out[compared]), 0.0)
+            centre = self.shrinkage_centre
+            sq_out[compared] = np.maximum(shrink_to_mean(sq_out[compared], sq_noise_out[compared], centre), 0.0)
+            var_out[compared] = np.maximum(shrink_to_mean(var_out[compared], var_noise_out[compared], centre), 0.0)
         return sq_out, var_out
 
     def _update(self, stats: DomainStats) -> np.ndarray | None:
