@@ -214,8 +214,8 @@ def shrinkage_centre(values: np.ndarray, variances: np.ndarray, kind: str = "mea
     """The common value ``shrink_to_mean`` pulls the entries toward. It is a prior on how the domains differ, and
     the data cannot choose it when a few examples per domain are all there is (BENCHMARKS.md, the sixth round):
 
-    - ``"mean"``: the plain mean. A noisy entry pulls the centre with it, toward its own true value if that is large
-      (a slow, noisy domain keeps some of its gain) and toward 0 if its noise is negative.
+    - ``"mean"``: the plain mean. A noisy entry pulls the centre toward its own estimate: up where that domain's
+      value really is large (a slow, noisy domain keeps some of its gain), below 0 where its noise is negative.
     - ``"precision"``: a random-effects mean, entry k weighted by ``1 / (v_k + tau^2)`` with the between-entry
       variance tau^2 from DerSimonian-Laird; entries with variance 0 or NaN count as exact (the centre is their
       mean when there are any). Noisy entries barely move it: right when they resemble the precise ones.
@@ -283,12 +283,13 @@ class PiKE(MixingMethod):
        ||grad L_k||^2 and sigma_k^2, together with the EMA's sampling variance, from the examples each estimate used:
        Var ||g||^2-hat ~ 2 s^2 / (n (n-1)) + 4 ||g||^2 s / n and Var s-hat ~ 2 s^2 / (n - 1) (s = sigma^2; exact for
        Gaussian gradients of rank one, an upper bound otherwise, so the method errs toward uniform).
-    2. **Shrinkage** (``shrinkage=True``): each statistic is pulled toward its mean over the domains by its standard
-       error (``shrink_to_mean``). A measuring batch with a few examples per domain gives estimates whose noise is
-       larger than the differences between domains; without this, noise alone moved the mix (and a positive noise
-       draw of a noisy domain's ||g||^2 gave it most of the batch). The centre is a prior the data cannot choose at
-       a few examples per domain (``shrinkage_centre``: ``"mean"``, the default, or ``"precision"`` or
-       ``"median"``); the mean keeps the toy family's best suite and worst case (BENCHMARKS.md, the sixth round).
+    2. **Shrinkage** (``shrinkage=True``): each statistic is pulled toward a common value over the domains (their
+       mean by default) by its standard error (``shrink_to_mean``). A measuring batch with a few examples per
+       domain gives estimates whose noise is larger than the differences between domains; without this, noise alone
+       moved the mix (and a positive noise draw of a noisy domain's ||g||^2 gave it most of the batch). The centre
+       is a prior the data cannot choose at a few examples per domain (``shrinkage_centre``: ``"mean"``, the
+       default, or ``"precision"`` or ``"median"``); the mean keeps the toy family's worst case lowest
+       (BENCHMARKS.md, the sixth round).
     3. **The bound, minimised** (``mode="conceptual"``): water-filling of Thm 3.4 with the self-limiting term
        kappa_k, which Algorithm 1 drops (without it, nothing but a floor stops the drift onto one task). Only the
        product L*eta matters; it is unknown in real training, so the solution is averaged over
