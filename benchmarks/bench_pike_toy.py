@@ -4,6 +4,8 @@
     python benchmarks/bench_pike_toy.py --random 20 --seeds 8 --no-best-static    (settings it was not chosen on)
     python benchmarks/bench_pike_toy.py --arms "default mixer" --default-params '{"shrinkage_centre": "median"}'
                                                                                   (a candidate in the default's place)
+    python benchmarks/bench_pike_toy.py --arms "default mixer" --probe-every 1    (measure every step: how much of
+                                                                                  the gap is estimation noise)
 
 For every setting of ``gradmix_kit.pike_toy.suite()`` (K = 2-8 tasks, curvatures and noise levels 10-100x apart,
 b = 4-64, eta from 0.05 to 0.9 of the stability limit, two settings with positive gradient cosines), or with
@@ -85,6 +87,7 @@ def run_setting(
     best: bool,
     only: set[str] | None = None,
     variants: dict[str, dict[str, Any]] = VARIANTS,
+    probe_every: int | None = None,
 ) -> dict[str, Any]:
     """Every arm (or those in ``only``) on one setting: ratios to uniform (paired by seed), intervals, steps,
     realised shares."""
@@ -95,11 +98,13 @@ def run_setting(
     def exact(make: Callable[[], MixingMethod], interval_steps: int) -> Callable[[int], ToyRun]:
         return lambda seed: run_exact(problem, make(), seed=seed, update_every=interval_steps)
 
-    def mixer(method: str, params: dict[str, Any]) -> Callable[[int], ToyRun]:
-        return lambda seed: run_mixer(problem, method, seed=seed, update_every=every, method_params=params)
+    def mixer(method: str, params: dict[str, Any], measure: int | None = probe_every) -> Callable[[int], ToyRun]:
+        return lambda seed: run_mixer(
+            problem, method, seed=seed, update_every=every, method_params=params, probe_every=measure
+        )
 
     uniform_exact, uniform_curves, _ = run_arm(seeds, exact(lambda: make_method("uniform", k), every))
-    uniform_mixer, uniform_mixer_curves, _ = run_arm(seeds, mixer("uniform", {}))
+    uniform_mixer, uniform_mixer_curves, _ = run_arm(seeds, mixer("uniform", {}, None))
     row: dict[str, Any] = {"name": setting.name, "setting": setting.__dict__, "arms": {}}
     if best:
         weights, score = best_static(problem, range(2))
@@ -158,9 +163,17 @@ def main() -> None:
         default={},
         help="PiKE parameters (JSON) for the 'default' arms: a candidate screened in the default's place",
     )
+    parser.add_argument(
+        "--probe-every",
+        type=int,
+        help="steps between the Mixer arms' gradient measurements (default: the Mixer's own choice); 1 measures "
+        "every step, which shows how much of a gap is estimation noise",
+    )
     args = parser.parse_args()
-    if args.default_params and args.update_json:
-        parser.error("--default-params with --update-json would file a candidate's numbers as the default's")
+    if (args.default_params or args.probe_every) and args.update_json:
+        parser.error(
+            "--default-params or --probe-every with --update-json would file a candidate's numbers as the default's"
+        )
     variants = {**VARIANTS, "default": dict(args.default_params)}
     only = None if not args.arms else {a.strip() for a in args.arms.split(",")}
     previous: dict[str, Any] | None = None
@@ -179,12 +192,20 @@ def main() -> None:
     out: dict[str, Any] = {"seeds": args.seeds, "update_every": every, "settings": []}
     if args.default_params:
         out["default_params"] = args.default_params
+    if args.probe_every:
+        out["probe_every"] = args.probe_every
     columns = ["best static", "oracle"] + [f"{v} exact" for v in VARIANTS] + [f"{v} mixer" for v in VARIANTS]
     print(f"| setting | {' | '.join(columns)} | default mixer: steps to uniform's final (uniform's steps) |")
     print("|" + "---|" * (len(columns) + 2))
     for setting in settings:
         row = run_setting(
-            setting, seeds, every, best=not args.no_best_static and only is None, only=only, variants=variants
+            setting,
+            seeds,
+            every,
+            best=not args.no_best_static and only is None,
+            only=only,
+            variants=variants,
+            probe_every=args.probe_every,
         )
         if previous is not None:
             earlier = next((r for r in previous["settings"] if r["name"] == setting.name), None)
