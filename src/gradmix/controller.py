@@ -61,7 +61,9 @@ class MixerConfig:
 
     update_every: optimizer steps between method updates (PiKE's T0, DGA's T_r).
     warmup_steps: steps before the first update (weights stay at the method's initial weights).
-    probe_every: steps between gradient measurements; default = update_every.
+    probe_every: steps between gradient measurements; default (None): ``auto_probe_every``, one measuring step per
+        update unless a batch holds fewer examples per domain than the method wants. 1 measures every step: less
+        estimator noise at the cost of a measuring step each step (BENCHMARKS.md, PiKE's seventh round).
     accumulation_steps: micro-batches per optimizer step; batch_size stays the examples per optimizer step.
     mix_unit: ``"examples"`` (default): weights are shares of the examples drawn. ``"tokens"``: weights are target
         shares of the real tokens drawn (``count_tokens``: unpadded, unmasked): the sampler draws examples with

@@ -47,8 +47,9 @@ class Schedule:
 
     update_every: optimizer steps between method updates (PiKE's T0, DGA's T_r).
     warmup_steps: steps before the first update (weights stay at the method's initial weights).
-    probe_every: steps between gradient measurements; default = update_every (measure on the step that ends each
-        interval). Smaller values average several measurements into one update (less estimator noise, more cost).
+    probe_every: steps between gradient measurements; None = update_every here (measure on the step that ends each
+        interval; ``MixingCore`` replaces None by ``auto_probe_every``). Smaller values average several
+        measurements into one update (less estimator noise, more cost).
     log_every: steps between metrics records.
     accumulation_steps: micro-batches per optimizer step (the loop's gradient accumulation).
     """
