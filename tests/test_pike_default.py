@@ -193,6 +193,18 @@ def test_default_beats_uniform_through_the_mixer_where_the_bound_is_informative(
         assert default < 0.9 * uniform, (seed, default / uniform)
 
 
+def test_realised_final_loss_is_the_expected_one_without_noise():
+    """``ToyRun.final`` is the population loss at the parameters the run ended with: with no data noise the
+    dynamics are deterministic, so it must equal the propagated expectation, on both paths."""
+    warnings.simplefilter("ignore")
+    problem = ToyProblem(ToySetting("quiet", (1.0, 5.0), (0.0, 0.0), batch_size=8, steps=60))
+    exact = run_exact(problem, make_method("uniform", 2), seed=0, update_every=10)
+    mixer = run_mixer(problem, "uniform", seed=0)
+    assert exact.final == pytest.approx(exact.expected[-1], rel=1e-9)
+    assert mixer.final == pytest.approx(mixer.expected[-1], rel=1e-9)
+    assert exact.final < 0.5 * exact.expected[0]  # it trained: the check compares a moved theta
+
+
 def test_run_exact_counts_follow_the_method():
     problem = ToyProblem(ToySetting("t", (1.0, 1.0), (0.1, 10.0), batch_size=16, steps=200))
     run = run_exact(problem, make_method("pike", 2), seed=0, update_every=10)

@@ -191,11 +191,17 @@ MethodFactory = Callable[[ToyProblem], MixingMethod]
 
 @dataclass
 class ToyRun:
-    """One run: the expected average loss after every step, the examples drawn per task, the method's weights."""
+    """One run: the expected average loss after every step, the examples drawn per task, the method's weights, and
+    the average population loss of the parameters the run ended with.
+
+    ``expected`` averages the data noise out as if it were independent of the counts. A method that reacts to the
+    state the noise left (more weight to a task whose parameter drifted) makes the counts depend on it, and that
+    benefit is invisible to ``expected``; ``final`` keeps it (unbiased, but noisy: compare means over many seeds)."""
 
     expected: np.ndarray  # (steps + 1,) E[L(theta_t)] given the per-step counts this run drew (noise averaged out)
     counts: np.ndarray  # (K,) examples drawn per task
     weights: np.ndarray  # (updates + 1, K) the method's weights after each update (row 0 = initial)
+    final: float  # (1/K) sum_k L_k(theta_T) at the realised theta_T (the population loss: x has mean 0)
 
 
 def _estimates(
@@ -264,7 +270,8 @@ def run_exact(
         if due:
             sampler.set_weights(method.update(stats))
             history.append(method.weights)
-    return ToyRun(problem.expected_losses(per_step), per_step.sum(axis=0), np.asarray(history))
+    final = float(np.mean(problem.task_losses(theta)))
+    return ToyRun(problem.expected_losses(per_step), per_step.sum(axis=0), np.asarray(history), final)
 
 
 def run_static(problem: ToyProblem, weights: np.ndarray, *, seed: int) -> ToyRun:
@@ -377,7 +384,9 @@ def run_mixer(
         mixer.step()
         if not np.array_equal(before, mixer.weights) or step % update_every == 0:
             history.append(mixer.weights)
-    return ToyRun(problem.expected_losses(per_step), per_step.sum(axis=0), np.asarray(history))
+    theta = model.get_parameter("weight").detach().numpy()[0]
+    final = float(np.mean(problem.task_losses(theta)))
+    return ToyRun(problem.expected_losses(per_step), per_step.sum(axis=0), np.asarray(history), final)
 
 
 def suite() -> list[ToySetting]:
