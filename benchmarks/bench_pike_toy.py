@@ -36,6 +36,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -76,13 +77,24 @@ def steps_to(curves: list[np.ndarray], level: float) -> int | None:
     return int(above[-1]) + 1 if above[-1] + 1 < len(mean) else None
 
 
-def run_arm(
-    seeds: range, build: Callable[[int], ToyRun]
-) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
+@dataclass
+class Arm:
+    """One arm's runs over the seeds: the scores, the curves, the realised shares and the realised final losses."""
+
+    finals: np.ndarray  # E[L(theta_T)] given the counts, per seed (the score)
+    curves: list[np.ndarray]
+    shares: np.ndarray
+    realised: np.ndarray  # the population loss at theta_T, per seed
+
+
+def run_arm(seeds: range, build: Callable[[int], ToyRun]) -> Arm:
     runs = [build(seed) for seed in seeds]
-    finals = np.array([r.expected[-1] for r in runs])
-    shares = np.mean([r.counts / r.counts.sum() for r in runs], axis=0)
-    return finals, [r.expected for r in runs], shares, np.array([r.final for r in runs])
+    return Arm(
+        finals=np.array([r.expected[-1] for r in runs]),
+        curves=[r.expected for r in runs],
+        shares=np.mean([r.counts / r.counts.sum() for r in runs], axis=0),
+        realised=np.array([r.final for r in runs]),
+    )
 
 
 def realised_ratio(arm: np.ndarray, baseline: np.ndarray) -> tuple[float, float]:
@@ -117,20 +129,17 @@ def run_setting(
             problem, method, seed=seed, update_every=every, method_params=params, probe_every=measure
         )
 
-    uniform_exact, uniform_curves, _, uniform_exact_real = run_arm(
-        seeds, exact(lambda: make_method("uniform", k), every)
-    )
-    # the Mixer arms' baseline, run only when a Mixer arm is (it is the slow part of an exact-arms-only run)
-    any_mixer = only is None or any(name.endswith("mixer") for name in only)
-    uniform_mixer, uniform_mixer_curves, _, uniform_mixer_real = (
-        run_arm(seeds, mixer("uniform", {}, None))
-        if any_mixer
-        else (uniform_exact, uniform_curves, None, uniform_exact_real)
-    )
+    # uniform on each path; the Mixer's only when a Mixer arm runs (it is the slow part of an exact-arms-only run)
+    uniform = {"exact": run_arm(seeds, exact(lambda: make_method("uniform", k), every))}
+    if only is None or any(name.endswith("mixer") for name in only):
+        uniform["mixer"] = run_arm(seeds, mixer("uniform", {}, None))
     row: dict[str, Any] = {"name": setting.name, "setting": setting.__dict__, "arms": {}}
     if best:
         weights, score = best_static(problem, range(2))
-        row["arms"]["best static"] = {"ratio": score / float(np.mean(uniform_exact[:2])), "weights": weights.tolist()}
+        row["arms"]["best static"] = {
+            "ratio": score / float(np.mean(uniform["exact"].finals[:2])),
+            "weights": weights.tolist(),
+        }
     arms: list[tuple[str, Callable[[int], ToyRun]]] = [("oracle", exact(lambda: oracle_method(problem), 1))]
     for label, params in variants.items():
         arms.append((f"{label} exact", exact(functools.partial(make_method, "pike", k, **params), every)))
@@ -139,18 +148,16 @@ def run_setting(
     for name, build in arms:
         if only is not None and name not in only:
             continue
-        finals, curves, shares, real = run_arm(seeds, build)
-        on_mixer = name.endswith("mixer")
-        baseline = uniform_mixer if on_mixer else uniform_exact
-        mean, half = interval(finals / baseline)
-        real_ratio, real_half = realised_ratio(real, uniform_mixer_real if on_mixer else uniform_exact_real)
-        reference = uniform_mixer_curves if on_mixer else uniform_curves
+        arm = run_arm(seeds, build)
+        baseline = uniform["mixer" if name.endswith("mixer") else "exact"]
+        mean, half = interval(arm.finals / baseline.finals)
+        real_ratio, real_half = realised_ratio(arm.realised, baseline.realised)
         row["arms"][name] = {
             "ratio": mean,
             "ci95": half,
-            "per_seed": (finals / baseline).tolist(),
-            "steps_to_uniform_final": steps_to(curves, float(np.mean([c[-1] for c in reference]))),
-            "realised_shares": shares.tolist(),
+            "per_seed": (arm.finals / baseline.finals).tolist(),
+            "steps_to_uniform_final": steps_to(arm.curves, float(np.mean([c[-1] for c in baseline.curves]))),
+            "realised_shares": arm.shares.tolist(),
             "realised_final_ratio": real_ratio,
             "realised_final_ci95": real_half,
         }
