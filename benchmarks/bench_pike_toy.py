@@ -182,7 +182,8 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument(
         "--arms",
-        help="comma-separated arms to run (default: all), e.g. 'default mixer' after a change to the default alone",
+        help="comma-separated arms to run (default: all), e.g. 'default mixer' after a change to the default alone, "
+        "or 'best static' for the room a static mix leaves on a random draw",
     )
     parser.add_argument(
         "--update-json",
@@ -237,7 +238,7 @@ def main() -> None:
             setting,
             seeds,
             every,
-            best=not args.no_best_static and only is None,
+            best=not args.no_best_static and (only is None or "best static" in only),
             only=only,
             variants=variants,
             probe_every=args.probe_every,
@@ -254,24 +255,30 @@ def main() -> None:
             f"{row['arms'][c]['ratio']:.2f} ± {row['arms'][c]['ci95']:.2f}" if c in row["arms"] else "-"
             for c in columns[1:]
         ]
-        reach = row["arms"].get("default mixer", {}).get("steps_to_uniform_final")
-        text.append(f"{'-' if reach is None else reach} ({setting.steps})")
-        realised = row["arms"].get("default mixer")
-        text.append(
-            "-"
-            if realised is None or "realised_final_ratio" not in realised
-            else f"{realised['realised_final_ratio']:.2f} ± {realised['realised_final_ci95']:.2f}"
-        )
+        default_mixer = row["arms"].get("default mixer")
+        if default_mixer is None:
+            text += ["not run", "not run"]
+        else:
+            reach = default_mixer.get("steps_to_uniform_final")
+            text.append(f"{'-' if reach is None else reach} ({setting.steps})")
+            text.append(
+                f"{default_mixer['realised_final_ratio']:.2f} ± {default_mixer['realised_final_ci95']:.2f}"
+                if "realised_final_ratio" in default_mixer
+                else "-"
+            )
         print(f"| {setting.name} | {' | '.join(text)} |", flush=True)
     ratios = np.array([r["arms"]["default mixer"]["ratio"] for r in out["settings"] if "default mixer" in r["arms"]])
-    if not ratios.size:
-        ratios = np.array([math.nan])
-    out["default_mixer_mean_ratio"] = float(ratios.mean())
-    out["default_mixer_max_ratio"] = float(ratios.max())
-    print(
-        f"\ndefault through the Mixer: mean ratio {ratios.mean():.3f}, max {ratios.max():.3f} "
-        f"(goal: mean <= 0.90, every setting <= 1.02)"
-    )
+    if ratios.size:
+        out["default_mixer_mean_ratio"] = float(ratios.mean())
+        out["default_mixer_max_ratio"] = float(ratios.max())
+        print(
+            f"\ndefault through the Mixer: mean ratio {ratios.mean():.3f}, max {ratios.max():.3f} "
+            f"(goal: mean <= 0.90, every setting <= 1.02)"
+        )
+    static = np.array([r["arms"]["best static"]["ratio"] for r in out["settings"] if "best static" in r["arms"]])
+    if static.size:
+        out["best_static_mean_ratio"] = float(static.mean())
+        print(f"\nbest static mix in hindsight: mean ratio {static.mean():.3f} (the room a static mix leaves)")
     target = args.json or args.update_json
     if target:
         with open(target, "w") as fh:
