@@ -470,6 +470,7 @@ def test_fair_pike_bad_parameters(params, match):
         ("pike", {"stats_ema": 0.7, "min_weight": 0.02}),
         ("pike", {"mode": "conceptual", "stats_ema": 0.5}),
         ("fair_pike", {"stats_ema": 0.6, "tau": 2.0}),
+        ("pike", {"gain": "loss", "min_examples_per_domain": 0}),
     ],
 )
 def test_state_dict_round_trip_continues_identically(name, params):

@@ -448,3 +448,35 @@ def test_mix_evidence_draws_repeat_on_resume():
     resumed.load_state_dict(json.loads(json.dumps(original.state_dict())))
     for rec in records[6:]:
         np.testing.assert_array_equal(resumed.update(rec), original.update(rec))
+
+
+def test_gain_from_losses_spreads_the_measured_total_by_the_pooled_losses():
+    """``gain="loss"``: equal measured ||grad L_k||^2, losses 4 : 2 : 2 in every record (precise, so nothing is
+    shrunk) - the bound's gain follows the losses, keeps the measured total, and the measured values stay visible."""
+    by_loss = PiKE(3, loss_tilt=0.0, mix_evidence=0.0)  # gain="loss" is the default
+    for step in range(8):
+        by_loss.update(_with_loss(record([1.0, 1.0, 1.0], [0.5] * 3, [32] * 3, batch_size=96, step=step), [4, 2, 2]))
+    terms = by_loss.last_terms
+    assert terms is not None
+    np.testing.assert_allclose(terms["grad_sq_norm"], [1.5, 0.75, 0.75], rtol=1e-9)  # 3 * L_k / sum L
+    np.testing.assert_allclose(terms["measured_grad_sq_norm"], [1.0, 1.0, 1.0], rtol=1e-9)
+    assert by_loss.weights[0] > by_loss.weights[1] == pytest.approx(by_loss.weights[2])
+
+
+def test_gain_from_losses_without_losses_is_the_measured_gain():
+    """No losses in the statistics (a caller that does not report them): the default ``gain="loss"`` has nothing to
+    spread the total by and gives the measured gain's weights exactly."""
+    rng = np.random.default_rng(1)
+    by_loss, measured = PiKE(3, mix_evidence=0.0), PiKE(3, gain="grad_norm", mix_evidence=0.0)
+    for step in range(8):
+        stats = record(rng.uniform(0.5, 3.0, 3), rng.uniform(0.1, 1.0, 3), [32] * 3, batch_size=96, step=step)
+        np.testing.assert_array_equal(by_loss.update(stats), measured.update(stats))
+    assert np.ptp(by_loss.weights) > 0.01  # the mix moved, so the comparison was not uniform against uniform
+    assert by_loss.last_terms is not None and "measured_grad_sq_norm" not in by_loss.last_terms
+
+
+def test_gain_is_checked_and_fair_pike_keeps_the_measured_gain():
+    with pytest.raises(ValueError, match=r"pike: gain must be one of \('grad_norm', 'loss'\), got 'norm'"):
+        PiKE(3, gain="norm")
+    fair = make_method("fair_pike", 3)
+    assert isinstance(fair, PiKE) and fair.gain == "grad_norm"

@@ -63,6 +63,7 @@ class FairPiKE(PiKE):
             raise ValueError(f"fair_pike: tilt_power must be 1 or 2, got {tilt_power!r}")
         # Fair-PiKE's own tilt already scales the gain by the losses; PiKE's horizon tilt is not applied twice.
         pike_params.setdefault("loss_tilt", 0.0)
+        pike_params.setdefault("gain", "grad_norm")  # its gradient terms are the measured ones, tilted by y_k
         # Its mix leans on the losses by design (a fairness objective, not an estimate to be tested against the
         # gradient statistics' noise): PiKE's evidence factor is off unless asked for.
         pike_params.setdefault("mix_evidence", 0.0)

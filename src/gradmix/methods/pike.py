@@ -11,8 +11,9 @@ Four named variants (``variant=``, listed in ``PiKE.variants``), each a set of d
 
 - ``"gradmix"`` (default): the bound itself, minimised on the simplex (``water_filling``, the conceptual form, so the
   self-limiting term kappa_k is kept), fed statistics pooled over updates and shrunk by their standard errors, with
-  the unknown L*eta averaged over a range, the gain tilted by each domain's relative loss, mixed with uniform, and
-  held still when the statistics or the batch have too few examples per domain. See ``PiKE`` for each piece.
+  the unknown L*eta averaged over a range, the gain split between domains by their losses and tilted by them,
+  mixed with uniform, and held still when the statistics or the batch have too few examples per domain. See
+  ``PiKE`` for each piece.
 - ``"paper"``: Algorithm 1 literally: ``w_k <- w_k exp(zeta1 ||grad L_k||^2 - (zeta2 / 2b) sigma_k^2)`` on the raw
   statistics, renormalised; no normaliser, EMA, clip, floor or shrinkage.
 - ``"conceptual"``: the paper's conceptual PiKE: the bound minimised with known constants ``lr`` and ``smoothness``
@@ -47,6 +48,7 @@ _HARD_LOG_STEP = 1e3
 _NORMALIZERS = ("mean_sq_norm", "none")
 _CENTRES = ("mean", "precision", "median")
 _MODES = ("practical", "conceptual")
+_GAINS = ("grad_norm", "loss")
 
 
 def _as_vector(values: Any, what: str) -> np.ndarray:
@@ -182,6 +184,7 @@ _RAW_STATISTICS: dict[str, Any] = {
     "min_batch_per_domain": 0.0,
     "reuse_pooled": False,
     "mix_evidence": 0.0,
+    "gain": "grad_norm",
 }
 _VARIANTS: dict[str, dict[str, Any]] = {
     "gradmix": {
@@ -196,6 +199,7 @@ _VARIANTS: dict[str, dict[str, Any]] = {
         "min_batch_per_domain": 2.0,
         "reuse_pooled": True,
         "mix_evidence": 0.5,
+        "gain": "loss",
     },
     "paper": {**_RAW_STATISTICS, "mode": "practical"},
     "conceptual": {**_RAW_STATISTICS, "mode": "conceptual"},
@@ -315,13 +319,22 @@ class PiKE(MixingMethod):
        loss is what is left at the end (on the toy problem the bound's own per-step optimum with exact statistics
        loses to uniform in 4 of 10 suite settings). The variance term is not tilted: a domain's noise lands on the
        shared parameters and costs every domain. 0 switches it off.
-    7. **Enough examples to compare** (``min_examples_per_domain = 4``, ``min_batch_per_domain = 2``): the
+    7. **The gain split by the losses** (``gain = "loss"``, gradmix's, not the paper's): in the gain and in kappa_k
+       each domain's measured ||grad L_k||^2 is replaced by ``r L_k``, its pooled loss (pooled and tested as for the
+       tilt) times ``r = sum_j ||grad L_j||^2 / sum_j L_j``: the probe's total is kept, its split between domains
+       comes from the losses. Near a minimum ||grad L_k||^2 ~ 2 mu_k L_k (Polyak-Lojasiewicz), so the measured split
+       feeds the sharply curved domains, which converge fast anyway, while a flat domain's loss is what is left at
+       the end; the losses' split reads every domain as equally curved, and a few examples' losses are far less
+       noisy than their squared gradient norms. With the tilt the gain goes as L_k^2. On the toy family it took the
+       worst unseen setting from 1.06x to 1.01x uniform (BENCHMARKS.md, the ninth round). Without losses in the
+       statistics the measured split is used; ``"grad_norm"`` is the paper's.
+    8. **Enough examples to compare** (``min_examples_per_domain = 4``, ``min_batch_per_domain = 2``): the
        statistics of one update are pooled from at least 4 examples per domain - when one batch has fewer, the
        core measures several steps of the interval (``examples_to_measure``; pooled estimates weighted by their
        precision, ``gradmix.stats.pool_measurements``) - and a batch with fewer than 2 examples per domain cannot
        realise a mix finely enough to gain from it (on the toy family moving it there cost up to 1.2x): with
        either short, the weights stay as they are and the method says so once.
-    8. **No frozen domains** (``reuse_pooled = True``): a domain with too few examples in this measurement takes
+    9. **No frozen domains** (``reuse_pooled = True``): a domain with too few examples in this measurement takes
        part with its pooled statistics; before, its weight was frozen, and a domain the noise had pushed low stayed
        low because it was rarely measured again.
 
@@ -380,6 +393,7 @@ class PiKE(MixingMethod):
         loss_tilt_evidence: float = 2.0,
         mix_evidence: float = _UNSET,
         mix_draws: int = 64,
+        gain: str = _UNSET,
         lr: float = _UNSET,
         smoothness: float = _UNSET,
         c: float = 0.0,
@@ -452,6 +466,10 @@ class PiKE(MixingMethod):
         if isinstance(mix_draws, bool) or not isinstance(mix_draws, int) or mix_draws < 2:
             raise ValueError(f"pike: mix_draws must be an integer >= 2, got {mix_draws!r}")
         self.mix_draws = mix_draws
+        gain = pick("gain", gain)
+        if gain not in _GAINS:
+            raise ValueError(f"pike: gain must be one of {_GAINS}, got {gain!r}")
+        self.gain = gain
         # sampling variances of the statistics of this update (after pooling) and of the bound's inputs built on them
         self._last_noise: tuple[np.ndarray, np.ndarray] | None = None
         self._stat_noise: tuple[np.ndarray, np.ndarray] | None = None
@@ -495,18 +513,14 @@ class PiKE(MixingMethod):
         """Per-domain multiplier of the gradient terms (1 for PiKE; loss weights for Fair-PiKE)."""
         return np.ones(self.num_domains)
 
-    def _loss_tilt(self, stats: DomainStats, valid: np.ndarray) -> np.ndarray:
-        """(L_k / mean_j L_j) ** loss_tilt on losses pooled like the gradient statistics (1 where unknown).
-
-        The bound is one step long: it feeds the domain whose loss falls fastest *now*, which a fast domain keeps
-        doing until it has converged anyway, while a slow domain's loss is what is left at the end of training.
-        A domain can lose at most its loss, so its gain is scaled by its loss relative to the mean (a horizon
-        correction; gradmix's, not the paper's). Pooled losses below 0 count as 0; a mean <= 0 (an objective that is
-        not a non-negative loss) switches the tilt off for the update. On text, where most of each loss is
-        irreducible, the ratios stay near 1."""
-        ones = np.ones(self.num_domains)
-        if self.loss_tilt == 0.0 or stats.loss is None:
-            return ones
+    def _pooled_losses(self, stats: DomainStats, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Fold this record's per-domain losses into the pooled state (an EMA like the gradient statistics) and
+        return the pooled losses with their sampling variances, NaN where unknown. Differences between domains count
+        only beyond their noise (per-domain shrinkage and a joint test, ``homogeneity_shrinkage`` with
+        ``loss_tilt_evidence``; five records first); pooled losses below 0 count as 0. None: fewer than two domains
+        known, or no losses in the statistics."""
+        if stats.loss is None:
+            return None
         loss = np.asarray(stats.loss, dtype=np.float64)
         seen = np.isfinite(self._ema_loss)
         fresh = valid & np.isfinite(loss)
@@ -523,22 +537,64 @@ class PiKE(MixingMethod):
         self._loss_spread[has_last] = spread[has_last]
         self._loss_records[fresh] += 1
         self._last_loss[fresh] = loss[fresh]
-        # Differences between domains' losses count only beyond their noise (five records first).
         known = valid & np.isfinite(self._ema_loss) & (self._loss_records >= 5)
         if int(known.sum()) < 2:
-            return ones
+            return None
         losses = self._ema_loss[known]
         noise = self._loss_spread[known] * (1.0 - beta) / (1.0 + beta)
         centre = float(np.mean(losses))
         together = homogeneity_shrinkage(losses, noise, self.loss_tilt_evidence)
-        pooled = centre + together * (shrink_to_mean(losses, noise) - centre)
-        pooled = np.maximum(pooled, 0.0)  # a pooled loss below 0 is estimation noise around a converged one
-        mean = float(np.mean(pooled))
+        pooled = np.full(self.num_domains, np.nan)
+        pooled_noise = np.full(self.num_domains, np.nan)
+        # a pooled loss below 0 is estimation noise around a converged one
+        pooled[known] = np.maximum(centre + together * (shrink_to_mean(losses, noise) - centre), 0.0)
+        pooled_noise[known] = noise
+        return pooled, pooled_noise
+
+    def _loss_tilt(self, pooled: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """(L_k / mean_j L_j) ** loss_tilt on the pooled losses (1 where unknown).
+
+        The bound is one step long: it feeds the domain whose loss falls fastest *now*, which a fast domain keeps
+        doing until it has converged anyway, while a slow domain's loss is what is left at the end of training.
+        A domain can lose at most its loss, so its gain is scaled by its loss relative to the mean (a horizon
+        correction; gradmix's, not the paper's). A mean <= 0 (an objective that is not a non-negative loss)
+        switches the tilt off for the update. On text, where most of each loss is irreducible, the ratios stay
+        near 1."""
+        ones = np.ones(self.num_domains)
+        if self.loss_tilt == 0.0 or pooled is None:
+            return ones
+        losses = pooled[0]
+        known = np.isfinite(losses)
+        mean = float(np.mean(losses[known]))
         if not mean > 0:
             return ones
         tilt = ones.copy()
-        tilt[known] = (pooled / mean) ** self.loss_tilt
+        tilt[known] = (losses[known] / mean) ** self.loss_tilt
         return tilt
+
+    def _gain_from_losses(
+        self,
+        sq_norm: np.ndarray,
+        sq_noise: np.ndarray | None,
+        pooled: tuple[np.ndarray, np.ndarray],
+        valid: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``gain="loss"``: each domain's ||grad L_k||^2 replaced by ``r L_k``, its pooled loss times the common
+        ratio ``r = sum_k ||grad L_k||^2 / sum_k L_k`` (the measured total kept), with the sampling variance
+        ``L_k^2 Var(r) + r^2 Var(L_k)``. Unchanged when a compared domain's loss is unknown or the losses sum to 0."""
+        losses, loss_noise = pooled
+        total = float(np.sum(losses[valid]))
+        if not (np.all(np.isfinite(losses[valid])) and total > 0):
+            return sq_norm, sq_noise
+        ratio = float(np.sum(sq_norm[valid])) / total
+        model = sq_norm.copy()
+        model[valid] = ratio * losses[valid]
+        if sq_noise is None:
+            return model, None
+        ratio_noise = float(np.nansum(sq_noise[valid])) / (total * total)
+        noise = sq_noise.copy()
+        noise[valid] = losses[valid] ** 2 * ratio_noise + ratio * ratio * loss_noise[valid]
+        return model, noise
 
     # -- update --------------------------------------------------------------------------------------------------
     def _batch_size(self, stats: DomainStats) -> float:
@@ -661,7 +717,13 @@ class PiKE(MixingMethod):
                 f"{self.name}: every domain's pooled squared gradient norm is {why}; nothing to compare, update skipped"
             )
             return None
-        loss_tilt = self._loss_tilt(stats, valid)
+        pooled_losses = self._pooled_losses(stats, valid) if self.loss_tilt > 0 or self.gain == "loss" else None
+        loss_tilt = self._loss_tilt(pooled_losses)
+        sq_noise = None if self._last_noise is None else self._last_noise[0]
+        measured_sq_norm = sq_norm
+        if self.gain == "loss" and pooled_losses is not None:
+            sq_norm, sq_noise = self._gain_from_losses(sq_norm, sq_noise, pooled_losses, valid)
+        gain_from_losses = sq_norm is not measured_sq_norm
         domain_tilt = self._domain_tilt(stats, valid)
         tilt = domain_tilt * loss_tilt
         divisor = float(np.mean(sq_norm[valid])) if self.normalize == "mean_sq_norm" else 1.0
@@ -676,12 +738,12 @@ class PiKE(MixingMethod):
             var_stat = np.where(valid, (domain_tilt if self.tilt_variance else 1.0) * var / divisor, 0.0)
             # the sampling variances of the two statistics as they enter the bound (for ``mix_evidence``)
             self._stat_noise = None
-            if self._last_noise is not None and self.mix_evidence > 0:
+            if self._last_noise is not None and sq_noise is not None and self.mix_evidence > 0:
                 var_scale = np.broadcast_to(
                     np.asarray(domain_tilt if self.tilt_variance else 1.0) / divisor, tilt.shape
                 )
                 self._stat_noise = (
-                    np.where(valid, np.square(tilt / divisor) * self._last_noise[0], 0.0),
+                    np.where(valid, np.square(tilt / divisor) * sq_noise, 0.0),
                     np.where(valid, np.square(var_scale) * self._last_noise[1], 0.0),
                 )
         new_log: np.ndarray | None
@@ -698,6 +760,8 @@ class PiKE(MixingMethod):
         self.last_terms["variance_2b"] = np.where(valid, var_stat / (2.0 * b), np.nan)
         if self.loss_tilt > 0:
             self.last_terms["loss_tilt"] = np.where(valid, loss_tilt, np.nan)
+        if gain_from_losses:
+            self.last_terms["measured_grad_sq_norm"] = np.where(valid, measured_sq_norm / divisor, np.nan)
         self._last_tilt = np.where(valid, tilt, np.nan)
         return self._commit(new_log)
 
