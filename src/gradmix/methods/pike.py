@@ -581,19 +581,25 @@ class PiKE(MixingMethod):
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """``gain="loss"``: each domain's ||grad L_k||^2 replaced by ``r L_k``, its pooled loss times the common
         ratio ``r = sum_k ||grad L_k||^2 / sum_k L_k`` (the measured total kept), with the sampling variance
-        ``L_k^2 Var(r) + r^2 Var(L_k)``. Unchanged when a compared domain's loss is unknown or the losses sum to 0."""
+        ``L_k^2 Var(r) + r^2 Var(L_k)``. Unchanged when a compared domain's loss is unknown, the losses sum to 0 or
+        the product overflows."""
         losses, loss_noise = pooled
         total = float(np.sum(losses[valid]))
         if not (np.all(np.isfinite(losses[valid])) and total > 0):
             return sq_norm, sq_noise
-        ratio = float(np.sum(sq_norm[valid])) / total
-        model = sq_norm.copy()
-        model[valid] = ratio * losses[valid]
-        if sq_noise is None:
-            return model, None
-        ratio_noise = float(np.nansum(sq_noise[valid])) / (total * total)
+        with np.errstate(over="ignore", invalid="ignore"):  # extreme statistics fall back below, never warn
+            ratio = float(np.sum(sq_norm[valid])) / total
+            spread = ratio * losses[valid]
+            if not np.all(np.isfinite(spread)):
+                return sq_norm, sq_noise
+            model = sq_norm.copy()
+            model[valid] = spread
+            if sq_noise is None:
+                return model, None
+            ratio_noise = float(np.nansum(sq_noise[valid])) / (total * total)
+            spread_noise = losses[valid] ** 2 * ratio_noise + ratio * ratio * loss_noise[valid]
         noise = sq_noise.copy()
-        noise[valid] = losses[valid] ** 2 * ratio_noise + ratio * ratio * loss_noise[valid]
+        noise[valid] = np.where(np.isnan(spread_noise), np.inf, spread_noise)  # unknown noise counts as unbounded
         return model, noise
 
     # -- update --------------------------------------------------------------------------------------------------
