@@ -1,0 +1,232 @@
+"""How far a mix that plans over a horizon gets on PiKE's toy problem, given what the Mixer is not told (issue #19).
+
+    python benchmarks/bench_pike_horizon.py [--random 20 --random-seed 9001] [--arms "plan H=elapsed"] [--json PATH]
+
+(Slow: every plan re-solves a K-dimensional problem at every update; the suite with all arms took 25 min and a
+random draw of 20 about an hour on one core of a 2-core machine.)
+
+PiKE's bound is one step long. On the unseen draws of the toy family its own per-step optimum (exact statistics,
+true L and eta) loses to uniform in most settings, while a static mix chosen in hindsight gains 15-46%
+(BENCHMARKS.md, the eighth round). This asks what a mix needs to know to take that room. It runs the toy's
+dynamics in expectation (no sampling: the mean and covariance of theta are propagated exactly with fractional
+batch shares w_k; the score of ``bench_pike_toy.py`` without the integer counts), and re-plans the mix every
+``--update-every`` steps from the true state: the w that minimises the average loss predicted ``H`` steps ahead
+if it were held that long. For orthogonal tasks that prediction is closed-form: per task
+``m_k <- rho_k^H m_k + c (1 - rho_k^H) / (1 - rho_k)`` with ``rho_k = (1 - eta a_k w_k)^2`` and
+``c = eta^2 sum_j w_j sigma_j^2 / b`` (with cosines > 0 the planner still uses it; the dynamics it is scored on do
+not). Arms, each relative to uniform (mean ratio over the settings):
+
+- ``best static``: the grid of ``gradmix_kit.pike_toy.best_static`` (w ~ a^p sigma^q), in hindsight.
+- ``plan H=interval``: the horizon is one update interval: about the one-step bound's view.
+- ``plan H=remaining``: the run's true remaining steps (needs the run's length).
+- ``plan H=elapsed``: the steps so far, as a guess at the steps to come (needs nothing the Mixer lacks but eta).
+- ``plan H=elapsed, eta x F``: the same with a wrong step size (F = 0.3 or 3).
+- ``plan H=elapsed, eta = c/L``: eta not known, put at c / max_k a_k (the family's eta runs from 0.1/L to 1.8/L).
+- ``plan H=..., the bound's noise``: the plan charges each step's noise as PiKE's bound does, ``L tr(Sigma)`` for
+  every task (here ``max a x d sigma^2``, up to d L / a_k times the exact ``a_k sigma^2``): what the statistics
+  PiKE measures can say about the noise.
+
+It is an analysis, not a method: every plan reads the true curvatures and parameter moments. Writes a markdown table
+to stdout and the numbers to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+
+from gradmix_kit.pike_toy import ToyProblem, ToySetting, random_settings, suite
+
+
+@dataclass
+class State:
+    """What a policy sees at an update: step t of T, the per-task second moments m_k = E[(u_k^T theta)^2]."""
+
+    step: int
+    steps: int
+    second_moment: np.ndarray
+
+
+Policy = Callable[[ToyProblem, State, np.ndarray], np.ndarray]
+
+
+def predicted_loss(
+    problem: ToyProblem, weights: np.ndarray, moment: np.ndarray, lr: float, horizon: int, bound_noise: bool = False
+) -> float:
+    """Sum of a_k m_k after ``horizon`` steps at fixed ``weights`` (orthogonal tasks, closed form). ``bound_noise``:
+    the noise each step adds to task k's loss is PiKE's bound's ``L tr(Sigma_w)`` (L = max a, tr = d sigma^2)
+    instead of the exact ``a_k sigma^2`` per coordinate."""
+    a = problem.curvature
+    rho = (1.0 - lr * a * weights) ** 2
+    inject = lr * lr * float(weights @ problem.noise_var) / problem.setting.batch_size
+    if bound_noise:
+        inject = inject * problem.smoothness * problem.dim / a
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        decay = rho**horizon
+        accumulated = np.where(np.abs(1.0 - rho) > 1e-12, (1.0 - decay) / (1.0 - rho), float(horizon))
+        total = float(np.sum(a * (decay * moment + inject * accumulated)))
+    return total if np.isfinite(total) else float("inf")
+
+
+def plan(
+    problem: ToyProblem,
+    moment: np.ndarray,
+    lr: float,
+    horizon: int,
+    current: np.ndarray,
+    bound_noise: bool = False,
+) -> np.ndarray:
+    """The simplex point minimising ``predicted_loss`` (softmax parametrisation, L-BFGS from four starts)."""
+
+    def objective(logits: np.ndarray) -> float:
+        w = np.exp(logits - logits.max())
+        return predicted_loss(problem, w / w.sum(), moment, lr, horizon, bound_noise)
+
+    starts = [
+        np.log(np.maximum(current, 1e-12)),
+        np.zeros_like(current),
+        -0.5 * np.log(np.maximum(problem.noise_var, 1e-12)),
+        -0.5 * np.log(problem.curvature),
+    ]
+    best_value, best_logits = float("inf"), starts[1]
+    for start in starts:
+        result = minimize(objective, start, method="L-BFGS-B")
+        if result.fun < best_value:
+            best_value, best_logits = float(result.fun), result.x
+    w = np.exp(best_logits - best_logits.max())
+    return w / w.sum()
+
+
+def static_policy(weights: np.ndarray) -> Policy:
+    return lambda problem, state, current: weights
+
+
+def planning_policy(
+    horizon: Callable[[State], int],
+    lr_factor: float = 1.0,
+    lr_times_smoothness: float | None = None,
+    bound_noise: bool = False,
+) -> Policy:
+    """Plans with eta = ``lr_factor`` x the true one, or, given ``lr_times_smoothness``, eta = that / max_k a_k: a
+    prior on eta from the curvature alone (the default PiKE's L*eta range is centred on 1)."""
+
+    def policy(problem: ToyProblem, state: State, current: np.ndarray) -> np.ndarray:
+        lr = problem.lr * lr_factor if lr_times_smoothness is None else lr_times_smoothness / problem.smoothness
+        return plan(problem, state.second_moment, lr, horizon(state), current, bound_noise)
+
+    return policy
+
+
+def final_loss(problem: ToyProblem, policy: Policy, every: int) -> float:
+    """Expected average loss after the run, the mix re-chosen every ``every`` steps (exact moment propagation)."""
+    u, a = problem.directions, problem.curvature
+    b, lr, steps = problem.setting.batch_size, problem.lr, problem.setting.steps
+    mean, cov = problem.theta0.copy(), np.zeros((problem.dim, problem.dim))
+    weights = np.full(problem.setting.num_tasks, 1.0 / problem.setting.num_tasks)
+
+    def moments() -> np.ndarray:
+        proj = u @ mean
+        return proj * proj + np.einsum("kd,de,ke->k", u, cov, u)
+
+    for t in range(steps):
+        if t % every == 0:
+            weights = policy(problem, State(t, steps, moments()), weights)
+        step = np.eye(problem.dim) - lr * (u.T * (weights * a)) @ u
+        mean = step @ mean
+        cov = step @ cov @ step.T + lr * lr * float(weights @ problem.noise_var) / b * np.eye(problem.dim)
+    return float(np.mean(0.5 * a * moments()))
+
+
+def best_static_ratio(problem: ToyProblem, every: int, uniform: float, grid: int = 7) -> float:
+    sigma = np.sqrt(np.maximum(problem.noise_var, 1e-12))
+    best = uniform
+    for p in np.linspace(-1.5, 1.5, grid):
+        for q in np.linspace(-1.5, 1.5, grid):
+            w = problem.curvature**p * sigma**q
+            best = min(best, final_loss(problem, static_policy(w / w.sum()), every))
+    return best / uniform
+
+
+def arms(every: int) -> dict[str, Callable[[], Policy]]:
+    def elapsed(state: State) -> int:
+        return max(state.step, every)
+
+    return {
+        "plan H=interval": lambda: planning_policy(lambda s: every),
+        "plan H=remaining": lambda: planning_policy(lambda s: s.steps - s.step),
+        "plan H=elapsed": lambda: planning_policy(elapsed),
+        "plan H=elapsed, eta x 0.3": lambda: planning_policy(elapsed, 0.3),
+        "plan H=elapsed, eta x 3": lambda: planning_policy(elapsed, 3.0),
+        "plan H=elapsed, eta = 0.1/L": lambda: planning_policy(elapsed, lr_times_smoothness=0.1),
+        "plan H=elapsed, eta = 0.3/L": lambda: planning_policy(elapsed, lr_times_smoothness=0.3),
+        "plan H=elapsed, the bound's noise": lambda: planning_policy(elapsed, bound_noise=True),
+        "plan H=interval, the bound's noise": lambda: planning_policy(lambda s: every, bound_noise=True),
+    }
+
+
+def run_setting(setting: ToySetting, every: int, columns: list[str]) -> dict[str, float]:
+    problem = ToyProblem(setting)
+    k = setting.num_tasks
+    uniform = final_loss(problem, static_policy(np.full(k, 1.0 / k)), every)
+    row = {}
+    if "best static" in columns:
+        row["best static"] = best_static_ratio(problem, every, uniform)
+    for name, make in arms(every).items():
+        if name in columns:
+            row[name] = final_loss(problem, make(), every) / uniform
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--random", type=int, default=0, help="this many settings of random_settings (0: the suite)")
+    parser.add_argument("--random-seed", type=int, default=123)
+    parser.add_argument("--update-every", type=int, default=10)
+    parser.add_argument("--json")
+    parser.add_argument(
+        "--arms", help="comma-separated arms to run (default: all; each plan re-solves at every update)"
+    )
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")  # L-BFGS probes steps past the stability limit; they score inf and are dropped
+    settings = random_settings(args.random, args.random_seed) if args.random else suite()
+    columns = ["best static", *arms(args.update_every)]
+    if args.arms:
+        wanted = [a.strip() for a in args.arms.split(",")]
+        unknown = sorted(set(wanted) - set(columns))
+        if unknown:
+            parser.error(f"--arms: unknown arm {unknown[0]!r}; the arms are {columns}")
+        columns = [c for c in columns if c in wanted]
+    print(f"| setting | {' | '.join(columns)} |")
+    print("|" + "---|" * (len(columns) + 1))
+    started = time.perf_counter()
+    rows = {}
+    for setting in settings:
+        rows[setting.name] = run_setting(setting, args.update_every, columns)
+        print(f"| {setting.name} | {' | '.join(f'{rows[setting.name][c]:.2f}' for c in columns)} |", flush=True)
+    summary = {
+        c: {"mean": float(np.mean([r[c] for r in rows.values()])), "max": float(np.max([r[c] for r in rows.values()]))}
+        for c in columns
+    }
+    print(
+        "| **mean / max** | "
+        + " | ".join(f"**{summary[c]['mean']:.3f}** / {summary[c]['max']:.2f}" for c in columns)
+        + " |"
+    )
+    print(f"\n{time.perf_counter() - started:.0f} s")
+    if args.json:
+        draw = f"random {args.random_seed}" if args.random else "suite"
+        with open(args.json, "w") as fh:
+            json.dump(
+                {"draw": draw, "update_every": args.update_every, "settings": rows, "summary": summary}, fh, indent=1
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The horizon analysis (benchmarks/bench_pike_horizon.py) plans with a closed-form prediction; it must be the toy's
+own dynamics, or its numbers in BENCHMARKS.md say nothing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_pike_horizon as horizon
+
+from gradmix_kit.pike_toy import ToyProblem, ToySetting
+
+SETTING = ToySetting("t", (1.0, 10.0, 40.0), (0.3, 3.0, 1.0), batch_size=8, lr_fraction=0.6, steps=60)
+
+
+@pytest.mark.parametrize("weights", [(1 / 3, 1 / 3, 1 / 3), (0.7, 0.2, 0.1), (0.05, 0.05, 0.9)])
+def test_the_prediction_is_the_propagated_dynamics(weights):
+    """Held fixed for the whole run, a mix's predicted loss equals the exact moment propagation's final loss."""
+    problem = ToyProblem(SETTING)
+    w = np.array(weights)
+    start = np.einsum("kd,d->k", problem.directions, problem.theta0) ** 2
+    predicted = horizon.predicted_loss(problem, w, start, problem.lr, SETTING.steps) / (2 * SETTING.num_tasks)
+    simulated = horizon.final_loss(problem, horizon.static_policy(w), every=SETTING.steps)
+    assert predicted == pytest.approx(simulated, rel=1e-9)
+
+
+def test_the_plan_beats_every_mix_it_was_offered():
+    """The planner's mix predicts no more loss than uniform or a corner-leaning mix (it minimises the prediction)."""
+    problem = ToyProblem(SETTING)
+    start = np.einsum("kd,d->k", problem.directions, problem.theta0) ** 2
+    chosen = horizon.plan(problem, start, problem.lr, 40, np.full(3, 1 / 3))
+    assert chosen.sum() == pytest.approx(1.0) and np.all(chosen >= 0)
+    best = horizon.predicted_loss(problem, chosen, start, problem.lr, 40)
+    for other in ([1 / 3] * 3, [0.8, 0.1, 0.1], [0.1, 0.1, 0.8]):
+        assert best <= horizon.predicted_loss(problem, np.array(other), start, problem.lr, 40) + 1e-12
