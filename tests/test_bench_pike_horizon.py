@@ -37,3 +37,21 @@ def test_the_plan_beats_every_mix_it_was_offered():
     best = horizon.predicted_loss(problem, chosen, start, problem.lr, 40)
     for other in ([1 / 3] * 3, [0.8, 0.1, 0.1], [0.1, 0.1, 0.8]):
         assert best <= horizon.predicted_loss(problem, np.array(other), start, problem.lr, 40) + 1e-12
+
+
+@pytest.mark.parametrize("bound_noise", [False, True])
+def test_the_prediction_gradient_matches_finite_differences(bound_noise):
+    problem = ToyProblem(SETTING)
+    start = np.einsum("kd,d->k", problem.directions, problem.theta0) ** 2
+    w = np.array([0.5, 0.3, 0.2])
+    _, grad = horizon.predicted_loss_and_grad(problem, w, start, problem.lr, 40, bound_noise)
+    step = 1e-6
+    numeric = [
+        (
+            horizon.predicted_loss(problem, w + step * e, start, problem.lr, 40, bound_noise)
+            - horizon.predicted_loss(problem, w - step * e, start, problem.lr, 40, bound_noise)
+        )
+        / (2 * step)
+        for e in np.eye(3)
+    ]
+    assert grad == pytest.approx(numeric, rel=1e-5, abs=1e-9)
