@@ -55,3 +55,15 @@ def test_the_prediction_gradient_matches_finite_differences(bound_noise):
         for e in np.eye(3)
     ]
     assert grad == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+
+
+def test_the_static_grid_is_the_kits_and_covers_the_simplex_for_few_tasks():
+    """Both benches search the same static mixes: uniform first, the a^p sigma^q lattice, and the simplex at K <= 3."""
+    from gradmix_kit.pike_toy import static_mixes
+
+    three = static_mixes(ToyProblem(SETTING), grid=7)
+    four = static_mixes(ToyProblem(ToySetting("k4", (1.0, 2.0, 3.0, 4.0), (1.0,) * 4)), grid=7)
+    assert len(three) == 1 + 49 + 36 and len(four) == 1 + 49  # 36 simplex points w1 + w2 < 1 on a 0.1 grid
+    for w in three + four:
+        assert w.sum() == pytest.approx(1.0) and np.all(w > 0)
+    assert np.allclose(three[0], 1 / 3) and any(np.allclose(w, [0.1, 0.1, 0.8]) for w in three)

@@ -41,6 +41,7 @@ __all__ = [
     "random_settings",
     "run_exact",
     "run_mixer",
+    "static_mixes",
     "suite",
 ]
 
@@ -278,9 +279,9 @@ def run_static(problem: ToyProblem, weights: np.ndarray, *, seed: int) -> ToyRun
     return run_exact(problem, make_method("fixed", problem.setting.num_tasks, weights=weights), seed=seed)
 
 
-def best_static(problem: ToyProblem, seeds: Sequence[int], grid: int = 7) -> tuple[np.ndarray, float]:
-    """The best static mix in hindsight: a grid over w_k proportional to a_k^p sigma_k^q (p, q in [-1.5, 1.5])
-    and, for K <= 3, over the simplex itself; scored by the mean final loss over ``seeds``."""
+def static_mixes(problem: ToyProblem, grid: int = 7) -> list[np.ndarray]:
+    """The static mixes ``best_static`` chooses from: uniform, w_k proportional to a_k^p sigma_k^q (p, q on a
+    ``grid`` x ``grid`` lattice of [-1.5, 1.5]) and, for K <= 3, the simplex itself in steps of 0.1."""
     k = problem.setting.num_tasks
     candidates = [np.full(k, 1.0 / k)]
     sigma = np.sqrt(np.maximum(problem.noise_var, 1e-12))
@@ -296,6 +297,12 @@ def best_static(problem: ToyProblem, seeds: Sequence[int], grid: int = 7) -> tup
                     candidates.append(np.array([w1, 1 - w1]))
                 elif k == 3 and w1 + w2 < 1:
                     candidates.append(np.array([w1, w2, 1 - w1 - w2]))
+    return candidates
+
+
+def best_static(problem: ToyProblem, seeds: Sequence[int], grid: int = 7) -> tuple[np.ndarray, float]:
+    """The best static mix in hindsight: the best of ``static_mixes``, scored by the mean final loss over ``seeds``."""
+    candidates = static_mixes(problem, grid)
     best_w, best = candidates[0], math.inf
     for w in candidates:
         score = float(np.mean([run_static(problem, w, seed=seed).expected[-1] for seed in seeds]))
