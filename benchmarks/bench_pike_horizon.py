@@ -144,28 +144,21 @@ def planning_policy(
 
 
 def final_loss(problem: ToyProblem, policy: Policy, every: int) -> float:
-    """Expected average loss after the run, the mix re-chosen every ``every`` steps (exact moment propagation)."""
-    u, a = problem.directions, problem.curvature
-    b, lr, steps = problem.setting.batch_size, problem.lr, problem.setting.steps
+    """Expected average loss after the run, the mix re-chosen every ``every`` steps (``ToyProblem.moment_step`` with
+    fractional counts b w_k)."""
+    steps, batch = problem.setting.steps, problem.setting.batch_size
     mean, cov = problem.theta0.copy(), np.zeros((problem.dim, problem.dim))
     weights = np.full(problem.setting.num_tasks, 1.0 / problem.setting.num_tasks)
-
-    def moments() -> np.ndarray:
-        proj = u @ mean
-        return proj * proj + np.einsum("kd,de,ke->k", u, cov, u)
-
     for t in range(steps):
         if t % every == 0:
-            weights = policy(problem, State(t, steps, moments()), weights)
-        step = np.eye(problem.dim) - lr * (u.T * (weights * a)) @ u
-        mean = step @ mean
-        cov = step @ cov @ step.T + lr * lr * float(weights @ problem.noise_var) / b * np.eye(problem.dim)
-    return float(np.mean(0.5 * a * moments()))
+            weights = policy(problem, State(t, steps, problem.second_moments(mean, cov)), weights)
+        mean, cov = problem.moment_step(mean, cov, batch * weights)
+    return float(np.mean(0.5 * problem.curvature * problem.second_moments(mean, cov)))
 
 
 def best_static_ratio(problem: ToyProblem, every: int, uniform: float) -> float:
-    best = min(final_loss(problem, static_policy(w), every) for w in static_mixes(problem))
-    return min(best, uniform) / uniform
+    """Uniform is the first of ``static_mixes``, so the ratio is at most 1."""
+    return min(final_loss(problem, static_policy(w), every) for w in static_mixes(problem)) / uniform
 
 
 def arms(every: int) -> dict[str, Callable[[], Policy]]:

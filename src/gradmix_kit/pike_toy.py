@@ -90,6 +90,7 @@ class ToyProblem:
     noise_var: np.ndarray = field(init=False)  # sigma_k^2 per coordinate
     lr: float = field(init=False)
     theta0: np.ndarray = field(init=False)
+    outer: np.ndarray = field(init=False)  # (K, d, d) a_k u_k u_k^T: task k's Hessian
 
     def __post_init__(self) -> None:
         s = self.setting
@@ -109,6 +110,7 @@ class ToyProblem:
         # theta_0 with u_k^T theta_0 = sqrt(2 L0 / a_k) for every k (directions are linearly independent)
         projections = np.sqrt(2.0 * s.initial_loss / self.curvature)
         self.theta0 = np.linalg.solve(self.directions, projections)
+        self.outer = self.curvature[:, None, None] * self.directions[:, :, None] * self.directions[:, None, :]
 
     @property
     def dim(self) -> int:
@@ -125,26 +127,28 @@ class ToyProblem:
     def grad_sq_norms(self, theta: np.ndarray) -> np.ndarray:
         return (self.curvature * (self.directions @ theta)) ** 2
 
+    def second_moments(self, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+        """E[(u_k^T theta)^2] per task for theta with this mean and covariance (task k's loss is 1/2 a_k times it)."""
+        proj = self.directions @ mean
+        return proj**2 + np.einsum("kd,de,ke->k", self.directions, cov, self.directions)
+
+    def moment_step(self, mean: np.ndarray, cov: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One SGD step in expectation with ``counts`` examples per task (fractional counts allowed): ``m <- A m``,
+        ``P <- A P A^T + (eta/b)^2 sum_k n_k sigma_k^2 I``."""
+        scale = self.lr / self.setting.batch_size
+        step = np.eye(self.dim) - scale * np.tensordot(counts, self.outer, axes=1)
+        return step @ mean, step @ cov @ step.T + scale**2 * float(counts @ self.noise_var) * np.eye(self.dim)
+
     def expected_losses(self, counts: np.ndarray) -> np.ndarray:
         """E[(1/K) sum_k L_k(theta_t)] for t = 0..T given per-step counts (T, K): the mean and covariance of theta
-        propagate exactly (``m <- A m``, ``P <- A P A^T + (eta/b)^2 sum_k n_k sigma_k^2 I``), so the data noise is
-        averaged out and only the mix the method chose is scored."""
-        s = self.setting
+        propagate exactly (``moment_step``), so the data noise is averaged out and only the mix the method chose is
+        scored."""
         mean, cov = self.theta0.copy(), np.zeros((self.dim, self.dim))
-        outer = self.curvature[:, None, None] * self.directions[:, :, None] * self.directions[:, None, :]
         out = np.empty(len(counts) + 1)
-
-        def loss() -> float:
-            proj = self.directions @ mean
-            spread = np.einsum("kd,de,ke->k", self.directions, cov, self.directions)
-            return float(np.mean(0.5 * self.curvature * (proj**2 + spread)))
-
-        out[0] = loss()
+        out[0] = float(np.mean(0.5 * self.curvature * self.second_moments(mean, cov)))
         for t, n in enumerate(counts, start=1):
-            step = np.eye(self.dim) - (self.lr / s.batch_size) * np.tensordot(n, outer, axes=1)
-            mean = step @ mean
-            cov = step @ cov @ step.T + (self.lr / s.batch_size) ** 2 * float(n @ self.noise_var) * np.eye(self.dim)
-            out[t] = loss()
+            mean, cov = self.moment_step(mean, cov, n)
+            out[t] = float(np.mean(0.5 * self.curvature * self.second_moments(mean, cov)))
         return out
 
     def grad_vars(self) -> np.ndarray:
