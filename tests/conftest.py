@@ -18,6 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# CI replays the same examples on every run (a red CI must be reproducible); a local run explores new ones.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # `threads = "auto"` (the configs' default) follows the machine's load; the tests compare runs bit for bit, so they
 # pin what "auto" means (gradmix_kit.experiment.threads; tests/test_threads.py unsets it where it tests "auto")

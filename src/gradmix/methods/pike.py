@@ -124,6 +124,21 @@ def water_filling(lam: Any, kappa: Any) -> np.ndarray:
             total = weights.sum()
             return weights / total if total > 0 else np.where(tied, 1.0 / int(tied.sum()), 0.0)
     weights[positive] = np.maximum(0.0, (level - lam[positive]) / kappa[positive])
+    return _relevel(weights, kappa)
+
+
+def _relevel(weights: np.ndarray, kappa: np.ndarray) -> np.ndarray:
+    """Make the weights sum to 1 by moving the water level, not by rescaling.
+
+    Rounding leaves ``sum(w) = 1 + eps``; with a tiny kappa_k that eps can be large (``(t - lam_k) / kappa_k``
+    cancels). Dividing by the sum would move every active marginal ``lam_k + kappa_k w_k`` by ``kappa_k w_k eps``:
+    unequal, so the KKT condition breaks at a large kappa. Moving the level by d instead adds ``d / kappa_k`` to each
+    active weight, which shifts every active marginal by the same d; the residual lands where it costs least.
+    """
+    active = weights > 0
+    inv_kappa = 1.0 / kappa[active]
+    residual = 1.0 - float(weights.sum())
+    weights[active] = np.maximum(0.0, weights[active] + residual * inv_kappa / inv_kappa.sum())
     return weights / weights.sum()
 
 
