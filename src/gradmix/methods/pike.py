@@ -136,9 +136,9 @@ def _relevel(weights: np.ndarray, kappa: np.ndarray) -> np.ndarray:
     active weight, which shifts every active marginal by the same d; the residual lands where it costs least.
     """
     active = weights > 0
-    inv_kappa = 1.0 / kappa[active]
+    relative = kappa[active].min() / kappa[active]  # 1/kappa_k up to a factor, in (0, 1]: no overflow at kappa ~ 1e-280
     residual = 1.0 - float(weights.sum())
-    weights[active] = np.maximum(0.0, weights[active] + residual * inv_kappa / inv_kappa.sum())
+    weights[active] = np.maximum(0.0, weights[active] + residual * relative / relative.sum())
     return weights / weights.sum()
 
 
