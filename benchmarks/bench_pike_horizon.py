@@ -42,8 +42,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
+from scipy.stats import t as t_dist
 
-from gradmix_kit.pike_toy import ToyProblem, ToySetting, random_settings, static_mixes, suite
+from gradmix.methods.base import MixingMethod
+from gradmix.stats import DomainStats
+from gradmix_kit.pike_toy import ToyProblem, ToySetting, random_settings, run_exact, run_static, static_mixes, suite
 
 
 @dataclass
@@ -178,11 +181,50 @@ def arms(every: int) -> dict[str, Callable[[], Policy]]:
     }
 
 
-def run_setting(setting: ToySetting, every: int, columns: list[str]) -> dict[str, float]:
+SAMPLED, SAMPLED_REALISED = "sampled plan H=elapsed", "sampled plan H=elapsed (realised)"
+
+
+class RealisedStatePlan(MixingMethod):
+    """``plan H=elapsed`` run on one sampled trajectory (``run_exact``: integer counts from ``MixtureSampler``, the
+    data noise drawn): at each update it plans from the realised theta, read off the exact task losses
+    (``m_k = 2 L_k / a_k``; no covariance, the state is known). Whether the mean-field plan's gain survives the
+    noise of one run and the sampler's rounding, before any statistic is estimated. Not a method: it reads the
+    true curvatures, step size and noise levels."""
+
+    name = "plan (realised state)"
+    required_stats = frozenset({"loss"})
+
+    def __init__(self, problem: ToyProblem, every: int) -> None:
+        super().__init__(problem.setting.num_tasks)
+        self.problem, self.every = problem, every
+
+    def _update(self, stats: DomainStats) -> np.ndarray:
+        moment = 2.0 * np.asarray(stats.loss) / self.problem.curvature
+        return plan(self.problem, moment, self.problem.lr, max(stats.step, self.every), self.weights)
+
+
+def sampled_ratios(setting: ToySetting, every: int, seeds: int) -> dict[str, float]:
+    """``RealisedStatePlan`` against uniform on the same seeds (common random numbers): the ratio of mean final
+    expected losses given the counts (``bench_pike_toy``'s score) and of mean realised final losses, each with the
+    95% t half-width of the paired per-seed difference over uniform's mean (``... ci95``)."""
+    problem = ToyProblem(setting)
+    k = setting.num_tasks
+    uniform = [run_static(problem, np.full(k, 1.0 / k), seed=s) for s in range(seeds)]
+    planned = [run_exact(problem, RealisedStatePlan(problem, every), seed=s, update_every=every) for s in range(seeds)]
+    out = {}
+    for name, score in ((SAMPLED, lambda r: r.expected[-1]), (SAMPLED_REALISED, lambda r: r.final)):
+        arm, base = np.array([score(r) for r in planned]), np.array([score(r) for r in uniform])
+        half = t_dist.ppf(0.975, seeds - 1) * np.std(arm - base, ddof=1) / np.sqrt(seeds) if seeds > 1 else np.nan
+        out[name] = float(arm.mean() / base.mean())
+        out[f"{name} ci95"] = float(half / base.mean())
+    return out
+
+
+def run_setting(setting: ToySetting, every: int, columns: list[str], sampled_seeds: int = 0) -> dict[str, float]:
     problem = ToyProblem(setting)
     k = setting.num_tasks
     uniform = final_loss(problem, static_policy(np.full(k, 1.0 / k)), every)
-    row = {}
+    row = sampled_ratios(setting, every, sampled_seeds) if sampled_seeds else {}
     if "best static" in columns:
         row["best static"] = best_static_ratio(problem, every, uniform)
     for name, make in arms(every).items():
@@ -200,6 +242,12 @@ def main() -> None:
     parser.add_argument(
         "--arms", help="comma-separated arms to run (default: all; each plan re-solves at every update)"
     )
+    parser.add_argument(
+        "--sampled-seeds",
+        type=int,
+        default=0,
+        help="also run 'plan H=elapsed' on this many sampled trajectories per setting (RealisedStatePlan)",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # L-BFGS probes steps past the stability limit; they score inf and are dropped
     settings = random_settings(args.random, args.random_seed) if args.random else suite()
@@ -210,13 +258,17 @@ def main() -> None:
         if unknown:
             parser.error(f"--arms: unknown arm {unknown[0]!r}; the arms are {columns}")
         columns = [c for c in columns if c in wanted]
+    if args.sampled_seeds:
+        columns += [SAMPLED, SAMPLED_REALISED]
     print(f"| setting | {' | '.join(columns)} |")
     print("|" + "---|" * (len(columns) + 1))
     started = time.perf_counter()
     rows = {}
     for setting in settings:
-        rows[setting.name] = run_setting(setting, args.update_every, columns)
-        print(f"| {setting.name} | {' | '.join(f'{rows[setting.name][c]:.2f}' for c in columns)} |", flush=True)
+        rows[setting.name] = run_setting(setting, args.update_every, columns, args.sampled_seeds)
+        row = rows[setting.name]
+        cells = [f"{row[c]:.2f}" + (f" ± {row[c + ' ci95']:.2f}" if c + " ci95" in row else "") for c in columns]
+        print(f"| {setting.name} | {' | '.join(cells)} |", flush=True)
     summary = {
         c: {"mean": float(np.mean([r[c] for r in rows.values()])), "max": float(np.max([r[c] for r in rows.values()]))}
         for c in columns
@@ -231,7 +283,15 @@ def main() -> None:
         draw = f"random {args.random_seed}" if args.random else "suite"
         with open(args.json, "w") as fh:
             json.dump(
-                {"draw": draw, "update_every": args.update_every, "settings": rows, "summary": summary}, fh, indent=1
+                {
+                    "draw": draw,
+                    "update_every": args.update_every,
+                    "sampled_seeds": args.sampled_seeds,
+                    "settings": rows,
+                    "summary": summary,
+                },
+                fh,
+                indent=1,
             )
 
 

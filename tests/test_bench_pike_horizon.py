@@ -67,3 +67,23 @@ def test_the_static_grid_is_the_kits_and_covers_the_simplex_for_few_tasks():
     for w in three + four:
         assert w.sum() == pytest.approx(1.0) and np.all(w > 0)
     assert np.allclose(three[0], 1 / 3) and any(np.allclose(w, [0.1, 0.1, 0.8]) for w in three)
+
+
+def test_the_sampled_plan_reads_the_realised_state_and_plans_from_it():
+    """``RealisedStatePlan`` recovers (u_k^T theta)^2 from the exact losses and returns the plan for that state, the
+    horizon the steps so far."""
+    problem = ToyProblem(SETTING)
+    theta = problem.theta0 * np.array([0.2, 1.5, 0.7])
+    method = horizon.RealisedStatePlan(problem, every=10)
+    stats = horizon.DomainStats(
+        step=30, num_domains=3, loss=problem.task_losses(theta), examples=np.full(3, 8.0), batch_size=8
+    )
+    got = method.update(stats)
+    moment = (problem.directions @ theta) ** 2
+    np.testing.assert_allclose(got, horizon.plan(problem, moment, problem.lr, 30, np.full(3, 1 / 3)), atol=1e-12)
+
+
+def test_the_sampled_plan_gains_where_the_mean_field_plan_does():
+    """On sampled trajectories (integer counts, data noise) the plan still beats uniform in a setting with room."""
+    ratios = horizon.sampled_ratios(SETTING, every=10, seeds=3)
+    assert ratios[horizon.SAMPLED] < 0.9
