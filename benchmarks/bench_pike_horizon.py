@@ -1,6 +1,7 @@
 """How far a mix that plans over a horizon gets on PiKE's toy problem, given what the Mixer is not told (issue #19).
 
     python benchmarks/bench_pike_horizon.py [--random 20 --random-seed 9001] [--arms "plan H=elapsed"] [--json PATH]
+    python benchmarks/bench_pike_horizon.py --arms "plan H=elapsed" --sampled-seeds 8    (also on sampled runs)
 
 (Every plan re-solves a K-dimensional problem at every update: the suite takes about 2.5 min and a random draw of 20
 2-7 min on one core of a 2-core machine.)
@@ -26,6 +27,10 @@ not). Arms, each relative to uniform (mean ratio over the settings):
 - ``plan H=... (the bound's noise)``: the plan charges each step's noise as PiKE's bound does: the average loss rises
   by ``eta^2 L tr(Sigma_w) / 2b`` (here ``d L / mean(a)`` times the exact charge), split evenly between the tasks,
   since the bound does not say where it lands. That is what the statistics PiKE measures can say about the noise.
+
+``--sampled-seeds N`` adds the ``plan H=elapsed`` policy on N sampled trajectories per setting (``RealisedStatePlan``
+through ``run_exact``: whole examples, the data noise drawn), scored as ``bench_pike_toy.py`` scores and by the
+realised final loss, against uniform on the same seeds.
 
 It is an analysis, not a method: every plan reads the true curvatures and parameter moments. Writes a markdown table
 to stdout and the numbers to ``--json``.
