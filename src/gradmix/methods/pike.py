@@ -593,20 +593,20 @@ class PiKE(MixingMethod):
         sq_noise: np.ndarray | None,
         pooled: tuple[np.ndarray, np.ndarray],
         valid: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
         """``gain="loss"``: each domain's ||grad L_k||^2 replaced by ``r L_k``, its pooled loss times the common
         ratio ``r = sum_k ||grad L_k||^2 / sum_k L_k`` (the measured total kept), with the sampling variance
-        ``L_k^2 Var(r) + r^2 Var(L_k)``. Unchanged when a compared domain's loss is unknown, the losses sum to 0 or
-        the product overflows."""
+        ``L_k^2 Var(r) + r^2 Var(L_k)``. None (keep the measured split) when a compared domain's loss is unknown,
+        the losses sum to 0 or the product overflows."""
         losses, loss_noise = pooled
         total = float(np.sum(losses[valid]))
         if not (np.all(np.isfinite(losses[valid])) and total > 0):
-            return sq_norm, sq_noise
+            return None
         with np.errstate(over="ignore", invalid="ignore"):  # extreme statistics fall back below, never warn
             ratio = float(np.sum(sq_norm[valid])) / total
             spread = ratio * losses[valid]
             if not np.all(np.isfinite(spread)):
-                return sq_norm, sq_noise
+                return None
             model = sq_norm.copy()
             model[valid] = spread
             if sq_noise is None:
@@ -742,9 +742,13 @@ class PiKE(MixingMethod):
         loss_tilt = self._loss_tilt(pooled_losses)
         sq_noise = None if self._last_noise is None else self._last_noise[0]
         measured_sq_norm = sq_norm
-        if self.gain == "loss" and pooled_losses is not None:
-            sq_norm, sq_noise = self._gain_from_losses(sq_norm, sq_noise, pooled_losses, valid)
-        gain_from_losses = sq_norm is not measured_sq_norm
+        split = (
+            self._gain_from_losses(sq_norm, sq_noise, pooled_losses, valid)
+            if self.gain == "loss" and pooled_losses is not None
+            else None
+        )
+        if split is not None:
+            sq_norm, sq_noise = split
         domain_tilt = self._domain_tilt(stats, valid)
         tilt = domain_tilt * loss_tilt
         divisor = float(np.mean(sq_norm[valid])) if self.normalize == "mean_sq_norm" else 1.0
@@ -781,7 +785,7 @@ class PiKE(MixingMethod):
         self.last_terms["variance_2b"] = np.where(valid, var_stat / (2.0 * b), np.nan)
         if self.loss_tilt > 0:
             self.last_terms["loss_tilt"] = np.where(valid, loss_tilt, np.nan)
-        if gain_from_losses:
+        if split is not None:
             self.last_terms["measured_grad_sq_norm"] = np.where(valid, measured_sq_norm / divisor, np.nan)
         self._last_tilt = np.where(valid, tilt, np.nan)
         return self._commit(new_log)
