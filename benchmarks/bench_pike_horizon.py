@@ -28,6 +28,11 @@ not). Arms, each relative to uniform (mean ratio over the settings):
   by ``eta^2 L tr(Sigma_w) / 2b`` (here ``d L / mean(a)`` times the exact charge), split evenly between the tasks,
   since the bound does not say where it lands. That is what the statistics PiKE measures can say about the noise.
 
+- ``static w ~ 1/sigma (the floors' optimum)``: the static mix whose stationary loss is lowest in the small-step
+  limit (``inverse_noise_mix``), read off the noise levels alone.
+- ``w ~ sqrt(L_k w_k) / sigma (told the losses)``: that mix tilted toward tasks above their floor, detected from
+  the losses and the mix alone (``floor_balance_policy``).
+
 ``--sampled-seeds N`` adds the ``plan H=elapsed`` policy on N sampled trajectories per setting (``RealisedStatePlan``
 through ``run_exact``: whole examples, the data noise drawn), scored as ``bench_pike_toy.py`` scores and by the
 realised final loss, against uniform on the same seeds.
@@ -135,6 +140,28 @@ def static_policy(weights: np.ndarray) -> Policy:
     return lambda problem, state, current: weights
 
 
+def stationary_loss(problem: ToyProblem, weights: np.ndarray) -> float:
+    """Average loss a static mix settles at (orthogonal tasks): ``m_k -> c / (1 - rho_k)`` with the notation of
+    ``predicted_loss_and_grad``, so task k's floor is ``eta sigma_w^2 / (2 b w_k (2 - eta a_k w_k))``,
+    ``sigma_w^2 = sum_j w_j sigma_j^2``. inf where a task does not settle (w_k = 0, or past the stability limit)."""
+    a, lr = problem.curvature, problem.lr
+    rho = (1.0 - lr * a * weights) ** 2
+    inject = lr * lr * float(weights @ problem.noise_var) / problem.setting.batch_size
+    if np.any(rho >= 1.0):
+        return float("inf")
+    return float(np.mean(0.5 * a * inject / (1.0 - rho)))
+
+
+def inverse_noise_mix(problem: ToyProblem) -> np.ndarray:
+    """``w_k ~ 1 / sigma_k``: the mix whose floor is lowest when eta a_k w_k << 1. The floors then average to
+    ``(eta / 4b) sigma_w^2 mean_k(1 / w_k)``, which is homogeneous of degree 0 in w, so its minimiser on the simplex
+    solves ``sigma_k^2 sum_j (1 / w_j) = sigma_w^2 / w_k^2``: w_k ~ 1 / sigma_k. It needs neither the curvatures nor
+    the step size, only the noise levels, which the probe measures (``grad_var``): the one piece of the horizon plan
+    a method can read off the statistics it already has. It is blind to a task still far above its floor."""
+    inverse = 1.0 / np.sqrt(problem.noise_var)
+    return inverse / inverse.sum()
+
+
 def planning_policy(
     horizon: Callable[[State], int],
     lr_factor: float = 1.0,
@@ -169,6 +196,21 @@ def best_static_ratio(problem: ToyProblem, every: int, uniform: float) -> float:
     return min(final_loss(problem, static_policy(w), every) for w in static_mixes(problem)) / uniform
 
 
+STATIONARY = "static w ~ 1/sigma (the floors' optimum)"
+FLOOR_BALANCE = "w ~ sqrt(L_k w_k) / sigma (told the losses)"
+
+
+def floor_balance_policy(problem: ToyProblem, state: State, current: np.ndarray) -> np.ndarray:
+    """``inverse_noise_mix`` scaled by ``sqrt(L_k w_k)``, w the current mix: at the floor of a held mix
+    ``L_k w_k`` is the same for every task (``stationary_loss`` at small steps), so a task whose ``L_k w_k`` stands
+    above the others' is above its floor and gets more. It reads only what a method can measure: each task's loss
+    (here the true expected one) and noise level, and the mix; no curvature, no step size. An analysis arm."""
+    loss = 0.5 * problem.curvature * state.second_moment
+    above = loss * current / float(np.mean(loss * current))
+    weights = inverse_noise_mix(problem) * np.sqrt(above)
+    return weights / weights.sum()
+
+
 def arms(every: int) -> dict[str, Callable[[], Policy]]:
     def elapsed(state: State) -> int:
         return max(state.step, every)
@@ -183,6 +225,8 @@ def arms(every: int) -> dict[str, Callable[[], Policy]]:
         "plan H=elapsed (eta = 0.3/L)": lambda: planning_policy(elapsed, lr_times_smoothness=0.3),
         "plan H=elapsed (the bound's noise)": lambda: planning_policy(elapsed, bound_noise=True),
         "plan H=interval (the bound's noise)": lambda: planning_policy(lambda s: every, bound_noise=True),
+        STATIONARY: lambda: lambda problem, state, current: inverse_noise_mix(problem),
+        FLOOR_BALANCE: lambda: floor_balance_policy,
     }
 
 

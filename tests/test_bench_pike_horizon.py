@@ -87,3 +87,42 @@ def test_the_sampled_plan_gains_where_the_mean_field_plan_does():
     """On sampled trajectories (integer counts, data noise) the plan still beats uniform in a setting with room."""
     ratios = horizon.sampled_ratios(SETTING, every=10, seeds=3)
     assert ratios[horizon.SAMPLED] < 0.9
+
+
+def test_the_stationary_loss_is_where_the_dynamics_settle():
+    """A static mix held for many steps reaches the closed-form floor (orthogonal tasks)."""
+    setting = ToySetting("settle", (1.0, 4.0, 9.0), (0.3, 3.0, 1.0), batch_size=8, lr_fraction=0.5, steps=3000)
+    problem = ToyProblem(setting)
+    w = np.array([0.5, 0.2, 0.3])
+    simulated = horizon.final_loss(problem, horizon.static_policy(w), every=setting.steps)
+    assert horizon.stationary_loss(problem, w) == pytest.approx(simulated, rel=1e-6)
+    assert horizon.stationary_loss(problem, np.array([1.0, 0.0, 0.0])) == float("inf")
+
+
+def test_inverse_noise_mix_has_the_lowest_floor_at_small_steps():
+    """At a small step size no other mix settles lower than w ~ 1/sigma (the derivation in its docstring)."""
+    setting = ToySetting("floor", (1.0, 30.0, 5.0, 2.0), (0.2, 4.0, 1.0, 9.0), batch_size=16, lr_fraction=1e-4)
+    problem = ToyProblem(setting)
+    chosen = horizon.inverse_noise_mix(problem)
+    assert chosen == pytest.approx([0.5, 0.025, 0.1, 1 / 90] / np.sum([0.5, 0.025, 0.1, 1 / 90]))
+    best = horizon.stationary_loss(problem, chosen)
+    rng = np.random.default_rng(0)
+    for other in rng.dirichlet(np.ones(4), size=200):
+        assert best <= horizon.stationary_loss(problem, other) * (1 + 1e-9)
+    for k in range(4):  # and it is a local minimum: moving mass toward any one task costs
+        nudged = 0.99 * chosen + 0.01 * np.eye(4)[k]
+        assert best < horizon.stationary_loss(problem, nudged)
+
+
+def test_floor_balance_is_the_inverse_noise_mix_at_the_floor_and_leans_toward_a_task_above_it():
+    """Where every task sits at the floor of the held mix (L_k w_k equal) the policy returns w ~ 1/sigma; a task
+    whose loss is above that gets more than 1/sigma gives it."""
+    problem = ToyProblem(SETTING)
+    current = np.array([0.5, 0.3, 0.2])
+    at_floor = 2.0 * (0.1 / current) / problem.curvature  # m_k with L_k w_k = 0.05 for every k
+    state = horizon.State(step=100, steps=200, second_moment=at_floor)
+    assert horizon.floor_balance_policy(problem, state, current) == pytest.approx(horizon.inverse_noise_mix(problem))
+    above = at_floor * np.array([1.0, 4.0, 1.0])
+    leaned = horizon.floor_balance_policy(problem, horizon.State(100, 200, above), current)
+    assert leaned[1] > horizon.inverse_noise_mix(problem)[1]
+    assert leaned.sum() == pytest.approx(1.0)
