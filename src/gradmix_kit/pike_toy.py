@@ -354,7 +354,7 @@ def mixer_model(
 
 def run_mixer(
     problem: ToyProblem,
-    method: str,
+    method: str | MixingMethod,
     *,
     seed: int,
     update_every: int = 10,
