@@ -26,8 +26,8 @@ not). Arms, each relative to uniform (mean ratio over the settings):
 - ``plan H=elapsed (eta = c/L)``: eta not known, put at c / max_k a_k (the family's eta runs from 0.1/L to 1.8/L).
 - ``plan H=... (the bound's noise)``: the plan charges each step's noise as PiKE's bound does: the average loss rises
   by ``eta^2 L tr(Sigma_w) / 2b`` (here ``d L / mean(a)`` times the exact charge), split evenly between the tasks,
-  since the bound does not say where it lands. That is what the statistics PiKE measures can say about the noise.
-
+  since the bound does not say where it lands. (Where runs end at their floors the noise levels alone suffice:
+  the next two arms.)
 - ``static w ~ 1/sigma (the floors' optimum)``: the static mix whose stationary loss is lowest in the small-step
   limit (``inverse_noise_mix``), read off the noise levels alone.
 - ``w ~ sqrt(L_k w_k) / sigma (told the losses)``: that mix tilted toward tasks above their floor, detected from
