@@ -12,7 +12,8 @@ records, averaged), after 10 records. ``--floor-tilt`` also scales 1 / sigma-hat
 the floor of a held mix ``L_k w_k`` is the same for every task, so a task above the others is above its floor.
 
 Score as ``bench_pike_toy.py``'s: the expected final loss given the counts drawn, over uniform's through the Mixer
-on the same seed, the mean of the per-seed ratios. Prints a row per setting and the mean / max.
+on the same seed, the mean of the per-seed ratios, with the shares the sampler realised (examples drawn per task over
+all seeds). Prints a row per setting and the mean / max.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -116,17 +118,21 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     settings = random_settings(args.random, args.random_seed) if args.random else suite()
-    rows: dict[str, float] = {}
+    rows: dict[str, dict[str, Any]] = {}
     for setting in settings:
         problem = ToyProblem(setting)
-        ratios = []
+        ratios, counts = [], np.zeros(setting.num_tasks)
         for seed in range(args.seeds):
             uniform = run_mixer(problem, "uniform", seed=seed, update_every=10).expected[-1]
             method = FloorHedgedPiKE(setting.num_tasks, floor_tilt=args.floor_tilt, guard=args.guard)
-            ratios.append(run_mixer(problem, method, seed=seed, update_every=10).expected[-1] / uniform)
-        rows[setting.name] = float(np.mean(ratios))
-        print(f"{setting.name}: {rows[setting.name]:.3f}", flush=True)
-    values = list(rows.values())
+            run = run_mixer(problem, method, seed=seed, update_every=10)
+            ratios.append(run.expected[-1] / uniform)
+            counts += run.counts
+        # the mix the sampler realised (examples drawn per task over all seeds), not the weights asked for
+        shares = counts / counts.sum()
+        rows[setting.name] = {"ratio": float(np.mean(ratios)), "realised_shares": shares.round(4).tolist()}
+        print(f"{setting.name}: {rows[setting.name]['ratio']:.3f}  realised shares {shares.round(3)}", flush=True)
+    values = [row["ratio"] for row in rows.values()]
     print(f"mean {np.mean(values):.3f} max {np.max(values):.3f}")
     if args.json:
         with open(args.json, "w") as fh:
