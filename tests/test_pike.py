@@ -586,3 +586,30 @@ def test_loading_a_state_is_bit_exact_at_every_update(name):
         resumed = make_method(name, 3, min_weight=0.02)
         resumed.load_state_dict(state)
         assert json.loads(json.dumps(resumed.state_dict())) == state, f"update {step}"
+
+
+def test_default_holds_the_mix_below_two_examples_per_domain_per_batch():
+    """The default acts only where a batch can realise a mix: at b / K < 2 the weights stay even and the method says
+    why (once); the same statistics at b / K = 2 move them. Lifting the hold was screened on the toy family and lost
+    up to 1.05x uniform (BENCHMARKS.md, the thirteenth round)."""
+
+    def pooled(batch_size: int) -> DomainStats:
+        return DomainStats(
+            step=0,
+            num_domains=4,
+            batch_size=batch_size,
+            grad_sq_norm=np.array([9.0, 1.0, 1.0, 1.0]),
+            grad_var=np.full(4, 0.1),
+            examples=np.full(4, 16.0),  # enough examples pooled: only the batch is short
+        )
+
+    for short in (4, 7):
+        held = PiKE(4)
+        np.testing.assert_array_equal(held.update(pooled(short)), np.full(4, 0.25))
+        assert held.last_skip_reason is not None and "min_batch_per_domain = 2" in held.last_skip_reason
+        for _ in range(3):
+            np.testing.assert_array_equal(held.update(pooled(short)), np.full(4, 0.25))
+    acting = PiKE(4)
+    for _ in range(3):
+        weights = acting.update(pooled(8))
+    assert weights[0] > 0.3 and np.allclose(weights[1:], weights[1])
