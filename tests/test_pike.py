@@ -590,7 +590,7 @@ def test_loading_a_state_is_bit_exact_at_every_update(name):
 
 def test_default_holds_the_mix_below_two_examples_per_domain_per_batch():
     """The default acts only where a batch can realise a mix: at b / K < 2 the weights stay even and the method says
-    why (once); the same statistics at b / K = 2 move them. Lifting the hold was screened on the toy family and lost
+    why; the same statistics at b / K = 2 move them. Lifting the hold was screened on the toy family and lost
     up to 1.05x uniform (BENCHMARKS.md, the thirteenth round)."""
 
     def pooled(batch_size: int) -> DomainStats:
