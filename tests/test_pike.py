@@ -124,6 +124,15 @@ def test_water_filling_zero_kappa_is_the_small_kappa_limit():
         assert_probability_vector(w, len(lam))
 
 
+def test_water_filling_with_curvatures_many_orders_apart():
+    """Hypothesis found this one: kappa 1e-21 beside 1e-96 made the closed-form water level cancel to NaN weights.
+    The domain with the far smaller lam takes everything (its marginal stays below the others' lam at w = 1)."""
+    w = water_filling([3.85e21, -3.0, 3.85e21], [0.0, 3.9, 2.1e-75])
+    np.testing.assert_array_equal(w, [0.0, 1.0, 0.0])
+    lam, kappa = np.array([0.0, 1.0, 1.0 + 1e-12]), np.array([1e-21, 1e-96, 1.0])
+    np.testing.assert_allclose(water_filling(lam, kappa), [1.0, 0.0, 0.0], atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "lam, kappa, match",
     [

@@ -65,18 +65,20 @@ def _water_level(lam: np.ndarray, kappa: np.ndarray) -> float:
     """Water level t = -mu for strictly positive kappa: sum_k max(0, (t - lam_k) / kappa_k) = 1.
 
     Exact: sort the breakpoints lam_k; with the m smallest active, t_m = (1 + sum lam_i/kappa_i) / sum 1/kappa_i,
-    and m is the largest m with sum_{i<=m} (lam_m - lam_i) / kappa_i < 1 (that sum grows with m, so the valid m
-    form a prefix; m = 1 always qualifies).
+    and m is the largest m with excess_m = sum_{i<=m} (lam_m - lam_i) / kappa_i < 1 (that sum grows with m, so the
+    valid m form a prefix; m = 1 always qualifies). Both are evaluated without cancellation: t_m as
+    lam_m + (1 - excess_m) / sum 1/kappa_i, excess_m from its non-negative increments.
     """
     order = np.argsort(lam, kind="stable")
     lam_sorted = lam[order]
-    inv_kappa = 1.0 / kappa[order]
-    cum_inv = np.cumsum(inv_kappa)
-    cum_lam = np.cumsum(lam_sorted * inv_kappa)
-    excess = lam_sorted * cum_inv - cum_lam  # sum_{i<=m} (lam_m - lam_i) / kappa_i, non-decreasing in m
+    cum_inv = np.cumsum(1.0 / kappa[order])
+    # excess_m = excess_{m-1} + (lam_m - lam_{m-1}) sum_{i<m} 1/kappa_i: a sum of non-negative terms. The closed form
+    # lam_m sum 1/kappa_i - sum lam_i/kappa_i cancels when the kappa differ by many orders of magnitude.
+    excess = np.concatenate(([0.0], np.cumsum(np.diff(lam_sorted) * cum_inv[:-1])))
     beyond = np.flatnonzero(excess >= 1.0)
     active = int(beyond[0]) if beyond.size else lam.shape[0]
-    return float((1.0 + cum_lam[active - 1]) / cum_inv[active - 1])
+    # t_m = lam_m + (1 - excess_m) / sum_{i<=m} 1/kappa_i, the same level without the cancellation
+    return float(lam_sorted[active - 1] + (1.0 - excess[active - 1]) / cum_inv[active - 1])
 
 
 def water_filling(lam: Any, kappa: Any) -> np.ndarray:
