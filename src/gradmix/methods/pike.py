@@ -904,7 +904,11 @@ class PiKE(MixingMethod):
         distributions (normal, the pooled standard errors), each minimised like the estimate. Water-filling turns
         small differences of noisy statistics into large weight differences; this keeps the mix where the
         statistics cannot tell it from the even split (gradmix's, not the paper's). The draws are seeded by the
-        update count, so a resumed run repeats them. Returns the mix and the factor (1 = kept whole)."""
+        update count, so a resumed run repeats them. Returns the mix and the factor (1 = kept whole).
+
+        The loss tilt enters every draw at its estimate, a fixed factor on the gain and on the gain's noise.
+        Redrawing the losses behind it in each draw held the identical-task case better but gave up gains on the toy
+        family (BENCHMARKS.md, the fourteenth round)."""
         assert self._stat_noise is not None
         gain_noise, var_noise = (np.sqrt(np.nan_to_num(noise)) for noise in self._stat_noise)
         rng = np.random.default_rng(self.num_updates)
