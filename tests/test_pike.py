@@ -133,6 +133,21 @@ def test_water_filling_with_curvatures_many_orders_apart():
     np.testing.assert_allclose(water_filling(lam, kappa), [1.0, 0.0, 0.0], atol=1e-12)
 
 
+def test_update_with_squared_norms_near_zero_gives_a_probability_vector():
+    """The update the property test failed on: squared norms of 1e-22 and 1e-97, divided by their mean, put the
+    bound's curvatures 75 orders apart; the update raised WeightError (NaN log-weights) before the fix."""
+    method = PiKE(4, mode="conceptual", stats_ema=0.0, normalize="mean_sq_norm")
+    record = DomainStats(
+        step=0,
+        num_domains=4,
+        batch_size=1,
+        grad_sq_norm=np.array([0.0, 0.0, 3.8955595065759014e-22, 2.1468482482375967e-97]),
+        grad_var=np.array([1.0, np.nan, 0.0, 1.0]),
+        loss=np.zeros(4),
+    )
+    assert_probability_vector(method.update(record), 4)
+
+
 @pytest.mark.parametrize(
     "lam, kappa, match",
     [
