@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from gradmix import Mixer
+from gradmix.distributed import exit_rank
 from gradmix.example_sources import DatasetDomain, IterableDatasetDomain, count_tokens, pad_collate
 from gradmix.sft import PackedDataset, PackedIterable, block_causal_mask, causal_lm_loss, sequence_losses
 from gradmix.sources import Domain, DomainSet, GatheredExamples
@@ -213,9 +214,10 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         for record, step in zip(mixer.history, steps):
             step.update(tokens=record["tokens"], weights=record["weights"])
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(steps))
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_rank()  # a normal return can abort at interpreter exit under gloo (torch 2.13; docs/bad_inputs.md)
 
 
 @pytest.mark.integration

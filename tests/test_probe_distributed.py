@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from gradmix.distributed import exit_rank
 from gradmix.probe import GradientProbe
 
 pytestmark = pytest.mark.integration
@@ -86,8 +87,10 @@ def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
                 grads.append(p.grad.clone())
             outputs[measure] = {"result": result.__dict__, "grads": grads}
         torch.save(outputs, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_rank()  # a normal return can abort at interpreter exit under gloo (torch 2.13; docs/bad_inputs.md)
 
 
 def free_port() -> int:
