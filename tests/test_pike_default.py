@@ -480,3 +480,32 @@ def test_gain_is_checked_and_fair_pike_keeps_the_measured_gain():
         PiKE(3, gain="norm")
     fair = make_method("fair_pike", 3)
     assert isinstance(fair, PiKE) and fair.gain == "grad_norm"
+
+
+def test_core_passes_gradient_methods_the_losses_of_every_step_of_the_interval():
+    """Losses cost nothing on steps that do not measure gradients, so the method sees the interval's mean training
+    loss per domain (here steps 1-4, one measuring step), not only the measuring step's; non-finite losses are left
+    out of the mean."""
+    from dataclasses import replace
+
+    from gradmix.core import MixingCore
+    from gradmix.stats import Measurement
+
+    seen: list[DomainStats] = []
+
+    class Recording(PiKE):
+        def _update(self, stats: DomainStats) -> np.ndarray | None:
+            seen.append(stats)
+            return super()._update(stats)
+
+    core = MixingCore(Recording(3), ["a", "b", "c"], batch_size=24, update_every=4)
+    assert [core.schedule.measure_due(step) for step in range(1, 5)] == [False, False, False, True]
+    for step in range(1, 5):
+        losses = Measurement.from_sums(np.array([8.0 * step, 80.0 * step, np.nan]), np.array([8.0, 8.0, 8.0]))
+        if core.plan().measure:
+            ones = np.ones(3)
+            losses = replace(losses, loss=np.array([step, 10.0 * step, 7.0]), grad_sq_norm=ones, grad_var=ones)
+        core.observe(losses)
+        core.end_step(counts=[8, 8, 8])
+    assert len(seen) == 1 and seen[0].loss is not None
+    np.testing.assert_allclose(seen[0].loss, [2.5, 25.0, 7.0])  # the mean of steps 1-4; c: its one finite loss

@@ -456,7 +456,13 @@ class MixingCore:
                 "plan() marks measure=True); update skipped"
             )
             return None
-        return pool_measurements(self._measurements, step, self.batch_size)
+        stats = pool_measurements(self._measurements, step, self.batch_size)
+        if self._per_domain and stats.loss is not None:
+            # Every step's training losses, not only the measuring steps': they cost nothing (the loop computes
+            # them anyway) and are ~update_every / measuring steps times as many, so a loss-based method (PiKE's
+            # gain split and tilt) compares domains on far less noise. The measuring steps' losses are among them.
+            stats.loss = self._update_losses.mean()
+        return stats
 
     def _take_update_terms(self, step: int) -> None:
         """The method's ``last_terms`` ({term: per-domain values}) as {term: {domain: value}} for the next record."""

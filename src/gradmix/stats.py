@@ -40,7 +40,8 @@ class DomainStats:
     Attributes:
         step: optimizer step at which the statistics were taken.
         num_domains: K.
-        loss: mean training loss per domain.
+        loss: mean training loss per domain over the update interval (``MixingCore`` averages every step it
+            observed, not only the steps that measured gradients).
         tokens: tokens seen per domain in the interval.
         examples: examples the estimates for each domain were computed from.
         grad_examples: for statistics pooled from several measurements, the number of examples one batch would need

@@ -39,9 +39,10 @@ class FairPiKE(PiKE):
     y_k / mean(y) = K softmax(tau L)_k over the domains with valid statistics, so tau -> 0 is exactly PiKE with
     ``loss_tilt=0`` (PiKE's own loss tilt is off here by default: the two would count the losses twice) and a
     large tau puts the whole gain on the highest-loss domain. ``tau = 3`` is the paper's best fairness/average
-    trade-off. ``loss`` is the current per-domain training loss; a NaN/Inf loss makes the domain invalid for the
-    update (its weight is kept, as in PiKE). Every other parameter is PiKE's, ``variant`` included, except that
-    ``mix_evidence`` defaults to 0: the tilt toward high-loss domains is the objective, not a noisy estimate.
+    trade-off. ``loss`` is the per-domain training loss of the update interval (every step's, from ``MixingCore``);
+    a NaN/Inf loss makes the domain invalid for the update (its weight is kept, as in PiKE). Every other parameter is
+    PiKE's, ``variant`` included, except that ``mix_evidence`` defaults to 0: the tilt toward high-loss domains is
+    the objective, not a noisy estimate.
     """
 
     name: ClassVar[str] = "fair_pike"
@@ -83,7 +84,7 @@ class FairPiKE(PiKE):
         return super()._valid_domains(stats) & np.isfinite(stats.loss)
 
     def _can_reuse(self, stats: DomainStats) -> np.ndarray:
-        """The tilt needs this batch's loss: a domain without one cannot stand in with pooled statistics."""
+        """The tilt needs this interval's loss: a domain without one cannot stand in with pooled statistics."""
         assert stats.loss is not None  # required by Fair-PiKE
         return np.isfinite(np.asarray(stats.loss, dtype=np.float64))
 

@@ -329,9 +329,10 @@ class PiKE(MixingMethod):
        the held-out settings of the toy family stayed at parity with uniform while the suite kept its gains
        (BENCHMARKS.md, "PiKE on its own toy problem"); 0 gives the bound's mix alone.
     6. **Loss tilt** (``loss_tilt = 1``, gradmix's, not the paper's): the gain term ||grad L_k||^2 (and with it
-       kappa_k) is scaled by L_k / mean_j L_j, losses pooled like the statistics; differences count only beyond
-       their noise (per-domain shrinkage and a joint test, ``homogeneity_shrinkage`` with
-       ``loss_tilt_evidence = 2``: on identical tasks measured with noise the tilt stays 1). The bound is one step
+       kappa_k) is scaled by L_k / mean_j L_j, losses (the interval's training losses, every step's, from
+       ``MixingCore``) pooled like the statistics; differences count only beyond their noise (per-domain shrinkage
+       and a joint test, ``homogeneity_shrinkage`` with ``loss_tilt_evidence = 2``: on identical tasks measured with
+       noise the tilt stays 1). The bound is one step
        long and feeds the domain whose loss falls fastest now; a fast domain converges anyway while a slow one's
        loss is what is left at the end (on the toy problem the bound's own per-step optimum with exact statistics
        loses to uniform in 4 of 10 suite settings). The variance term is not tilted: a domain's noise lands on the
