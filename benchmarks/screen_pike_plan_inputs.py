@@ -37,26 +37,9 @@ from scipy.optimize import least_squares
 from scipy.stats import t as t_dist
 
 from gradmix import MixtureSampler
-from gradmix_kit.pike_toy import ToyProblem, random_settings, run_static, suite
+from gradmix_kit.pike_toy import ToyProblem, probe_estimates, random_settings, run_static, suite
 
 _EMA = 0.7
-
-
-def _probe_estimates(
-    rng: np.random.Generator, problem: ToyProblem, theta: np.ndarray, counts: np.ndarray, mean_noise: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Unbiased ||grad L_k||^2 and tr Sigma_k from the n_k examples of task k (NaN below 2), as the probe forms them;
-    ``mean_noise[k]`` is the mean noise of task k's examples in the batch."""
-    k, d = problem.setting.num_tasks, problem.dim
-    mean_grad = problem.curvature[:, None] * (problem.directions @ theta)[:, None] * problem.directions
-    sq, var = np.full(k, np.nan), np.full(k, np.nan)
-    for task in range(k):
-        n = int(counts[task])
-        if n >= 2:
-            var[task] = problem.noise_var[task] * rng.chisquare(d * (n - 1)) / (n - 1)
-            g = mean_grad[task] + mean_noise[task]
-            sq[task] = float(g @ g) - var[task] / n
-    return sq, var
 
 
 def _measured_curvature(sum_sq: np.ndarray, sum_twice_loss: np.ndarray) -> np.ndarray:
@@ -129,7 +112,7 @@ def run_plan(problem: ToyProblem, seed: int, told: str, every: int = 10, hedge: 
         interval_n += counts
         due = step % every == 0
         if due:
-            sq, var = _probe_estimates(probe_rng, problem, theta, counts, mean_noise)
+            sq, var = probe_estimates(probe_rng, problem, theta, counts, mean_noise)
             ok = np.isfinite(sq)
             sum_sq[ok] += sq[ok]
             sum_twice_loss[ok] += 2.0 * sample_loss[ok]

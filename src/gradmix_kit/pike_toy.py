@@ -38,6 +38,7 @@ __all__ = [
     "example_2_1_weights",
     "mixer_model",
     "oracle_method",
+    "probe_estimates",
     "random_settings",
     "run_exact",
     "run_mixer",
@@ -209,7 +210,7 @@ class ToyRun:
     final: float  # (1/K) sum_k L_k(theta_T) at the realised theta_T (the population loss: x has mean 0)
 
 
-def _estimates(
+def probe_estimates(
     rng: np.random.Generator, problem: ToyProblem, theta: np.ndarray, counts: np.ndarray, mean_noise: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Simulated probe on one batch: unbiased estimates of ||grad L_k||^2 and sigma_k^2 from the n_k examples of
@@ -256,7 +257,7 @@ def run_exact(
         mean_noise = z * scale[:, None]
         noise_sum = counts @ mean_noise
         if due and estimates:
-            sq, var = _estimates(probe_rng, problem, theta, counts, mean_noise)
+            sq, var = probe_estimates(probe_rng, problem, theta, counts, mean_noise)
         if due:
             if not estimates:
                 sq, var = problem.grad_sq_norms(theta), problem.grad_vars()
