@@ -332,11 +332,10 @@ class PiKE(MixingMethod):
        kappa_k) is scaled by L_k / mean_j L_j, losses (the interval's training losses, every step's, from
        ``MixingCore``) pooled like the statistics; differences count only beyond their noise (per-domain shrinkage
        and a joint test, ``homogeneity_shrinkage`` with ``loss_tilt_evidence = 2``: on identical tasks measured with
-       noise the tilt stays 1). The bound is one step
-       long and feeds the domain whose loss falls fastest now; a fast domain converges anyway while a slow one's
-       loss is what is left at the end (on the toy problem the bound's own per-step optimum with exact statistics
-       loses to uniform in 4 of 10 suite settings). The variance term is not tilted: a domain's noise lands on the
-       shared parameters and costs every domain. 0 switches it off.
+       noise the tilt stays 1). The bound is one step long and feeds the domain whose loss falls fastest now; a fast
+       domain converges anyway while a slow one's loss is what is left at the end (on the toy problem the bound's own
+       per-step optimum with exact statistics loses to uniform in 4 of 10 suite settings). The variance term is not
+       tilted: a domain's noise lands on the shared parameters and costs every domain. 0 switches it off.
     7. **The gain split by the losses** (``gain = "loss"``, gradmix's, not the paper's): in the gain and in kappa_k
        each domain's measured ||grad L_k||^2 is replaced by ``r L_k``, its pooled loss (pooled and tested as for the
        tilt) times ``r = sum_j ||grad L_j||^2 / sum_j L_j``: the probe's total is kept, its split between domains
